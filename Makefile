@@ -1,0 +1,25 @@
+# meshca: `make test` sets up .venv and runs the whole suite; `make demo` runs the demo.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: test demo protos dev clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+dev: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -ra
+
+protos: $(STAMP)
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out=meshca/_proto --pyi_out=meshca/_proto \
+		--grpc_python_out=meshca/_proto protos/meshca/v1/certificate.proto
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,1 @@
+"""meshca: mesh CA, JWT identity gate and xDS/SDS server for Envoy."""
