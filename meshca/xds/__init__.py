@@ -1,0 +1,1 @@
+"""xDS: the SotW protocol state machine and its grpc.aio transport."""

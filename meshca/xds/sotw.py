@@ -1,0 +1,161 @@
+"""State-of-the-world xDS protocol state machine: pure, no I/O, one instance per stream."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from meshca.snapshot import FULL_STATE_TYPES, PUSH_ORDER, EncodedResource, ResourceType, Snapshot
+
+WILDCARD = "*"
+
+
+@dataclass(frozen=True)
+class XdsRequest:
+    """The protocol-relevant part of a DiscoveryRequest."""
+
+    type: ResourceType
+    version_info: str = ""
+    resource_names: tuple[str, ...] = ()
+    response_nonce: str = ""
+    error_code: int | None = None
+    error_message: str = ""
+
+    @property
+    def is_nack(self) -> bool:
+        return self.error_code is not None
+
+
+@dataclass(frozen=True)
+class XdsResponse:
+    type: ResourceType
+    version: str
+    resources: tuple[EncodedResource, ...]
+    nonce: str
+
+
+@dataclass(frozen=True)
+class Ack:
+    type: ResourceType
+    version: str
+
+
+@dataclass(frozen=True)
+class Nack:
+    type: ResourceType
+    rejected_version: str | None
+    last_good_version: str
+    error_code: int
+    error_message: str
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one input did: responses to send (in order) and what the client told us."""
+
+    responses: tuple[XdsResponse, ...] = ()
+    ack: Ack | None = None
+    nack: Nack | None = None
+    stale: bool = False
+
+
+@dataclass
+class _TypeState:
+    wildcard: bool = False
+    names: frozenset[str] = frozenset()
+    last_nonce: str | None = None
+    acked_nonce: str | None = None
+    awaiting_ack: bool = False
+    sent_version: str | None = None
+    sent_names: frozenset[str] | None = None
+    nacked_version: str | None = None
+    nacked_names: frozenset[str] | None = None
+
+
+class SotwStream:
+    """Decides, for one stream, what to send in answer to requests and to new snapshots.
+
+    Rules (Envoy's xds_protocol): per-stream nonces; a request whose nonce is not the last one sent
+    is stale and ignored; a NACK is recorded and the rejected version is not sent again; at most one
+    unacknowledged response per type; names requested before they exist are sent when they appear;
+    `*` (and the legacy empty first request for LDS/CDS) means wildcard; a request repeating a nonce
+    that was already ACKed (Envoy re-requests EDS while a changed cluster warms) is answered.
+    """
+
+    def __init__(self, allowed_types: Iterable[ResourceType], nonce_factory: Callable[[], str]) -> None:
+        self._allowed = frozenset(allowed_types)
+        self._next_nonce = nonce_factory
+        self._types: dict[ResourceType, _TypeState] = {}
+
+    def subscribed_types(self) -> list[ResourceType]:
+        return [t for t in PUSH_ORDER if t in self._types]
+
+    def on_request(self, request: XdsRequest, snapshot: Snapshot | None) -> Outcome:
+        if request.type not in self._allowed:
+            raise ValueError(f"type {request.type.type_url} is not served on this stream")
+        state = self._types.get(request.type)
+        first = state is None
+        if state is None:
+            state = self._types[request.type] = _TypeState()
+        if not first and request.response_nonce != (state.last_nonce or ""):
+            return Outcome(stale=True)
+
+        names = frozenset(request.resource_names)
+        state.wildcard = WILDCARD in names or (
+            request.type in FULL_STATE_TYPES and not names and (first or state.wildcard)
+        )
+        state.names = names - {WILDCARD}
+
+        ack = nack = None
+        force = first  # a new stream (or a type's first request) is always answered
+        if request.response_nonce and not first:
+            state.awaiting_ack = False
+            if request.is_nack:
+                state.nacked_version = state.sent_version
+                state.nacked_names = state.sent_names
+                nack = Nack(
+                    request.type,
+                    state.sent_version,
+                    request.version_info,
+                    request.error_code or 0,
+                    request.error_message,
+                )
+            else:
+                force = state.acked_nonce == request.response_nonce
+                state.acked_nonce = request.response_nonce
+                ack = Ack(request.type, request.version_info)
+        responses = self._respond(request.type, state, snapshot, force)
+        return Outcome(responses=responses, ack=ack, nack=nack)
+
+    def on_snapshot(self, snapshot: Snapshot) -> Outcome:
+        responses: list[XdsResponse] = []
+        for resource_type in PUSH_ORDER:
+            state = self._types.get(resource_type)
+            if state is not None:
+                responses.extend(self._respond(resource_type, state, snapshot, force=False))
+        return Outcome(responses=tuple(responses))
+
+    def _respond(
+        self, resource_type: ResourceType, state: _TypeState, snapshot: Snapshot | None, force: bool
+    ) -> tuple[XdsResponse, ...]:
+        if snapshot is None or state.awaiting_ack:
+            return ()
+        available = snapshot.of_type(resource_type)
+        if state.wildcard:
+            selected = dict(available.resources)
+        else:
+            selected = {n: available.resources[n] for n in sorted(state.names) if n in available.resources}
+            if not selected:
+                return ()  # remembered; sent once any of them exists
+        selected_names = frozenset(selected)
+        if not force:
+            if available.version == state.sent_version and selected_names == state.sent_names:
+                return ()
+            if available.version == state.nacked_version and selected_names == state.nacked_names:
+                return ()
+        nonce = self._next_nonce()
+        state.last_nonce = nonce
+        state.awaiting_ack = True
+        state.sent_version = available.version
+        state.sent_names = selected_names
+        return (XdsResponse(resource_type, available.version, tuple(selected.values()), nonce),)

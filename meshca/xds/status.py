@@ -1,0 +1,79 @@
+"""What each connected proxy has ACKed and NACKed: the data behind `meshca status` and metrics."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+
+from meshca.clock import Clock
+from meshca.snapshot import ResourceType
+
+
+@dataclass(frozen=True)
+class NackRecord:
+    type: ResourceType
+    rejected_version: str | None
+    message: str
+    at: datetime
+
+
+@dataclass(frozen=True)
+class ProxyStatus:
+    """One stream's view: who it is and what it accepted per type."""
+
+    stream_id: int
+    node_id: str
+    identity: str
+    snapshot_key: str
+    connected_at: datetime
+    acked: dict[ResourceType, str] = field(default_factory=dict)
+    sent: dict[ResourceType, str] = field(default_factory=dict)
+    last_nack: NackRecord | None = None
+    nacks: int = 0
+
+
+class ProxyRegistry:
+    """Thread-safe registry of live streams; values handed out are immutable copies."""
+
+    def __init__(self, clock: Clock) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._streams: dict[int, ProxyStatus] = {}
+
+    def open(self, node_id: str, identity: str, snapshot_key: str) -> int:
+        with self._lock:
+            stream_id = next(self._ids)
+            self._streams[stream_id] = ProxyStatus(stream_id, node_id, identity, snapshot_key, self._clock())
+            return stream_id
+
+    def close(self, stream_id: int) -> None:
+        with self._lock:
+            self._streams.pop(stream_id, None)
+
+    def record_sent(self, stream_id: int, resource_type: ResourceType, version: str) -> None:
+        with self._lock:
+            status = self._streams.get(stream_id)
+            if status is not None:
+                self._streams[stream_id] = replace(status, sent={**status.sent, resource_type: version})
+
+    def record_ack(self, stream_id: int, resource_type: ResourceType, version: str) -> None:
+        with self._lock:
+            status = self._streams.get(stream_id)
+            if status is not None:
+                self._streams[stream_id] = replace(status, acked={**status.acked, resource_type: version})
+
+    def record_nack(
+        self, stream_id: int, resource_type: ResourceType, rejected_version: str | None, message: str
+    ) -> None:
+        with self._lock:
+            status = self._streams.get(stream_id)
+            if status is not None:
+                record = NackRecord(resource_type, rejected_version, message, self._clock())
+                self._streams[stream_id] = replace(status, last_nack=record, nacks=status.nacks + 1)
+
+    def snapshot(self) -> list[ProxyStatus]:
+        with self._lock:
+            return list(self._streams.values())

@@ -1,0 +1,93 @@
+"""Snapshot engine: consistency check, encode-once, per-type versions, watchers."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+from envoy_data_plane.envoy.config.cluster.v3 import Cluster
+
+from meshca import resources as r
+from meshca.snapshot import InconsistentSnapshot, ResourceType, Snapshot, SnapshotCache, TypeResources
+
+TLS = r.MtlsPeer(("spiffe://mesh.test/ns/a/sa/b",))
+
+
+def mesh_resources(endpoint_port: int = 8080) -> list:
+    return [
+        r.cluster(r.ClusterSpec("backend", upstream_tls=TLS)),
+        r.cluster_load_assignment("backend", [("127.0.0.1", endpoint_port)]),
+        r.route_configuration("routes", [r.VirtualHostSpec("all", routes=(r.RouteSpec("/", (("backend", 1),)),))]),
+        r.http_listener(r.HttpListenerSpec("inbound", "127.0.0.1", 15006, "routes", TLS)),
+        r.tls_certificate_secret("default", b"chain", b"key"),
+        r.validation_context_secret("ROOTCA", b"bundle"),
+    ]
+
+
+def test_consistent_snapshot_builds_and_groups_by_type() -> None:
+    snapshot = Snapshot.build(mesh_resources())
+    assert set(snapshot.of_type(ResourceType.SECRET).resources) == {"default", "ROOTCA"}
+    assert set(snapshot.of_type(ResourceType.CLUSTER).resources) == {"backend"}
+
+
+@pytest.mark.parametrize(
+    "drop, expected",
+    [
+        ("ENDPOINT", "CDS 'backend' references EDS 'backend'"),
+        ("ROUTE", "LDS 'inbound' references RDS 'routes'"),
+        ("SECRET", "references SDS 'ROOTCA'"),
+        ("CLUSTER", "RDS 'routes' references CDS 'backend'"),
+    ],
+)
+def test_dangling_reference_is_refused_with_its_name(drop: str, expected: str) -> None:
+    kept = [res for res in mesh_resources() if res.type is not ResourceType[drop]]
+    with pytest.raises(InconsistentSnapshot) as error:
+        Snapshot.build(kept)
+    assert expected in str(error.value)
+
+
+def test_duplicate_names_are_refused() -> None:
+    with pytest.raises(InconsistentSnapshot, match="defined twice"):
+        Snapshot.build(mesh_resources() + [r.cluster_load_assignment("backend", [("127.0.0.1", 1)])])
+
+
+def test_resource_is_encoded_once_and_round_trips() -> None:
+    resource = r.cluster(r.ClusterSpec("backend"))
+    decoded = Cluster.parse(resource.payload)
+    assert decoded.name == "backend"
+    snapshot_a = Snapshot.build([resource, r.cluster_load_assignment("backend", [])])
+    snapshot_b = snapshot_a.with_type(ResourceType.SECRET, TypeResources.of([r.validation_context_secret("X", b"x")]))
+    # the cluster object (and its bytes) is shared, not re-encoded
+    assert snapshot_b.of_type(ResourceType.CLUSTER).resources["backend"] is resource
+    assert snapshot_b.of_type(ResourceType.CLUSTER).resources["backend"].payload is resource.payload
+
+
+def test_type_version_changes_only_with_that_types_content() -> None:
+    one = Snapshot.build(mesh_resources(8080))
+    two = Snapshot.build(mesh_resources(9090))
+    assert one.version(ResourceType.ENDPOINT) != two.version(ResourceType.ENDPOINT)
+    for unchanged in (ResourceType.CLUSTER, ResourceType.LISTENER, ResourceType.ROUTE, ResourceType.SECRET):
+        assert one.version(unchanged) == two.version(unchanged)
+    assert Snapshot.build(mesh_resources(8080)).version(ResourceType.ENDPOINT) == one.version(ResourceType.ENDPOINT)
+
+
+def test_private_key_bytes_are_not_in_repr() -> None:
+    secret = r.tls_certificate_secret("default", b"chain", b"-----BEGIN PRIVATE KEY-----Zq9KeyMaterial")
+    assert b"Zq9KeyMaterial" in secret.payload
+    assert "Zq9KeyMaterial" not in repr(secret)
+    assert "Zq9KeyMaterial" not in repr(Snapshot.build([secret]))
+
+
+async def test_watchers_are_woken_from_another_thread() -> None:
+    cache = SnapshotCache()
+    watch = cache.watch("group")
+    snapshot = Snapshot.build(mesh_resources())
+    thread = threading.Thread(target=cache.set_snapshot, args=("group", snapshot))
+    thread.start()
+    await asyncio.wait_for(watch.event.wait(), 5)
+    thread.join()
+    assert cache.get("group") is snapshot
+    assert cache.get("other") is None
+    watch.close()
+    assert cache.watcher_count("group") == 0

@@ -1,0 +1,148 @@
+"""The SotW protocol state machine: ACK, NACK without resend loop, stale nonce, late names, ordering."""
+
+from __future__ import annotations
+
+import itertools
+
+from meshca import resources as r
+from meshca.snapshot import PUSH_ORDER, ResourceType, Snapshot
+from meshca.xds.sotw import SotwStream, XdsRequest
+
+CDS, EDS, LDS, RDS, SDS = (
+    ResourceType.CLUSTER,
+    ResourceType.ENDPOINT,
+    ResourceType.LISTENER,
+    ResourceType.ROUTE,
+    ResourceType.SECRET,
+)
+
+
+def snapshot(clusters: dict[str, int]) -> Snapshot:
+    resources = []
+    for name, port in clusters.items():
+        resources.append(r.cluster(r.ClusterSpec(name)))
+        resources.append(r.cluster_load_assignment(name, [("127.0.0.1", port)]))
+    resources.append(r.validation_context_secret("ROOTCA", b"bundle"))
+    return Snapshot.build(resources)
+
+
+def new_stream() -> SotwStream:
+    counter = itertools.count(1)
+    return SotwStream(list(ResourceType), lambda: f"n{next(counter)}")
+
+
+def test_first_request_is_answered_and_ack_is_quiet() -> None:
+    stream = new_stream()
+    snap = snapshot({"a": 1})
+    first = stream.on_request(XdsRequest(CDS), snap)
+    (response,) = first.responses
+    assert [res.name for res in response.resources] == ["a"]
+    assert response.version == snap.version(CDS)
+    ack = stream.on_request(XdsRequest(CDS, response.version, (), response.nonce), snap)
+    assert ack.responses == ()
+    assert ack.ack is not None and ack.ack.version == response.version
+
+
+def test_stale_nonce_gets_no_response() -> None:
+    stream = new_stream()
+    snap = snapshot({"a": 1})
+    (response,) = stream.on_request(XdsRequest(CDS), snap).responses
+    stream.on_request(XdsRequest(CDS, response.version, (), response.nonce), snap)
+    (pushed,) = stream.on_snapshot(snapshot({"a": 1, "b": 2})).responses
+    stale = stream.on_request(XdsRequest(CDS, response.version, (), response.nonce), snapshot({"a": 1, "b": 2}))
+    assert stale.stale and stale.responses == () and stale.ack is None
+    assert pushed.nonce != response.nonce
+
+
+def test_nack_is_recorded_and_not_answered_with_the_same_version() -> None:
+    stream = new_stream()
+    snap = snapshot({"a": 1})
+    (response,) = stream.on_request(XdsRequest(CDS), snap).responses
+    nack = stream.on_request(XdsRequest(CDS, "", (), response.nonce, 13, "bad cluster"), snap)
+    assert nack.nack is not None
+    assert nack.nack.rejected_version == response.version and nack.nack.error_message == "bad cluster"
+    assert nack.responses == ()
+    # the same snapshot published again: still nothing (no resend loop)
+    assert stream.on_snapshot(snap).responses == ()
+    # a re-sent NACK-ed nonce without error (Envoy re-requesting) does not resend the rejected version
+    assert stream.on_request(XdsRequest(CDS, "", (), response.nonce), snap).responses == ()
+    # a new snapshot is sent
+    newer = snapshot({"a": 1, "b": 2})
+    (fixed,) = stream.on_snapshot(newer).responses
+    assert fixed.version == newer.version(CDS)
+
+
+def test_one_unacked_response_per_type_then_catch_up_on_ack() -> None:
+    stream = new_stream()
+    (response,) = stream.on_request(XdsRequest(CDS), snapshot({"a": 1})).responses
+    latest = snapshot({"a": 1, "b": 2, "c": 3})
+    assert stream.on_snapshot(snapshot({"a": 1, "b": 2})).responses == ()  # still waiting for the ACK
+    caught_up = stream.on_request(XdsRequest(CDS, response.version, (), response.nonce), latest)
+    (next_response,) = caught_up.responses
+    assert {res.name for res in next_response.resources} == {"a", "b", "c"}
+
+
+def test_names_requested_before_they_exist_are_sent_when_they_appear() -> None:
+    stream = new_stream()
+    snap = snapshot({"a": 1})
+    (response,) = stream.on_request(XdsRequest(EDS, "", ("a", "late")), snap).responses
+    assert [res.name for res in response.resources] == ["a"]
+    assert stream.on_request(XdsRequest(EDS, response.version, ("a", "late"), response.nonce), snap).responses == ()
+    (with_late,) = stream.on_snapshot(snapshot({"a": 1, "late": 2})).responses
+    assert sorted(res.name for res in with_late.resources) == ["a", "late"]
+
+
+def test_request_for_only_missing_names_waits() -> None:
+    stream = new_stream()
+    assert stream.on_request(XdsRequest(SDS, "", ("default",)), snapshot({"a": 1})).responses == ()
+
+
+def test_wildcard_and_legacy_wildcard() -> None:
+    snap = snapshot({"a": 1, "b": 2})
+    legacy = new_stream().on_request(XdsRequest(CDS), snap)
+    star = new_stream().on_request(XdsRequest(EDS, "", ("*",)), snap)
+    empty_eds = new_stream().on_request(XdsRequest(EDS), snap)
+    assert {res.name for res in legacy.responses[0].resources} == {"a", "b"}
+    assert {res.name for res in star.responses[0].resources} == {"a", "b"}
+    assert empty_eds.responses == ()  # legacy wildcard is for LDS/CDS only
+
+
+def test_full_state_for_cds_includes_unchanged_resources() -> None:
+    stream = new_stream()
+    (first,) = stream.on_request(XdsRequest(CDS), snapshot({"a": 1})).responses
+    stream.on_request(XdsRequest(CDS, first.version, (), first.nonce), snapshot({"a": 1}))
+    (second,) = stream.on_snapshot(snapshot({"a": 1, "b": 2})).responses
+    assert {res.name for res in second.resources} == {"a", "b"}
+
+
+def test_repeated_ack_nonce_is_answered_for_warming_clusters() -> None:
+    stream = new_stream()
+    snap = snapshot({"a": 1})
+    (response,) = stream.on_request(XdsRequest(EDS, "", ("a",)), snap).responses
+    assert stream.on_request(XdsRequest(EDS, response.version, ("a",), response.nonce), snap).responses == ()
+    (again,) = stream.on_request(XdsRequest(EDS, response.version, ("a",), response.nonce), snap).responses
+    assert again.version == response.version and again.nonce != response.nonce
+
+
+def test_push_order_is_make_before_break() -> None:
+    assert PUSH_ORDER == (SDS, CDS, EDS, LDS, RDS)
+    stream = new_stream()
+    snap = snapshot({"a": 1})
+    for resource_type, names in ((LDS, ()), (EDS, ("a",)), (CDS, ()), (SDS, ("ROOTCA",))):
+        outcome = stream.on_request(XdsRequest(resource_type, "", names), snap)
+        for response in outcome.responses:
+            stream.on_request(XdsRequest(resource_type, response.version, names, response.nonce), snap)
+    changed = snapshot({"a": 2, "b": 3})
+    pushed = [response.type for response in stream.on_snapshot(changed).responses]
+    assert pushed == [CDS, EDS, LDS] or pushed == [CDS, EDS]
+    assert pushed.index(CDS) < pushed.index(EDS)
+
+
+def test_unchanged_types_are_not_pushed() -> None:
+    stream = new_stream()
+    snap = snapshot({"a": 1})
+    for resource_type, names in ((CDS, ()), (EDS, ("a",))):
+        (response,) = stream.on_request(XdsRequest(resource_type, "", names), snap).responses
+        stream.on_request(XdsRequest(resource_type, response.version, names, response.nonce), snap)
+    pushed = stream.on_snapshot(snapshot({"a": 2})).responses
+    assert [response.type for response in pushed] == [EDS]
