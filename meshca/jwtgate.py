@@ -1,0 +1,539 @@
+"""The identity gate: verify a stream's bearer JWT, map it to a SPIFFE ID, and bind it to the xDS node."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import jwt
+import jwt.algorithms
+
+from meshca.clock import Clock
+from meshca.identity import InvalidSpiffeId, SpiffeId
+
+# Asymmetric JWS algorithms pyjwt implements; nothing else may ever be configured.
+ASYMMETRIC_ALGORITHMS: frozenset[str] = frozenset(
+    {"ES256", "ES256K", "ES384", "ES512", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "EdDSA"}
+)
+# Header parameters by which a token tries to hand us its own verification key.
+_KEY_SUPPLYING_HEADERS: tuple[str, ...] = ("jwk", "jku", "x5u", "x5c")
+_REQUIRED_CLAIMS: tuple[str, ...] = ("exp", "iss", "aud", "sub")
+MAX_TOKEN_BYTES = 16 * 1024
+_LEGACY_SA_PREFIX = "system:serviceaccount:"
+_K8S_CLAIM = "kubernetes.io"
+
+
+class AuthenticationError(Exception):
+    """The caller is not authenticated (gRPC UNAUTHENTICATED); str(e) is the reason, never the token."""
+
+
+class NodeBindingError(Exception):
+    """The xDS node claims something its token does not allow (gRPC PERMISSION_DENIED)."""
+
+
+@dataclass(frozen=True)
+class TrustedIssuer:
+    """One JWT issuer meshca trusts, its keys, and the trust domain its identities live in."""
+
+    issuer: str
+    audiences: tuple[str, ...]
+    trust_domain: str
+    public_keys_pem: tuple[bytes, ...] = ()
+    jwks_path: Path | None = None
+    algorithms: tuple[str, ...] = ("ES256", "ES384", "RS256", "PS256", "EdDSA")
+    leeway: timedelta = timedelta(seconds=30)
+    allow_spiffe_subject: bool = True
+
+    def __post_init__(self) -> None:
+        # Accept lists from config loaders, store tuples so the value stays immutable.
+        for name in ("audiences", "public_keys_pem", "algorithms"):
+            value = getattr(self, name)
+            if isinstance(value, list):
+                object.__setattr__(self, name, tuple(value))
+        if isinstance(self.jwks_path, str):
+            object.__setattr__(self, "jwks_path", Path(self.jwks_path))
+        if not isinstance(self.issuer, str) or not self.issuer:
+            raise ValueError("issuer must be a non-empty string")
+        if isinstance(self.audiences, str) or not self.audiences:
+            raise ValueError(f"issuer {self.issuer!r}: audiences must be a non-empty tuple of strings")
+        if any(not isinstance(a, str) or not a for a in self.audiences):
+            raise ValueError(f"issuer {self.issuer!r}: every audience must be a non-empty string")
+        try:
+            SpiffeId(self.trust_domain)
+        except InvalidSpiffeId as e:
+            raise ValueError(f"issuer {self.issuer!r}: {e}") from None
+        if isinstance(self.algorithms, str) or not self.algorithms:
+            raise ValueError(f"issuer {self.issuer!r}: algorithms must be a non-empty tuple")
+        for alg in self.algorithms:
+            if alg not in ASYMMETRIC_ALGORITHMS:
+                text = str(alg)
+                unsafe = text.lower() == "none" or text.upper().startswith("HS")
+                kind = "symmetric or unsigned" if unsafe else "unknown"
+                raise ValueError(
+                    f"issuer {self.issuer!r}: algorithm {alg!r} is {kind} and not accepted; "
+                    f"use one of {sorted(ASYMMETRIC_ALGORITHMS)}"
+                )
+        if not self.public_keys_pem and self.jwks_path is None:
+            raise ValueError(f"issuer {self.issuer!r}: configure public_keys_pem and/or jwks_path")
+        for i, pem in enumerate(self.public_keys_pem):
+            if not isinstance(pem, bytes):
+                raise ValueError(f"issuer {self.issuer!r}: public_keys_pem[{i}] must be PEM bytes")
+            if b"PRIVATE KEY" in pem:
+                raise ValueError(f"issuer {self.issuer!r}: public_keys_pem[{i}] is a private key; give the public key")
+        if self.leeway < timedelta(0) or self.leeway > timedelta(minutes=5):
+            raise ValueError(f"issuer {self.issuer!r}: leeway must be between 0 and 5 minutes")
+
+
+@dataclass(frozen=True)
+class VerifiedIdentity:
+    """What a verified token proves: the workload's SPIFFE ID and the token facts that bind it to a node."""
+
+    spiffe_id: SpiffeId
+    issuer: str
+    subject: str
+    node_id: str | None
+    pod_name: str | None
+    expires_at: datetime
+
+
+@dataclass(frozen=True)
+class _Key:
+    kid: str | None
+    algorithm: str
+    key: Any  # a pyjwt-prepared public key object
+
+
+@dataclass(frozen=True)
+class _JwksState:
+    signature: tuple[int, int, int] | None  # (st_ino, st_mtime_ns, st_size) of the file these keys came from
+    keys: tuple[_Key, ...]
+    error: str | None = None
+    failed_signature: tuple[int, int, int] | None = None  # a broken file is not re-parsed until it changes
+
+
+@dataclass
+class _IssuerKeys:
+    issuer: TrustedIssuer
+    static: tuple[_Key, ...]
+    jwks: _JwksState = field(default_factory=lambda: _JwksState(None, ()))
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def _algorithm_objects() -> dict[str, Any]:
+    return {name: alg for name, alg in jwt.algorithms.get_default_algorithms().items() if name in ASYMMETRIC_ALGORITHMS}
+
+
+def _prepare_static_keys(issuer: TrustedIssuer, algs: Mapping[str, Any]) -> tuple[_Key, ...]:
+    keys: list[_Key] = []
+    for i, pem in enumerate(issuer.public_keys_pem):
+        usable = []
+        for name in issuer.algorithms:
+            try:
+                usable.append(_Key(None, name, algs[name].prepare_key(pem)))
+            except (jwt.InvalidKeyError, ValueError, TypeError):
+                continue
+        if not usable:
+            raise ValueError(
+                f"issuer {issuer.issuer!r}: public_keys_pem[{i}] is not a public key usable with {list(issuer.algorithms)}"
+            )
+        keys.extend(usable)
+    return tuple(keys)
+
+
+def _parse_jwks(issuer: TrustedIssuer, data: bytes, logger: logging.Logger) -> tuple[_Key, ...]:
+    doc = json.loads(data)
+    if not isinstance(doc, dict) or not isinstance(doc.get("keys"), list):
+        raise ValueError("not a JWKS document (expected an object with a 'keys' list)")
+    keys: list[_Key] = []
+    for index, jwk in enumerate(doc["keys"]):
+        if not isinstance(jwk, dict):
+            logger.warning("issuer %s: JWKS key #%d is not an object; skipped", issuer.issuer, index)
+            continue
+        kid = jwk.get("kid")
+        kid = kid if isinstance(kid, str) else None
+        if jwk.get("use", "sig") != "sig" or jwk.get("kty") == "oct" or "d" in jwk:
+            logger.warning("issuer %s: JWKS key %r is not an asymmetric public signing key; skipped", issuer.issuer, kid)
+            continue
+        declared = jwk.get("alg")
+        candidates = [declared] if declared is not None else list(issuer.algorithms)
+        found = False
+        for name in candidates:
+            if name not in issuer.algorithms:
+                continue
+            try:
+                pyjwk = jwt.PyJWK(jwk, algorithm=name)
+                prepared = pyjwk.Algorithm.prepare_key(pyjwk.key)
+            except (jwt.PyJWTError, ValueError, TypeError, KeyError):
+                continue
+            keys.append(_Key(kid, name, prepared))
+            found = True
+        if not found:
+            logger.warning(
+                "issuer %s: JWKS key %r is not usable with %s; skipped", issuer.issuer, kid, list(issuer.algorithms)
+            )
+    if not keys:
+        raise ValueError("the JWKS holds no key usable with the allowed algorithms")
+    return tuple(keys)
+
+
+def _quote(value: object, limit: int = 120) -> str:
+    """A bounded repr of an attacker-controlled value for an error message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _numeric_date(payload: Mapping[str, Any], claim: str) -> float | None:
+    if claim not in payload:
+        return None
+    value = payload[claim]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise AuthenticationError(f"malformed token: claim {claim!r} is not a NumericDate")
+    return float(value)
+
+
+class TokenVerifier:
+    """Verifies JWTs from a fixed set of trusted issuers against an injected clock."""
+
+    def __init__(
+        self, issuers: Sequence[TrustedIssuer], clock: Clock, *, logger: logging.Logger | None = None
+    ) -> None:
+        self._clock = clock
+        self._log = logger if logger is not None else logging.getLogger(__name__)
+        self._algs = _algorithm_objects()
+        self._issuers: dict[str, _IssuerKeys] = {}
+        for issuer in issuers:
+            if issuer.issuer in self._issuers:
+                raise ValueError(f"issuer {issuer.issuer!r} is configured twice")
+            entry = _IssuerKeys(issuer, _prepare_static_keys(issuer, self._algs))
+            self._issuers[issuer.issuer] = entry
+            if issuer.jwks_path is not None:
+                self._refresh_jwks(entry)
+                if entry.jwks.error is not None:
+                    self._log.warning("issuer %s: %s", issuer.issuer, entry.jwks.error)
+
+    # -- keys ---------------------------------------------------------------------------------
+
+    def _refresh_jwks(self, entry: _IssuerKeys) -> _JwksState:
+        path = entry.issuer.jwks_path
+        assert path is not None
+        try:
+            st = os.stat(path)
+        except OSError as e:
+            return self._jwks_failed(entry, f"JWKS {path} unreadable: {e.strerror}")
+        signature = (st.st_ino, st.st_mtime_ns, st.st_size)
+        current = entry.jwks
+        if signature in (current.signature, current.failed_signature):
+            return current
+        with entry.lock:
+            if signature in (entry.jwks.signature, entry.jwks.failed_signature):
+                return entry.jwks
+            try:
+                keys = _parse_jwks(entry.issuer, path.read_bytes(), self._log)
+            except (OSError, ValueError) as e:
+                # Keep the last good keys; the failed file is retried on the next verification.
+                reason = f"JWKS {path} unusable: {e}"
+                if entry.jwks.keys and entry.jwks.error != reason:
+                    self._log.warning("issuer %s: %s; keeping the previous keys", entry.issuer.issuer, reason)
+                entry.jwks = _JwksState(entry.jwks.signature, entry.jwks.keys, reason, signature)
+                return entry.jwks
+            if current.signature is not None:
+                self._log.info("issuer %s: reloaded JWKS %s (%d keys)", entry.issuer.issuer, path, len(keys))
+            entry.jwks = _JwksState(signature, keys)
+            return entry.jwks
+
+    def _jwks_failed(self, entry: _IssuerKeys, reason: str) -> _JwksState:
+        with entry.lock:
+            if entry.jwks.error != reason and entry.jwks.keys:
+                self._log.warning("issuer %s: %s; keeping the previous keys", entry.issuer.issuer, reason)
+            entry.jwks = _JwksState(entry.jwks.signature, entry.jwks.keys, reason)
+            return entry.jwks
+
+    def _candidate_keys(self, entry: _IssuerKeys, alg: str, kid: str | None) -> list[_Key]:
+        jwks_keys: tuple[_Key, ...] = ()
+        jwks_error: str | None = None
+        if entry.issuer.jwks_path is not None:
+            state = self._refresh_jwks(entry)
+            jwks_keys, jwks_error = state.keys, state.error
+        static = [k for k in entry.static if k.algorithm == alg]
+        if kid is not None:
+            by_kid = [k for k in jwks_keys if k.kid == kid and k.algorithm == alg]
+            keys = by_kid or static
+        else:
+            keys = static + [k for k in jwks_keys if k.algorithm == alg]
+        if not keys:
+            what = f"key id {_quote(kid)} with algorithm {alg}" if kid is not None else f"key for algorithm {alg}"
+            suffix = f" ({jwks_error})" if jwks_error and not jwks_keys else ""
+            raise AuthenticationError(f"issuer {_quote(entry.issuer.issuer)} has no {what}{suffix}")
+        return keys
+
+    # -- verification -------------------------------------------------------------------------
+
+    def verify(self, token: str) -> VerifiedIdentity:
+        """Verify signature, issuer, audience and validity window; map the claims to a SPIFFE ID."""
+        if not isinstance(token, str) or not token.strip():
+            raise AuthenticationError("malformed token: empty")
+        if len(token) > MAX_TOKEN_BYTES:
+            raise AuthenticationError(f"malformed token: larger than {MAX_TOKEN_BYTES} bytes")
+        try:
+            return self._verify(token)
+        except AuthenticationError as e:
+            raise AuthenticationError(_redact(str(e), token)) from None
+
+    def _verify(self, token: str) -> VerifiedIdentity:
+        try:
+            header = jwt.get_unverified_header(token)
+            unverified = jwt.decode(token, options={"verify_signature": False})
+        except jwt.PyJWTError as e:
+            raise AuthenticationError(f"malformed token: {e}") from None
+        except Exception:  # noqa: BLE001 - any parser failure on hostile input is "malformed"
+            raise AuthenticationError("malformed token: cannot be parsed") from None
+
+        alg = header.get("alg")
+        if not isinstance(alg, str) or not alg:
+            raise AuthenticationError("malformed token: header has no 'alg'")
+        for name in _KEY_SUPPLYING_HEADERS:
+            if name in header:
+                raise AuthenticationError(
+                    f"token header {name!r} tries to supply its own verification key; not accepted"
+                )
+        iss = unverified.get("iss")
+        if not isinstance(iss, str) or not iss:
+            raise AuthenticationError("malformed token: no 'iss' claim")
+        entry = self._issuers.get(iss)
+        if entry is None:
+            raise AuthenticationError(f"wrong issuer: {_quote(iss)} is not a trusted issuer")
+        issuer = entry.issuer
+        if alg not in issuer.algorithms:
+            raise AuthenticationError(
+                f"algorithm not allowed: {_quote(alg)} is not accepted for issuer {_quote(iss)} "
+                f"(allowed: {', '.join(issuer.algorithms)})"
+            )
+        kid = header.get("kid")
+        if kid is not None and not isinstance(kid, str):
+            raise AuthenticationError("malformed token: 'kid' is not a string")
+
+        payload = self._decode(token, entry, self._candidate_keys(entry, alg, kid))
+        self._check_validity_window(payload, issuer)
+        return self._identity(payload, issuer)
+
+    def _decode(self, token: str, entry: _IssuerKeys, keys: Sequence[_Key]) -> dict[str, Any]:
+        issuer = entry.issuer
+        for key in keys:
+            try:
+                return jwt.decode(
+                    token,
+                    key.key,
+                    algorithms=list(issuer.algorithms),
+                    audience=list(issuer.audiences),
+                    issuer=issuer.issuer,
+                    leeway=issuer.leeway,
+                    options={
+                        "require": list(_REQUIRED_CLAIMS),
+                        # Time is checked against the injected clock in _check_validity_window.
+                        "verify_exp": False,
+                        "verify_nbf": False,
+                        "verify_iat": False,
+                    },
+                )
+            except jwt.InvalidSignatureError:
+                continue
+            except jwt.InvalidAudienceError:
+                raise AuthenticationError(
+                    f"wrong audience: token is not for any of {list(issuer.audiences)}"
+                ) from None
+            except jwt.InvalidIssuerError:
+                raise AuthenticationError(f"wrong issuer: expected {_quote(issuer.issuer)}") from None
+            except jwt.MissingRequiredClaimError as e:
+                raise AuthenticationError(f"malformed token: missing required claim {_quote(e.claim)}") from None
+            except jwt.InvalidAlgorithmError:
+                raise AuthenticationError("algorithm not allowed") from None
+            except jwt.PyJWTError as e:
+                raise AuthenticationError(f"malformed token: {type(e).__name__}: {e}") from None
+            except (ValueError, TypeError):
+                raise AuthenticationError("malformed token: cannot be verified") from None
+        raise AuthenticationError(f"bad signature: no key of issuer {_quote(issuer.issuer)} verifies the token")
+
+    def _check_validity_window(self, payload: Mapping[str, Any], issuer: TrustedIssuer) -> None:
+        now = self._clock().timestamp()
+        leeway = issuer.leeway.total_seconds()
+        exp = _numeric_date(payload, "exp")
+        nbf = _numeric_date(payload, "nbf")
+        iat = _numeric_date(payload, "iat")
+        if exp is None:
+            raise AuthenticationError("malformed token: missing required claim 'exp'")
+        if exp <= now - leeway:
+            ago = int(now - exp)
+            raise AuthenticationError(f"token expired {ago}s ago (leeway {int(leeway)}s)")
+        if nbf is not None and nbf > now + leeway:
+            raise AuthenticationError(f"token not yet valid: nbf is {int(nbf - now)}s in the future")
+        if iat is not None and iat > now + leeway:
+            raise AuthenticationError(f"token not yet valid: issued {int(iat - now)}s in the future")
+
+    def _identity(self, payload: Mapping[str, Any], issuer: TrustedIssuer) -> VerifiedIdentity:
+        sub = payload.get("sub")
+        if not isinstance(sub, str) or not sub:
+            raise AuthenticationError("malformed token: 'sub' is not a non-empty string")
+        node_id = payload.get("node_id")
+        if node_id is not None and (not isinstance(node_id, str) or not node_id):
+            raise AuthenticationError("malformed token: 'node_id' claim is not a non-empty string")
+        try:
+            expires_at = datetime.fromtimestamp(float(payload["exp"]), tz=timezone.utc)
+        except (OverflowError, OSError, ValueError):
+            raise AuthenticationError("malformed token: 'exp' is out of range") from None
+
+        spiffe_id, pod_name = _workload_identity(payload, sub, issuer)
+        return VerifiedIdentity(
+            spiffe_id=spiffe_id,
+            issuer=issuer.issuer,
+            subject=sub,
+            node_id=node_id,
+            pod_name=pod_name,
+            expires_at=expires_at,
+        )
+
+
+def _workload_identity(payload: Mapping[str, Any], sub: str, issuer: TrustedIssuer) -> tuple[SpiffeId, str | None]:
+    legacy: tuple[str, str] | None = None
+    if sub.startswith(_LEGACY_SA_PREFIX):
+        parts = sub[len(_LEGACY_SA_PREFIX):].split(":")
+        if len(parts) != 2 or not all(parts):
+            raise AuthenticationError("malformed token: 'sub' is not system:serviceaccount:<namespace>:<name>")
+        legacy = (parts[0], parts[1])
+
+    k8s = payload.get(_K8S_CLAIM)
+    if k8s is not None:
+        ns, sa, pod_name = _kubernetes_claim(k8s)
+        if legacy is not None and legacy != (ns, sa):
+            raise AuthenticationError(
+                f"malformed token: 'sub' names {legacy[0]}/{legacy[1]} but {_K8S_CLAIM} names {ns}/{sa}"
+            )
+        return _service_account_id(issuer, ns, sa), pod_name
+    if legacy is not None:
+        return _service_account_id(issuer, *legacy), None
+
+    if sub.lower().startswith("spiffe://"):
+        if not issuer.allow_spiffe_subject:
+            raise AuthenticationError(f"issuer {_quote(issuer.issuer)} is not allowed to assert SPIFFE subjects")
+        try:
+            spiffe_id = SpiffeId.parse(sub)
+        except InvalidSpiffeId as e:
+            raise AuthenticationError(f"malformed token: 'sub' is not a valid SPIFFE ID: {e}") from None
+        if spiffe_id.trust_domain != issuer.trust_domain:
+            raise AuthenticationError(
+                f"SPIFFE subject in trust domain {_quote(spiffe_id.trust_domain)} but issuer "
+                f"{_quote(issuer.issuer)} is trusted only for {_quote(issuer.trust_domain)}"
+            )
+        if not spiffe_id.path:
+            raise AuthenticationError("SPIFFE subject names a trust domain, not a workload")
+        return spiffe_id, None
+    raise AuthenticationError("token carries no workload identity")
+
+
+def _kubernetes_claim(claim: object) -> tuple[str, str, str | None]:
+    bad = AuthenticationError(f"malformed token: {_K8S_CLAIM!r} claim lacks namespace/serviceaccount.name")
+    if not isinstance(claim, dict):
+        raise bad
+    ns = claim.get("namespace")
+    sa = claim.get("serviceaccount")
+    name = sa.get("name") if isinstance(sa, dict) else None
+    if not isinstance(ns, str) or not ns or not isinstance(name, str) or not name:
+        raise bad
+    pod = claim.get("pod")
+    pod_name: str | None = None
+    if pod is not None:
+        pod_name = pod.get("name") if isinstance(pod, dict) else None
+        if not isinstance(pod_name, str) or not pod_name:
+            raise AuthenticationError(f"malformed token: {_K8S_CLAIM!r}.pod has no name")
+    return ns, name, pod_name
+
+
+def _service_account_id(issuer: TrustedIssuer, namespace: str, service_account: str) -> SpiffeId:
+    if "/" in namespace or "/" in service_account:
+        raise AuthenticationError("malformed token: namespace and service account must not contain '/'")
+    try:
+        return SpiffeId.for_service_account(issuer.trust_domain, namespace, service_account)
+    except InvalidSpiffeId as e:
+        raise AuthenticationError(f"malformed token: service account is not a valid identity: {e}") from None
+
+
+def _redact(message: str, token: str) -> str:
+    """Belt and braces: no part of the token ever appears in an error message."""
+    if token in message:
+        message = message.replace(token, "<token>")
+    for segment in token.split("."):
+        if len(segment) >= 8 and segment in message:
+            message = message.replace(segment, "<redacted>")
+    return message
+
+
+class IdentityGate:
+    """Authenticates a stream from its gRPC metadata: exactly one `authorization: Bearer <jwt>`."""
+
+    def __init__(self, verifier: TokenVerifier) -> None:
+        self._verifier = verifier
+
+    def authenticate(self, metadata: Sequence[tuple[str, str | bytes]]) -> VerifiedIdentity:
+        values = [value for key, value in metadata if key.lower() == "authorization"]
+        if not values:
+            raise AuthenticationError("missing authorization header")
+        if len(values) > 1:
+            raise AuthenticationError(f"duplicated authorization header ({len(values)} values)")
+        raw = values[0]
+        if isinstance(raw, bytes):
+            try:
+                raw = raw.decode("ascii")
+            except UnicodeDecodeError:
+                raise AuthenticationError("malformed authorization header: not ASCII") from None
+        parts = raw.strip().split(None, 1)
+        if not parts or parts[0].lower() != "bearer":
+            # Never echo the value: without a scheme word it may be the credential itself.
+            raise AuthenticationError("malformed authorization header: expected 'Bearer <token>'")
+        token = parts[1].strip() if len(parts) == 2 else ""
+        if not token:
+            raise AuthenticationError("malformed authorization header: empty bearer token")
+        if any(c.isspace() for c in token):
+            raise AuthenticationError("malformed authorization header: bearer token contains whitespace")
+        return self._verifier.verify(token)
+
+
+def check_node_binding(identity: VerifiedIdentity, node_id: str, node_metadata: Mapping[str, object]) -> None:
+    """Refuse a node whose id or Istio-style metadata disagrees with its verified token."""
+    if not isinstance(node_id, str) or not node_id:
+        raise NodeBindingError("node.id is empty; a node must name itself")
+    ns_sa = identity.spiffe_id.namespace_and_service_account()
+    if identity.node_id is not None:
+        if node_id != identity.node_id:
+            raise NodeBindingError(
+                f"node.id {_quote(node_id)} does not match the token's node_id claim {_quote(identity.node_id)}"
+            )
+    elif identity.pod_name is not None and ns_sa is not None:
+        expected = f"{identity.pod_name}.{ns_sa[0]}"
+        if node_id != expected:
+            raise NodeBindingError(
+                f"node.id {_quote(node_id)} does not match the token's pod: expected {_quote(expected)}"
+            )
+
+    claimed = node_metadata.get("SPIFFE_ID")
+    if claimed is not None and claimed != identity.spiffe_id.uri:
+        raise NodeBindingError(
+            f"node metadata SPIFFE_ID {_quote(claimed)} does not match the token's identity "
+            f"{_quote(identity.spiffe_id.uri)}"
+        )
+    for key, index in (("NAMESPACE", 0), ("SERVICE_ACCOUNT", 1)):
+        claimed = node_metadata.get(key)
+        if claimed is None:
+            continue
+        allowed = ns_sa[index] if ns_sa is not None else None
+        if claimed != allowed:
+            what = _quote(allowed) if allowed is not None else f"none ({identity.spiffe_id.uri} has no {key.lower()})"
+            raise NodeBindingError(
+                f"node metadata {key} {_quote(claimed)} does not match the token's identity: allowed {what}"
+            )

@@ -1,0 +1,486 @@
+"""Behaviour of the identity gate: JWT verification matrix, header parsing, node binding."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import os
+from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import jwt
+import pytest
+
+from meshca.crypto import KeyAlgorithm, generate_private_key_pem, public_jwk, public_key_pem
+from meshca.identity import SpiffeId
+from meshca.jwtgate import (
+    AuthenticationError,
+    IdentityGate,
+    NodeBindingError,
+    TokenVerifier,
+    TrustedIssuer,
+    VerifiedIdentity,
+    check_node_binding,
+)
+
+ISS = "https://kubernetes.default.svc.cluster.local"
+AUD = "meshca"
+TD = "cluster.local"
+NOW = datetime(2026, 11, 3, 12, 0, 0, tzinfo=timezone.utc)
+
+
+class FakeClock:
+    def __init__(self, now: datetime) -> None:
+        self.now = now
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+@pytest.fixture(scope="module")
+def key() -> bytes:
+    return generate_private_key_pem(KeyAlgorithm.EC_P256)
+
+
+@pytest.fixture(scope="module")
+def other_key() -> bytes:
+    return generate_private_key_pem(KeyAlgorithm.EC_P256)
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock(NOW)
+
+
+def issuer_for(*public_pems: bytes, **kw: Any) -> TrustedIssuer:
+    return TrustedIssuer(issuer=ISS, audiences=(AUD,), trust_domain=TD, public_keys_pem=tuple(public_pems), **kw)
+
+
+@pytest.fixture
+def verifier(key: bytes, clock: FakeClock) -> TokenVerifier:
+    return TokenVerifier([issuer_for(public_key_pem(key))], clock)
+
+
+def k8s_claims(ns: str = "shop", sa: str = "web", pod: str | None = "web-7d9f", **over: Any) -> dict[str, Any]:
+    ts = int(NOW.timestamp())
+    k8s: dict[str, Any] = {"namespace": ns, "serviceaccount": {"name": sa, "uid": "u-1"}}
+    if pod is not None:
+        k8s["pod"] = {"name": pod, "uid": "p-1"}
+    claims: dict[str, Any] = {
+        "iss": ISS,
+        "aud": [AUD],
+        "sub": f"system:serviceaccount:{ns}:{sa}",
+        "iat": ts,
+        "nbf": ts,
+        "exp": ts + 3600,
+        "kubernetes.io": k8s,
+    }
+    claims.update(over)
+    return claims
+
+
+def sign(private_pem: bytes, claims: dict[str, Any], *, alg: str = "ES256", headers: dict[str, Any] | None = None) -> str:
+    return jwt.encode(claims, private_pem, algorithm=alg, headers=headers)
+
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def reason(fn: Callable[[], object]) -> str:
+    with pytest.raises(AuthenticationError) as info:
+        fn()
+    return str(info.value)
+
+
+# -- valid tokens ----------------------------------------------------------------------------
+
+
+def test_valid_kubernetes_token_maps_to_service_account_id(key: bytes, verifier: TokenVerifier) -> None:
+    ident = verifier.verify(sign(key, k8s_claims(node_id="web-7d9f.shop")))
+    assert ident == VerifiedIdentity(
+        spiffe_id=SpiffeId(TD, "/ns/shop/sa/web"),
+        issuer=ISS,
+        subject="system:serviceaccount:shop:web",
+        node_id="web-7d9f.shop",
+        pod_name="web-7d9f",
+        expires_at=NOW + timedelta(hours=1),
+    )
+
+
+def test_legacy_sub_only_token(key: bytes, verifier: TokenVerifier) -> None:
+    claims = k8s_claims()
+    del claims["kubernetes.io"]
+    ident = verifier.verify(sign(key, claims))
+    assert ident.spiffe_id == SpiffeId(TD, "/ns/shop/sa/web")
+    assert ident.pod_name is None and ident.node_id is None
+
+
+def test_sub_disagreeing_with_kubernetes_claim_is_refused(key: bytes, verifier: TokenVerifier) -> None:
+    msg = reason(lambda: verifier.verify(sign(key, k8s_claims(sub="system:serviceaccount:kube-system:admin"))))
+    assert "kube-system/admin" in msg and "shop/web" in msg
+
+
+def test_spiffe_subject_token(key: bytes, verifier: TokenVerifier) -> None:
+    claims = k8s_claims(sub=f"spiffe://{TD}/billing/worker")
+    del claims["kubernetes.io"]
+    ident = verifier.verify(sign(key, claims))
+    assert ident.spiffe_id == SpiffeId(TD, "/billing/worker")
+    assert ident.subject == f"spiffe://{TD}/billing/worker"
+
+
+def test_spiffe_subject_in_foreign_trust_domain_is_refused(key: bytes, verifier: TokenVerifier) -> None:
+    claims = k8s_claims(sub="spiffe://evil.example/ns/shop/sa/web")
+    del claims["kubernetes.io"]
+    msg = reason(lambda: verifier.verify(sign(key, claims)))
+    assert "evil.example" in msg and TD in msg
+
+
+def test_spiffe_subject_refused_when_issuer_disallows_it(key: bytes, clock: FakeClock) -> None:
+    v = TokenVerifier([issuer_for(public_key_pem(key), allow_spiffe_subject=False)], clock)
+    claims = k8s_claims(sub=f"spiffe://{TD}/billing/worker")
+    del claims["kubernetes.io"]
+    assert "SPIFFE" in reason(lambda: v.verify(sign(key, claims)))
+
+
+def test_namespace_with_slash_cannot_forge_a_path(key: bytes, verifier: TokenVerifier) -> None:
+    claims = k8s_claims(ns="shop/sa/admin", sa="web", sub="system:serviceaccount:shop/sa/admin:web")
+    assert "'/'" in reason(lambda: verifier.verify(sign(key, claims)))
+
+
+def test_token_without_workload_identity_is_refused(key: bytes, verifier: TokenVerifier) -> None:
+    claims = k8s_claims(sub="alice@example.com")
+    del claims["kubernetes.io"]
+    assert "no workload identity" in reason(lambda: verifier.verify(sign(key, claims)))
+
+
+def test_rsa_pss_token_verifies_with_rsa_key(clock: FakeClock) -> None:
+    rsa = generate_private_key_pem(KeyAlgorithm.RSA_2048)
+    v = TokenVerifier([issuer_for(public_key_pem(rsa))], clock)
+    for alg in ("RS256", "PS256"):
+        assert v.verify(sign(rsa, k8s_claims(), alg=alg)).spiffe_id == SpiffeId(TD, "/ns/shop/sa/web")
+    assert "not allowed" in reason(lambda: v.verify(sign(rsa, k8s_claims(), alg="RS512")))
+
+
+# -- time, from the injected clock -----------------------------------------------------------
+
+
+def test_expired_token_is_refused(key: bytes, verifier: TokenVerifier, clock: FakeClock) -> None:
+    token = sign(key, k8s_claims())
+    clock.now = NOW + timedelta(hours=1, seconds=31)
+    assert "expired" in reason(lambda: verifier.verify(token))
+
+
+def test_expired_within_leeway_is_accepted(key: bytes, verifier: TokenVerifier, clock: FakeClock) -> None:
+    token = sign(key, k8s_claims())
+    clock.now = NOW + timedelta(hours=1, seconds=29)
+    assert verifier.verify(token).spiffe_id == SpiffeId(TD, "/ns/shop/sa/web")
+
+
+def test_clock_not_wall_time_decides_validity(key: bytes) -> None:
+    past = datetime(2020, 1, 1, tzinfo=timezone.utc)
+    ts = int(past.timestamp())
+    token = sign(key, k8s_claims(iat=ts, nbf=ts, exp=ts + 3600))
+    # Expired by wall time, valid by the injected clock.
+    assert TokenVerifier([issuer_for(public_key_pem(key))], FakeClock(past)).verify(token).issuer == ISS
+    # Valid by wall time, expired by the injected clock.
+    wall = int(datetime.now(timezone.utc).timestamp())
+    fresh = sign(key, k8s_claims(iat=wall, nbf=wall, exp=wall + 86400))
+    late = TokenVerifier([issuer_for(public_key_pem(key))], FakeClock(datetime.now(timezone.utc) + timedelta(days=2)))
+    assert "expired" in reason(lambda: late.verify(fresh))
+
+
+def test_not_yet_valid_token_is_refused(key: bytes, verifier: TokenVerifier) -> None:
+    ts = int(NOW.timestamp())
+    token = sign(key, k8s_claims(nbf=ts + 120, iat=ts, exp=ts + 3600))
+    assert "not yet valid" in reason(lambda: verifier.verify(token))
+
+
+def test_missing_exp_is_refused(key: bytes, verifier: TokenVerifier) -> None:
+    claims = k8s_claims()
+    del claims["exp"]
+    assert "exp" in reason(lambda: verifier.verify(sign(key, claims)))
+
+
+# -- issuer, audience, signature, algorithm ---------------------------------------------------
+
+
+def test_unknown_issuer_is_named(key: bytes, verifier: TokenVerifier) -> None:
+    msg = reason(lambda: verifier.verify(sign(key, k8s_claims(iss="https://evil.example"))))
+    assert "https://evil.example" in msg and "issuer" in msg
+
+
+def test_wrong_audience_is_refused(key: bytes, verifier: TokenVerifier) -> None:
+    assert "audience" in reason(lambda: verifier.verify(sign(key, k8s_claims(aud=["vault"]))))
+
+
+def test_one_matching_audience_among_many_is_enough(key: bytes, verifier: TokenVerifier) -> None:
+    assert verifier.verify(sign(key, k8s_claims(aud=["vault", AUD]))).issuer == ISS
+
+
+def test_signature_by_another_key_is_refused(other_key: bytes, verifier: TokenVerifier) -> None:
+    assert "bad signature" in reason(lambda: verifier.verify(sign(other_key, k8s_claims())))
+
+
+def test_tampered_payload_is_refused(key: bytes, verifier: TokenVerifier) -> None:
+    header, _, sig = sign(key, k8s_claims()).split(".")
+    forged = b64url(json.dumps(k8s_claims(ns="kube-system", sa="admin")).encode())
+    assert "bad signature" in reason(lambda: verifier.verify(f"{header}.{forged}.{sig}"))
+
+
+def test_alg_none_is_refused(verifier: TokenVerifier) -> None:
+    header = b64url(json.dumps({"alg": "none", "typ": "JWT"}).encode())
+    payload = b64url(json.dumps(k8s_claims()).encode())
+    msg = reason(lambda: verifier.verify(f"{header}.{payload}."))
+    assert "algorithm not allowed" in msg and "none" in msg
+
+
+def test_hs256_signed_with_public_key_pem_is_refused(key: bytes, verifier: TokenVerifier) -> None:
+    header = b64url(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+    payload = b64url(json.dumps(k8s_claims()).encode())
+    mac = hmac.new(public_key_pem(key), f"{header}.{payload}".encode(), hashlib.sha256).digest()
+    msg = reason(lambda: verifier.verify(f"{header}.{payload}.{b64url(mac)}"))
+    assert "algorithm not allowed" in msg and "HS256" in msg
+
+
+@pytest.mark.parametrize("header_name", ["jwk", "jku", "x5u"])
+def test_token_supplying_its_own_key_is_refused(other_key: bytes, verifier: TokenVerifier, header_name: str) -> None:
+    attacker_jwk = public_jwk(public_key_pem(other_key), "attacker")
+    value: Any = attacker_jwk if header_name == "jwk" else "https://evil.example/keys"
+    token = sign(other_key, k8s_claims(), headers={header_name: value})
+    msg = reason(lambda: verifier.verify(token))
+    assert header_name in msg and "own verification key" in msg
+
+
+def test_key_supplying_header_refused_even_when_signature_is_good(key: bytes, verifier: TokenVerifier) -> None:
+    token = sign(key, k8s_claims(), headers={"jku": "https://evil.example/keys"})
+    assert "jku" in reason(lambda: verifier.verify(token))
+
+
+@pytest.mark.parametrize(
+    "token",
+    ["", "   ", "garbage", "a.b.c", "eyJhbGciOiJFUzI1NiJ9.eyJ.", "x" * 20000, "....", "eyJ9.e30.AA"],
+)
+def test_garbage_is_malformed(verifier: TokenVerifier, token: str) -> None:
+    assert "malformed" in reason(lambda: verifier.verify(token))
+
+
+def test_error_message_never_contains_the_token(key: bytes, other_key: bytes, verifier: TokenVerifier) -> None:
+    tokens = [
+        sign(other_key, k8s_claims()),
+        sign(key, k8s_claims(aud=["vault"])),
+        sign(key, k8s_claims(iss="https://evil.example")),
+        sign(key, k8s_claims(exp=0)),
+        "garbage-that-looks-like-a-secret-value",
+    ]
+    for token in tokens:
+        msg = reason(lambda: verifier.verify(token))
+        assert token not in msg
+        for segment in token.split("."):
+            assert len(segment) < 8 or segment not in msg
+
+
+# -- issuer configuration ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("alg", ["HS256", "HS512", "none"])
+def test_symmetric_or_unsigned_algorithm_cannot_be_configured(key: bytes, alg: str) -> None:
+    with pytest.raises(ValueError, match=alg):
+        issuer_for(public_key_pem(key), algorithms=(alg,))
+
+
+def test_issuer_needs_keys_and_audience(key: bytes) -> None:
+    with pytest.raises(ValueError, match="public_keys_pem"):
+        TrustedIssuer(issuer=ISS, audiences=(AUD,), trust_domain=TD)
+    with pytest.raises(ValueError, match="audiences"):
+        TrustedIssuer(issuer=ISS, audiences=(), trust_domain=TD, public_keys_pem=(public_key_pem(key),))
+    with pytest.raises(ValueError, match="private key"):
+        TrustedIssuer(issuer=ISS, audiences=(AUD,), trust_domain=TD, public_keys_pem=(key,))
+
+
+# -- JWKS files -------------------------------------------------------------------------------
+
+
+def write_jwks(path: Path, keys: list[tuple[bytes, str]]) -> None:
+    doc = {"keys": [public_jwk(public_key_pem(private), kid) for private, kid in keys]}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc))
+    os.replace(tmp, path)
+
+
+def test_jwks_with_two_keys_selects_by_kid(tmp_path: Path, key: bytes, other_key: bytes, clock: FakeClock) -> None:
+    jwks = tmp_path / "jwks.json"
+    write_jwks(jwks, [(key, "a"), (other_key, "b")])
+    v = TokenVerifier([TrustedIssuer(issuer=ISS, audiences=(AUD,), trust_domain=TD, jwks_path=jwks)], clock)
+    assert v.verify(sign(key, k8s_claims(sa="a"), headers={"kid": "a"})).spiffe_id.path == "/ns/shop/sa/a"
+    assert v.verify(sign(other_key, k8s_claims(sa="b"), headers={"kid": "b"})).spiffe_id.path == "/ns/shop/sa/b"
+    # The kid picks the key: a token signed by key "a" but labelled "b" fails.
+    assert "bad signature" in reason(lambda: v.verify(sign(key, k8s_claims(), headers={"kid": "b"})))
+    assert "'c'" in reason(lambda: v.verify(sign(key, k8s_claims(), headers={"kid": "c"})))
+
+
+def test_replaced_jwks_file_is_picked_up(tmp_path: Path, key: bytes, other_key: bytes, clock: FakeClock) -> None:
+    jwks = tmp_path / "jwks.json"
+    write_jwks(jwks, [(key, "k1")])
+    v = TokenVerifier([TrustedIssuer(issuer=ISS, audiences=(AUD,), trust_domain=TD, jwks_path=jwks)], clock)
+    old = sign(key, k8s_claims(), headers={"kid": "k1"})
+    new = sign(other_key, k8s_claims(), headers={"kid": "k2"})
+    assert v.verify(old).issuer == ISS
+    reason(lambda: v.verify(new))
+
+    write_jwks(jwks, [(other_key, "k2")])
+    assert v.verify(new).issuer == ISS
+    assert "k1" in reason(lambda: v.verify(old))
+
+
+def test_broken_jwks_rewrite_keeps_last_good_keys(tmp_path: Path, key: bytes, clock: FakeClock) -> None:
+    jwks = tmp_path / "jwks.json"
+    write_jwks(jwks, [(key, "k1")])
+    v = TokenVerifier([TrustedIssuer(issuer=ISS, audiences=(AUD,), trust_domain=TD, jwks_path=jwks)], clock)
+    token = sign(key, k8s_claims(), headers={"kid": "k1"})
+    jwks.write_text('{"keys": [')
+    assert v.verify(token).issuer == ISS
+
+
+def test_missing_jwks_file_gives_a_clear_reason(tmp_path: Path, key: bytes, clock: FakeClock) -> None:
+    jwks = tmp_path / "absent.json"
+    v = TokenVerifier([TrustedIssuer(issuer=ISS, audiences=(AUD,), trust_domain=TD, jwks_path=jwks)], clock)
+    token = sign(key, k8s_claims(), headers={"kid": "k1"})
+    assert "absent.json" in reason(lambda: v.verify(token))
+    write_jwks(jwks, [(key, "k1")])
+    assert v.verify(token).issuer == ISS
+
+
+def test_symmetric_jwk_in_jwks_is_never_used(tmp_path: Path, clock: FakeClock) -> None:
+    jwks = tmp_path / "jwks.json"
+    secret = b"0123456789abcdef0123456789abcdef"
+    jwks.write_text(json.dumps({"keys": [{"kty": "oct", "kid": "s", "k": b64url(secret)}]}))
+    v = TokenVerifier(
+        [TrustedIssuer(issuer=ISS, audiences=(AUD,), trust_domain=TD, jwks_path=jwks, algorithms=("ES256",))], clock
+    )
+    token = jwt.encode(k8s_claims(), secret, algorithm="HS256", headers={"kid": "s"})
+    assert "HS256" in reason(lambda: v.verify(token))
+
+
+# -- IdentityGate: the authorization header -----------------------------------------------------
+
+
+@pytest.fixture
+def gate(verifier: TokenVerifier) -> IdentityGate:
+    return IdentityGate(verifier)
+
+
+def test_gate_accepts_bearer_token_case_insensitively(key: bytes, gate: IdentityGate) -> None:
+    token = sign(key, k8s_claims())
+    assert gate.authenticate([("authorization", f"Bearer {token}")]).spiffe_id.path == "/ns/shop/sa/web"
+    assert gate.authenticate([("Authorization", f"bearer  {token} ".encode())]).issuer == ISS
+    assert gate.authenticate([("x-other", "1"), ("AUTHORIZATION", f"BEARER {token}")]).issuer == ISS
+
+
+def test_gate_missing_header(gate: IdentityGate) -> None:
+    assert "missing" in reason(lambda: gate.authenticate([("x-envoy", "1")]))
+
+
+def test_gate_empty_bearer(gate: IdentityGate) -> None:
+    assert "empty" in reason(lambda: gate.authenticate([("authorization", "Bearer ")]))
+    assert "empty" in reason(lambda: gate.authenticate([("authorization", "Bearer")]))
+
+
+def test_gate_duplicated_header(key: bytes, gate: IdentityGate) -> None:
+    token = sign(key, k8s_claims())
+    msg = reason(lambda: gate.authenticate([("authorization", f"Bearer {token}"), ("Authorization", f"Bearer {token}")]))
+    assert "duplicated" in msg
+
+
+def test_gate_wrong_scheme_does_not_echo_the_credential(key: bytes, gate: IdentityGate) -> None:
+    token = sign(key, k8s_claims())
+    for value in (token, f"Basic {token}", f"Token {token}"):
+        msg = reason(lambda: gate.authenticate([("authorization", value)]))
+        assert "Bearer" in msg and token not in msg
+
+
+def test_gate_garbage_token(gate: IdentityGate) -> None:
+    assert "malformed" in reason(lambda: gate.authenticate([("authorization", "Bearer not-a-jwt")]))
+
+
+# -- node binding ---------------------------------------------------------------------------
+
+
+def identity(*, node_id: str | None = None, pod: str | None = None, spiffe: str = f"spiffe://{TD}/ns/shop/sa/web") -> VerifiedIdentity:
+    return VerifiedIdentity(
+        spiffe_id=SpiffeId.parse(spiffe),
+        issuer=ISS,
+        subject="system:serviceaccount:shop:web",
+        node_id=node_id,
+        pod_name=pod,
+        expires_at=NOW + timedelta(hours=1),
+    )
+
+
+def binding_error(ident: VerifiedIdentity, node_id: str, meta: dict[str, object] | None = None) -> str:
+    with pytest.raises(NodeBindingError) as info:
+        check_node_binding(ident, node_id, meta or {})
+    return str(info.value)
+
+
+def test_rule_a_node_id_claim_must_match_exactly() -> None:
+    ident = identity(node_id="gw-1", pod="web-7d9f")
+    check_node_binding(ident, "gw-1", {})
+    msg = binding_error(ident, "web-7d9f.shop")
+    assert "'web-7d9f.shop'" in msg and "'gw-1'" in msg and "node_id" in msg
+    assert "gw-1" in binding_error(ident, "GW-1")
+
+
+def test_rule_b_pod_bound_token_requires_pod_dot_namespace() -> None:
+    ident = identity(pod="web-7d9f")
+    check_node_binding(ident, "web-7d9f.shop", {})
+    msg = binding_error(ident, "db-0.shop")
+    assert "'db-0.shop'" in msg and "'web-7d9f.shop'" in msg
+
+
+def test_rule_c_unbound_token_allows_any_non_empty_node_id() -> None:
+    ident = identity()
+    check_node_binding(ident, "whatever-I-like", {})
+    assert "empty" in binding_error(ident, "")
+
+
+def test_node_id_claim_cannot_be_empty_node() -> None:
+    assert "empty" in binding_error(identity(node_id="gw-1"), "")
+
+
+@pytest.mark.parametrize(
+    ("meta", "field"),
+    [
+        ({"SPIFFE_ID": f"spiffe://{TD}/ns/kube-system/sa/admin"}, "SPIFFE_ID"),
+        ({"NAMESPACE": "kube-system"}, "NAMESPACE"),
+        ({"SERVICE_ACCOUNT": "admin"}, "SERVICE_ACCOUNT"),
+        ({"NAMESPACE": "shop", "SERVICE_ACCOUNT": 7}, "SERVICE_ACCOUNT"),
+    ],
+)
+def test_metadata_mismatch_is_refused(meta: dict[str, object], field: str) -> None:
+    msg = binding_error(identity(), "n1", meta)
+    assert field in msg and str(list(meta.values())[-1]) in msg
+
+
+def test_matching_metadata_is_accepted() -> None:
+    check_node_binding(
+        identity(pod="web-7d9f"),
+        "web-7d9f.shop",
+        {"SPIFFE_ID": f"spiffe://{TD}/ns/shop/sa/web", "NAMESPACE": "shop", "SERVICE_ACCOUNT": "web", "OTHER": 1},
+    )
+
+
+def test_namespace_metadata_refused_for_non_kubernetes_identity() -> None:
+    msg = binding_error(identity(spiffe=f"spiffe://{TD}/billing/worker"), "n1", {"NAMESPACE": "billing"})
+    assert "NAMESPACE" in msg and "billing" in msg
+
+
+def test_end_to_end_token_then_binding(key: bytes, gate: IdentityGate) -> None:
+    ident = gate.authenticate([("authorization", f"Bearer {sign(key, k8s_claims())}")])
+    check_node_binding(ident, "web-7d9f.shop", {"NAMESPACE": "shop"})
+    with pytest.raises(NodeBindingError):
+        check_node_binding(ident, "other-pod.shop", {})
