@@ -18,8 +18,8 @@ test: $(STAMP)
 	$(PY) -m pytest -q -ra
 
 protos: $(STAMP)
-	$(PY) -m grpc_tools.protoc -Iprotos --python_out=meshca/_proto --pyi_out=meshca/_proto \
-		--grpc_python_out=meshca/_proto protos/meshca/v1/certificate.proto
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. protos/meshca/v1/certificate.proto
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. protos/meshca/v1/xds_wire.proto
 
 clean:
 	rm -rf $(VENV) build *.egg-info

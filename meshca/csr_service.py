@@ -1,0 +1,99 @@
+"""The gRPC CertificateService (grpc.aio): signs a caller's CSR for the SPIFFE ID its bearer token proves."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from datetime import timedelta
+from typing import Protocol
+
+import grpc
+
+from meshca.ca import CsrRejected, IdentityRejected, InvalidTtl, IssuedCertificate, IssuerExpired
+from meshca.crypto import split_pem_certificates
+from meshca.identity import SpiffeId
+from meshca.jwtgate import AuthenticationError, VerifiedIdentity
+from meshca.v1 import certificate_pb2, certificate_pb2_grpc
+
+# timedelta cannot hold more than ~2.7e12 s; anything near it is nonsense and the CA caps it anyway.
+_MAX_TTL_SECONDS = 100 * 366 * 24 * 3600
+
+
+class Authenticator(Protocol):
+    """Turns call metadata into a verified identity; raises meshca.jwtgate.AuthenticationError."""
+
+    def authenticate(self, metadata: Sequence[tuple[str, str | bytes]]) -> VerifiedIdentity: ...
+
+
+class CsrSigner(Protocol):
+    """What the service needs from a CA backend (meshca.ca.CertificateAuthority fits)."""
+
+    def sign_csr(self, csr_pem: bytes, spiffe_id: SpiffeId, ttl: timedelta | None) -> IssuedCertificate: ...
+
+    def trust_bundle_pem(self) -> bytes: ...
+
+
+_CSR_STATUS = {
+    "invalid_argument": grpc.StatusCode.INVALID_ARGUMENT,
+    "permission_denied": grpc.StatusCode.PERMISSION_DENIED,
+}
+
+
+class CertificateServicer(certificate_pb2_grpc.CertificateServiceServicer):
+    """meshca.v1.CertificateService/Sign: the SAN is the authenticated identity, never the CSR's."""
+
+    def __init__(self, authenticator: Authenticator, signer: CsrSigner, logger: logging.Logger | None = None) -> None:
+        self._authenticator = authenticator
+        self._signer = signer
+        self._log = logger or logging.getLogger(__name__)
+
+    async def Sign(  # noqa: N802 - gRPC method name
+        self, request: certificate_pb2.SignRequest, context: grpc.aio.ServicerContext
+    ) -> certificate_pb2.SignResponse:
+        metadata = [(m[0], m[1]) for m in (context.invocation_metadata() or ())]
+        try:
+            identity = self._authenticator.authenticate(metadata)
+        except AuthenticationError as e:
+            self._log.info("Sign refused: unauthenticated: %s", e)
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(e))
+
+        ttl: timedelta | None = None
+        if request.HasField("ttl_seconds"):
+            if not 0 < request.ttl_seconds <= _MAX_TTL_SECONDS:
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"ttl_seconds must be a positive number of seconds, got {request.ttl_seconds}",
+                )
+            ttl = timedelta(seconds=request.ttl_seconds)
+
+        spiffe_id = identity.spiffe_id
+        try:
+            issued = self._signer.sign_csr(request.csr_pem.encode("utf-8"), spiffe_id, ttl)
+        except CsrRejected as e:
+            self._log.info("Sign refused for %s: %s", spiffe_id, e.reason)
+            await context.abort(_CSR_STATUS[e.kind], e.reason)
+        except InvalidTtl as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"ttl_seconds: {e}")
+        except IdentityRejected as e:
+            self._log.info("Sign refused for %s: %s", spiffe_id, e)
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(e))
+        except IssuerExpired as e:
+            self._log.error("Sign failed for %s: %s", spiffe_id, e)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the CA cannot issue certificates right now")
+
+        self._log.info(
+            "issued certificate serial %x to %s, expires %s", issued.serial_number, spiffe_id, issued.not_after.isoformat()
+        )
+        return certificate_pb2.SignResponse(
+            certificate_chain=[block.decode("ascii") for block in split_pem_certificates(issued.chain_pem)],
+            trust_bundle_pem=self._signer.trust_bundle_pem().decode("ascii"),
+            spiffe_id=str(spiffe_id),
+            expires_at=int(issued.not_after.timestamp()),
+            not_before=int(issued.not_before.timestamp()),
+            serial_number=f"{issued.serial_number:x}",
+        )
+
+
+def add_to_server(server: grpc.aio.Server, servicer: CertificateServicer) -> None:
+    """Register `servicer` on a grpc.aio server."""
+    certificate_pb2_grpc.add_CertificateServiceServicer_to_server(servicer, server)

@@ -1,0 +1,171 @@
+"""CertificateService over a real grpc.aio server on loopback: authentication, CSR policy, issued chain."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import AsyncIterator, Sequence
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import grpc
+import pytest
+from cryptography import x509
+from cryptography.x509.verification import PolicyBuilder, Store
+
+from meshca import crypto
+from meshca.ca import CaSettings, CertificateAuthority
+from meshca.csr_service import CertificateServicer, add_to_server
+from meshca.identity import SpiffeId
+from meshca.jwtgate import AuthenticationError, VerifiedIdentity
+from meshca.v1 import certificate_pb2, certificate_pb2_grpc
+
+TD = "example.org"
+T0 = datetime(2026, 11, 25, 12, 0, 0, tzinfo=timezone.utc)
+FRONTEND = SpiffeId.for_service_account(TD, "shop", "frontend")
+PAYMENTS = SpiffeId.for_service_account(TD, "shop", "payments")
+STRANGER = SpiffeId.for_service_account("other.org", "shop", "frontend")
+
+
+class FakeTokenAuthenticator:
+    """Test double for meshca.jwtgate.IdentityGate: a fixed map of bearer tokens to identities."""
+
+    def __init__(self, tokens: dict[str, SpiffeId]) -> None:
+        self._tokens = tokens
+
+    def authenticate(self, metadata: Sequence[tuple[str, str | bytes]]) -> VerifiedIdentity:
+        values = [v for k, v in metadata if k == "authorization"]
+        if not values:
+            raise AuthenticationError("missing authorization metadata")
+        value = values[0] if isinstance(values[0], str) else values[0].decode()
+        token = value.removeprefix("Bearer ")
+        if token not in self._tokens:
+            raise AuthenticationError("token signature is invalid")
+        return VerifiedIdentity(
+            spiffe_id=self._tokens[token],
+            issuer="https://issuer.test",
+            subject=token,
+            node_id=None,
+            pod_name=None,
+            expires_at=T0 + timedelta(hours=1),
+        )
+
+
+@pytest.fixture
+def ca(tmp_path: Path) -> CertificateAuthority:
+    return CertificateAuthority.init(tmp_path / "ca", CaSettings(TD), lambda: T0)
+
+
+@pytest.fixture
+async def stub(ca: CertificateAuthority) -> AsyncIterator[certificate_pb2_grpc.CertificateServiceStub]:
+    server = grpc.aio.server()
+    authenticator = FakeTokenAuthenticator({"frontend-token": FRONTEND, "stranger-token": STRANGER})
+    add_to_server(server, CertificateServicer(authenticator, ca))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        yield certificate_pb2_grpc.CertificateServiceStub(channel)
+    finally:
+        await channel.close()
+        await server.stop(None)
+
+
+def bearer(token: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {token}"),)
+
+
+def csr(**kwargs: object) -> str:
+    return crypto.build_csr_pem(crypto.generate_private_key_pem(), **kwargs).decode()  # type: ignore[arg-type]
+
+
+async def sign_error(stub: certificate_pb2_grpc.CertificateServiceStub, request: certificate_pb2.SignRequest, token: str | None) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.Sign(request, metadata=bearer(token) if token else None)
+    return info.value
+
+
+async def test_sign_issues_chain_for_the_callers_identity(stub: certificate_pb2_grpc.CertificateServiceStub, ca: CertificateAuthority) -> None:
+    response = await stub.Sign(certificate_pb2.SignRequest(csr_pem=csr(uris=[FRONTEND.uri])), metadata=bearer("frontend-token"))
+
+    assert response.spiffe_id == FRONTEND.uri
+    assert len(response.certificate_chain) == 2
+    assert response.trust_bundle_pem.encode() == ca.trust_bundle_pem()
+    assert "PRIVATE KEY" not in str(response)
+    leaf, intermediate = (x509.load_pem_x509_certificate(p.encode()) for p in response.certificate_chain)
+    verified = (
+        PolicyBuilder()
+        .store(Store(x509.load_pem_x509_certificates(response.trust_bundle_pem.encode())))
+        .time(T0)
+        .build_client_verifier()
+        .verify(leaf, [intermediate])
+    )
+    assert verified.subjects == [x509.UniformResourceIdentifier(FRONTEND.uri)]
+    assert response.expires_at == int((T0 + timedelta(hours=1)).timestamp())
+    assert response.not_before == int((T0 - timedelta(seconds=60)).timestamp())
+    assert int(response.serial_number, 16) == leaf.serial_number
+
+
+async def test_sign_honours_ttl_seconds(stub: certificate_pb2_grpc.CertificateServiceStub) -> None:
+    response = await stub.Sign(certificate_pb2.SignRequest(csr_pem=csr(), ttl_seconds=600), metadata=bearer("frontend-token"))
+
+    leaf = x509.load_pem_x509_certificate(response.certificate_chain[0].encode())
+    assert leaf.not_valid_after_utc == T0 + timedelta(minutes=10)
+    assert list(leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value) == [
+        x509.UniformResourceIdentifier(FRONTEND.uri)
+    ]
+
+
+async def test_missing_token_is_unauthenticated(stub: certificate_pb2_grpc.CertificateServiceStub) -> None:
+    error = await sign_error(stub, certificate_pb2.SignRequest(csr_pem=csr()), None)
+    assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "missing authorization" in (error.details() or "")
+
+
+async def test_invalid_token_is_unauthenticated(stub: certificate_pb2_grpc.CertificateServiceStub) -> None:
+    error = await sign_error(stub, certificate_pb2.SignRequest(csr_pem=csr()), "forged")
+    assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert error.details() == "token signature is invalid"
+
+
+async def test_csr_for_another_identity_is_permission_denied(stub: certificate_pb2_grpc.CertificateServiceStub) -> None:
+    error = await sign_error(stub, certificate_pb2.SignRequest(csr_pem=csr(uris=[PAYMENTS.uri])), "frontend-token")
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+    details = error.details() or ""
+    assert PAYMENTS.uri in details and FRONTEND.uri in details
+
+
+async def test_caller_from_another_trust_domain_is_permission_denied(stub: certificate_pb2_grpc.CertificateServiceStub) -> None:
+    error = await sign_error(stub, certificate_pb2.SignRequest(csr_pem=csr()), "stranger-token")
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "other.org" in (error.details() or "")
+
+
+async def test_ca_csr_is_invalid_argument(stub: certificate_pb2_grpc.CertificateServiceStub) -> None:
+    error = await sign_error(stub, certificate_pb2.SignRequest(csr_pem=csr(is_ca=True)), "frontend-token")
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "CA certificates cannot be requested" in (error.details() or "")
+
+
+async def test_tampered_csr_signature_is_invalid_argument(stub: certificate_pb2_grpc.CertificateServiceStub) -> None:
+    lines = csr().encode().strip().splitlines()
+    der = bytearray(base64.b64decode(b"".join(lines[1:-1])))
+    der[-3] ^= 0x01
+    tampered = "\n".join([lines[0].decode(), base64.b64encode(bytes(der)).decode(), lines[-1].decode(), ""])
+
+    error = await sign_error(stub, certificate_pb2.SignRequest(csr_pem=tampered), "frontend-token")
+
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "signature" in (error.details() or "")
+
+
+async def test_dns_san_and_garbage_are_invalid_argument(stub: certificate_pb2_grpc.CertificateServiceStub) -> None:
+    for pem in (csr(dns_names=["frontend.shop.svc"]), "not a csr", ""):
+        error = await sign_error(stub, certificate_pb2.SignRequest(csr_pem=pem), "frontend-token")
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest.mark.parametrize("ttl_seconds", [0, -5, 60, 2**62])
+async def test_bad_ttl_is_invalid_argument_naming_the_field(stub: certificate_pb2_grpc.CertificateServiceStub, ttl_seconds: int) -> None:
+    error = await sign_error(stub, certificate_pb2.SignRequest(csr_pem=csr(), ttl_seconds=ttl_seconds), "frontend-token")
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "ttl_seconds" in (error.details() or "")
