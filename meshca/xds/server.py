@@ -10,9 +10,11 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import grpc
-from envoy_data_plane.envoy.service.discovery.v3 import DiscoveryRequest
+from google.protobuf.json_format import MessageToDict
+from google.protobuf.message import DecodeError
 
 from meshca.snapshot import ResourceType, SnapshotCache, length_delimited
+from meshca.v1 import xds_wire_pb2
 from meshca.xds.sotw import Outcome, SotwStream, XdsRequest, XdsResponse
 from meshca.xds.status import ProxyRegistry
 
@@ -80,14 +82,19 @@ class MalformedRequest(ValueError):
 
 
 def parse_request(raw: bytes, fixed_type: ResourceType | None) -> tuple[XdsRequest | None, NodeInfo | None]:
-    """Decode one DiscoveryRequest; returns (None, node) for a type we do not serve on ADS."""
+    """Decode one DiscoveryRequest; returns (None, node) for a type we do not serve on ADS.
+
+    Decoded with protobuf's upb runtime and a wire-compatible subset of Envoy's message (see
+    protos/meshca/v1/xds_wire.proto): ~0.5 µs instead of betterproto2's ~25-70 µs, and truncated or
+    non-UTF-8 input is rejected instead of silently accepted.
+    """
     try:
-        message = DiscoveryRequest.parse(raw)
-    except Exception as error:  # betterproto2 raises several types for bad wire data
-        raise MalformedRequest(f"malformed DiscoveryRequest: {type(error).__name__}") from None
+        message = xds_wire_pb2.DiscoveryRequest.FromString(raw)
+    except DecodeError as error:
+        raise MalformedRequest(f"malformed DiscoveryRequest: {error}") from None
     node = None
-    if message.node is not None:
-        metadata = message.node.metadata.to_dict() if message.node.metadata is not None else {}
+    if message.HasField("node"):
+        metadata = MessageToDict(message.node.metadata) if message.node.HasField("metadata") else {}
         node = NodeInfo(message.node.id, message.node.cluster, metadata)
     type_url = message.type_url
     if fixed_type is not None:
@@ -98,7 +105,7 @@ def parse_request(raw: bytes, fixed_type: ResourceType | None) -> tuple[XdsReque
         resource_type = ResourceType.from_type_url(type_url)
         if resource_type is None:
             return None, node
-    error = message.error_detail
+    error = message.error_detail if message.HasField("error_detail") else None
     return (
         XdsRequest(
             type=resource_type,

@@ -1,0 +1,136 @@
+"""Composition root: wires the CA, the identity gate, the snapshot engine and the gRPC services."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from meshca import csr_service
+from meshca.ca import CertificateAuthority
+from meshca.clock import Clock
+from meshca.jwtgate import (
+    AuthenticationError,
+    IdentityGate,
+    NodeBindingError,
+    TokenVerifier,
+    TrustedIssuer,
+    VerifiedIdentity,
+    check_node_binding,
+)
+from meshca.snapshot import SnapshotCache
+from meshca.workloads import ForeignTrustDomain, MeshPublisher, WorkloadSecrets
+from meshca.xds.server import MAX_REQUEST_BYTES, Admission, NodeInfo, StreamRefused, XdsServer
+from meshca.xds.status import ProxyRegistry
+
+
+class JwtStreamGate:
+    """The xDS server's StreamGate: identity from the verified JWT, node bound to it, secrets ready."""
+
+    def __init__(self, identity_gate: IdentityGate, publisher: MeshPublisher) -> None:
+        self._identity_gate = identity_gate
+        self._publisher = publisher
+
+    def authenticate(self, metadata: Sequence[tuple[str, str | bytes]]) -> VerifiedIdentity:
+        try:
+            return self._identity_gate.authenticate(metadata)
+        except AuthenticationError as error:
+            raise StreamRefused(grpc.StatusCode.UNAUTHENTICATED, str(error)) from None
+
+    async def admit(self, principal: object, node: NodeInfo) -> Admission:
+        assert isinstance(principal, VerifiedIdentity)
+        try:
+            check_node_binding(principal, node.id, node.metadata)
+        except NodeBindingError as error:
+            raise StreamRefused(grpc.StatusCode.PERMISSION_DENIED, str(error)) from None
+        try:
+            key = self._publisher.ensure_identity(principal.spiffe_id)
+        except ForeignTrustDomain as error:
+            raise StreamRefused(grpc.StatusCode.PERMISSION_DENIED, str(error)) from None
+        return Admission(key, principal.spiffe_id.uri)
+
+
+@dataclass(frozen=True)
+class ServerCredentials:
+    certificate_chain_pem: bytes
+    private_key_pem: bytes
+
+
+def issue_server_credentials(ca: CertificateAuthority, names: Sequence[str], ttl: timedelta) -> ServerCredentials:
+    """A TLS certificate for meshca's own gRPC endpoint, from its own CA."""
+    dns_names, ips = [], []
+    for name in names:
+        try:
+            ips.append(str(ipaddress.ip_address(name)))
+        except ValueError:
+            dns_names.append(name)
+    issued = ca.issue_server_certificate(dns_names, ips, ttl)
+    assert issued.private_key_pem is not None
+    return ServerCredentials(issued.chain_pem, issued.private_key_pem)
+
+
+class MeshcaApp:
+    """One meshca process: gRPC server with ADS/xDS/SDS, the CSR service and health."""
+
+    def __init__(
+        self,
+        ca: CertificateAuthority,
+        issuers: Sequence[TrustedIssuer],
+        clock: Clock,
+        logger: logging.Logger,
+        leaf_ttl: timedelta | None = None,
+    ) -> None:
+        self.ca = ca
+        self.clock = clock
+        self.log = logger
+        self.cache = SnapshotCache()
+        self.registry = ProxyRegistry(clock)
+        self.identity_gate = IdentityGate(TokenVerifier(issuers, clock, logger=logger.getChild("jwt")))
+        self.secrets = WorkloadSecrets(ca, clock, logger.getChild("sds"), leaf_ttl)
+        self.publisher = MeshPublisher(self.cache, self.secrets, logger.getChild("mesh"))
+        self.xds = XdsServer(
+            self.cache, JwtStreamGate(self.identity_gate, self.publisher), self.registry, logger.getChild("xds")
+        )
+        self.health = health.HealthServicer()
+        self._server: grpc.aio.Server | None = None
+        self.port: int | None = None
+
+    async def start(self, host: str, port: int, credentials: ServerCredentials | None) -> int:
+        """Bind and start serving; `credentials=None` serves plaintext (tests only). Returns the port."""
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
+                ("grpc.keepalive_time_ms", 30_000),
+                ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+                ("grpc.keepalive_permit_without_calls", 1),
+            ]
+        )
+        self.xds.add_to_server(server)
+        csr_service.add_to_server(server, csr_service.CertificateServicer(self.identity_gate, self.ca))
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        address = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
+        if credentials is None:
+            bound = server.add_insecure_port(address)
+        else:
+            server_credentials = grpc.ssl_server_credentials(
+                [(credentials.private_key_pem, credentials.certificate_chain_pem)]
+            )
+            bound = server.add_secure_port(address, server_credentials)
+        await server.start()
+        self._server = server
+        self.port = bound
+        self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        self.log.info("meshca serving on %s:%d (tls=%s)", host, bound, credentials is not None)
+        return bound
+
+    async def stop(self, grace: float = 5.0) -> None:
+        if self._server is not None:
+            self.health.enter_graceful_shutdown()
+            await self._server.stop(grace)
+            self._server = None
+            self.log.info("meshca stopped")

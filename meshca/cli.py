@@ -1,0 +1,181 @@
+"""The `meshca` command line: ca init, dev init, dev token, serve."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from datetime import timedelta
+from pathlib import Path
+
+import yaml
+
+from meshca import crypto
+from meshca.ca import CaSettings, CaStateError, CertificateAuthority
+from meshca.clock import system_clock
+from meshca.config import ConfigError, load_serve_settings, parse_duration, read_state_dir
+
+
+class CliError(Exception):
+    """A user-facing failure: printed as one line, exit status 2."""
+
+
+def _write_file(path: Path, data: bytes, mode: int) -> None:
+    """Atomic write with the mode set at creation (keys are never world-readable, even briefly)."""
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def cmd_ca_init(args: argparse.Namespace) -> int:
+    settings = CaSettings(trust_domain=args.trust_domain, key_algorithm=crypto.KeyAlgorithm(args.key_algorithm))
+    ca = CertificateAuthority.init(Path(args.state_dir), settings, system_clock)
+    print(f"initialized CA for trust domain {ca.trust_domain} in {args.state_dir}")
+    return 0
+
+
+DEV_CONFIG_FILE = "meshca.yaml"
+
+
+def cmd_dev_init(args: argparse.Namespace) -> int:
+    from meshca.app import issue_server_credentials
+    from meshca.devtokens import DEV_AUDIENCE, DEV_ISSUER, write_dev_issuer
+
+    directory = Path(args.dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    config_path = directory / DEV_CONFIG_FILE
+    if config_path.exists() and not args.force:
+        raise CliError(f"{config_path} exists; dev material is already there (use --force to replace it)")
+    state_dir = directory / "ca"
+    if args.force and state_dir.exists():
+        import shutil
+
+        shutil.rmtree(state_dir)
+    ca = CertificateAuthority.init(state_dir, CaSettings(trust_domain=args.trust_domain), system_clock)
+    issuer_files = write_dev_issuer(directory, force=args.force)
+    server = issue_server_credentials(ca, ["localhost", "meshca.local", "127.0.0.1"], timedelta(days=30))
+    _write_file(directory / "server.pem", server.certificate_chain_pem, 0o644)
+    _write_file(directory / "server-key.pem", server.private_key_pem, 0o600)
+    _write_file(directory / "root.pem", ca.trust_bundle_pem(), 0o644)
+    config = {
+        "state_dir": "ca",
+        "listen": "127.0.0.1:15010",
+        "tls": {"certificate_chain": "server.pem", "private_key": "server-key.pem"},
+        "issuers": [
+            {"issuer": DEV_ISSUER, "audiences": [DEV_AUDIENCE], "jwks": issuer_files.jwks.name}
+        ],
+        "leaf_ttl": "1h",
+        "log_level": "info",
+    }
+    _write_file(config_path, yaml.safe_dump(config, sort_keys=False).encode(), 0o644)
+    print(f"dev material for trust domain {args.trust_domain} written to {directory}")
+    print(f"  serve:  meshca serve --config {config_path}")
+    print(f"  token:  meshca dev token --dir {directory} --ns default --sa demo")
+    return 0
+
+
+def cmd_dev_token(args: argparse.Namespace) -> int:
+    from meshca.devtokens import SIGNING_KEY_FILE, mint_token
+
+    key_path = Path(args.dir) / SIGNING_KEY_FILE
+    if not key_path.exists():
+        raise CliError(f"{key_path} does not exist; run `meshca dev init --dir {args.dir}` first")
+    token = mint_token(
+        key_path.read_bytes(),
+        namespace=args.ns,
+        service_account=args.sa,
+        node_id=args.node_id,
+        ttl=parse_duration(args.ttl),
+        now=system_clock(),
+    )
+    print(token)
+    return 0
+
+
+async def _serve(config_path: Path) -> int:
+    from meshca import logs
+    from meshca.app import MeshcaApp, ServerCredentials, issue_server_credentials
+
+    state_dir = read_state_dir(config_path)
+    ca = CertificateAuthority.load(state_dir, system_clock)
+    settings = load_serve_settings(config_path, ca.trust_domain)
+    log = logs.configure(settings.log_level)
+    app = MeshcaApp(ca, settings.issuers, system_clock, log, settings.leaf_ttl)
+    if settings.server_tls is not None:
+        credentials = ServerCredentials(
+            settings.server_tls.certificate_chain.read_bytes(), settings.server_tls.private_key.read_bytes()
+        )
+    else:
+        credentials = issue_server_credentials(ca, settings.server_names, timedelta(days=30))
+    await app.start(settings.listen_host, settings.listen_port, credentials)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    log.info("signal received: stopping gracefully")
+    await app.stop(grace=5)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    return asyncio.run(_serve(Path(args.config)))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="meshca", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    ca = commands.add_parser("ca", help="certificate authority").add_subparsers(dest="ca_command", required=True)
+    ca_init = ca.add_parser("init", help="create a new root and intermediate in a state directory")
+    ca_init.add_argument("--state-dir", required=True)
+    ca_init.add_argument("--trust-domain", required=True)
+    ca_init.add_argument(
+        "--key-algorithm", default=crypto.KeyAlgorithm.EC_P256.value, choices=[k.value for k in crypto.KeyAlgorithm]
+    )
+    ca_init.set_defaults(handler=cmd_ca_init)
+
+    dev = commands.add_parser("dev", help="development material (not for production)").add_subparsers(
+        dest="dev_command", required=True
+    )
+    dev_init = dev.add_parser("init", help="fill a directory with a dev CA, server TLS and a JWT issuer")
+    dev_init.add_argument("--dir", default="certs-dev")
+    dev_init.add_argument("--trust-domain", default="mesh.local")
+    dev_init.add_argument("--force", action="store_true", help="replace existing dev material")
+    dev_init.set_defaults(handler=cmd_dev_init)
+    dev_token = dev.add_parser("token", help="print a dev JWT for a Kubernetes-style identity")
+    dev_token.add_argument("--dir", default="certs-dev")
+    dev_token.add_argument("--ns", required=True, help="namespace")
+    dev_token.add_argument("--sa", required=True, help="service account")
+    dev_token.add_argument("--node-id", help="bind the token to this Envoy node.id")
+    dev_token.add_argument("--ttl", default="1h")
+    dev_token.set_defaults(handler=cmd_dev_token)
+
+    serve = commands.add_parser("serve", help="run the CA, identity gate and xDS/SDS server")
+    serve.add_argument("--config", required=True)
+    serve.set_defaults(handler=cmd_serve)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.handler(args))
+    except (CliError, ConfigError, CaStateError, FileExistsError, ValueError) as error:
+        print(f"meshca: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,216 @@
+"""`meshca serve` settings: a YAML file parsed into frozen dataclasses, errors naming file and field."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from meshca.jwtgate import TrustedIssuer
+
+
+class ConfigError(ValueError):
+    """A settings file is unreadable or invalid; the message names the file, the field path and why."""
+
+    def __init__(self, path: Path | str, field: str, reason: str) -> None:
+        self.path = str(path)
+        self.field = field
+        self.reason = reason
+        location = f"{self.path}: {field}: " if field else f"{self.path}: "
+        super().__init__(location + reason)
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: object) -> timedelta:
+    """'90s', '5m', '1h', '30d' or a number of seconds."""
+    if isinstance(text, bool):
+        raise ValueError(f"{text!r} is not a duration")
+    if isinstance(text, (int, float)):
+        return timedelta(seconds=text)
+    match = _DURATION.match(str(text))
+    if not match:
+        raise ValueError(f"{text!r} is not a duration like '90s', '5m', '1h' or '30d'")
+    return timedelta(seconds=float(match.group(1)) * _UNITS[match.group(2)])
+
+
+@dataclass(frozen=True)
+class ServerTls:
+    certificate_chain: Path
+    private_key: Path
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """Everything `meshca serve` needs; paths are resolved relative to the settings file."""
+
+    state_dir: Path
+    listen_host: str
+    listen_port: int
+    issuers: tuple[TrustedIssuer, ...]
+    server_tls: ServerTls | None  # None: issue a server certificate from the CA at start
+    server_names: tuple[str, ...]
+    leaf_ttl: timedelta | None
+    metrics_port: int | None
+    log_level: str
+
+
+class _Reader:
+    """Typed access to a YAML mapping that reports the dotted path of any bad field."""
+
+    def __init__(self, path: Path, data: Mapping[str, Any], prefix: str = "") -> None:
+        self.path = path
+        self.data = data
+        self.prefix = prefix
+
+    def error(self, key: str, reason: str) -> ConfigError:
+        return ConfigError(self.path, f"{self.prefix}{key}", reason)
+
+    def get(self, key: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
+        if key not in self.data or self.data[key] is None:
+            if default is ...:
+                raise self.error(key, "is required")
+            return default
+        value = self.data[key]
+        if not isinstance(value, kind) or isinstance(value, bool) and bool not in _as_tuple(kind):
+            names = " or ".join(t.__name__ for t in _as_tuple(kind))
+            raise self.error(key, f"must be {names}, got {type(value).__name__}")
+        return value
+
+    def file(self, key: str, required: bool = True) -> Path | None:
+        value = self.get(key, str, ... if required else None)
+        if value is None:
+            return None
+        resolved = (self.path.parent / value).resolve()
+        if not resolved.exists():
+            raise self.error(key, f"file {str(resolved)!r} does not exist")
+        return resolved
+
+    def duration(self, key: str, required: bool = True) -> timedelta | None:
+        value = self.get(key, (str, int, float), ... if required else None)
+        if value is None:
+            return None
+        try:
+            return parse_duration(value)
+        except ValueError as error:
+            raise self.error(key, str(error)) from None
+
+    def child(self, key: str, value: Mapping[str, Any]) -> _Reader:
+        return _Reader(self.path, value, f"{self.prefix}{key}.")
+
+    def check_known(self, known: set[str]) -> None:
+        for key in self.data:
+            if key not in known:
+                raise self.error(str(key), f"unknown field (known: {', '.join(sorted(known))})")
+
+
+def _as_tuple(kind: type | tuple[type, ...]) -> tuple[type, ...]:
+    return kind if isinstance(kind, tuple) else (kind,)
+
+
+def _parse_listen(reader: _Reader) -> tuple[str, int]:
+    listen = reader.get("listen", str, "127.0.0.1:15010")
+    host, sep, port = listen.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise reader.error("listen", f"{listen!r} is not host:port")
+    return host.strip("[]"), int(port)
+
+
+def _parse_issuer(reader: _Reader, index: int, item: object, trust_domain: str) -> TrustedIssuer:
+    key = f"issuers[{index}]"
+    if not isinstance(item, Mapping):
+        raise reader.error(key, "must be a mapping")
+    sub = reader.child(key, item)
+    sub.check_known({"issuer", "audiences", "jwks", "public_keys", "algorithms", "trust_domain", "leeway"})
+    audiences = sub.get("audiences", list)
+    public_keys = []
+    for i, name in enumerate(sub.get("public_keys", list, [])):
+        if not isinstance(name, str):
+            raise sub.error(f"public_keys[{i}]", "must be a file path")
+        path = (reader.path.parent / name).resolve()
+        if not path.exists():
+            raise sub.error(f"public_keys[{i}]", f"file {str(path)!r} does not exist")
+        public_keys.append(path.read_bytes())
+    leeway = sub.duration("leeway", required=False)
+    try:
+        return TrustedIssuer(
+            issuer=sub.get("issuer", str),
+            audiences=tuple(str(a) for a in audiences),
+            trust_domain=sub.get("trust_domain", str, trust_domain),
+            public_keys_pem=tuple(public_keys),
+            jwks_path=sub.file("jwks", required=False),
+            algorithms=tuple(sub.get("algorithms", list, ["ES256", "ES384", "RS256", "PS256", "EdDSA"])),
+            **({"leeway": leeway} if leeway is not None else {}),
+        )
+    except ValueError as error:
+        if isinstance(error, ConfigError):
+            raise
+        raise reader.error(key, str(error)) from None
+
+
+def load_serve_settings(path: Path, trust_domain: str) -> ServeSettings:
+    """Parse and validate a serve settings file; `trust_domain` is the CA's, the issuers' default."""
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as error:
+        raise ConfigError(path, "", f"cannot read: {error.strerror}") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(path, "", f"invalid YAML: {error}") from None
+    if not isinstance(data, Mapping):
+        raise ConfigError(path, "", "must be a YAML mapping")
+    return parse_serve_settings(path, data, trust_domain)
+
+
+def read_state_dir(path: Path) -> Path:
+    """Only the CA state dir, needed before the rest (the CA knows the trust domain)."""
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as error:
+        raise ConfigError(path, "", f"cannot read: {error.strerror}") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(path, "", f"invalid YAML: {error}") from None
+    if not isinstance(data, Mapping):
+        raise ConfigError(path, "", "must be a YAML mapping")
+    reader = _Reader(path, data)
+    return (path.parent / reader.get("state_dir", str)).resolve()
+
+
+def parse_serve_settings(path: Path, data: Mapping[str, Any], trust_domain: str) -> ServeSettings:
+    reader = _Reader(path, data)
+    reader.check_known(
+        {"state_dir", "listen", "issuers", "tls", "server_names", "leaf_ttl", "metrics_port", "log_level"}
+    )
+    host, port = _parse_listen(reader)
+    issuers_raw = reader.get("issuers", list)
+    if not issuers_raw:
+        raise reader.error("issuers", "at least one trusted JWT issuer is required")
+    issuers = tuple(_parse_issuer(reader, i, item, trust_domain) for i, item in enumerate(issuers_raw))
+    tls = None
+    tls_raw = reader.get("tls", Mapping, None)
+    if tls_raw is not None:
+        tls_reader = reader.child("tls", tls_raw)
+        tls_reader.check_known({"certificate_chain", "private_key"})
+        tls = ServerTls(tls_reader.file("certificate_chain"), tls_reader.file("private_key"))  # type: ignore[arg-type]
+    server_names = reader.get("server_names", list, ["localhost", "meshca.local", "127.0.0.1"])
+    log_level = reader.get("log_level", str, "info").lower()
+    if log_level not in ("debug", "info", "warning", "error"):
+        raise reader.error("log_level", f"{log_level!r} is not one of debug, info, warning, error")
+    metrics_port = reader.get("metrics_port", int, None)
+    return ServeSettings(
+        state_dir=(path.parent / reader.get("state_dir", str)).resolve(),
+        listen_host=host,
+        listen_port=port,
+        issuers=issuers,
+        server_tls=tls,
+        server_names=tuple(str(n) for n in server_names),
+        leaf_ttl=reader.duration("leaf_ttl", required=False),
+        metrics_port=metrics_port,
+        log_level=log_level,
+    )

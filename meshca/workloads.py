@@ -1,0 +1,165 @@
+"""SDS for workloads: each identity's `default` certificate and trust bundles, composed with the mesh."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Protocol
+
+from meshca.clock import Clock
+from meshca.identity import SpiffeId
+from meshca.resources import DEFAULT_CERT_SECRET, ROOT_CA_SECRET, tls_certificate_secret, validation_context_secret
+from meshca.snapshot import EncodedResource, ResourceType, Snapshot, SnapshotCache, TypeResources
+
+ALL_BUNDLES_SECRET = "ALL"
+
+
+class IssuedLeaf(Protocol):
+    chain_pem: bytes
+    private_key_pem: bytes | None
+    serial_number: int
+    not_before: datetime
+    not_after: datetime
+
+
+class WorkloadIssuer(Protocol):
+    """What SDS needs from a CA backend."""
+
+    @property
+    def trust_domain(self) -> str: ...
+
+    def issue_workload(self, spiffe_id: SpiffeId, ttl: timedelta | None = None) -> IssuedLeaf: ...
+
+    def trust_bundle_pem(self) -> bytes: ...
+
+
+class ForeignTrustDomain(ValueError):
+    """An identity outside the CA's trust domain asked for a certificate."""
+
+
+@dataclass(frozen=True)
+class WorkloadCertificate:
+    """The certificate currently served as one identity's `default` secret."""
+
+    spiffe_id: SpiffeId
+    serial_number: int
+    not_before: datetime
+    not_after: datetime
+
+
+@dataclass(frozen=True)
+class _Issued:
+    info: WorkloadCertificate
+    secret: EncodedResource
+
+
+class WorkloadSecrets:
+    """Issues an identity's certificate on first request and reuses it until it must be renewed."""
+
+    def __init__(
+        self,
+        issuer: WorkloadIssuer,
+        clock: Clock,
+        logger: logging.Logger,
+        leaf_ttl: timedelta | None = None,
+        renew_before: timedelta = timedelta(minutes=1),
+    ) -> None:
+        self._issuer = issuer
+        self._clock = clock
+        self._log = logger
+        self._leaf_ttl = leaf_ttl
+        self._renew_before = renew_before
+        self._lock = threading.Lock()
+        self._issued: dict[SpiffeId, _Issued] = {}
+        self._bundle: tuple[bytes, list[EncodedResource]] = (b"", [])
+
+    def bundle_secrets(self) -> list[EncodedResource]:
+        """`ROOTCA`, `ALL` and `spiffe://<trust-domain>` all carry this CA's bundle."""
+        bundle = self._issuer.trust_bundle_pem()
+        with self._lock:
+            cached_pem, cached = self._bundle
+            if cached_pem == bundle:
+                return list(cached)
+        names = (ROOT_CA_SECRET, ALL_BUNDLES_SECRET, f"spiffe://{self._issuer.trust_domain}")
+        encoded = [validation_context_secret(name, bundle) for name in names]
+        with self._lock:
+            self._bundle = (bundle, encoded)
+        return list(encoded)
+
+    def default_secret(self, spiffe_id: SpiffeId) -> EncodedResource:
+        if spiffe_id.trust_domain != self._issuer.trust_domain:
+            raise ForeignTrustDomain(
+                f"identity {spiffe_id} is in trust domain {spiffe_id.trust_domain!r}; "
+                f"this CA issues for {self._issuer.trust_domain!r}"
+            )
+        with self._lock:
+            current = self._issued.get(spiffe_id)
+            if current is not None and self._clock() < current.info.not_after - self._renew_before:
+                return current.secret
+            leaf = self._issuer.issue_workload(spiffe_id, self._leaf_ttl)
+            assert leaf.private_key_pem is not None, "issue_workload returns the generated key"
+            info = WorkloadCertificate(spiffe_id, leaf.serial_number, leaf.not_before, leaf.not_after)
+            issued = _Issued(info, tls_certificate_secret(DEFAULT_CERT_SECRET, leaf.chain_pem, leaf.private_key_pem))
+            self._issued[spiffe_id] = issued
+        self._log.info(
+            "issued workload certificate: identity=%s serial=%x not_after=%s",
+            spiffe_id,
+            info.serial_number,
+            info.not_after.isoformat(),
+        )
+        return issued.secret
+
+    def certificates(self) -> list[WorkloadCertificate]:
+        with self._lock:
+            return [issued.info for issued in self._issued.values()]
+
+
+class MeshPublisher:
+    """Publishes one snapshot per identity: the shared mesh resources plus that identity's secrets.
+
+    A mesh update that would leave any snapshot inconsistent is refused as a whole and the last
+    good one keeps serving.
+    """
+
+    def __init__(self, cache: SnapshotCache, secrets: WorkloadSecrets, logger: logging.Logger) -> None:
+        self._cache = cache
+        self._secrets = secrets
+        self._log = logger
+        self._lock = threading.Lock()
+        self._mesh = Snapshot.build([])
+        self._identities: set[SpiffeId] = set()
+
+    @staticmethod
+    def snapshot_key(spiffe_id: SpiffeId) -> str:
+        return spiffe_id.uri
+
+    def set_mesh(self, resources: Iterable[EncodedResource]) -> None:
+        """Validate the new mesh against the secrets every identity has, then publish to all."""
+        mesh_resources = [r for r in resources if r.type is not ResourceType.SECRET]
+        # Checked with the secret names every identity gets (placeholders: each identity's snapshot
+        # replaces the secret type with its own); raises InconsistentSnapshot naming every problem.
+        probe_secrets = self._secrets.bundle_secrets() + [tls_certificate_secret(DEFAULT_CERT_SECRET, b"", b"")]
+        mesh = Snapshot.build(mesh_resources + probe_secrets)
+        with self._lock:
+            self._mesh = mesh
+            identities = list(self._identities)
+        for spiffe_id in identities:
+            self._publish(spiffe_id)
+
+    def ensure_identity(self, spiffe_id: SpiffeId) -> str:
+        """Make sure this identity has a certificate and a published snapshot; return its key."""
+        with self._lock:
+            self._identities.add(spiffe_id)
+        self._publish(spiffe_id)
+        return self.snapshot_key(spiffe_id)
+
+    def _publish(self, spiffe_id: SpiffeId) -> None:
+        secrets = [self._secrets.default_secret(spiffe_id), *self._secrets.bundle_secrets()]
+        with self._lock:
+            mesh = self._mesh
+        self._cache.set_snapshot(
+            self.snapshot_key(spiffe_id), mesh.with_type(ResourceType.SECRET, TypeResources.of(secrets))
+        )

@@ -1,0 +1,62 @@
+"""Test support: a real meshca app (CA, JWT gate, TLS gRPC server) on a loopback port."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import grpc
+
+from meshca.app import MeshcaApp, issue_server_credentials
+from meshca.ca import CaSettings, CertificateAuthority
+from meshca.clock import system_clock
+from meshca.devtokens import DEV_AUDIENCE, DEV_ISSUER, mint_token, write_dev_issuer
+from meshca.jwtgate import TrustedIssuer
+
+TRUST_DOMAIN = "mesh.test"
+
+
+@dataclass
+class RunningMeshca:
+    app: MeshcaApp
+    port: int
+    root_pem: bytes
+    signing_key_pem: bytes
+    directory: Path
+
+    def token(self, namespace: str, service_account: str, **claims: object) -> str:
+        return mint_token(
+            self.signing_key_pem,
+            namespace=namespace,
+            service_account=service_account,
+            now=system_clock(),
+            **claims,  # type: ignore[arg-type]
+        )
+
+    def channel(self) -> grpc.aio.Channel:
+        credentials = grpc.ssl_channel_credentials(root_certificates=self.root_pem)
+        return grpc.aio.secure_channel(f"127.0.0.1:{self.port}", credentials)
+
+
+def make_ca(directory: Path, trust_domain: str = TRUST_DOMAIN) -> CertificateAuthority:
+    return CertificateAuthority.init(directory / "ca", CaSettings(trust_domain=trust_domain), system_clock)
+
+
+@contextlib.asynccontextmanager
+async def running_meshca(directory: Path, leaf_ttl: timedelta | None = None) -> AsyncIterator[RunningMeshca]:
+    ca = make_ca(directory)
+    issuer_files = write_dev_issuer(directory / "jwt")
+    issuer = TrustedIssuer(
+        issuer=DEV_ISSUER, audiences=(DEV_AUDIENCE,), trust_domain=TRUST_DOMAIN, jwks_path=issuer_files.jwks
+    )
+    app = MeshcaApp(ca, [issuer], system_clock, logging.getLogger("meshca.test"), leaf_ttl=leaf_ttl)
+    credentials = issue_server_credentials(ca, ["localhost", "127.0.0.1"], timedelta(hours=1))
+    port = await app.start("127.0.0.1", 0, credentials)
+    try:
+        yield RunningMeshca(app, port, ca.trust_bundle_pem(), issuer_files.signing_key.read_bytes(), directory)
+    finally:
+        await app.stop(0)

@@ -1,0 +1,90 @@
+"""Test support: a minimal Python xDS client that speaks SotW over grpc.aio like Envoy does."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import grpc
+from envoy_data_plane.envoy.config.core.v3 import Node
+from envoy_data_plane.envoy.service.discovery.v3 import DiscoveryRequest, DiscoveryResponse
+from envoy_data_plane.google.protobuf import Struct, Value
+from envoy_data_plane.google.rpc import Status
+
+from meshca.xds.server import ADS_METHOD
+
+ROOTCA_AND_DEFAULT = ("default", "ROOTCA")
+
+
+class XdsClient:
+    """One xDS stream; `send` builds a DiscoveryRequest, `recv` parses the next DiscoveryResponse."""
+
+    def __init__(self, channel: grpc.aio.Channel, token: str | None, method: str = ADS_METHOD) -> None:
+        metadata = [("authorization", f"Bearer {token}")] if token is not None else []
+        self.call = channel.stream_stream(method)(metadata=metadata)
+        # grpc.aio cancels the whole RPC when a pending read() is cancelled, so one task reads
+        # and timeouts apply to this queue instead.
+        self._inbox: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self._reader = asyncio.ensure_future(self._read_all())
+
+    async def _read_all(self) -> None:
+        try:
+            while True:
+                raw = await self.call.read()
+                if raw is grpc.aio.EOF:
+                    break
+                await self._inbox.put(raw)
+        except grpc.aio.AioRpcError:
+            pass
+        await self._inbox.put(None)
+
+    async def send(
+        self,
+        type_url: str,
+        names: Sequence[str] = (),
+        version: str = "",
+        nonce: str = "",
+        *,
+        node_id: str | None = None,
+        node_metadata: dict[str, str] | None = None,
+        error: str | None = None,
+    ) -> None:
+        request = DiscoveryRequest(
+            type_url=type_url, resource_names=list(names), version_info=version, response_nonce=nonce
+        )
+        if node_id is not None:
+            metadata = Struct(fields={k: Value(string_value=v) for k, v in (node_metadata or {}).items()})
+            request.node = Node(id=node_id, cluster="test", metadata=metadata)
+        if error is not None:
+            request.error_detail = Status(code=13, message=error)
+        await self.call.write(bytes(request))
+
+    async def send_raw(self, payload: bytes) -> None:
+        await self.call.write(payload)
+
+    async def recv(self, timeout: float = 5.0) -> DiscoveryResponse:
+        raw = await asyncio.wait_for(self._inbox.get(), timeout)
+        if raw is None:
+            raise EOFError(f"stream ended: {await self.call.code()} {await self.call.details()}")
+        return DiscoveryResponse.parse(raw)
+
+    async def silent_for(self, seconds: float) -> bool:
+        """True if nothing arrives within `seconds`."""
+        try:
+            await asyncio.wait_for(self._inbox.get(), seconds)
+        except asyncio.TimeoutError:
+            return True
+        return False
+
+    async def ack(self, response: DiscoveryResponse, names: Sequence[str] = ()) -> None:
+        await self.send(response.type_url, names, response.version_info, response.nonce)
+
+    async def status(self, timeout: float = 5.0) -> tuple[grpc.StatusCode, str]:
+        """Wait for the stream to end; its status code and details."""
+        while await asyncio.wait_for(self._inbox.get(), timeout) is not None:
+            pass
+        return await self.call.code(), await self.call.details()
+
+    def close(self) -> None:
+        self.call.cancel()
+        self._reader.cancel()
