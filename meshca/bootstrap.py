@@ -1,0 +1,235 @@
+"""Envoy bootstrap rendering for a node that gets all of its configuration from meshca over ADS."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+XDS_CLUSTER_NAME = "meshca_xds"
+API_TYPES = ("GRPC", "DELTA_GRPC")
+FILE_BASED_METADATA = "envoy.grpc_credentials.file_based_metadata"
+
+_HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+_UPSTREAM_TLS_CONTEXT = "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
+_FILE_BASED_METADATA_CONFIG = "envoy.config.grpc_credential.v3.FileBasedMetadataConfig"
+_TYPE_URL_PREFIX = "type.googleapis.com/"
+
+# Fixed tuning for the control-plane connection (not user settings: sensible for every node).
+_CONNECT_TIMEOUT_S = 5.0
+_H2_KEEPALIVE_INTERVAL_S = 30.0
+_H2_KEEPALIVE_TIMEOUT_S = 10.0
+_TCP_KEEPALIVE_TIME_S = 60
+_TCP_KEEPALIVE_INTERVAL_S = 15
+_TCP_KEEPALIVE_PROBES = 4
+_H2_MAX_STREAMS = 100
+_H2_INITIAL_STREAM_WINDOW = 1 << 20       # 1 MiB: a full CDS/LDS push fits without stalls
+_H2_INITIAL_CONNECTION_WINDOW = 4 << 20
+
+
+@dataclass(frozen=True)
+class BootstrapSettings:
+    """Everything that varies between nodes; exactly one of `token` / `token_path` is set."""
+
+    node_id: str
+    cluster: str
+    meshca_address: str
+    meshca_port: int
+    meshca_ca_path: Path
+    meshca_server_name: str = "meshca.local"
+    token: str | None = None
+    token_path: Path | None = None
+    admin_port: int = 0
+    admin_address: str = "127.0.0.1"
+    node_metadata: Mapping[str, str] = field(default_factory=dict)
+    api_type: str = "GRPC"
+    initial_fetch_timeout_seconds: float = 15
+
+    def __post_init__(self) -> None:
+        if (self.token is None) == (self.token_path is None):
+            raise ValueError("exactly one of 'token' and 'token_path' must be set")
+        if self.token is not None and (not self.token or any(c in self.token for c in "\r\n\0 ")):
+            raise ValueError("'token' must be a non-empty JWT without whitespace")
+        if not self.node_id:
+            raise ValueError("'node_id' must not be empty")
+        if not self.cluster:
+            raise ValueError("'cluster' must not be empty")
+        if not self.meshca_address:
+            raise ValueError("'meshca_address' must not be empty")
+        if not self.meshca_server_name:
+            raise ValueError("'meshca_server_name' must not be empty")
+        if not 1 <= self.meshca_port <= 65535:
+            raise ValueError(f"'meshca_port' {self.meshca_port} is not in 1..65535")
+        if not 0 <= self.admin_port <= 65535:
+            raise ValueError(f"'admin_port' {self.admin_port} is not in 0..65535")
+        if self.api_type not in API_TYPES:
+            raise ValueError(f"'api_type' {self.api_type!r} must be one of {API_TYPES}")
+        if self.initial_fetch_timeout_seconds < 0:
+            raise ValueError("'initial_fetch_timeout_seconds' must be >= 0 (0 disables it)")
+        for key, value in self.node_metadata.items():
+            if not isinstance(key, str) or not isinstance(value, str):
+                raise ValueError(f"'node_metadata' must map str to str, got {key!r}: {value!r}")
+
+
+def _duration(seconds: float) -> str:
+    """A protobuf Duration in its JSON/YAML form, e.g. '15s', '0.25s'."""
+    text = f"{seconds:.9f}".rstrip("0").rstrip(".")
+    return f"{text}s"
+
+
+def _socket_address(address: str, port: int) -> dict[str, Any]:
+    return {"socket_address": {"address": address, "port_value": port}}
+
+
+def _is_ip(address: str) -> bool:
+    try:
+        ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return True
+
+
+def _target_uri(address: str, port: int) -> str:
+    """gRPC target for google_grpc; IPv6 literals need brackets."""
+    if ":" in address and not address.startswith("["):
+        return f"[{address}]:{port}"
+    return f"{address}:{port}"
+
+
+def _xds_cluster(s: BootstrapSettings) -> dict[str, Any]:
+    """The static cluster to meshca: HTTP/2 over TLS, meshca's cert checked by CA and DNS SAN."""
+    return {
+        "name": XDS_CLUSTER_NAME,
+        "type": "STATIC" if _is_ip(s.meshca_address) else "STRICT_DNS",
+        "connect_timeout": _duration(_CONNECT_TIMEOUT_S),
+        "load_assignment": {
+            "cluster_name": XDS_CLUSTER_NAME,
+            "endpoints": [
+                {"lb_endpoints": [{"endpoint": {"address": _socket_address(s.meshca_address, s.meshca_port)}}]}
+            ],
+        },
+        "typed_extension_protocol_options": {
+            _HTTP_PROTOCOL_OPTIONS: {
+                "@type": _TYPE_URL_PREFIX + _HTTP_PROTOCOL_OPTIONS,
+                "explicit_http_config": {
+                    "http2_protocol_options": {
+                        "max_concurrent_streams": _H2_MAX_STREAMS,
+                        "initial_stream_window_size": _H2_INITIAL_STREAM_WINDOW,
+                        "initial_connection_window_size": _H2_INITIAL_CONNECTION_WINDOW,
+                        "connection_keepalive": {
+                            "interval": _duration(_H2_KEEPALIVE_INTERVAL_S),
+                            "timeout": _duration(_H2_KEEPALIVE_TIMEOUT_S),
+                        },
+                    }
+                },
+            }
+        },
+        "upstream_connection_options": {
+            "tcp_keepalive": {
+                "keepalive_time": _TCP_KEEPALIVE_TIME_S,
+                "keepalive_interval": _TCP_KEEPALIVE_INTERVAL_S,
+                "keepalive_probes": _TCP_KEEPALIVE_PROBES,
+            }
+        },
+        "transport_socket": {
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {
+                "@type": _TYPE_URL_PREFIX + _UPSTREAM_TLS_CONTEXT,
+                "sni": s.meshca_server_name,
+                "common_tls_context": {
+                    "alpn_protocols": ["h2"],
+                    "validation_context": {
+                        "trusted_ca": {"filename": str(s.meshca_ca_path)},
+                        "match_typed_subject_alt_names": [
+                            {"san_type": "DNS", "matcher": {"exact": s.meshca_server_name}}
+                        ],
+                    },
+                },
+            },
+        },
+    }
+
+
+def _grpc_service(s: BootstrapSettings) -> dict[str, Any]:
+    """envoy_grpc with an inline bearer token, or google_grpc re-reading `token_path` per stream."""
+    if s.token is not None:
+        return {
+            "envoy_grpc": {"cluster_name": XDS_CLUSTER_NAME},
+            "initial_metadata": [{"key": "authorization", "value": f"Bearer {s.token}"}],
+        }
+    assert s.token_path is not None
+    # Envoy's own cluster cannot carry call credentials; google_grpc can. TLS is checked by
+    # gRPC itself here: the server name is enforced with ssl_target_name_override, since the
+    # target may be an IP address.
+    return {
+        "google_grpc": {
+            "target_uri": _target_uri(s.meshca_address, s.meshca_port),
+            "stat_prefix": XDS_CLUSTER_NAME,
+            "channel_credentials": {
+                "ssl_credentials": {"root_certs": {"filename": str(s.meshca_ca_path)}}
+            },
+            "call_credentials": [
+                {
+                    "from_plugin": {
+                        "name": FILE_BASED_METADATA,
+                        "typed_config": {
+                            "@type": _TYPE_URL_PREFIX + _FILE_BASED_METADATA_CONFIG,
+                            "secret_data": {"filename": str(s.token_path)},
+                            "header_key": "authorization",
+                            "header_prefix": "Bearer ",
+                        },
+                    }
+                }
+            ],
+            "credentials_factory_name": FILE_BASED_METADATA,
+            "channel_args": {
+                "args": {
+                    "grpc.ssl_target_name_override": {"string_value": s.meshca_server_name},
+                    "grpc.default_authority": {"string_value": s.meshca_server_name},
+                    "grpc.keepalive_time_ms": {"int_value": int(_H2_KEEPALIVE_INTERVAL_S * 1000)},
+                    "grpc.keepalive_timeout_ms": {"int_value": int(_H2_KEEPALIVE_TIMEOUT_S * 1000)},
+                }
+            },
+        }
+    }
+
+
+def _config_source(s: BootstrapSettings) -> dict[str, Any]:
+    return {
+        "ads": {},
+        "resource_api_version": "V3",
+        "initial_fetch_timeout": _duration(s.initial_fetch_timeout_seconds),
+    }
+
+
+def build_bootstrap(settings: BootstrapSettings) -> dict[str, Any]:
+    """The bootstrap as a plain dict (JSON/YAML-ready, proto3 JSON field names in snake_case)."""
+    s = settings
+    return {
+        "node": {
+            "id": s.node_id,
+            "cluster": s.cluster,
+            "metadata": dict(s.node_metadata),
+        },
+        "admin": {"address": _socket_address(s.admin_address, s.admin_port)},
+        "dynamic_resources": {
+            "ads_config": {
+                "api_type": s.api_type,
+                "transport_api_version": "V3",
+                "set_node_on_first_message_only": True,
+                "grpc_services": [_grpc_service(s)],
+            },
+            "cds_config": _config_source(s),
+            "lds_config": _config_source(s),
+        },
+        "static_resources": {"clusters": [_xds_cluster(s)]},
+    }
+
+
+def render_yaml(settings: BootstrapSettings) -> str:
+    """The bootstrap as YAML text, for `envoy -c <file>.yaml`."""
+    return yaml.safe_dump(build_bootstrap(settings), sort_keys=False, default_flow_style=False)
