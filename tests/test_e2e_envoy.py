@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,8 @@ from envoy_harness import (
     EnvoyProcess,
     dynamic_active_clusters,
     dynamic_active_secrets,
+    dynamic_endpoint_configs,
+    dynamic_warming_clusters,
     dynamic_listeners,
     dynamic_route_configs,
     free_port,
@@ -95,3 +98,53 @@ async def test_envoy_gets_cluster_listener_route_and_its_own_certificate(tmp_pat
             proxies = meshca.app.registry.snapshot()
             assert [p.node_id for p in proxies] == ["frontend-1"] and proxies[0].identity == FRONTEND_ID
             assert proxies[0].last_nack is None
+
+
+async def test_changed_cluster_warms_at_once_and_endpoint_change_is_applied(tmp_path: Path) -> None:
+    """Envoy re-requests EDS with an already-ACKed nonce when a cluster changes; meshca must answer it
+    (else the cluster warms until initial_fetch_timeout, 15 s)."""
+    async with running_meshca(tmp_path) as meshca:
+        listener_port = free_port()
+        first_mesh = mesh(listener_port)
+        meshca.app.publisher.set_mesh(first_mesh)
+        (tmp_path / "meshca-root.pem").write_bytes(meshca.root_pem)
+        settings = BootstrapSettings(
+            node_id="frontend-1",
+            cluster="frontend",
+            meshca_address="127.0.0.1",
+            meshca_port=meshca.port,
+            meshca_ca_path=tmp_path / "meshca-root.pem",
+            meshca_server_name="localhost",
+            token=meshca.token("shop", "frontend", node_id="frontend-1"),
+            admin_port=free_port(),
+        )
+        with EnvoyProcess(build_bootstrap(settings), workdir=tmp_path / "envoy") as envoy:
+            await asyncio.to_thread(wait_until, lambda: converged(envoy), 20, 0.2, "envoy converged")
+            # 1. only the cluster changes; its ClusterLoadAssignment stays the same
+            changed = mesh(listener_port)
+            changed[0] = r.cluster(
+                r.ClusterSpec("backend", connect_timeout=timedelta(seconds=7), upstream_tls=r.MtlsPeer((BACKEND_ID,)))
+            )
+            changed[1] = first_mesh[1]
+            meshca.app.publisher.set_mesh(changed)
+
+            def cluster_applied() -> bool:
+                dump = envoy.config_dump()
+                active = dynamic_active_clusters(dump).get("backend", {})
+                return active.get("connect_timeout") == "7s" and not dynamic_warming_clusters(dump)
+
+            # well under the 15 s initial_fetch_timeout a stalled cluster would need
+            await asyncio.to_thread(wait_until, cluster_applied, 8, 0.1, "changed cluster active")
+
+            # 2. only the endpoints change
+            endpoint_port = free_port()
+            changed[1] = r.cluster_load_assignment("backend", [("127.0.0.1", endpoint_port)])
+            meshca.app.publisher.set_mesh(changed)
+
+            def endpoints_applied() -> bool:
+                dump = envoy.config_dump(include_eds=True)
+                return str(endpoint_port) in json.dumps(dynamic_endpoint_configs(dump).get("backend", {}))
+
+            await asyncio.to_thread(wait_until, endpoints_applied, 8, 0.1, "new endpoint applied")
+            stats = await asyncio.to_thread(envoy.stats)
+            assert stats.get("cluster_manager.cds.update_rejected", 0) == 0
