@@ -25,7 +25,13 @@ from meshca.jwtgate import (
 )
 from meshca.snapshot import SnapshotCache
 from meshca.workloads import ForeignTrustDomain, MeshPublisher, WorkloadSecrets
-from meshca.xds.server import MAX_REQUEST_BYTES, Admission, NodeInfo, StreamRefused, XdsServer
+from meshca.xds.server import (
+    MAX_REQUEST_BYTES,
+    Admission,
+    NodeInfo,
+    StreamRefused,
+    XdsServer,
+)
 from meshca.xds.status import ProxyRegistry
 
 

@@ -16,6 +16,7 @@ from typing import Any, Literal
 from meshca import crypto
 from meshca.clock import Clock
 from meshca.crypto import CryptoError, DistinguishedName, Issuer, KeyAlgorithm
+from meshca.files import fsync_directory, write_atomic
 from meshca.identity import InvalidSpiffeId, SpiffeId
 
 FORMAT_VERSION = 1
@@ -163,30 +164,6 @@ def _new_serial() -> int:
     return secrets.randbits(127) | (1 << 126)
 
 
-def _write_atomically(directory: Path, name: str, data: bytes, mode: int) -> None:
-    """Write `directory/name` via a same-directory temp file created with `mode`, fsync, os.replace."""
-    tmp = directory / f".{name}.{secrets.token_hex(8)}.tmp"
-    # The mode is set at creation so a key file is never readable by others, not even briefly.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), mode)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, directory / name)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _read_state_file(state_dir: Path, name: str) -> bytes:
     path = state_dir / name
     try:
@@ -289,12 +266,12 @@ class CertificateAuthority:
             "created_at": now.isoformat(),
             "settings": settings.to_json(),
         }
-        _write_atomically(state_dir, ROOT_KEY_FILE, root_key, 0o600)
-        _write_atomically(state_dir, ROOT_CERT_FILE, root_pem, 0o644)
-        _write_atomically(state_dir, INTERMEDIATE_KEY_FILE, intermediate_key, 0o600)
-        _write_atomically(state_dir, INTERMEDIATE_CERT_FILE, intermediate_pem, 0o644)
-        _write_atomically(state_dir, METADATA_FILE, (json.dumps(metadata, indent=2) + "\n").encode(), 0o644)
-        _fsync_directory(state_dir)
+        write_atomic(state_dir / ROOT_KEY_FILE, root_key, 0o600)
+        write_atomic(state_dir / ROOT_CERT_FILE, root_pem, 0o644)
+        write_atomic(state_dir / INTERMEDIATE_KEY_FILE, intermediate_key, 0o600)
+        write_atomic(state_dir / INTERMEDIATE_CERT_FILE, intermediate_pem, 0o644)
+        write_atomic(state_dir / METADATA_FILE, (json.dumps(metadata, indent=2) + "\n").encode(), 0o644)
+        fsync_directory(state_dir)
         return cls(settings, clock, root, intermediate)
 
     @classmethod

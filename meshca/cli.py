@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -16,26 +15,17 @@ import yaml
 from meshca import crypto
 from meshca.ca import CaSettings, CaStateError, CertificateAuthority
 from meshca.clock import system_clock
-from meshca.config import ConfigError, load_serve_settings, parse_duration, read_state_dir
+from meshca.config import (
+    ConfigError,
+    load_serve_settings,
+    parse_duration,
+    read_state_dir,
+)
+from meshca.files import write_atomic
 
 
 class CliError(Exception):
     """A user-facing failure: printed as one line, exit status 2."""
-
-
-def _write_file(path: Path, data: bytes, mode: int) -> None:
-    """Atomic write with the mode set at creation (keys are never world-readable, even briefly)."""
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
 
 
 def cmd_ca_init(args: argparse.Namespace) -> int:
@@ -65,9 +55,9 @@ def cmd_dev_init(args: argparse.Namespace) -> int:
     ca = CertificateAuthority.init(state_dir, CaSettings(trust_domain=args.trust_domain), system_clock)
     issuer_files = write_dev_issuer(directory, force=args.force)
     server = issue_server_credentials(ca, ["localhost", "meshca.local", "127.0.0.1"], timedelta(days=30))
-    _write_file(directory / "server.pem", server.certificate_chain_pem, 0o644)
-    _write_file(directory / "server-key.pem", server.private_key_pem, 0o600)
-    _write_file(directory / "root.pem", ca.trust_bundle_pem(), 0o644)
+    write_atomic(directory / "server.pem", server.certificate_chain_pem, 0o644)
+    write_atomic(directory / "server-key.pem", server.private_key_pem, 0o600)
+    write_atomic(directory / "root.pem", ca.trust_bundle_pem(), 0o644)
     config = {
         "state_dir": "ca",
         "listen": "127.0.0.1:15010",
@@ -78,7 +68,7 @@ def cmd_dev_init(args: argparse.Namespace) -> int:
         "leaf_ttl": "1h",
         "log_level": "info",
     }
-    _write_file(config_path, yaml.safe_dump(config, sort_keys=False).encode(), 0o644)
+    write_atomic(config_path, yaml.safe_dump(config, sort_keys=False).encode(), 0o644)
     print(f"dev material for trust domain {args.trust_domain} written to {directory}")
     print(f"  serve:  meshca serve --config {config_path}")
     print(f"  token:  meshca dev token --dir {directory} --ns default --sa demo")

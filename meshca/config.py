@@ -155,8 +155,7 @@ def _parse_issuer(reader: _Reader, index: int, item: object, trust_domain: str) 
         raise reader.error(key, str(error)) from None
 
 
-def load_serve_settings(path: Path, trust_domain: str) -> ServeSettings:
-    """Parse and validate a serve settings file; `trust_domain` is the CA's, the issuers' default."""
+def _read_yaml_mapping(path: Path) -> Mapping[str, Any]:
     try:
         data = yaml.safe_load(path.read_text())
     except OSError as error:
@@ -165,20 +164,17 @@ def load_serve_settings(path: Path, trust_domain: str) -> ServeSettings:
         raise ConfigError(path, "", f"invalid YAML: {error}") from None
     if not isinstance(data, Mapping):
         raise ConfigError(path, "", "must be a YAML mapping")
-    return parse_serve_settings(path, data, trust_domain)
+    return data
+
+
+def load_serve_settings(path: Path, trust_domain: str) -> ServeSettings:
+    """Parse and validate a serve settings file; `trust_domain` is the CA's, the issuers' default."""
+    return parse_serve_settings(path, _read_yaml_mapping(path), trust_domain)
 
 
 def read_state_dir(path: Path) -> Path:
     """Only the CA state dir, needed before the rest (the CA knows the trust domain)."""
-    try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as error:
-        raise ConfigError(path, "", f"cannot read: {error.strerror}") from None
-    except yaml.YAMLError as error:
-        raise ConfigError(path, "", f"invalid YAML: {error}") from None
-    if not isinstance(data, Mapping):
-        raise ConfigError(path, "", "must be a YAML mapping")
-    reader = _Reader(path, data)
+    reader = _Reader(path, _read_yaml_mapping(path))
     return (path.parent / reader.get("state_dir", str)).resolve()
 
 

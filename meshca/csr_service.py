@@ -9,7 +9,13 @@ from typing import Protocol
 
 import grpc
 
-from meshca.ca import CsrRejected, IdentityRejected, InvalidTtl, IssuedCertificate, IssuerExpired
+from meshca.ca import (
+    CsrRejected,
+    IdentityRejected,
+    InvalidTtl,
+    IssuedCertificate,
+    IssuerExpired,
+)
 from meshca.crypto import split_pem_certificates
 from meshca.identity import SpiffeId
 from meshca.jwtgate import AuthenticationError, VerifiedIdentity

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import secrets
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -14,7 +12,13 @@ from typing import Any
 
 import jwt
 
-from meshca.crypto import KeyAlgorithm, generate_private_key_pem, public_jwk, public_key_pem
+from meshca.crypto import (
+    KeyAlgorithm,
+    generate_private_key_pem,
+    public_jwk,
+    public_key_pem,
+)
+from meshca.files import fsync_directory, write_atomic
 from meshca.identity import SpiffeId
 
 DEV_ISSUER = "https://meshca.dev.local"
@@ -34,37 +38,6 @@ class DevIssuerFiles:
     signing_key: Path
     public_key: Path
     jwks: Path
-
-
-def _write_atomic(path: Path, data: bytes, mode: int, *, force: bool) -> None:
-    """Write via a same-directory temp file (created with `mode`), fsync, then publish it under `path`."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        if force:
-            os.replace(tmp, path)
-        else:
-            # link() fails if the target exists, so a concurrent writer is never clobbered.
-            os.link(tmp, path)
-            os.unlink(tmp)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_dev_issuer(directory: Path, key_id: str = DEV_KEY_ID, *, force: bool = False) -> DevIssuerFiles:
@@ -87,10 +60,10 @@ def write_dev_issuer(directory: Path, key_id: str = DEV_KEY_ID, *, force: bool =
     public_pem = public_key_pem(private_pem)
     jwks = json.dumps({"keys": [public_jwk(public_pem, key_id)]}, indent=2, sort_keys=True).encode() + b"\n"
 
-    _write_atomic(files.signing_key, private_pem, 0o600, force=force)
-    _write_atomic(files.public_key, public_pem, 0o644, force=force)
-    _write_atomic(files.jwks, jwks, 0o644, force=force)
-    _fsync_directory(directory)
+    write_atomic(files.signing_key, private_pem, 0o600, overwrite=force)
+    write_atomic(files.public_key, public_pem, 0o644, overwrite=force)
+    write_atomic(files.jwks, jwks, 0o644, overwrite=force)
+    fsync_directory(directory)
     return files
 
 

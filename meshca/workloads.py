@@ -11,8 +11,19 @@ from typing import Protocol
 
 from meshca.clock import Clock
 from meshca.identity import SpiffeId
-from meshca.resources import DEFAULT_CERT_SECRET, ROOT_CA_SECRET, tls_certificate_secret, validation_context_secret
-from meshca.snapshot import EncodedResource, ResourceType, Snapshot, SnapshotCache, TypeResources
+from meshca.resources import (
+    DEFAULT_CERT_SECRET,
+    ROOT_CA_SECRET,
+    tls_certificate_secret,
+    validation_context_secret,
+)
+from meshca.snapshot import (
+    EncodedResource,
+    ResourceType,
+    Snapshot,
+    SnapshotCache,
+    TypeResources,
+)
 
 ALL_BUNDLES_SECRET = "ALL"
 

@@ -13,7 +13,6 @@ from typing import Any
 import grpc
 import pytest
 import yaml
-
 from envoy_harness import (
     EnvoyProcess,
     bootstrap_of,
@@ -22,7 +21,13 @@ from envoy_harness import (
     static_clusters,
     wait_until,
 )
-from meshca.bootstrap import XDS_CLUSTER_NAME, BootstrapSettings, build_bootstrap, render_yaml
+
+from meshca.bootstrap import (
+    XDS_CLUSTER_NAME,
+    BootstrapSettings,
+    build_bootstrap,
+    render_yaml,
+)
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "deploy" / "envoy" / "sidecar-bootstrap.example.yaml"
 ADS_SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"

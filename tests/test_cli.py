@@ -4,26 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import stat
 import subprocess
 import sys
-from datetime import datetime, timezone
 from pathlib import Path
 
 import grpc
-import pytest
 import yaml
 from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import Secret
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from envoy_harness import free_port
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from xds_client import XdsClient
+
 from meshca.clock import system_clock
 from meshca.devtokens import DEV_AUDIENCE, DEV_ISSUER
 from meshca.jwtgate import TokenVerifier, TrustedIssuer
 from meshca.snapshot import ResourceType
-from xds_client import XdsClient
 
 
 def meshca_command() -> list[str]:

@@ -21,7 +21,12 @@ from meshca.devtokens import (
     write_dev_issuer,
 )
 from meshca.identity import SpiffeId
-from meshca.jwtgate import AuthenticationError, TokenVerifier, TrustedIssuer, check_node_binding
+from meshca.jwtgate import (
+    AuthenticationError,
+    TokenVerifier,
+    TrustedIssuer,
+    check_node_binding,
+)
 
 NOW = datetime(2026, 11, 3, 12, 0, 0, tzinfo=timezone.utc)
 TD = "dev.local"

@@ -9,21 +9,21 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-
 from envoy_harness import (
     EnvoyProcess,
     dynamic_active_clusters,
     dynamic_active_secrets,
     dynamic_endpoint_configs,
-    dynamic_warming_clusters,
     dynamic_listeners,
     dynamic_route_configs,
+    dynamic_warming_clusters,
     free_port,
     wait_until,
 )
+from meshca_harness import TRUST_DOMAIN, RunningMeshca, running_meshca
+
 from meshca import resources as r
 from meshca.bootstrap import BootstrapSettings, build_bootstrap
-from meshca_harness import TRUST_DOMAIN, running_meshca
 
 pytestmark = pytest.mark.e2e
 
@@ -40,6 +40,22 @@ def mesh(listener_port: int) -> list:
         r.route_configuration("backend-routes", [r.VirtualHostSpec("backend", routes=(r.RouteSpec("/", (("backend", 1),)),))]),
         r.http_listener(r.HttpListenerSpec("inbound", "127.0.0.1", listener_port, "backend-routes", downstream)),
     ]
+
+
+def frontend_envoy(meshca: RunningMeshca, tmp_path: Path) -> EnvoyProcess:
+    """A real Envoy with an ADS bootstrap: TLS to meshca, the frontend's JWT in initial_metadata."""
+    (tmp_path / "meshca-root.pem").write_bytes(meshca.root_pem)
+    settings = BootstrapSettings(
+        node_id="frontend-1",
+        cluster="frontend",
+        meshca_address="127.0.0.1",
+        meshca_port=meshca.port,
+        meshca_ca_path=tmp_path / "meshca-root.pem",
+        meshca_server_name="localhost",
+        token=meshca.token("shop", "frontend", node_id="frontend-1"),
+        admin_port=free_port(),
+    )
+    return EnvoyProcess(build_bootstrap(settings), workdir=tmp_path / "envoy")
 
 
 def converged(envoy: EnvoyProcess) -> dict | None:
@@ -59,18 +75,7 @@ async def test_envoy_gets_cluster_listener_route_and_its_own_certificate(tmp_pat
     async with running_meshca(tmp_path) as meshca:
         listener_port = free_port()
         meshca.app.publisher.set_mesh(mesh(listener_port))
-        (tmp_path / "meshca-root.pem").write_bytes(meshca.root_pem)
-        settings = BootstrapSettings(
-            node_id="frontend-1",
-            cluster="frontend",
-            meshca_address="127.0.0.1",
-            meshca_port=meshca.port,
-            meshca_ca_path=tmp_path / "meshca-root.pem",
-            meshca_server_name="localhost",
-            token=meshca.token("shop", "frontend", node_id="frontend-1"),
-            admin_port=free_port(),
-        )
-        with EnvoyProcess(build_bootstrap(settings), workdir=tmp_path / "envoy") as envoy:
+        with frontend_envoy(meshca, tmp_path) as envoy:
             await asyncio.to_thread(envoy.wait_ready, 20)
             dump = await asyncio.to_thread(wait_until, lambda: converged(envoy), 20, 0.2, "envoy converged")
             # the listener is active only when its secrets arrived: its port is bound
@@ -107,18 +112,7 @@ async def test_changed_cluster_warms_at_once_and_endpoint_change_is_applied(tmp_
         listener_port = free_port()
         first_mesh = mesh(listener_port)
         meshca.app.publisher.set_mesh(first_mesh)
-        (tmp_path / "meshca-root.pem").write_bytes(meshca.root_pem)
-        settings = BootstrapSettings(
-            node_id="frontend-1",
-            cluster="frontend",
-            meshca_address="127.0.0.1",
-            meshca_port=meshca.port,
-            meshca_ca_path=tmp_path / "meshca-root.pem",
-            meshca_server_name="localhost",
-            token=meshca.token("shop", "frontend", node_id="frontend-1"),
-            admin_port=free_port(),
-        )
-        with EnvoyProcess(build_bootstrap(settings), workdir=tmp_path / "envoy") as envoy:
+        with frontend_envoy(meshca, tmp_path) as envoy:
             await asyncio.to_thread(wait_until, lambda: converged(envoy), 20, 0.2, "envoy converged")
             # 1. only the cluster changes; its ClusterLoadAssignment stays the same
             changed = mesh(listener_port)

@@ -15,7 +15,12 @@ from typing import Any
 import jwt
 import pytest
 
-from meshca.crypto import KeyAlgorithm, generate_private_key_pem, public_jwk, public_key_pem
+from meshca.crypto import (
+    KeyAlgorithm,
+    generate_private_key_pem,
+    public_jwk,
+    public_key_pem,
+)
 from meshca.identity import SpiffeId
 from meshca.jwtgate import (
     AuthenticationError,

@@ -9,7 +9,13 @@ import pytest
 from envoy_data_plane.envoy.config.cluster.v3 import Cluster
 
 from meshca import resources as r
-from meshca.snapshot import InconsistentSnapshot, ResourceType, Snapshot, SnapshotCache, TypeResources
+from meshca.snapshot import (
+    InconsistentSnapshot,
+    ResourceType,
+    Snapshot,
+    SnapshotCache,
+    TypeResources,
+)
 
 TLS = r.MtlsPeer(("spiffe://mesh.test/ns/a/sa/b",))
 

@@ -11,13 +11,13 @@ import pytest
 from cryptography import x509
 from envoy_data_plane.envoy.config.cluster.v3 import Cluster
 from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import Secret
+from meshca_harness import TRUST_DOMAIN, RunningMeshca, running_meshca
+from xds_client import XdsClient
 
 from meshca import resources as r
 from meshca.devtokens import mint_token
 from meshca.snapshot import InconsistentSnapshot, ResourceType
 from meshca.xds.server import PER_TYPE_METHODS
-from meshca_harness import TRUST_DOMAIN, RunningMeshca, running_meshca
-from xds_client import XdsClient
 
 CDS = ResourceType.CLUSTER.type_url
 EDS = ResourceType.ENDPOINT.type_url

@@ -7,7 +7,10 @@ from collections.abc import Sequence
 
 import grpc
 from envoy_data_plane.envoy.config.core.v3 import Node
-from envoy_data_plane.envoy.service.discovery.v3 import DiscoveryRequest, DiscoveryResponse
+from envoy_data_plane.envoy.service.discovery.v3 import (
+    DiscoveryRequest,
+    DiscoveryResponse,
+)
 from envoy_data_plane.google.protobuf import Struct, Value
 from envoy_data_plane.google.rpc import Status
 

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from meshca.snapshot import FULL_STATE_TYPES, PUSH_ORDER, EncodedResource, ResourceType, Snapshot
+from meshca.snapshot import (
+    FULL_STATE_TYPES,
+    PUSH_ORDER,
+    EncodedResource,
+    ResourceType,
+    Snapshot,
+)
 
 WILDCARD = "*"
 
