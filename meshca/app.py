@@ -23,7 +23,10 @@ from meshca.jwtgate import (
     VerifiedIdentity,
     check_node_binding,
 )
-from meshca.snapshot import SnapshotCache
+from meshca.meshbuild import build_mesh
+from meshca.meshconfig import MeshConfig
+from meshca.observability import Observability
+from meshca.snapshot import InconsistentSnapshot, SnapshotCache
 from meshca.workloads import ForeignTrustDomain, MeshPublisher, WorkloadSecrets
 from meshca.xds.server import (
     MAX_REQUEST_BYTES,
@@ -102,12 +105,37 @@ class MeshcaApp:
         self.xds = XdsServer(
             self.cache, JwtStreamGate(self.identity_gate, self.publisher), self.registry, logger.getChild("xds")
         )
+        self.observability = Observability(self.registry, self.secrets, self.publisher, clock, logger.getChild("admin"))
         self.health = health.HealthServicer()
         self._server: grpc.aio.Server | None = None
         self.port: int | None = None
 
-    async def start(self, host: str, port: int, credentials: ServerCredentials | None) -> int:
-        """Bind and start serving; `credentials=None` serves plaintext (tests only). Returns the port."""
+    def apply_mesh_config(self, config: MeshConfig) -> str:
+        """Derive resources from the mesh model and publish them; the last good stays on error."""
+        if config.trust_domain != self.ca.trust_domain:
+            self.publisher.record_rejected()
+            raise InconsistentSnapshot(
+                [f"mesh trust_domain {config.trust_domain!r} is not the CA's trust domain {self.ca.trust_domain!r}"]
+            )
+        mesh = build_mesh(config)
+        self.publisher.set_mesh(mesh)
+        return mesh.version
+
+    def record_rejected(self) -> None:
+        self.publisher.record_rejected()
+
+    async def start(
+        self,
+        host: str,
+        port: int,
+        credentials: ServerCredentials | None,
+        admin_port: int | None = None,
+        admin_address: str = "127.0.0.1",
+    ) -> int:
+        """Bind and start serving; `credentials=None` serves plaintext (tests only). Returns the port.
+
+        With `admin_port`, /metrics, /status and /healthz are served over HTTP on `admin_address`.
+        """
         server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
@@ -129,6 +157,9 @@ class MeshcaApp:
             bound = server.add_secure_port(address, server_credentials)
         await server.start()
         self._server = server
+        if admin_port is not None:
+            bound_admin = self.observability.start(admin_address, admin_port)
+            self.log.info("admin (metrics, status) on http://%s:%d", admin_address, bound_admin)
         self.port = bound
         self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         self.log.info("meshca serving on %s:%d (tls=%s)", host, bound, credentials is not None)
@@ -139,4 +170,5 @@ class MeshcaApp:
             self.health.enter_graceful_shutdown()
             await self._server.stop(grace)
             self._server = None
+            self.observability.stop()
             self.log.info("meshca stopped")

@@ -10,8 +10,6 @@ from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
 
-import yaml
-
 from meshca import crypto
 from meshca.ca import CaSettings, CaStateError, CertificateAuthority
 from meshca.clock import system_clock
@@ -21,7 +19,6 @@ from meshca.config import (
     parse_duration,
     read_state_dir,
 )
-from meshca.files import write_atomic
 
 
 class CliError(Exception):
@@ -35,43 +32,13 @@ def cmd_ca_init(args: argparse.Namespace) -> int:
     return 0
 
 
-DEV_CONFIG_FILE = "meshca.yaml"
-
-
 def cmd_dev_init(args: argparse.Namespace) -> int:
-    from meshca.app import issue_server_credentials
-    from meshca.devtokens import DEV_AUDIENCE, DEV_ISSUER, write_dev_issuer
+    from meshca.devmaterial import create_dev_material
 
-    directory = Path(args.dir)
-    directory.mkdir(parents=True, exist_ok=True)
-    config_path = directory / DEV_CONFIG_FILE
-    if config_path.exists() and not args.force:
-        raise CliError(f"{config_path} exists; dev material is already there (use --force to replace it)")
-    state_dir = directory / "ca"
-    if args.force and state_dir.exists():
-        import shutil
-
-        shutil.rmtree(state_dir)
-    ca = CertificateAuthority.init(state_dir, CaSettings(trust_domain=args.trust_domain), system_clock)
-    issuer_files = write_dev_issuer(directory, force=args.force)
-    server = issue_server_credentials(ca, ["localhost", "meshca.local", "127.0.0.1"], timedelta(days=30))
-    write_atomic(directory / "server.pem", server.certificate_chain_pem, 0o644)
-    write_atomic(directory / "server-key.pem", server.private_key_pem, 0o600)
-    write_atomic(directory / "root.pem", ca.trust_bundle_pem(), 0o644)
-    config = {
-        "state_dir": "ca",
-        "listen": "127.0.0.1:15010",
-        "tls": {"certificate_chain": "server.pem", "private_key": "server-key.pem"},
-        "issuers": [
-            {"issuer": DEV_ISSUER, "audiences": [DEV_AUDIENCE], "jwks": issuer_files.jwks.name}
-        ],
-        "leaf_ttl": "1h",
-        "log_level": "info",
-    }
-    write_atomic(config_path, yaml.safe_dump(config, sort_keys=False).encode(), 0o644)
-    print(f"dev material for trust domain {args.trust_domain} written to {directory}")
-    print(f"  serve:  meshca serve --config {config_path}")
-    print(f"  token:  meshca dev token --dir {directory} --ns default --sa demo")
+    material = create_dev_material(Path(args.dir), args.trust_domain, system_clock, force=args.force)
+    print(f"dev material for trust domain {args.trust_domain} written to {material.directory}")
+    print(f"  serve:  meshca serve --config {material.serve_config}")
+    print(f"  token:  meshca dev token --dir {material.directory} --ns default --sa demo")
     return 0
 
 
@@ -89,7 +56,10 @@ def cmd_dev_token(args: argparse.Namespace) -> int:
         ttl=parse_duration(args.ttl),
         now=system_clock(),
     )
-    print(token)
+    if args.out:
+        write_atomic(Path(args.out), token.encode(), 0o600)
+    else:
+        print(token)
     return 0
 
 
@@ -108,15 +78,41 @@ async def _serve(config_path: Path) -> int:
         )
     else:
         credentials = issue_server_credentials(ca, settings.server_names, timedelta(days=30))
-    await app.start(settings.listen_host, settings.listen_port, credentials)
+    source_task = None
+    if settings.mesh_file is not None:
+        from meshca.sources import FileMeshSource
+
+        source = FileMeshSource(settings.mesh_file, app, log.getChild("mesh-source"))
+        source.load()  # an invalid mesh at start is an error: there is no last good config yet
+        source_task = asyncio.create_task(source.run())
+    await app.start(
+        settings.listen_host, settings.listen_port, credentials, settings.metrics_port, settings.admin_address
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     await stop.wait()
     log.info("signal received: stopping gracefully")
+    if source_task is not None:
+        source_task.cancel()
     await app.stop(grace=5)
     return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from meshca.demo import DemoSettings, run_demo
+
+    workdir = Path(args.workdir) if args.workdir else None
+    if workdir is not None:
+        workdir.mkdir(parents=True, exist_ok=True)
+    if args.requests < 1:
+        raise CliError("--requests must be at least 1")
+    settings = DemoSettings(check=args.check, requests=args.requests, workdir=workdir)
+    try:
+        return run_demo(settings, sys.stdout, system_clock)
+    except (RuntimeError, TimeoutError, OSError) as error:
+        raise CliError(f"demo failed: {error}") from None
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -150,11 +146,28 @@ def build_parser() -> argparse.ArgumentParser:
     dev_token.add_argument("--sa", required=True, help="service account")
     dev_token.add_argument("--node-id", help="bind the token to this Envoy node.id")
     dev_token.add_argument("--ttl", default="1h")
+    dev_token.add_argument(
+        "--out", help="write the token to this file (mode 0600, no trailing newline: Envoy sends the file verbatim)"
+    )
     dev_token.set_defaults(handler=cmd_dev_token)
 
     serve = commands.add_parser("serve", help="run the CA, identity gate and xDS/SDS server")
     serve.add_argument("--config", required=True)
     serve.set_defaults(handler=cmd_serve)
+
+    demo = commands.add_parser(
+        "demo", help="start meshca, two services with real Envoy sidecars, and show them talking mTLS"
+    )
+    demo.add_argument("--check", action="store_true", help="headless: fixed requests, JSON summary, exit status")
+    demo.add_argument("--requests", type=int, default=20, help="requests sent with --check")
+    demo.add_argument("--workdir", help="keep everything in this directory (default: a temporary one)")
+    demo.set_defaults(handler=cmd_demo)
+
+    from meshca.cli_bootstrap import add_bootstrap_parser
+    from meshca.observability import add_status_parser
+
+    add_bootstrap_parser(commands)
+    add_status_parser(commands)
     return parser
 
 
@@ -162,7 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.handler(args))
-    except (CliError, ConfigError, CaStateError, FileExistsError, ValueError) as error:
+    except (CliError, ConfigError, CaStateError, FileExistsError, ValueError) as error:  # incl. InconsistentSnapshot
         print(f"meshca: error: {error}", file=sys.stderr)
         return 2
 

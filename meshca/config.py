@@ -58,11 +58,13 @@ class ServeSettings:
     server_tls: ServerTls | None  # None: issue a server certificate from the CA at start
     server_names: tuple[str, ...]
     leaf_ttl: timedelta | None
-    metrics_port: int | None
+    mesh_file: Path | None  # the mesh config (services, routes), watched for changes
+    metrics_port: int | None  # admin HTTP: /metrics, /status, /healthz
+    admin_address: str
     log_level: str
 
 
-class _Reader:
+class FieldReader:
     """Typed access to a YAML mapping that reports the dotted path of any bad field."""
 
     def __init__(self, path: Path, data: Mapping[str, Any], prefix: str = "") -> None:
@@ -71,7 +73,8 @@ class _Reader:
         self.prefix = prefix
 
     def error(self, key: str, reason: str) -> ConfigError:
-        return ConfigError(self.path, f"{self.prefix}{key}", reason)
+        field = f"{self.prefix}{key}" if key else self.prefix.rstrip(".")
+        return ConfigError(self.path, field, reason)
 
     def get(self, key: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
         if key not in self.data or self.data[key] is None:
@@ -102,8 +105,8 @@ class _Reader:
         except ValueError as error:
             raise self.error(key, str(error)) from None
 
-    def child(self, key: str, value: Mapping[str, Any]) -> _Reader:
-        return _Reader(self.path, value, f"{self.prefix}{key}.")
+    def child(self, key: str, value: Mapping[str, Any]) -> FieldReader:
+        return FieldReader(self.path, value, f"{self.prefix}{key}.")
 
     def check_known(self, known: set[str]) -> None:
         for key in self.data:
@@ -115,15 +118,24 @@ def _as_tuple(kind: type | tuple[type, ...]) -> tuple[type, ...]:
     return kind if isinstance(kind, tuple) else (kind,)
 
 
-def _parse_listen(reader: _Reader) -> tuple[str, int]:
-    listen = reader.get("listen", str, "127.0.0.1:15010")
-    host, sep, port = listen.rpartition(":")
+def parse_host_port(text: object) -> tuple[str, int]:
+    """'host:port' (IPv6 in brackets) with a port in 1..65535; ValueError says why not."""
+    if not isinstance(text, str):
+        raise ValueError(f"{text!r} is not host:port")
+    host, sep, port = text.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
-        raise reader.error("listen", f"{listen!r} is not host:port")
+        raise ValueError(f"{text!r} is not host:port")
     return host.strip("[]"), int(port)
 
 
-def _parse_issuer(reader: _Reader, index: int, item: object, trust_domain: str) -> TrustedIssuer:
+def _parse_listen(reader: FieldReader) -> tuple[str, int]:
+    try:
+        return parse_host_port(reader.get("listen", str, "127.0.0.1:15010"))
+    except ValueError as error:
+        raise reader.error("listen", str(error)) from None
+
+
+def _parse_issuer(reader: FieldReader, index: int, item: object, trust_domain: str) -> TrustedIssuer:
     key = f"issuers[{index}]"
     if not isinstance(item, Mapping):
         raise reader.error(key, "must be a mapping")
@@ -155,7 +167,7 @@ def _parse_issuer(reader: _Reader, index: int, item: object, trust_domain: str) 
         raise reader.error(key, str(error)) from None
 
 
-def _read_yaml_mapping(path: Path) -> Mapping[str, Any]:
+def read_yaml_mapping(path: Path) -> Mapping[str, Any]:
     try:
         data = yaml.safe_load(path.read_text())
     except OSError as error:
@@ -169,19 +181,19 @@ def _read_yaml_mapping(path: Path) -> Mapping[str, Any]:
 
 def load_serve_settings(path: Path, trust_domain: str) -> ServeSettings:
     """Parse and validate a serve settings file; `trust_domain` is the CA's, the issuers' default."""
-    return parse_serve_settings(path, _read_yaml_mapping(path), trust_domain)
+    return parse_serve_settings(path, read_yaml_mapping(path), trust_domain)
 
 
 def read_state_dir(path: Path) -> Path:
     """Only the CA state dir, needed before the rest (the CA knows the trust domain)."""
-    reader = _Reader(path, _read_yaml_mapping(path))
+    reader = FieldReader(path, read_yaml_mapping(path))
     return (path.parent / reader.get("state_dir", str)).resolve()
 
 
 def parse_serve_settings(path: Path, data: Mapping[str, Any], trust_domain: str) -> ServeSettings:
-    reader = _Reader(path, data)
+    reader = FieldReader(path, data)
     reader.check_known(
-        {"state_dir", "listen", "issuers", "tls", "server_names", "leaf_ttl", "metrics_port", "log_level"}
+        {"state_dir", "listen", "issuers", "tls", "server_names", "leaf_ttl", "mesh", "metrics_port", "admin_address", "log_level"}
     )
     host, port = _parse_listen(reader)
     issuers_raw = reader.get("issuers", list)
@@ -207,6 +219,8 @@ def parse_serve_settings(path: Path, data: Mapping[str, Any], trust_domain: str)
         server_tls=tls,
         server_names=tuple(str(n) for n in server_names),
         leaf_ttl=reader.duration("leaf_ttl", required=False),
+        mesh_file=reader.file("mesh", required=False),
         metrics_port=metrics_port,
+        admin_address=reader.get("admin_address", str, "127.0.0.1"),
         log_level=log_level,
     )

@@ -80,7 +80,8 @@ def _sds(name: str) -> SdsSecretConfig:
 class MtlsPeer:
     """TLS settings shared by both directions: our cert secret, the trust secret, the peer IDs we accept."""
 
-    allowed_spiffe_ids: tuple[str, ...] = ()  # empty: any identity the trust bundle vouches for
+    allowed_spiffe_ids: tuple[str, ...] = ()  # exact IDs; with no IDs and no prefixes: any the bundle vouches for
+    allowed_spiffe_prefixes: tuple[str, ...] = ()  # e.g. 'spiffe://td/ns/shop/sa/' for a whole namespace
     certificate_secret: str = DEFAULT_CERT_SECRET
     trust_secret: str = ROOT_CA_SECRET
 
@@ -92,10 +93,11 @@ class MtlsPeer:
 
     def common_tls_context(self) -> CommonTlsContext:
         matchers = [
-            SubjectAltNameMatcher(
-                san_type=SubjectAltNameMatcherSanType.URI, matcher=StringMatcher(exact=spiffe_id)
-            )
+            SubjectAltNameMatcher(san_type=SubjectAltNameMatcherSanType.URI, matcher=StringMatcher(exact=spiffe_id))
             for spiffe_id in self.allowed_spiffe_ids
+        ] + [
+            SubjectAltNameMatcher(san_type=SubjectAltNameMatcherSanType.URI, matcher=StringMatcher(prefix=prefix))
+            for prefix in self.allowed_spiffe_prefixes
         ]
         return CommonTlsContext(
             tls_certificate_sds_secret_configs=[_sds(self.certificate_secret)],

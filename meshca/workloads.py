@@ -11,6 +11,7 @@ from typing import Protocol
 
 from meshca.clock import Clock
 from meshca.identity import SpiffeId
+from meshca.meshbuild import MeshResources
 from meshca.resources import (
     DEFAULT_CERT_SECRET,
     ROOT_CA_SECRET,
@@ -19,6 +20,7 @@ from meshca.resources import (
 )
 from meshca.snapshot import (
     EncodedResource,
+    InconsistentSnapshot,
     ResourceType,
     Snapshot,
     SnapshotCache,
@@ -85,6 +87,7 @@ class WorkloadSecrets:
         self._renew_before = renew_before
         self._lock = threading.Lock()
         self._issued: dict[SpiffeId, _Issued] = {}
+        self._issued_total = 0
         self._bundle: tuple[bytes, list[EncodedResource]] = (b"", [])
 
     def bundle_secrets(self) -> list[EncodedResource]:
@@ -115,6 +118,7 @@ class WorkloadSecrets:
             info = WorkloadCertificate(spiffe_id, leaf.serial_number, leaf.not_before, leaf.not_after)
             issued = _Issued(info, tls_certificate_secret(DEFAULT_CERT_SECRET, leaf.chain_pem, leaf.private_key_pem))
             self._issued[spiffe_id] = issued
+            self._issued_total += 1
         self._log.info(
             "issued workload certificate: identity=%s serial=%x not_after=%s",
             spiffe_id,
@@ -127,9 +131,14 @@ class WorkloadSecrets:
         with self._lock:
             return [issued.info for issued in self._issued.values()]
 
+    def issued_total(self) -> int:
+        """Workload certificates issued since start (first issues and renewals)."""
+        with self._lock:
+            return self._issued_total
+
 
 class MeshPublisher:
-    """Publishes one snapshot per identity: the shared mesh resources plus that identity's secrets.
+    """Publishes one snapshot per identity: shared mesh resources, that identity's own, its secrets.
 
     A mesh update that would leave any snapshot inconsistent is refused as a whole and the last
     good one keeps serving.
@@ -140,25 +149,62 @@ class MeshPublisher:
         self._secrets = secrets
         self._log = logger
         self._lock = threading.Lock()
-        self._mesh = Snapshot.build([])
+        self._shared_view = Snapshot.build([])
+        self._views: dict[SpiffeId, Snapshot] = {}
         self._identities: set[SpiffeId] = set()
+        self._version = ""
+        self._updates = 0
+        self._rejected = 0
 
     @staticmethod
     def snapshot_key(spiffe_id: SpiffeId) -> str:
         return spiffe_id.uri
 
-    def set_mesh(self, resources: Iterable[EncodedResource]) -> None:
-        """Validate the new mesh against the secrets every identity has, then publish to all."""
-        mesh_resources = [r for r in resources if r.type is not ResourceType.SECRET]
-        # Checked with the secret names every identity gets (placeholders: each identity's snapshot
-        # replaces the secret type with its own); raises InconsistentSnapshot naming every problem.
-        probe_secrets = self._secrets.bundle_secrets() + [tls_certificate_secret(DEFAULT_CERT_SECRET, b"", b"")]
-        mesh = Snapshot.build(mesh_resources + probe_secrets)
+    def set_mesh(self, mesh: MeshResources | Iterable[EncodedResource]) -> None:
+        """Validate every identity's view against the secrets it will have, then publish to all.
+
+        Raises InconsistentSnapshot naming every dangling reference; nothing changes then.
+        """
+        if not isinstance(mesh, MeshResources):
+            mesh = MeshResources(tuple(mesh))
+        # Each identity's snapshot replaces the secret type with its own: check with placeholders
+        # carrying the secret names every identity gets.
+        probe = self._secrets.bundle_secrets() + [tls_certificate_secret(DEFAULT_CERT_SECRET, b"", b"")]
+        shared = [r for r in mesh.shared if r.type is not ResourceType.SECRET]
+        try:
+            shared_view = Snapshot.build(shared + probe)
+            views = {
+                spiffe_id: Snapshot.build(shared + [r for r in own if r.type is not ResourceType.SECRET] + probe)
+                for spiffe_id, own in mesh.per_identity.items()
+            }
+        except InconsistentSnapshot:
+            self.record_rejected()
+            raise
         with self._lock:
-            self._mesh = mesh
+            self._shared_view = shared_view
+            self._views = views
+            self._version = mesh.version
+            self._updates += 1
             identities = list(self._identities)
+        self._log.info("mesh version %s published to %d identities", mesh.version, len(identities))
         for spiffe_id in identities:
             self._publish(spiffe_id)
+
+    def record_rejected(self) -> None:
+        with self._lock:
+            self._rejected += 1
+
+    def mesh_version(self) -> str:
+        with self._lock:
+            return self._version
+
+    def mesh_updates_total(self) -> int:
+        with self._lock:
+            return self._updates
+
+    def mesh_rejected_total(self) -> int:
+        with self._lock:
+            return self._rejected
 
     def ensure_identity(self, spiffe_id: SpiffeId) -> str:
         """Make sure this identity has a certificate and a published snapshot; return its key."""
@@ -170,7 +216,7 @@ class MeshPublisher:
     def _publish(self, spiffe_id: SpiffeId) -> None:
         secrets = [self._secrets.default_secret(spiffe_id), *self._secrets.bundle_secrets()]
         with self._lock:
-            mesh = self._mesh
+            view = self._views.get(spiffe_id, self._shared_view)
         self._cache.set_snapshot(
-            self.snapshot_key(spiffe_id), mesh.with_type(ResourceType.SECRET, TypeResources.of(secrets))
+            self.snapshot_key(spiffe_id), view.with_type(ResourceType.SECRET, TypeResources.of(secrets))
         )

@@ -13,20 +13,20 @@ from typing import Any
 import grpc
 import pytest
 import yaml
-from envoy_harness import (
-    EnvoyProcess,
-    bootstrap_of,
-    config_of_type,
-    free_port,
-    static_clusters,
-    wait_until,
-)
 
 from meshca.bootstrap import (
     XDS_CLUSTER_NAME,
     BootstrapSettings,
     build_bootstrap,
     render_yaml,
+)
+from meshca.envoy_process import (
+    EnvoyProcess,
+    bootstrap_of,
+    config_of_type,
+    free_port,
+    static_clusters,
+    wait_until,
 )
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "deploy" / "envoy" / "sidecar-bootstrap.example.yaml"

@@ -13,12 +13,12 @@ from pathlib import Path
 import grpc
 import yaml
 from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import Secret
-from envoy_harness import free_port
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from xds_client import XdsClient
 
 from meshca.clock import system_clock
 from meshca.devtokens import DEV_AUDIENCE, DEV_ISSUER
+from meshca.envoy_process import free_port
 from meshca.jwtgate import TokenVerifier, TrustedIssuer
 from meshca.snapshot import ResourceType
 

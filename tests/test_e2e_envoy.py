@@ -9,7 +9,11 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from envoy_harness import (
+from meshca_harness import TRUST_DOMAIN, RunningMeshca, running_meshca
+
+from meshca import resources as r
+from meshca.bootstrap import BootstrapSettings, build_bootstrap
+from meshca.envoy_process import (
     EnvoyProcess,
     dynamic_active_clusters,
     dynamic_active_secrets,
@@ -20,10 +24,6 @@ from envoy_harness import (
     free_port,
     wait_until,
 )
-from meshca_harness import TRUST_DOMAIN, RunningMeshca, running_meshca
-
-from meshca import resources as r
-from meshca.bootstrap import BootstrapSettings, build_bootstrap
 
 pytestmark = pytest.mark.e2e
 

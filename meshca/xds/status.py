@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import itertools
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
+from types import MappingProxyType
 
 from meshca.clock import Clock
 from meshca.snapshot import ResourceType
@@ -34,6 +36,14 @@ class ProxyStatus:
     nacks: int = 0
 
 
+@dataclass(frozen=True)
+class RegistryTotals:
+    """Lifetime counts per type over every stream, closed ones included (for counters)."""
+
+    pushes: Mapping[ResourceType, int]
+    nacks: Mapping[ResourceType, int]
+
+
 class ProxyRegistry:
     """Thread-safe registry of live streams; values handed out are immutable copies."""
 
@@ -42,6 +52,8 @@ class ProxyRegistry:
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self._streams: dict[int, ProxyStatus] = {}
+        self._pushes: dict[ResourceType, int] = dict.fromkeys(ResourceType, 0)
+        self._nacks: dict[ResourceType, int] = dict.fromkeys(ResourceType, 0)
 
     def open(self, node_id: str, identity: str, snapshot_key: str) -> int:
         with self._lock:
@@ -55,6 +67,7 @@ class ProxyRegistry:
 
     def record_sent(self, stream_id: int, resource_type: ResourceType, version: str) -> None:
         with self._lock:
+            self._pushes[resource_type] += 1
             status = self._streams.get(stream_id)
             if status is not None:
                 self._streams[stream_id] = replace(status, sent={**status.sent, resource_type: version})
@@ -69,6 +82,7 @@ class ProxyRegistry:
         self, stream_id: int, resource_type: ResourceType, rejected_version: str | None, message: str
     ) -> None:
         with self._lock:
+            self._nacks[resource_type] += 1
             status = self._streams.get(stream_id)
             if status is not None:
                 record = NackRecord(resource_type, rejected_version, message, self._clock())
@@ -77,3 +91,8 @@ class ProxyRegistry:
     def snapshot(self) -> list[ProxyStatus]:
         with self._lock:
             return list(self._streams.values())
+
+    def totals(self) -> RegistryTotals:
+        """Responses sent and NACKs received per type since start, surviving stream close."""
+        with self._lock:
+            return RegistryTotals(MappingProxyType(dict(self._pushes)), MappingProxyType(dict(self._nacks)))

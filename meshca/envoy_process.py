@@ -1,4 +1,4 @@
-"""Test support: start a real Envoy on loopback, talk to its admin port, read its config_dump."""
+"""Run a real Envoy on loopback, talk to its admin port, read its config_dump (demo and tests)."""
 
 from __future__ import annotations
 

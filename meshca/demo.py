@@ -1,0 +1,412 @@
+"""`meshca demo`: real Envoy sidecars talking mTLS with certificates and routes from a real meshca."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, TextIO
+
+import yaml
+
+from meshca.bootstrap import BootstrapSettings, build_bootstrap
+from meshca.clock import Clock
+from meshca.devmaterial import create_dev_material
+from meshca.devtokens import mint_token
+from meshca.envoy_process import EnvoyProcess, dynamic_active_clusters, dynamic_listeners, free_port, wait_until
+
+TRUST_DOMAIN = "mesh.local"
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    check: bool = False
+    requests: int = 20
+    interval: float = 1.0
+    workdir: Path | None = None
+    keep_workdir: bool = False
+    startup_timeout: float = 60.0
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    namespace: str
+    service_account: str
+
+    @property
+    def spiffe_id(self) -> str:
+        return f"spiffe://{TRUST_DOMAIN}/ns/{self.namespace}/sa/{self.service_account}"
+
+    @property
+    def node_id(self) -> str:
+        return f"{self.name}-1"
+
+
+FRONTEND = Workload("frontend", "shop", "frontend")
+BACKEND = Workload("backend", "shop", "backend")
+INTRUDER = Workload("intruder", "attic", "intruder")
+
+
+@dataclass
+class Ports:
+    meshca: int = field(default_factory=free_port)
+    metrics: int = field(default_factory=free_port)
+    backend_inbound: int = field(default_factory=free_port)
+    backend_app: int = field(default_factory=free_port)
+    frontend_app: int = field(default_factory=free_port)
+    frontend_outbound: int = field(default_factory=free_port)
+    intruder_outbound: int = field(default_factory=free_port)
+    admin: dict[str, int] = field(default_factory=lambda: {w.name: free_port() for w in (FRONTEND, BACKEND, INTRUDER)})
+
+
+def mesh_config(ports: Ports) -> dict[str, Any]:
+    """The demo's mesh: backend accepts only frontend; intruder is in the mesh but not allowed."""
+    return {
+        "trust_domain": TRUST_DOMAIN,
+        "services": {
+            "backend": {
+                "namespace": BACKEND.namespace,
+                "service_account": BACKEND.service_account,
+                "inbound": {
+                    "port": ports.backend_inbound,
+                    "app": f"127.0.0.1:{ports.backend_app}",
+                    "listen_address": "127.0.0.1",
+                },
+                "allow": [FRONTEND.spiffe_id],
+            },
+            "frontend": {
+                "namespace": FRONTEND.namespace,
+                "service_account": FRONTEND.service_account,
+                "outbound": {"port": ports.frontend_outbound},
+            },
+            "intruder": {
+                "namespace": INTRUDER.namespace,
+                "service_account": INTRUDER.service_account,
+                "outbound": {"port": ports.intruder_outbound},
+            },
+        },
+        "routes": [{"prefix": "/", "to": "backend"}],
+    }
+
+
+def _peer_from_xfcc(header: str) -> str | None:
+    """The client's URI SAN from an x-forwarded-client-cert header set by the backend's sidecar."""
+    for element in header.split(","):
+        for pair in element.split(";"):
+            key, _, value = pair.partition("=")
+            if key.strip().lower() == "uri":
+                return value.strip().strip('"')
+    return None
+
+
+def _json_handler(respond: Callable[[BaseHTTPRequestHandler], tuple[int, dict[str, Any]]]) -> type:
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            status, body = respond(self)
+            payload = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, format: str, *args: Any) -> None:  # quiet
+            pass
+
+    return Handler
+
+
+def _backend_app(request: BaseHTTPRequestHandler) -> tuple[int, dict[str, Any]]:
+    xfcc = request.headers.get("x-forwarded-client-cert", "")
+    return 200, {"service": "backend", "peer": _peer_from_xfcc(xfcc), "path": request.path}
+
+
+def _frontend_app(outbound_port: int) -> Callable[[BaseHTTPRequestHandler], tuple[int, dict[str, Any]]]:
+    def respond(request: BaseHTTPRequestHandler) -> tuple[int, dict[str, Any]]:
+        status, body = http_get(f"http://127.0.0.1:{outbound_port}/hello")
+        return (200 if status == 200 else 502), {"service": "frontend", "backend_status": status, "backend": body}
+
+    return respond
+
+
+def http_get(url: str, timeout: float = 5.0) -> tuple[int, dict[str, Any] | str]:
+    """(status, JSON body or text); status 0 when the connection itself failed."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            text = response.read().decode()
+            status = response.status
+    except urllib.error.HTTPError as error:
+        text = error.read().decode(errors="replace")
+        status = error.code
+    except (urllib.error.URLError, OSError) as error:
+        return 0, str(error)
+    try:
+        return status, json.loads(text)
+    except json.JSONDecodeError:
+        return status, text
+
+
+def _wait_for_port(port: int, timeout: float, process: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"meshca exited with status {process.returncode}; log:\n{log.read_text()[-3000:]}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"meshca did not listen on port {port} within {timeout} s")
+
+
+@dataclass(frozen=True)
+class CertificateView:
+    spiffe_id: str | None
+    serial: str
+    expires: str
+
+
+def envoy_certificate(envoy: EnvoyProcess) -> CertificateView | None:
+    """The `default` certificate Envoy holds, from its admin /certs."""
+    certs = json.loads(envoy.admin_get("/certs"))
+    for entry in certs.get("certificates", []):
+        for cert in entry.get("cert_chain", []):
+            uris = [san["uri"] for san in cert.get("subject_alt_names", []) if "uri" in san]
+            if uris:
+                return CertificateView(uris[0], cert.get("serial_number", "?"), cert.get("expiration_time", "?"))
+    return None
+
+
+class Demo:
+    """Starts meshca, three sidecars and two tiny apps; sends traffic; reports; cleans everything up."""
+
+    def __init__(self, settings: DemoSettings, out: TextIO, clock: Clock) -> None:
+        self.settings = settings
+        self.out = out
+        self.clock = clock
+        self.ports = Ports()
+        self.workdir = settings.workdir or Path(tempfile.mkdtemp(prefix="meshca-demo-"))
+        self.meshca: subprocess.Popen[bytes] | None = None
+        self.envoys: dict[str, EnvoyProcess] = {}
+        self.servers: list[ThreadingHTTPServer] = []
+
+    def say(self, text: str) -> None:
+        print(text, file=self.out, flush=True)
+
+    # -- setup --------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        mesh_path = self.workdir / "mesh.yaml"
+        mesh_path.write_text(yaml.safe_dump(mesh_config(self.ports), sort_keys=False))
+        material = create_dev_material(
+            self.workdir / "dev",
+            TRUST_DOMAIN,
+            self.clock,
+            listen=f"127.0.0.1:{self.ports.meshca}",
+            extra_settings={"mesh": str(mesh_path), "metrics_port": self.ports.metrics},
+        )
+        self.material = material
+        log_path = self.workdir / "meshca.log"
+        self.say(f"workdir {self.workdir}")
+        self.say(f"starting meshca on 127.0.0.1:{self.ports.meshca} (log: {log_path})")
+        with log_path.open("wb") as log:
+            self.meshca = subprocess.Popen(
+                [sys.executable, "-m", "meshca.cli", "serve", "--config", str(material.serve_config)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        _wait_for_port(self.ports.meshca, self.settings.startup_timeout, self.meshca, log_path)
+
+        self._serve_app(self.ports.backend_app, _backend_app)
+        self._serve_app(self.ports.frontend_app, _frontend_app(self.ports.frontend_outbound))
+        signing_key = material.signing_key.read_bytes()
+        for workload in (BACKEND, FRONTEND, INTRUDER):
+            token = mint_token(
+                signing_key,
+                namespace=workload.namespace,
+                service_account=workload.service_account,
+                node_id=workload.node_id,
+                now=self.clock(),
+            )
+            bootstrap = BootstrapSettings(
+                node_id=workload.node_id,
+                cluster=workload.name,
+                meshca_address="127.0.0.1",
+                meshca_port=self.ports.meshca,
+                meshca_ca_path=material.root_bundle,
+                meshca_server_name="localhost",
+                token=token,
+                admin_port=self.ports.admin[workload.name],
+            )
+            envoy = EnvoyProcess(build_bootstrap(bootstrap), workdir=self.workdir / f"envoy-{workload.name}")
+            self.envoys[workload.name] = envoy
+            envoy.start()
+            envoy.wait_ready(self.settings.startup_timeout, live=False)
+            self.say(f"started Envoy sidecar for {workload.name} (admin 127.0.0.1:{envoy.admin_port})")
+        self._wait_converged()
+
+    def _serve_app(self, port: int, respond: Callable[[BaseHTTPRequestHandler], tuple[int, dict[str, Any]]]) -> None:
+        server = ThreadingHTTPServer(("127.0.0.1", port), _json_handler(respond))
+        server.daemon_threads = True
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        self.servers.append(server)
+
+    def _wait_converged(self) -> None:
+        expected = {
+            BACKEND.name: "inbound|backend",
+            FRONTEND.name: f"outbound|{self.ports.frontend_outbound}",
+            INTRUDER.name: f"outbound|{self.ports.intruder_outbound}",
+        }
+        for name, listener in expected.items():
+            envoy = self.envoys[name]
+
+            def ready(envoy: EnvoyProcess = envoy, listener: str = listener) -> bool:
+                dump = envoy.config_dump()
+                return listener in dynamic_listeners(dump) and (
+                    name == BACKEND.name or "outbound|backend" in dynamic_active_clusters(dump)
+                )
+
+            wait_until(ready, self.settings.startup_timeout, 0.1, f"{name} sidecar configured by meshca")
+        self.say("all sidecars configured by meshca over ADS (listeners, clusters, routes, secrets)")
+
+    # -- traffic ------------------------------------------------------------------------------
+
+    def workloads_report(self) -> dict[str, dict[str, str | None]]:
+        report = {}
+        for name, envoy in self.envoys.items():
+            view = envoy_certificate(envoy)
+            report[name] = {
+                "spiffe_id": view.spiffe_id if view else None,
+                "serial": view.serial if view else None,
+                "expires": view.expires if view else None,
+            }
+        return report
+
+    def one_request(self) -> tuple[bool, str | None, str]:
+        """client -> frontend app -> frontend sidecar -> mTLS -> backend sidecar -> backend app."""
+        status, body = http_get(f"http://127.0.0.1:{self.ports.frontend_app}/")
+        peer = None
+        if isinstance(body, dict) and isinstance(body.get("backend"), dict):
+            peer = body["backend"].get("peer")
+        ok = status == 200 and peer == FRONTEND.spiffe_id
+        return ok, peer, f"status {status}" if not ok else "ok"
+
+    def intruder_request(self) -> int:
+        """The intruder's sidecar calls backend; backend's sidecar only admits frontend's identity."""
+        status, _ = http_get(f"http://127.0.0.1:{self.ports.intruder_outbound}/steal")
+        return status
+
+    def backend_refused_handshakes(self) -> int:
+        stats = self.envoys[BACKEND.name].stats()
+        return sum(int(v) for k, v in stats.items() if k.endswith("ssl.fail_verify_san") and str(v).isdigit())
+
+    def print_workloads(self, report: dict[str, dict[str, str | None]]) -> None:
+        self.say("workloads (certificates as held by each Envoy, from its admin /certs):")
+        for name, info in report.items():
+            self.say(f"  {name:<9} {info['spiffe_id']}  serial {info['serial']}  expires {info['expires']}")
+
+    def run_check(self) -> tuple[int, dict[str, Any]]:
+        report = self.workloads_report()
+        self.print_workloads(report)
+        ok = failed = 0
+        peers: set[str] = set()
+        for _ in range(self.settings.requests):
+            success, peer, detail = self.one_request()
+            if success:
+                ok += 1
+            else:
+                failed += 1
+                self.say(f"  request failed: {detail}")
+            if peer:
+                peers.add(peer)
+        self.say(f"sent {self.settings.requests} requests client -> frontend -> backend over mTLS: {ok} ok, {failed} failed")
+        self.say(f"backend saw caller identity: {', '.join(sorted(peers)) or 'none'}")
+        intruder_status = self.intruder_request()
+        refused = self.backend_refused_handshakes()
+        denied = intruder_status != 200 and refused > 0
+        self.say(
+            f"intruder ({INTRUDER.spiffe_id}) -> backend: HTTP {intruder_status}; "
+            f"backend sidecar refused {refused} TLS handshake(s) for a SPIFFE ID not allowed"
+        )
+        summary = {
+            "requests_ok": ok,
+            "requests_failed": failed,
+            "denied_as_expected": denied,
+            "intruder_status": intruder_status,
+            "backend_refused_handshakes": refused,
+            "peer_seen_by_backend": sorted(peers),
+            "workloads": report,
+        }
+        return (0 if ok == self.settings.requests and failed == 0 and denied else 1), summary
+
+    def run_forever(self, stop: threading.Event) -> int:
+        self.print_workloads(self.workloads_report())
+        self.say("sending a request every second; Ctrl-C stops everything")
+        ok = failed = count = 0
+        while not stop.is_set():
+            success, peer, detail = self.one_request()
+            count += 1
+            ok += success
+            failed += not success
+            self.say(f"  #{count} frontend -> backend: {detail}; backend saw {peer}  (ok {ok}, failed {failed})")
+            if count % 10 == 0:
+                self.say(f"  intruder -> backend: HTTP {self.intruder_request()} (refused, as configured)")
+                self.print_workloads(self.workloads_report())
+            stop.wait(self.settings.interval)
+        return 0
+
+    # -- teardown -----------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        for envoy in self.envoys.values():
+            envoy.stop()
+        for server in self.servers:
+            server.shutdown()
+            server.server_close()
+        if self.meshca is not None and self.meshca.poll() is None:
+            self.meshca.send_signal(signal.SIGTERM)
+            try:
+                self.meshca.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.meshca.kill()
+                self.meshca.wait()
+        if not self.settings.keep_workdir and self.settings.workdir is None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def run_demo(settings: DemoSettings, out: TextIO, clock: Clock) -> int:
+    """Run the demo; with `check`, the last line printed is the JSON summary (after cleanup)."""
+    demo = Demo(settings, out, clock)
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    summary: dict[str, Any] | None = None
+    status = 1
+    try:
+        demo.start()
+        if settings.check:
+            status, summary = demo.run_check()
+        else:
+            try:
+                status = demo.run_forever(stop)
+            except KeyboardInterrupt:
+                status = 0
+    finally:
+        demo.say("stopping: Envoys, apps and meshca")
+        demo.stop()
+        signal.signal(signal.SIGTERM, previous)
+    if summary is not None:
+        print(json.dumps(summary), file=out, flush=True)
+    return status

