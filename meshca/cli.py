@@ -19,6 +19,7 @@ from meshca.config import (
     parse_duration,
     read_state_dir,
 )
+from meshca.files import write_atomic
 
 
 class CliError(Exception):
