@@ -1,4 +1,4 @@
-# meshca: `make test` sets up .venv and runs the whole suite; `make demo` runs the demo.
+# meshca: `make demo` sets up .venv and runs the demo; `make test` sets up .venv and runs the whole suite.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -15,7 +15,11 @@ $(STAMP): pyproject.toml
 dev: $(STAMP)
 
 test: $(STAMP)
+	$(PY) -m ruff check meshca tests
 	$(PY) -m pytest -q -ra
+
+demo: $(STAMP)
+	$(VENV)/bin/meshca demo $(DEMO_ARGS)
 
 protos: $(STAMP)
 	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. protos/meshca/v1/certificate.proto

@@ -26,6 +26,7 @@ from meshca.clock import Clock
 from meshca.devmaterial import create_dev_material
 from meshca.devtokens import mint_token
 from meshca.envoy_process import EnvoyProcess, dynamic_active_clusters, dynamic_listeners, free_port, wait_until
+from meshca.files import write_atomic
 
 TRUST_DOMAIN = "mesh.local"
 
@@ -129,9 +130,14 @@ def _json_handler(respond: Callable[[BaseHTTPRequestHandler], tuple[int, dict[st
     return Handler
 
 
-def _backend_app(request: BaseHTTPRequestHandler) -> tuple[int, dict[str, Any]]:
-    xfcc = request.headers.get("x-forwarded-client-cert", "")
-    return 200, {"service": "backend", "peer": _peer_from_xfcc(xfcc), "path": request.path}
+def backend_app(name: str) -> Callable[[BaseHTTPRequestHandler], tuple[int, dict[str, Any]]]:
+    """A tiny service that answers with its name and the caller identity its sidecar vouched for."""
+
+    def respond(request: BaseHTTPRequestHandler) -> tuple[int, dict[str, Any]]:
+        xfcc = request.headers.get("x-forwarded-client-cert", "")
+        return 200, {"service": name, "peer": _peer_from_xfcc(xfcc), "path": request.path}
+
+    return respond
 
 
 def _frontend_app(outbound_port: int) -> Callable[[BaseHTTPRequestHandler], tuple[int, dict[str, Any]]]:
@@ -173,6 +179,18 @@ def _wait_for_port(port: int, timeout: float, process: subprocess.Popen[bytes], 
 
 
 @dataclass(frozen=True)
+class RequestResult:
+    ok: bool
+    status: int
+    peer: str | None  # the caller identity the backend's sidecar vouched for (XFCC URI)
+    served_by: str | None  # which backend service answered
+
+    @property
+    def detail(self) -> str:
+        return "ok" if self.ok else f"status {self.status}"
+
+
+@dataclass(frozen=True)
 class CertificateView:
     spiffe_id: str | None
     serial: str
@@ -208,9 +226,17 @@ class Demo:
 
     # -- setup --------------------------------------------------------------------------------
 
+    @property
+    def mesh_path(self) -> Path:
+        return self.workdir / "mesh.yaml"
+
+    def write_mesh(self, config: dict[str, Any]) -> None:
+        """Replace the mesh file atomically; meshca notices the change and pushes it."""
+        write_atomic(self.mesh_path, yaml.safe_dump(config, sort_keys=False).encode(), 0o644)
+
     def start(self) -> None:
-        mesh_path = self.workdir / "mesh.yaml"
-        mesh_path.write_text(yaml.safe_dump(mesh_config(self.ports), sort_keys=False))
+        mesh_path = self.mesh_path
+        self.write_mesh(mesh_config(self.ports))
         material = create_dev_material(
             self.workdir / "dev",
             TRUST_DOMAIN,
@@ -230,8 +256,8 @@ class Demo:
             )
         _wait_for_port(self.ports.meshca, self.settings.startup_timeout, self.meshca, log_path)
 
-        self._serve_app(self.ports.backend_app, _backend_app)
-        self._serve_app(self.ports.frontend_app, _frontend_app(self.ports.frontend_outbound))
+        self.serve_app(self.ports.backend_app, backend_app("backend"))
+        self.serve_app(self.ports.frontend_app, _frontend_app(self.ports.frontend_outbound))
         signing_key = material.signing_key.read_bytes()
         for workload in (BACKEND, FRONTEND, INTRUDER):
             token = mint_token(
@@ -258,7 +284,7 @@ class Demo:
             self.say(f"started Envoy sidecar for {workload.name} (admin 127.0.0.1:{envoy.admin_port})")
         self._wait_converged()
 
-    def _serve_app(self, port: int, respond: Callable[[BaseHTTPRequestHandler], tuple[int, dict[str, Any]]]) -> None:
+    def serve_app(self, port: int, respond: Callable[[BaseHTTPRequestHandler], tuple[int, dict[str, Any]]]) -> None:
         server = ThreadingHTTPServer(("127.0.0.1", port), _json_handler(respond))
         server.daemon_threads = True
         threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -295,14 +321,14 @@ class Demo:
             }
         return report
 
-    def one_request(self) -> tuple[bool, str | None, str]:
+    def one_request(self) -> RequestResult:
         """client -> frontend app -> frontend sidecar -> mTLS -> backend sidecar -> backend app."""
         status, body = http_get(f"http://127.0.0.1:{self.ports.frontend_app}/")
-        peer = None
-        if isinstance(body, dict) and isinstance(body.get("backend"), dict):
-            peer = body["backend"].get("peer")
+        backend = body.get("backend") if isinstance(body, dict) else None
+        peer = backend.get("peer") if isinstance(backend, dict) else None
+        served_by = backend.get("service") if isinstance(backend, dict) else None
         ok = status == 200 and peer == FRONTEND.spiffe_id
-        return ok, peer, f"status {status}" if not ok else "ok"
+        return RequestResult(ok, status, peer, served_by)
 
     def intruder_request(self) -> int:
         """The intruder's sidecar calls backend; backend's sidecar only admits frontend's identity."""
@@ -324,14 +350,14 @@ class Demo:
         ok = failed = 0
         peers: set[str] = set()
         for _ in range(self.settings.requests):
-            success, peer, detail = self.one_request()
-            if success:
+            result = self.one_request()
+            if result.ok:
                 ok += 1
             else:
                 failed += 1
-                self.say(f"  request failed: {detail}")
-            if peer:
-                peers.add(peer)
+                self.say(f"  request failed: {result.detail}")
+            if result.peer:
+                peers.add(result.peer)
         self.say(f"sent {self.settings.requests} requests client -> frontend -> backend over mTLS: {ok} ok, {failed} failed")
         self.say(f"backend saw caller identity: {', '.join(sorted(peers)) or 'none'}")
         intruder_status = self.intruder_request()
@@ -357,13 +383,17 @@ class Demo:
         self.say("sending a request every second; Ctrl-C stops everything")
         ok = failed = count = 0
         while not stop.is_set():
-            success, peer, detail = self.one_request()
+            result = self.one_request()
             count += 1
-            ok += success
-            failed += not success
-            self.say(f"  #{count} frontend -> backend: {detail}; backend saw {peer}  (ok {ok}, failed {failed})")
-            if count % 10 == 0:
+            ok += result.ok
+            failed += not result.ok
+            self.say(
+                f"  #{count} frontend -> {result.served_by}: {result.detail}; caller identity seen: {result.peer}"
+                f"  (ok {ok}, failed {failed})"
+            )
+            if count % 15 == 0:
                 self.say(f"  intruder -> backend: HTTP {self.intruder_request()} (refused, as configured)")
+            if count % 60 == 0:
                 self.print_workloads(self.workloads_report())
             stop.wait(self.settings.interval)
         return 0
