@@ -299,7 +299,7 @@ class Demo:
         for name, listener in expected.items():
             envoy = self.envoys[name]
 
-            def ready(envoy: EnvoyProcess = envoy, listener: str = listener) -> bool:
+            def ready(envoy: EnvoyProcess = envoy, listener: str = listener, name: str = name) -> bool:
                 dump = envoy.config_dump()
                 return listener in dynamic_listeners(dump) and (
                     name == BACKEND.name or "outbound|backend" in dynamic_active_clusters(dump)
