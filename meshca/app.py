@@ -26,6 +26,7 @@ from meshca.jwtgate import (
 from meshca.meshbuild import build_mesh
 from meshca.meshconfig import MeshConfig
 from meshca.observability import Observability
+from meshca.rotation import ApschedulerJobs, LeafRotator, RotationSettings
 from meshca.snapshot import InconsistentSnapshot, SnapshotCache
 from meshca.workloads import ForeignTrustDomain, MeshPublisher, WorkloadSecrets
 from meshca.xds.server import (
@@ -93,6 +94,7 @@ class MeshcaApp:
         clock: Clock,
         logger: logging.Logger,
         leaf_ttl: timedelta | None = None,
+        rotation: RotationSettings = RotationSettings(),
     ) -> None:
         self.ca = ca
         self.clock = clock
@@ -100,8 +102,16 @@ class MeshcaApp:
         self.cache = SnapshotCache()
         self.registry = ProxyRegistry(clock)
         self.identity_gate = IdentityGate(TokenVerifier(issuers, clock, logger=logger.getChild("jwt")))
-        self.secrets = WorkloadSecrets(ca, clock, logger.getChild("sds"), leaf_ttl)
+        self.rotation = rotation
+        self.secrets = WorkloadSecrets(
+            ca, clock, logger.getChild("sds"), leaf_ttl, reuse_until=1 - rotation.policy.hard_zone
+        )
         self.publisher = MeshPublisher(self.cache, self.secrets, logger.getChild("mesh"))
+        self.jobs = ApschedulerJobs(logger.getChild("jobs"))
+        self.rotator = LeafRotator(
+            self.secrets, self.publisher, self.jobs, rotation.policy, clock, logger.getChild("rotation")
+        )
+        self.secrets.set_issue_listener(self.rotator.on_issued)
         self.xds = XdsServer(
             self.cache, JwtStreamGate(self.identity_gate, self.publisher), self.registry, logger.getChild("xds")
         )
@@ -157,6 +167,7 @@ class MeshcaApp:
             bound = server.add_secure_port(address, server_credentials)
         await server.start()
         self._server = server
+        self.jobs.start()
         if admin_port is not None:
             bound_admin = self.observability.start(admin_address, admin_port)
             self.log.info("admin (metrics, status) on http://%s:%d", admin_address, bound_admin)
@@ -171,4 +182,5 @@ class MeshcaApp:
             await self._server.stop(grace)
             self._server = None
             self.observability.stop()
+            self.jobs.shutdown()
             self.log.info("meshca stopped")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Protocol
@@ -78,13 +78,16 @@ class WorkloadSecrets:
         clock: Clock,
         logger: logging.Logger,
         leaf_ttl: timedelta | None = None,
-        renew_before: timedelta = timedelta(minutes=1),
+        reuse_until: float = 0.9,
     ) -> None:
         self._issuer = issuer
         self._clock = clock
         self._log = logger
         self._leaf_ttl = leaf_ttl
-        self._renew_before = renew_before
+        # A held certificate is handed out until this fraction of its lifetime (the rotation
+        # policy's hard zone starts there); after that a stream open issues a fresh one.
+        self._reuse_until = reuse_until
+        self._on_issued: Callable[[WorkloadCertificate], object] | None = None
         self._lock = threading.Lock()
         self._issued: dict[SpiffeId, _Issued] = {}
         self._issued_total = 0
@@ -103,29 +106,57 @@ class WorkloadSecrets:
             self._bundle = (bundle, encoded)
         return list(encoded)
 
+    def set_issue_listener(self, listener: Callable[[WorkloadCertificate], object]) -> None:
+        """Called (outside the lock) after every issuance: the rotation scheduler tracks leaves so."""
+        self._on_issued = listener
+
     def default_secret(self, spiffe_id: SpiffeId) -> EncodedResource:
+        """The identity's `default` secret: the held certificate, or a new one if none is usable."""
+        self._check_trust_domain(spiffe_id)
+        with self._lock:
+            current = self._issued.get(spiffe_id)
+            if current is not None:
+                info = current.info
+                reuse_limit = info.not_before + (info.not_after - info.not_before) * self._reuse_until
+                if self._clock() < reuse_limit:
+                    return current.secret
+            issued = self._issue_locked(spiffe_id)
+        self._issued_event(issued.info)
+        return issued.secret
+
+    def renew(self, spiffe_id: SpiffeId) -> WorkloadCertificate:
+        """Issue a new certificate for the identity now (rotation); the caller republishes."""
+        self._check_trust_domain(spiffe_id)
+        with self._lock:
+            issued = self._issue_locked(spiffe_id)
+        self._issued_event(issued.info)
+        return issued.info
+
+    def _check_trust_domain(self, spiffe_id: SpiffeId) -> None:
         if spiffe_id.trust_domain != self._issuer.trust_domain:
             raise ForeignTrustDomain(
                 f"identity {spiffe_id} is in trust domain {spiffe_id.trust_domain!r}; "
                 f"this CA issues for {self._issuer.trust_domain!r}"
             )
-        with self._lock:
-            current = self._issued.get(spiffe_id)
-            if current is not None and self._clock() < current.info.not_after - self._renew_before:
-                return current.secret
-            leaf = self._issuer.issue_workload(spiffe_id, self._leaf_ttl)
-            assert leaf.private_key_pem is not None, "issue_workload returns the generated key"
-            info = WorkloadCertificate(spiffe_id, leaf.serial_number, leaf.not_before, leaf.not_after)
-            issued = _Issued(info, tls_certificate_secret(DEFAULT_CERT_SECRET, leaf.chain_pem, leaf.private_key_pem))
-            self._issued[spiffe_id] = issued
-            self._issued_total += 1
+
+    def _issue_locked(self, spiffe_id: SpiffeId) -> _Issued:
+        leaf = self._issuer.issue_workload(spiffe_id, self._leaf_ttl)
+        assert leaf.private_key_pem is not None, "issue_workload returns the generated key"
+        info = WorkloadCertificate(spiffe_id, leaf.serial_number, leaf.not_before, leaf.not_after)
+        issued = _Issued(info, tls_certificate_secret(DEFAULT_CERT_SECRET, leaf.chain_pem, leaf.private_key_pem))
+        self._issued[spiffe_id] = issued
+        self._issued_total += 1
+        return issued
+
+    def _issued_event(self, info: WorkloadCertificate) -> None:
         self._log.info(
             "issued workload certificate: identity=%s serial=%x not_after=%s",
-            spiffe_id,
+            info.spiffe_id,
             info.serial_number,
             info.not_after.isoformat(),
         )
-        return issued.secret
+        if self._on_issued is not None:
+            self._on_issued(info)
 
     def certificates(self) -> list[WorkloadCertificate]:
         with self._lock:
@@ -212,6 +243,20 @@ class MeshPublisher:
             self._identities.add(spiffe_id)
         self._publish(spiffe_id)
         return self.snapshot_key(spiffe_id)
+
+    def refresh(self, spiffe_id: SpiffeId) -> None:
+        """Publish the identity's snapshot again (its certificate was renewed)."""
+        with self._lock:
+            known = spiffe_id in self._identities
+        if known:
+            self._publish(spiffe_id)
+
+    def refresh_all(self) -> None:
+        """Publish every identity again (the trust bundle changed)."""
+        with self._lock:
+            identities = list(self._identities)
+        for spiffe_id in identities:
+            self._publish(spiffe_id)
 
     def _publish(self, spiffe_id: SpiffeId) -> None:
         secrets = [self._secrets.default_secret(spiffe_id), *self._secrets.bundle_secrets()]

@@ -1,0 +1,229 @@
+"""Leaf rotation: when to renew (a pure function), and the scheduler loop that renews and republishes."""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Protocol
+
+from meshca.clock import Clock
+from meshca.identity import SpiffeId
+
+
+@dataclass(frozen=True)
+class RenewalPolicy:
+    """Renew at `fraction` of a certificate's lifetime ± `jitter` (of lifetime), and at once in the hard zone."""
+
+    fraction: float = 0.5
+    jitter: float = 0.1
+    hard_zone: float = 0.1  # the last tenth of the lifetime: renew now, whatever the schedule said
+
+    def __post_init__(self) -> None:
+        if not 0 < self.fraction < 1:
+            raise ValueError(f"renewal fraction {self.fraction} must be between 0 and 1")
+        if not 0 <= self.jitter < min(self.fraction, 1 - self.fraction):
+            raise ValueError(f"jitter {self.jitter} must be >= 0 and keep the renewal inside the lifetime")
+        if not 0 < self.hard_zone < 1 - self.fraction:
+            raise ValueError(f"hard zone {self.hard_zone} must be > 0 and after the renewal point")
+
+
+@dataclass(frozen=True)
+class RotationSettings:
+    """How leaves renew, and how re-issuing after a CA change is spread out."""
+
+    policy: RenewalPolicy = RenewalPolicy()
+    reissue_window: timedelta = timedelta(minutes=5)
+    reissue_rate: float = 50.0  # certificates per second at most, unless a deadline forces faster
+    ca_check_interval: timedelta = timedelta(seconds=1)
+
+
+def renewal_time(not_before: datetime, not_after: datetime, policy: RenewalPolicy, jitter_sample: float) -> datetime:
+    """When to renew a certificate; `jitter_sample` in [-1, 1] spreads renewals of equal certificates."""
+    if not -1 <= jitter_sample <= 1:
+        raise ValueError(f"jitter sample {jitter_sample} must be in [-1, 1]")
+    lifetime = not_after - not_before
+    scheduled = not_before + lifetime * (policy.fraction + policy.jitter * jitter_sample)
+    return min(scheduled, hard_zone_start(not_before, not_after, policy))
+
+
+def hard_zone_start(not_before: datetime, not_after: datetime, policy: RenewalPolicy) -> datetime:
+    return not_after - (not_after - not_before) * policy.hard_zone
+
+
+def should_renew(
+    now: datetime, not_before: datetime, not_after: datetime, policy: RenewalPolicy, jitter_sample: float
+) -> bool:
+    return now >= renewal_time(not_before, not_after, policy, jitter_sample)
+
+
+def spread_schedule(
+    count: int, now: datetime, window: timedelta, max_rate: float, deadline: datetime, rng: random.Random
+) -> list[datetime]:
+    """Start times for `count` re-issuances after a CA change: jittered across `window`, at most
+    `max_rate` per second, and all before `deadline` (the old CA's leaves' expiry) — the deadline wins
+    over the rate limit, because a late leaf is an outage and a fast one only costs CPU."""
+    if count <= 0:
+        return []
+    span = max(window, timedelta(seconds=count / max_rate))
+    span = min(span, max(deadline - now, timedelta(0)) * 0.9)
+    slot = span / count
+    return [now + slot * (i + rng.random()) for i in range(count)]
+
+
+class RenewableSecrets(Protocol):
+    """What rotation needs from SDS (meshca.workloads.WorkloadSecrets)."""
+
+    def renew(self, spiffe_id: SpiffeId) -> LeafInfo: ...
+
+
+class LeafInfo(Protocol):
+    spiffe_id: SpiffeId
+    serial_number: int
+    not_before: datetime
+    not_after: datetime
+
+
+class Republisher(Protocol):
+    """Pushes an identity's snapshot again after its secret changed (meshca.workloads.MeshPublisher)."""
+
+    def refresh(self, spiffe_id: SpiffeId) -> None: ...
+
+
+class JobScheduler(Protocol):
+    """One-shot jobs by id (apscheduler in production, a fake clock in tests)."""
+
+    def schedule(self, job_id: str, when: datetime, action: Callable[[], None]) -> None: ...
+
+    def cancel(self, job_id: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class RotationCounters:
+    leaf_rotations: int
+    leaf_rotations_failed: int
+    reissues_after_ca_change: int
+
+
+class LeafRotator:
+    """Schedules each issued leaf's renewal; renews, republishes, and schedules the next one.
+
+    A failed renewal (CA unavailable) is retried with backoff, capped so that it is retried well
+    before the hard zone ends; the current certificate keeps being served meanwhile.
+    """
+
+    def __init__(
+        self,
+        secrets: RenewableSecrets,
+        publisher: Republisher,
+        scheduler: JobScheduler,
+        policy: RenewalPolicy,
+        clock: Clock,
+        logger: logging.Logger,
+        rng: random.Random | None = None,
+        retry_cap: timedelta = timedelta(seconds=30),
+    ) -> None:
+        self._secrets = secrets
+        self._publisher = publisher
+        self._scheduler = scheduler
+        self._policy = policy
+        self._clock = clock
+        self._log = logger
+        self._rng = rng or random.Random()
+        self._retry_cap = retry_cap
+        self._lock = threading.Lock()
+        self._tracked: dict[SpiffeId, LeafInfo] = {}
+        self._rotations = 0
+        self._failures = 0
+        self._reissues = 0
+
+    @staticmethod
+    def job_id(spiffe_id: SpiffeId) -> str:
+        return f"renew:{spiffe_id.uri}"
+
+    def on_issued(self, leaf: LeafInfo) -> datetime:
+        """Track a newly issued leaf and schedule its renewal; returns when it will be renewed."""
+        when = renewal_time(leaf.not_before, leaf.not_after, self._policy, self._rng.uniform(-1, 1))
+        with self._lock:
+            self._tracked[leaf.spiffe_id] = leaf
+        self._scheduler.schedule(self.job_id(leaf.spiffe_id), when, lambda: self.renew(leaf.spiffe_id))
+        return when
+
+    def renew(self, spiffe_id: SpiffeId, attempt: int = 0) -> None:
+        try:
+            leaf = self._secrets.renew(spiffe_id)  # on_issued is called back from there
+        except Exception as error:  # any CA failure: keep serving the current one, retry
+            with self._lock:
+                self._failures += 1
+            delay = min(timedelta(seconds=2**attempt), self._retry_cap)
+            self._log.error("renewal of %s failed (attempt %d), retrying in %s: %s", spiffe_id, attempt + 1, delay, error)
+            self._scheduler.schedule(
+                self.job_id(spiffe_id), self._clock() + delay, lambda: self.renew(spiffe_id, attempt + 1)
+            )
+            return
+        with self._lock:
+            self._rotations += 1
+        self._log.info("rotated workload certificate: identity=%s serial=%x", spiffe_id, leaf.serial_number)
+        self._publisher.refresh(spiffe_id)
+
+    def reissue_all(self, window: timedelta, max_rate: float, deadline: datetime) -> list[datetime]:
+        """After a CA change: re-issue every tracked leaf, spread out (herd control)."""
+        with self._lock:
+            identities: Sequence[SpiffeId] = list(self._tracked)
+            self._reissues += len(identities)
+        now = self._clock()
+        times = spread_schedule(len(identities), now, window, max_rate, deadline, self._rng)
+        order = list(identities)
+        self._rng.shuffle(order)
+        for spiffe_id, when in zip(order, times, strict=True):
+            self._scheduler.schedule(self.job_id(spiffe_id), when, lambda s=spiffe_id: self.renew(s))
+        self._log.info("re-issuing %d workload certificates over %s after a CA change", len(order), times[-1] - now if times else timedelta(0))
+        return times
+
+    def forget(self, spiffe_id: SpiffeId) -> None:
+        with self._lock:
+            self._tracked.pop(spiffe_id, None)
+        self._scheduler.cancel(self.job_id(spiffe_id))
+
+    def counters(self) -> RotationCounters:
+        with self._lock:
+            return RotationCounters(self._rotations, self._failures, self._reissues)
+
+
+class ApschedulerJobs:
+    """JobScheduler on apscheduler 3.x's BackgroundScheduler (one worker: renewals never overlap)."""
+
+    def __init__(self, logger: logging.Logger) -> None:
+        from apscheduler.executors.pool import ThreadPoolExecutor
+        from apscheduler.schedulers.background import BackgroundScheduler
+
+        self._scheduler = BackgroundScheduler(
+            executors={"default": ThreadPoolExecutor(1)},
+            job_defaults={"coalesce": True, "misfire_grace_time": None, "max_instances": 1},
+            timezone="UTC",
+        )
+        self._log = logger
+
+    def start(self) -> None:
+        self._scheduler.start()
+
+    def shutdown(self) -> None:
+        if self._scheduler.running:
+            self._scheduler.shutdown(wait=False)
+
+    def schedule(self, job_id: str, when: datetime, action: Callable[[], None]) -> None:
+        self._scheduler.add_job(action, "date", run_date=when, id=job_id, replace_existing=True)
+
+    def every(self, job_id: str, seconds: float, action: Callable[[], None]) -> None:
+        self._scheduler.add_job(action, "interval", seconds=seconds, id=job_id, replace_existing=True)
+
+    def cancel(self, job_id: str) -> None:
+        from apscheduler.jobstores.base import JobLookupError
+
+        try:
+            self._scheduler.remove_job(job_id)
+        except JobLookupError:
+            pass

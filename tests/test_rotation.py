@@ -1,0 +1,196 @@
+"""Leaf rotation on a fake clock: renewal time with jitter bounds, hard zone, scheduling, retries, herd control."""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+
+from meshca.ca import CaSettings, CertificateAuthority
+from meshca.identity import SpiffeId
+from meshca.rotation import (
+    LeafRotator,
+    RenewalPolicy,
+    hard_zone_start,
+    renewal_time,
+    should_renew,
+    spread_schedule,
+)
+from meshca.snapshot import SnapshotCache
+from meshca.workloads import MeshPublisher, WorkloadSecrets
+
+T0 = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
+HOUR = timedelta(hours=1)
+POLICY = RenewalPolicy()
+
+
+def test_renewal_at_half_life_with_jitter_bounds() -> None:
+    not_after = T0 + HOUR
+    assert renewal_time(T0, not_after, POLICY, 0.0) == T0 + HOUR / 2
+    assert renewal_time(T0, not_after, POLICY, -1.0) == T0 + HOUR * 0.4
+    assert renewal_time(T0, not_after, POLICY, 1.0) == T0 + HOUR * 0.6
+    rng = random.Random(7)
+    times = [renewal_time(T0, not_after, POLICY, rng.uniform(-1, 1)) for _ in range(1000)]
+    assert min(times) >= T0 + HOUR * 0.4 and max(times) <= T0 + HOUR * 0.6
+    assert max(times) - min(times) > HOUR * 0.15  # actually spread, not all equal
+
+
+def test_hard_zone_caps_the_schedule() -> None:
+    late = RenewalPolicy(fraction=0.8, jitter=0.15, hard_zone=0.1)
+    assert renewal_time(T0, T0 + HOUR, late, 1.0) == hard_zone_start(T0, T0 + HOUR, late) == T0 + HOUR * 0.9
+    assert should_renew(T0 + HOUR * 0.95, T0, T0 + HOUR, POLICY, 1.0)
+    assert not should_renew(T0 + HOUR * 0.39, T0, T0 + HOUR, POLICY, -1.0)
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"fraction": 0}, {"fraction": 1.2}, {"jitter": 0.6}, {"hard_zone": 0}, {"hard_zone": 0.6}]
+)
+def test_bad_policies_are_refused(kwargs: dict[str, float]) -> None:
+    with pytest.raises(ValueError):
+        RenewalPolicy(**kwargs)
+
+
+def test_bad_jitter_sample_is_refused() -> None:
+    with pytest.raises(ValueError):
+        renewal_time(T0, T0 + HOUR, POLICY, 1.5)
+
+
+def test_spread_schedule_respects_window_rate_and_deadline() -> None:
+    rng = random.Random(1)
+    times = spread_schedule(100, T0, timedelta(minutes=5), 10.0, T0 + HOUR, rng)
+    assert len(times) == 100 and times == sorted(times)
+    assert T0 <= times[0] and times[-1] <= T0 + timedelta(minutes=5)
+    # the rate limit stretches the schedule: 1000 leaves at 1/s need 1000 s
+    slow = spread_schedule(1000, T0, timedelta(minutes=1), 1.0, T0 + HOUR, rng)
+    assert slow[-1] - T0 > timedelta(seconds=900)
+    # but everything still lands before the deadline when the rate would be too slow
+    urgent = spread_schedule(1000, T0, timedelta(minutes=1), 1.0, T0 + timedelta(minutes=2), rng)
+    assert urgent[-1] < T0 + timedelta(minutes=2)
+    assert spread_schedule(0, T0, HOUR, 1.0, T0 + HOUR, rng) == []
+
+
+class FakeClock:
+    def __init__(self, now: datetime) -> None:
+        self.now = now
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+class FakeScheduler:
+    """Test double for apscheduler: one-shot jobs by id, run when the fake clock passes them."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        self.clock = clock
+        self.jobs: dict[str, tuple[datetime, Callable[[], None]]] = {}
+
+    def schedule(self, job_id: str, when: datetime, action: Callable[[], None]) -> None:
+        self.jobs[job_id] = (when, action)
+
+    def cancel(self, job_id: str) -> None:
+        self.jobs.pop(job_id, None)
+
+    def advance_to(self, when: datetime) -> int:
+        ran = 0
+        while True:
+            due = sorted((t, job_id) for job_id, (t, _) in self.jobs.items() if t <= when)
+            if not due:
+                break
+            at, job_id = due[0]
+            self.clock.now = max(self.clock.now, at)
+            _, action = self.jobs.pop(job_id)
+            action()
+            ran += 1
+        self.clock.now = when
+        return ran
+
+
+class Rig:
+    def __init__(self, tmp_path: Path, ttl: timedelta = HOUR) -> None:
+        self.clock = FakeClock(T0)
+        self.ca = CertificateAuthority.init(tmp_path / "ca", CaSettings(trust_domain="mesh.test"), self.clock)
+        log = logging.getLogger("test.rotation")
+        self.secrets = WorkloadSecrets(self.ca, self.clock, log, leaf_ttl=ttl)
+        self.cache = SnapshotCache()
+        self.publisher = MeshPublisher(self.cache, self.secrets, log)
+        self.scheduler = FakeScheduler(self.clock)
+        self.rotator = LeafRotator(
+            self.secrets, self.publisher, self.scheduler, POLICY, self.clock, log, random.Random(3)
+        )
+        self.secrets.set_issue_listener(self.rotator.on_issued)
+
+    def serial(self, spiffe_id: SpiffeId) -> int:
+        from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import Secret
+
+        from meshca.snapshot import ResourceType
+
+        snapshot = self.cache.get(spiffe_id.uri)
+        assert snapshot is not None
+        secret = Secret.parse(snapshot.of_type(ResourceType.SECRET).resources["default"].payload)
+        chain = secret.tls_certificate.certificate_chain.inline_bytes
+        return x509.load_pem_x509_certificates(chain)[0].serial_number
+
+
+def test_rotation_renews_republishes_and_reschedules(tmp_path: Path) -> None:
+    rig = Rig(tmp_path)
+    alice = SpiffeId.for_service_account("mesh.test", "shop", "alice")
+    rig.publisher.ensure_identity(alice)
+    first = rig.serial(alice)
+    (when, _), = rig.scheduler.jobs.values()
+    lifetime = rig.secrets.certificates()[0].not_after - rig.secrets.certificates()[0].not_before
+    assert T0 - timedelta(minutes=2) + lifetime * 0.4 <= when <= T0 + lifetime * 0.6
+    rig.scheduler.advance_to(when - timedelta(seconds=1))
+    assert rig.serial(alice) == first  # not before its time
+    rig.scheduler.advance_to(when)
+    second = rig.serial(alice)
+    assert second != first
+    assert rig.rotator.counters().leaf_rotations == 1
+    # and again, two more times over the next hours: it keeps rotating by itself
+    rig.scheduler.advance_to(T0 + 3 * HOUR)
+    assert rig.rotator.counters().leaf_rotations >= 3
+    assert rig.secrets.certificates()[0].not_after > T0 + 3 * HOUR
+
+
+def test_failed_renewal_keeps_the_current_certificate_and_retries(tmp_path: Path) -> None:
+    rig = Rig(tmp_path)
+    bob = SpiffeId.for_service_account("mesh.test", "shop", "bob")
+    rig.publisher.ensure_identity(bob)
+    first = rig.serial(bob)
+    real_issue = rig.ca.issue_workload
+    failures = {"left": 3}
+
+    def flaky(spiffe_id: SpiffeId, ttl: timedelta | None = None):  # type: ignore[no-untyped-def]
+        if failures["left"]:
+            failures["left"] -= 1
+            raise RuntimeError("CA unavailable")
+        return real_issue(spiffe_id, ttl)
+
+    rig.ca.issue_workload = flaky  # type: ignore[method-assign]
+    (when, _), = rig.scheduler.jobs.values()
+    rig.scheduler.advance_to(when)
+    assert rig.serial(bob) == first  # still served
+    assert rig.rotator.counters().leaf_rotations_failed == 1
+    rig.scheduler.advance_to(when + timedelta(seconds=10))  # retries after 1 s, 2 s, 4 s
+    assert rig.rotator.counters().leaf_rotations_failed == 3
+    assert rig.serial(bob) != first
+    assert rig.rotator.counters().leaf_rotations == 1
+
+
+def test_reissue_all_after_a_ca_change_is_spread_out(tmp_path: Path) -> None:
+    rig = Rig(tmp_path)
+    identities = [SpiffeId.for_service_account("mesh.test", "ns", f"sa{i}") for i in range(50)]
+    for spiffe_id in identities:
+        rig.publisher.ensure_identity(spiffe_id)
+    before = {s: rig.serial(s) for s in identities}
+    times = rig.rotator.reissue_all(timedelta(minutes=2), max_rate=5.0, deadline=T0 + HOUR)
+    assert len(times) == 50 and times[-1] - times[0] > timedelta(seconds=8)  # 50 at <= 5/s
+    rig.scheduler.advance_to(T0 + timedelta(seconds=5))
+    changed = sum(rig.serial(s) != before[s] for s in identities)
+    assert 0 < changed < 50  # a herd is not issued at once
+    rig.scheduler.advance_to(T0 + timedelta(minutes=3))
+    assert all(rig.serial(s) != before[s] for s in identities)
