@@ -12,7 +12,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from meshca import csr_service
-from meshca.ca import CertificateAuthority
+from meshca.ca import CaError, CertificateAuthority
 from meshca.clock import Clock
 from meshca.jwtgate import (
     AuthenticationError,
@@ -62,6 +62,8 @@ class JwtStreamGate:
             key = self._publisher.ensure_identity(principal.spiffe_id)
         except ForeignTrustDomain as error:
             raise StreamRefused(grpc.StatusCode.PERMISSION_DENIED, str(error)) from None
+        except CaError as error:  # e.g. the intermediate expired: say so rather than fail obscurely
+            raise StreamRefused(grpc.StatusCode.UNAVAILABLE, f"cannot issue a certificate now: {error}") from None
         return Admission(key, principal.spiffe_id.uri)
 
 
@@ -123,7 +125,6 @@ class MeshcaApp:
     def apply_mesh_config(self, config: MeshConfig) -> str:
         """Derive resources from the mesh model and publish them; the last good stays on error."""
         if config.trust_domain != self.ca.trust_domain:
-            self.publisher.record_rejected()
             raise InconsistentSnapshot(
                 [f"mesh trust_domain {config.trust_domain!r} is not the CA's trust domain {self.ca.trust_domain!r}"]
             )

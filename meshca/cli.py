@@ -71,8 +71,17 @@ async def _serve(config_path: Path) -> int:
     state_dir = read_state_dir(config_path)
     ca = CertificateAuthority.load(state_dir, system_clock)
     settings = load_serve_settings(config_path, ca.trust_domain)
+    if settings.leaf_ttl is not None and not (
+        ca.settings.leaf_ttl_min <= settings.leaf_ttl <= ca.settings.leaf_ttl_max
+    ):
+        raise ConfigError(
+            config_path,
+            "leaf_ttl",
+            f"{settings.leaf_ttl} is outside the CA's leaf TTL bounds "
+            f"[{ca.settings.leaf_ttl_min}, {ca.settings.leaf_ttl_max}] (set at `meshca ca init`)",
+        )
     log = logs.configure(settings.log_level)
-    app = MeshcaApp(ca, settings.issuers, system_clock, log, settings.leaf_ttl)
+    app = MeshcaApp(ca, settings.issuers, system_clock, log, settings.leaf_ttl, settings.rotation)
     if settings.server_tls is not None:
         credentials = ServerCredentials(
             settings.server_tls.certificate_chain.read_bytes(), settings.server_tls.private_key.read_bytes()

@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 
 from meshca.jwtgate import TrustedIssuer
+from meshca.rotation import RenewalPolicy, RotationSettings
 
 
 class ConfigError(ValueError):
@@ -58,6 +59,7 @@ class ServeSettings:
     server_tls: ServerTls | None  # None: issue a server certificate from the CA at start
     server_names: tuple[str, ...]
     leaf_ttl: timedelta | None
+    rotation: RotationSettings
     mesh_file: Path | None  # the mesh config (services, routes), watched for changes
     metrics_port: int | None  # admin HTTP: /metrics, /status, /healthz
     admin_address: str
@@ -167,9 +169,24 @@ def _parse_issuer(reader: FieldReader, index: int, item: object, trust_domain: s
         raise reader.error(key, str(error)) from None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A safe loader that refuses a key given twice in one mapping (YAML keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml_mapping(path: Path) -> Mapping[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except OSError as error:
         raise ConfigError(path, "", f"cannot read: {error.strerror}") from None
     except yaml.YAMLError as error:
@@ -190,10 +207,36 @@ def read_state_dir(path: Path) -> Path:
     return (path.parent / reader.get("state_dir", str)).resolve()
 
 
+def _parse_rotation(reader: FieldReader) -> RotationSettings:
+    data = reader.get("rotation", Mapping, None)
+    if data is None:
+        return RotationSettings()
+    sub = reader.child("rotation", data)
+    sub.check_known({"renew_at", "jitter", "hard_zone", "reissue_window", "reissue_rate", "ca_check_interval"})
+    defaults = RotationSettings()
+    try:
+        policy = RenewalPolicy(
+            fraction=float(sub.get("renew_at", (int, float), defaults.policy.fraction)),
+            jitter=float(sub.get("jitter", (int, float), defaults.policy.jitter)),
+            hard_zone=float(sub.get("hard_zone", (int, float), defaults.policy.hard_zone)),
+        )
+    except ValueError as error:
+        raise reader.error("rotation", str(error)) from None
+    rate = float(sub.get("reissue_rate", (int, float), defaults.reissue_rate))
+    if rate <= 0:
+        raise sub.error("reissue_rate", f"{rate} must be > 0 certificates per second")
+    return RotationSettings(
+        policy=policy,
+        reissue_window=sub.duration("reissue_window", required=False) or defaults.reissue_window,
+        reissue_rate=rate,
+        ca_check_interval=sub.duration("ca_check_interval", required=False) or defaults.ca_check_interval,
+    )
+
+
 def parse_serve_settings(path: Path, data: Mapping[str, Any], trust_domain: str) -> ServeSettings:
     reader = FieldReader(path, data)
     reader.check_known(
-        {"state_dir", "listen", "issuers", "tls", "server_names", "leaf_ttl", "mesh", "metrics_port", "admin_address", "log_level"}
+        {"state_dir", "listen", "issuers", "tls", "server_names", "leaf_ttl", "rotation", "mesh", "metrics_port", "admin_address", "log_level"}
     )
     host, port = _parse_listen(reader)
     issuers_raw = reader.get("issuers", list)
@@ -219,6 +262,7 @@ def parse_serve_settings(path: Path, data: Mapping[str, Any], trust_domain: str)
         server_tls=tls,
         server_names=tuple(str(n) for n in server_names),
         leaf_ttl=reader.duration("leaf_ttl", required=False),
+        rotation=_parse_rotation(reader),
         mesh_file=reader.file("mesh", required=False),
         metrics_port=metrics_port,
         admin_address=reader.get("admin_address", str, "127.0.0.1"),

@@ -40,11 +40,11 @@ class MeshResources:
     @property
     def version(self) -> str:
         digest = hashlib.sha256()
-        for resource in self.shared:
+        for resource in sorted(self.shared, key=lambda res: (res.type.name, res.name)):  # order-independent
             digest.update(f"{resource.type.name}/{resource.name}/{resource.version};".encode())
         for spiffe_id in sorted(self.per_identity):
             digest.update(spiffe_id.uri.encode())
-            for resource in self.per_identity[spiffe_id]:
+            for resource in sorted(self.per_identity[spiffe_id], key=lambda res: (res.type.name, res.name)):
                 digest.update(f"{resource.type.name}/{resource.name}/{resource.version};".encode())
         return digest.hexdigest()[:12]
 

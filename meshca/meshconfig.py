@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -112,6 +113,14 @@ def _host_port(reader: FieldReader, key: str, value: object) -> tuple[str, int]:
     return host, port
 
 
+def _ip(reader: FieldReader, key: str, default: str) -> str:
+    value = reader.get(key, str, default)
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise reader.error(key, f"{value!r} is not an IP address (Envoy listeners bind to addresses)") from None
+
+
 def _allow_rule(reader: FieldReader, key: str, value: object, trust_domain: str) -> AllowRule:
     if value == "*":
         return AllowRule(any_identity=True)
@@ -141,13 +150,13 @@ def _service(reader: FieldReader, name: str, data: object, trust_domain: str) ->
         ib = sub.child("inbound", inbound_data)
         ib.check_known({"port", "app", "listen_address"})
         app_host, app_port = _host_port(ib, "app", ib.get("app", str))
-        inbound = Inbound(_port(ib, "port"), app_host, app_port, ib.get("listen_address", str, "0.0.0.0"))
+        inbound = Inbound(_port(ib, "port"), app_host, app_port, _ip(ib, "listen_address", "0.0.0.0"))
     outbound = None
     outbound_data = sub.get("outbound", Mapping, None)
     if outbound_data is not None:
         ob = sub.child("outbound", outbound_data)
         ob.check_known({"port", "listen_address"})
-        outbound = Outbound(_port(ob, "port"), ob.get("listen_address", str, "127.0.0.1"))
+        outbound = Outbound(_port(ob, "port"), _ip(ob, "listen_address", "127.0.0.1"))
     raw_endpoints = sub.get("endpoints", list, None)
     if raw_endpoints is None:
         endpoints = ((("127.0.0.1", inbound.port),) if inbound is not None else ())

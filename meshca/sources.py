@@ -76,8 +76,14 @@ class FileMeshSource:
             return False
         try:
             version = self._sink.apply_mesh_config(load_mesh_config(self._path))
-        except (ConfigError, InconsistentSnapshot) as error:
+        except ConfigError as error:
             self._log.error("mesh config rejected, the last good config keeps serving: %s", error)
+            self._sink.record_rejected()
+            return False
+        except InconsistentSnapshot as error:
+            self._log.error(
+                "mesh config %s rejected, the last good config keeps serving: %s", self._path, "; ".join(error.problems)
+            )
             self._sink.record_rejected()
             return False
         self._log.info("mesh config %s changed: version %s applied", self._path, version)

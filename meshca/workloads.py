@@ -20,7 +20,6 @@ from meshca.resources import (
 )
 from meshca.snapshot import (
     EncodedResource,
-    InconsistentSnapshot,
     ResourceType,
     Snapshot,
     SnapshotCache,
@@ -194,7 +193,8 @@ class MeshPublisher:
     def set_mesh(self, mesh: MeshResources | Iterable[EncodedResource]) -> None:
         """Validate every identity's view against the secrets it will have, then publish to all.
 
-        Raises InconsistentSnapshot naming every dangling reference; nothing changes then.
+        Raises InconsistentSnapshot naming every dangling reference; nothing changes then (the
+        caller, e.g. a config source, counts the rejection with record_rejected).
         """
         if not isinstance(mesh, MeshResources):
             mesh = MeshResources(tuple(mesh))
@@ -202,15 +202,11 @@ class MeshPublisher:
         # carrying the secret names every identity gets.
         probe = self._secrets.bundle_secrets() + [tls_certificate_secret(DEFAULT_CERT_SECRET, b"", b"")]
         shared = [r for r in mesh.shared if r.type is not ResourceType.SECRET]
-        try:
-            shared_view = Snapshot.build(shared + probe)
-            views = {
-                spiffe_id: Snapshot.build(shared + [r for r in own if r.type is not ResourceType.SECRET] + probe)
-                for spiffe_id, own in mesh.per_identity.items()
-            }
-        except InconsistentSnapshot:
-            self.record_rejected()
-            raise
+        shared_view = Snapshot.build(shared + probe)
+        views = {
+            spiffe_id: Snapshot.build(shared + [r for r in own if r.type is not ResourceType.SECRET] + probe)
+            for spiffe_id, own in mesh.per_identity.items()
+        }
         with self._lock:
             self._shared_view = shared_view
             self._views = views
@@ -222,6 +218,7 @@ class MeshPublisher:
             self._publish(spiffe_id)
 
     def record_rejected(self) -> None:
+        """Count a mesh update refused by its source (parse, validation or consistency error)."""
         with self._lock:
             self._rejected += 1
 

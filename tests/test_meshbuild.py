@@ -1,0 +1,356 @@
+"""Resource derivation: what Envoy resources each part of the mesh model becomes, decoded from the bytes sent."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from envoy_data_plane.envoy.config.cluster.v3 import Cluster, ClusterDiscoveryType
+from envoy_data_plane.envoy.config.endpoint.v3 import ClusterLoadAssignment
+from envoy_data_plane.envoy.config.listener.v3 import Listener
+from envoy_data_plane.envoy.config.route.v3 import RouteConfiguration
+from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import HttpConnectionManager
+from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import (
+    CommonTlsContext,
+    DownstreamTlsContext,
+    SubjectAltNameMatcherSanType,
+    UpstreamTlsContext,
+)
+from meshca_harness import make_ca
+
+from meshca import resources as r
+from meshca.clock import system_clock
+from meshca.identity import SpiffeId
+from meshca.meshbuild import OUTBOUND_ROUTES, MeshResources, build_mesh
+from meshca.meshconfig import MeshConfig, parse_mesh_config
+from meshca.snapshot import EncodedResource, InconsistentSnapshot, ResourceType, Snapshot, SnapshotCache
+from meshca.workloads import MeshPublisher, WorkloadSecrets
+
+TD = "mesh.test"
+
+# The demo's shape (backend accepts only frontend; intruder is in the mesh but not allowed), plus one service
+# per allow-rule form, a service with explicit endpoints, an identity with two services, and a weighted split.
+MESH = f"""\
+trust_domain: {TD}
+services:
+  backend:
+    namespace: shop
+    inbound: {{port: 15006, app: "127.0.0.1:8080", listen_address: 127.0.0.1}}
+    allow: [spiffe://{TD}/ns/shop/sa/frontend]
+  backend-v2:
+    namespace: shop
+    inbound: {{port: 15007, app: "127.0.0.1:8081"}}
+    endpoints: ["10.0.0.5:15007", "10.0.0.6:15007"]
+    allow: ["namespace:shop", spiffe://{TD}/ns/ops/sa/probe]
+  catalog:
+    namespace: shop
+    inbound: {{port: 15008, app: "127.0.0.1:9090"}}
+    allow: ["namespace:ops", "*"]
+  ledger:
+    namespace: bank
+    inbound: {{port: 15009, app: "127.0.0.1:7070"}}
+  frontend:
+    namespace: shop
+    outbound: {{port: 15001}}
+  frontend-admin:
+    namespace: shop
+    service_account: frontend
+    inbound: {{port: 15010, app: "127.0.0.1:3000"}}
+  intruder:
+    namespace: attic
+    outbound: {{port: 15001}}
+routes:
+  - prefix: /v2
+    split: {{backend: 1, backend-v2: 3}}
+  - prefix: /
+    to: backend
+"""
+
+INBOUND_SERVICES = ("backend", "backend-v2", "catalog", "ledger", "frontend-admin")
+
+
+def parse(text: str = MESH, **overrides: Any) -> MeshConfig:
+    data = yaml.safe_load(text)
+    data.update(overrides)
+    return parse_mesh_config(Path("mesh.yaml"), data)
+
+
+def identity(namespace: str, service_account: str) -> SpiffeId:
+    return SpiffeId.for_service_account(TD, namespace, service_account)
+
+
+def by_key(resources: Sequence[EncodedResource]) -> dict[tuple[ResourceType, str], EncodedResource]:
+    keyed = {(res.type, res.name): res for res in resources}
+    assert len(keyed) == len(resources), "no resource is derived twice"
+    return keyed
+
+
+def tls_context(listener: Listener) -> DownstreamTlsContext:
+    socket = listener.filter_chains[0].transport_socket
+    assert socket is not None and socket.name == "envoy.transport_sockets.tls"
+    context = socket.typed_config.unpack()
+    assert isinstance(context, DownstreamTlsContext)
+    return context
+
+
+def san_matchers(context: CommonTlsContext) -> list[tuple[str, str]]:
+    """('exact'|'prefix', value) for every URI SAN matcher of the validation context."""
+    matchers = context.combined_validation_context.default_validation_context.match_typed_subject_alt_names
+    out = []
+    for matcher in matchers:
+        assert matcher.san_type == SubjectAltNameMatcherSanType.URI
+        out.append(("exact", matcher.matcher.exact) if matcher.matcher.exact else ("prefix", matcher.matcher.prefix))
+    return out
+
+
+def connection_manager(listener: Listener) -> HttpConnectionManager:
+    manager = listener.filter_chains[0].filters[0].typed_config.unpack()
+    assert isinstance(manager, HttpConnectionManager)
+    return manager
+
+
+def endpoints_of(resource: EncodedResource) -> list[tuple[str, int]]:
+    assignment = ClusterLoadAssignment.parse(resource.payload)
+    return [
+        (lb.endpoint.address.socket_address.address, lb.endpoint.address.socket_address.port_value)
+        for locality in assignment.endpoints
+        for lb in locality.lb_endpoints
+    ]
+
+
+def test_shared_resources_are_one_outbound_cluster_and_cla_per_served_service_plus_the_route_config() -> None:
+    mesh = build_mesh(parse())
+    shared = by_key(mesh.shared)
+    expected = {(ResourceType.CLUSTER, f"outbound|{s}") for s in INBOUND_SERVICES}
+    expected |= {(ResourceType.ENDPOINT, f"outbound|{s}") for s in INBOUND_SERVICES}
+    expected |= {(ResourceType.ROUTE, OUTBOUND_ROUTES)}
+    assert set(shared) == expected  # nothing for frontend/intruder (outbound only), no listeners, no secrets
+
+    cluster = Cluster.parse(shared[ResourceType.CLUSTER, "outbound|backend"].payload)
+    assert cluster.name == "outbound|backend" and cluster.type == ClusterDiscoveryType.EDS
+    assert cluster.transport_socket is not None
+    upstream = cluster.transport_socket.typed_config.unpack()
+    assert isinstance(upstream, UpstreamTlsContext)
+    # the caller's sidecar pins the callee's identity exactly, presents its own `default`, trusts `ROOTCA`
+    assert san_matchers(upstream.common_tls_context) == [("exact", f"spiffe://{TD}/ns/shop/sa/backend")]
+    assert [c.name for c in upstream.common_tls_context.tls_certificate_sds_secret_configs] == ["default"]
+    assert upstream.common_tls_context.combined_validation_context.validation_context_sds_secret_config.name == "ROOTCA"
+
+    # endpoints: by default the sidecar's inbound port on loopback; else the listed addresses
+    assert endpoints_of(shared[ResourceType.ENDPOINT, "outbound|backend"]) == [("127.0.0.1", 15006)]
+    assert endpoints_of(shared[ResourceType.ENDPOINT, "outbound|ledger"]) == [("127.0.0.1", 15009)]
+    assert endpoints_of(shared[ResourceType.ENDPOINT, "outbound|backend-v2"]) == [
+        ("10.0.0.5", 15007),
+        ("10.0.0.6", 15007),
+    ]
+
+
+def test_outbound_route_config_encodes_prefixes_and_split_weights() -> None:
+    shared = by_key(build_mesh(parse()).shared)
+    config = RouteConfiguration.parse(shared[ResourceType.ROUTE, OUTBOUND_ROUTES].payload)
+    assert config.name == "outbound"
+    [host] = config.virtual_hosts
+    assert host.domains == ["*"]
+    split, default = host.routes
+    assert split.match.prefix == "/v2"
+    assert split.route.weighted_clusters is not None
+    assert [(c.name, c.weight) for c in split.route.weighted_clusters.clusters] == [
+        ("outbound|backend", 1),
+        ("outbound|backend-v2", 3),
+    ]
+    assert default.match.prefix == "/"
+    assert default.route.cluster == "outbound|backend" and default.route.weighted_clusters is None
+
+
+def test_route_config_without_routes_is_still_published() -> None:
+    """Outbound listeners always reference `outbound`; with no routes it exists and routes nothing."""
+    shared = by_key(build_mesh(parse(routes=[])).shared)
+    config = RouteConfiguration.parse(shared[ResourceType.ROUTE, OUTBOUND_ROUTES].payload)
+    assert [host.routes for host in config.virtual_hosts] == [[]]
+
+
+def test_served_identity_gets_an_mtls_inbound_listener_its_route_and_a_local_cluster_to_the_app() -> None:
+    mesh = build_mesh(parse())
+    own = by_key(mesh.per_identity[identity("shop", "backend")])
+    assert set(own) == {
+        (ResourceType.LISTENER, "inbound|backend"),
+        (ResourceType.ROUTE, "inbound|backend"),
+        (ResourceType.CLUSTER, "local|backend"),
+        (ResourceType.ENDPOINT, "local|backend"),
+    }
+
+    listener = Listener.parse(own[ResourceType.LISTENER, "inbound|backend"].payload)
+    assert listener.name == "inbound|backend"
+    assert (listener.address.socket_address.address, listener.address.socket_address.port_value) == (
+        "127.0.0.1",
+        15006,
+    )
+    context = tls_context(listener)
+    assert context.require_client_certificate is True
+    assert [c.name for c in context.common_tls_context.tls_certificate_sds_secret_configs] == ["default"]
+    validation = context.common_tls_context.combined_validation_context
+    assert validation.validation_context_sds_secret_config.name == "ROOTCA"
+    assert san_matchers(context.common_tls_context) == [("exact", f"spiffe://{TD}/ns/shop/sa/frontend")]
+    manager = connection_manager(listener)
+    assert manager.rds.route_config_name == "inbound|backend"
+
+    routes = RouteConfiguration.parse(own[ResourceType.ROUTE, "inbound|backend"].payload)
+    assert [(route.match.prefix, route.route.cluster) for host in routes.virtual_hosts for route in host.routes] == [
+        ("/", "local|backend")
+    ]
+    local = Cluster.parse(own[ResourceType.CLUSTER, "local|backend"].payload)
+    assert local.type == ClusterDiscoveryType.EDS and local.transport_socket is None  # plain HTTP to the app
+    assert endpoints_of(own[ResourceType.ENDPOINT, "local|backend"]) == [("127.0.0.1", 8080)]
+
+
+def test_inbound_listens_on_all_addresses_by_default() -> None:
+    own = by_key(build_mesh(parse()).per_identity[identity("bank", "ledger")])
+    listener = Listener.parse(own[ResourceType.LISTENER, "inbound|ledger"].payload)
+    assert (listener.address.socket_address.address, listener.address.socket_address.port_value) == ("0.0.0.0", 15009)
+
+
+@pytest.mark.parametrize(
+    "service, namespace, expected",
+    [
+        pytest.param("backend", "shop", [("exact", f"spiffe://{TD}/ns/shop/sa/frontend")], id="spiffe-id"),
+        pytest.param(
+            "backend-v2",
+            "shop",
+            [("exact", f"spiffe://{TD}/ns/ops/sa/probe"), ("prefix", f"spiffe://{TD}/ns/shop/sa/")],
+            id="namespace-and-spiffe-id",
+        ),
+        pytest.param("catalog", "shop", [("prefix", f"spiffe://{TD}/")], id="star-wins-over-namespace"),
+        pytest.param("ledger", "bank", [("prefix", f"spiffe://{TD}/")], id="empty-allow-means-trust-domain"),
+    ],
+)
+def test_allow_rules_become_san_matchers_and_mtls_is_always_required(
+    service: str, namespace: str, expected: list[tuple[str, str]]
+) -> None:
+    config = parse()
+    served = config.service(service)
+    assert served is not None
+    own = by_key(build_mesh(config).per_identity[served.spiffe_id])
+    context = tls_context(Listener.parse(own[ResourceType.LISTENER, f"inbound|{service}"].payload))
+    assert context.require_client_certificate is True
+    assert san_matchers(context.common_tls_context) == expected
+
+
+def test_calling_identity_gets_a_loopback_outbound_listener_on_the_outbound_routes() -> None:
+    mesh = build_mesh(parse())
+    own = by_key(mesh.per_identity[identity("attic", "intruder")])
+    assert set(own) == {(ResourceType.LISTENER, "outbound|15001")}
+    listener = Listener.parse(own[ResourceType.LISTENER, "outbound|15001"].payload)
+    assert (listener.address.socket_address.address, listener.address.socket_address.port_value) == (
+        "127.0.0.1",
+        15001,
+    )
+    assert listener.filter_chains[0].transport_socket is None  # the app speaks plain HTTP to its own sidecar
+    assert connection_manager(listener).rds.route_config_name == "outbound"
+
+
+def test_an_identity_with_several_services_gets_all_their_listeners() -> None:
+    own = by_key(build_mesh(parse()).per_identity[identity("shop", "frontend")])
+    assert {key for key in own if key[0] is ResourceType.LISTENER} == {
+        (ResourceType.LISTENER, "outbound|15001"),
+        (ResourceType.LISTENER, "inbound|frontend-admin"),
+    }
+    assert (ResourceType.CLUSTER, "local|frontend-admin") in own
+
+
+def test_every_identity_has_a_view_and_nothing_is_shared_twice() -> None:
+    config = parse()
+    mesh = build_mesh(config)
+    assert set(mesh.per_identity) == {s.spiffe_id for s in config.services}
+    shared_keys = set(by_key(mesh.shared))
+    for own in mesh.per_identity.values():
+        assert not shared_keys & set(by_key(own))
+
+
+def placeholder_secrets() -> list[EncodedResource]:
+    return [r.tls_certificate_secret("default", b"", b""), r.validation_context_secret("ROOTCA", b"")]
+
+
+def test_every_identity_view_is_a_consistent_snapshot() -> None:
+    mesh = build_mesh(parse())
+    for spiffe_id, own in mesh.per_identity.items():
+        snapshot = Snapshot.build([*mesh.shared, *own, *placeholder_secrets()])
+        listeners = set(snapshot.of_type(ResourceType.LISTENER).resources)
+        assert listeners == {res.name for res in own if res.type is ResourceType.LISTENER}, spiffe_id
+    Snapshot.build([*mesh.shared, *placeholder_secrets()])  # a proxy outside the mesh gets the shared view
+
+
+def test_views_without_secrets_are_refused() -> None:
+    """The check above is meaningful: the mTLS listener really depends on `default` and `ROOTCA`."""
+    mesh = build_mesh(parse())
+    with pytest.raises(InconsistentSnapshot, match="LDS 'inbound\\|backend' references SDS 'ROOTCA'"):
+        Snapshot.build([*mesh.shared, *mesh.per_identity[identity("shop", "backend")]])
+
+
+def test_publisher_serves_each_identity_its_own_view(tmp_path: Path) -> None:
+    ca = make_ca(tmp_path, TD)
+    cache = SnapshotCache()
+    log = logging.getLogger("meshca.test.meshbuild")
+    publisher = MeshPublisher(cache, WorkloadSecrets(ca, system_clock, log), log)
+    mesh = build_mesh(parse())
+    publisher.set_mesh(mesh)
+    assert publisher.mesh_version() == mesh.version and publisher.mesh_rejected_total() == 0
+
+    def listeners(spiffe_id: SpiffeId) -> set[str]:
+        snapshot = cache.get(publisher.ensure_identity(spiffe_id))
+        assert snapshot is not None
+        assert set(snapshot.of_type(ResourceType.SECRET).resources) >= {"default", "ROOTCA"}
+        return set(snapshot.of_type(ResourceType.LISTENER).resources)
+
+    assert listeners(identity("shop", "backend")) == {"inbound|backend"}
+    assert listeners(identity("attic", "intruder")) == {"outbound|15001"}
+    assert listeners(identity("other", "stranger")) == set()  # not in the mesh: shared view only
+
+
+def test_version_is_stable_for_the_same_config() -> None:
+    assert build_mesh(parse()).version == build_mesh(parse()).version
+    assert len(build_mesh(parse()).version) == 12
+
+
+def edited(old: str, new: str) -> MeshConfig:
+    assert MESH.count(old) == 1
+    return parse(MESH.replace(old, new))
+
+
+@pytest.mark.parametrize(
+    "old, new",
+    [
+        pytest.param("\"10.0.0.6:15007\"", "\"10.0.0.7:15007\"", id="endpoint"),  # shared EDS
+        pytest.param("split: {backend: 1, backend-v2: 3}", "split: {backend: 1, backend-v2: 4}", id="weight"),
+        pytest.param("app: \"127.0.0.1:7070\"", "app: \"127.0.0.1:7071\"", id="app-address"),  # per-identity EDS
+        pytest.param("allow: [spiffe://mesh.test/ns/shop/sa/frontend]", "allow: [\"namespace:shop\"]", id="allow"),
+        pytest.param("namespace: attic", "namespace: cellar", id="identity"),
+        pytest.param("    outbound: {port: 15001}\n  frontend-admin", "    outbound: {port: 15002}\n  frontend-admin",
+                     id="outbound-port"),
+    ],
+)
+def test_version_changes_when_anything_changes(old: str, new: str) -> None:
+    assert build_mesh(edited(old, new)).version != build_mesh(parse()).version
+
+
+def test_version_ignores_the_order_services_are_listed_in() -> None:
+    data = yaml.safe_load(MESH)
+    data["services"] = dict(reversed(list(data["services"].items())))
+    reordered = parse_mesh_config(Path("mesh.yaml"), data)
+    mesh, other = build_mesh(parse()), build_mesh(reordered)
+    # the same resources either way ...
+    assert {(res.type, res.name, res.version) for res in mesh.shared} == {
+        (res.type, res.name, res.version) for res in other.shared
+    }
+    # ... so the same version: a reformatted file is not a new mesh
+    assert mesh.version == other.version
+
+
+def test_version_of_plain_resource_lists() -> None:
+    """`set_mesh` also accepts a flat list; its version covers every resource."""
+    one = MeshResources((r.cluster(r.ClusterSpec("a")),))
+    two = MeshResources((r.cluster(r.ClusterSpec("b")),))
+    assert one.version != two.version and one.version == MeshResources((r.cluster(r.ClusterSpec("a")),)).version
