@@ -1,47 +1,72 @@
-"""The internal mesh CA: root -> intermediate -> SPIFFE X.509-SVID leaves, with its state on disk."""
+"""The internal mesh CA: root and intermediate slots (prepared → active → old) and SPIFFE X.509-SVID leaves."""
 
 from __future__ import annotations
 
 import ipaddress
-import json
 import os
 import re
 import secrets
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Literal
 
 from meshca import crypto
+from meshca.ca_state import (
+    FORMAT_VERSION,
+    METADATA_FILE,
+    V1_FILES,
+    V1_INTERMEDIATE_CERT_FILE,
+    V1_INTERMEDIATE_KEY_FILE,
+    V1_ROOT_CERT_FILE,
+    V1_ROOT_KEY_FILE,
+    CaError,
+    CaStateError,
+    JournalEntry,
+    JournalEvent,
+    SlotKind,
+    SlotRecord,
+    SlotState,
+    StateRecord,
+    append_journal,
+    file_signature,
+    is_ca_state_file,
+    leftover_files,
+    parse_time,
+    read_journal,
+    read_metadata,
+    read_state_file,
+    remove_files,
+    slot_files,
+    slot_id,
+    state_lock,
+)
 from meshca.clock import Clock
 from meshca.crypto import CryptoError, DistinguishedName, Issuer, KeyAlgorithm
 from meshca.files import fsync_directory, write_atomic
 from meshca.identity import InvalidSpiffeId, SpiffeId
 
-FORMAT_VERSION = 1
-ROOT_CERT_FILE = "root.pem"
-ROOT_KEY_FILE = "root-key.pem"
-INTERMEDIATE_CERT_FILE = "intermediate.pem"
-INTERMEDIATE_KEY_FILE = "intermediate-key.pem"
-METADATA_FILE = "ca.json"
-STATE_FILES = (ROOT_CERT_FILE, ROOT_KEY_FILE, INTERMEDIATE_CERT_FILE, INTERMEDIATE_KEY_FILE, METADATA_FILE)
+# Format-1 file names (kept for the migration and for tests that build a format-1 directory).
+ROOT_CERT_FILE = V1_ROOT_CERT_FILE
+ROOT_KEY_FILE = V1_ROOT_KEY_FILE
+INTERMEDIATE_CERT_FILE = V1_INTERMEDIATE_CERT_FILE
+INTERMEDIATE_KEY_FILE = V1_INTERMEDIATE_KEY_FILE
 MAX_CSR_BYTES = 64 * 1024
+LEAF_TTL_FLOOR = timedelta(seconds=10)
 
 _ALLOWED_CSR_CURVES = ("secp256r1", "secp384r1")
 _RSA_MIN_BITS = 2048
 _RSA_MAX_BITS = 8192
 _DNS_NAME = re.compile(r"^(\*\.)?[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
+_STATE_ORDER: Mapping[str, int] = {"active": 0, "prepared": 1, "old": 2}
+_MAX_TICK_STEPS = 8
 
 CsrRejectionKind = Literal["invalid_argument", "permission_denied"]
-
-
-class CaError(Exception):
-    """Base class of every error this module raises."""
-
-
-class CaStateError(CaError):
-    """The CA state directory is missing, partial, corrupt or inconsistent; the message names the file."""
+CrashPoint = Literal["key_written", "files_written", "journal_written", "committed"]
+CrashHook = Callable[[CrashPoint], None]  # test hook: raise to simulate a crash at that step
+CRASH_POINTS: tuple[CrashPoint, ...] = ("key_written", "files_written", "journal_written", "committed")
 
 
 class CaAlreadyExists(CaStateError):
@@ -64,6 +89,10 @@ class IssuerExpired(CaError):
     """The intermediate CA has expired (or is not valid yet), so nothing can be issued until it rotates."""
 
 
+class RotationRefused(CaError):
+    """A CA transition that cannot be made in the current state (e.g. nothing prepared to activate)."""
+
+
 class CsrRejected(CaError):
     """A CSR this CA refuses to sign; `kind` maps to the gRPC status (INVALID_ARGUMENT / PERMISSION_DENIED)."""
 
@@ -77,10 +106,17 @@ class CsrRejected(CaError):
 class CaSettings:
     """Everything that shapes the CA; persisted in ca.json at init.
 
-    Leaf TTL policy: a requested TTL below `leaf_ttl_min` is rejected (InvalidTtl); above
-    `leaf_ttl_max` it is clamped to `leaf_ttl_max`; the result is then always capped at the
-    intermediate's notAfter. notBefore is backdated by `backdate` (but never before the
-    intermediate's notBefore) to absorb clock skew.
+    Leaf TTL policy: a requested TTL below `leaf_ttl_min` (at least 10 s) is rejected (InvalidTtl);
+    above `leaf_ttl_max` it is clamped to `leaf_ttl_max`; the result is then always capped at the
+    active intermediate's notAfter (so leaves get shorter near the end of an intermediate's life
+    rather than outliving it). notBefore is backdated by `backdate`, but by no more than a quarter
+    of the leaf's lifetime and never before the intermediate's notBefore, to absorb clock skew.
+
+    Rotation schedule (`tick`): fractions of the active certificate's lifetime at which the next
+    one is prepared (created, published in the bundle if a root, not signing) and activated.
+    `reload_grace` bounds how long another process sharing the state dir may keep signing with a
+    CA after a transition committed elsewhere (its reload_if_changed period); it is added to
+    `retire_after`.
     """
 
     trust_domain: str
@@ -92,6 +128,11 @@ class CaSettings:
     leaf_ttl_max: timedelta = timedelta(days=90)
     backdate: timedelta = timedelta(seconds=60)
     leaf_key_algorithm: KeyAlgorithm = KeyAlgorithm.EC_P256  # keys generated by issue_workload / servers
+    intermediate_prepare_at: float = 0.5
+    intermediate_activate_at: float = 0.66
+    root_prepare_at: float = 0.8
+    root_activate_at: float = 0.9
+    reload_grace: timedelta = timedelta(seconds=30)
 
     def __post_init__(self) -> None:
         try:
@@ -103,6 +144,8 @@ class CaSettings:
                 raise InvalidSettings(f"{name} must be positive, got {getattr(self, name)}")
         if self.intermediate_ttl > self.root_ttl:
             raise InvalidSettings(f"intermediate_ttl {self.intermediate_ttl} exceeds root_ttl {self.root_ttl}")
+        if self.leaf_ttl_min < LEAF_TTL_FLOOR:
+            raise InvalidSettings(f"leaf_ttl_min must be at least {LEAF_TTL_FLOOR}, got {self.leaf_ttl_min}")
         if not self.leaf_ttl_min <= self.leaf_ttl_default <= self.leaf_ttl_max:
             raise InvalidSettings(
                 f"leaf TTLs must satisfy min <= default <= max, got min {self.leaf_ttl_min}, "
@@ -110,6 +153,17 @@ class CaSettings:
             )
         if not timedelta(0) <= self.backdate <= timedelta(hours=1):
             raise InvalidSettings(f"backdate must be between 0 and 1 h, got {self.backdate}")
+        if not timedelta(0) <= self.reload_grace <= timedelta(hours=1):
+            raise InvalidSettings(f"reload_grace must be between 0 and 1 h, got {self.reload_grace}")
+        for kind in ("intermediate", "root"):
+            prepare, activate = getattr(self, f"{kind}_prepare_at"), getattr(self, f"{kind}_activate_at")
+            if not (isinstance(prepare, (int, float)) and isinstance(activate, (int, float))):
+                raise InvalidSettings(f"{kind}_prepare_at and {kind}_activate_at must be numbers")
+            if not 0 < prepare < activate < 1:
+                raise InvalidSettings(
+                    f"{kind} rotation fractions must satisfy 0 < prepare_at < activate_at < 1, "
+                    f"got prepare_at {prepare}, activate_at {activate}"
+                )
 
     def to_json(self) -> dict[str, Any]:
         """The ca.json `settings` object (TTLs in whole seconds)."""
@@ -121,17 +175,31 @@ class CaSettings:
             "leaf_ttl_max_seconds": int(self.leaf_ttl_max.total_seconds()),
             "backdate_seconds": int(self.backdate.total_seconds()),
             "leaf_key_algorithm": self.leaf_key_algorithm.value,
+            "intermediate_prepare_at": self.intermediate_prepare_at,
+            "intermediate_activate_at": self.intermediate_activate_at,
+            "root_prepare_at": self.root_prepare_at,
+            "root_activate_at": self.root_activate_at,
+            "reload_grace_seconds": int(self.reload_grace.total_seconds()),
         }
 
     @classmethod
     def from_json(cls, trust_domain: str, key_algorithm: str, data: Mapping[str, Any]) -> CaSettings:
-        """Inverse of to_json; raises KeyError/ValueError/TypeError on bad input."""
+        """Inverse of to_json; keys added in format 2 may be absent (defaults). Raises KeyError/ValueError/TypeError."""
+        defaults = cls(trust_domain)
 
-        def seconds(key: str) -> timedelta:
+        def seconds(key: str, default: timedelta | None = None) -> timedelta:
+            if default is not None and key not in data:
+                return default
             value = data[key]
             if type(value) is not int:
                 raise TypeError(f"settings.{key} must be an integer, got {value!r}")
             return timedelta(seconds=value)
+
+        def fraction(key: str) -> float:
+            value = data.get(key, getattr(defaults, key))
+            if type(value) not in (int, float):
+                raise TypeError(f"settings.{key} must be a number, got {value!r}")
+            return float(value)
 
         return cls(
             trust_domain=trust_domain,
@@ -143,6 +211,11 @@ class CaSettings:
             leaf_ttl_max=seconds("leaf_ttl_max_seconds"),
             backdate=seconds("backdate_seconds"),
             leaf_key_algorithm=KeyAlgorithm(data["leaf_key_algorithm"]),
+            intermediate_prepare_at=fraction("intermediate_prepare_at"),
+            intermediate_activate_at=fraction("intermediate_activate_at"),
+            root_prepare_at=fraction("root_prepare_at"),
+            root_activate_at=fraction("root_activate_at"),
+            reload_grace=seconds("reload_grace_seconds", defaults.reload_grace),
         )
 
 
@@ -152,26 +225,295 @@ class IssuedCertificate:
 
     spiffe_id: SpiffeId | None  # None for server certificates
     certificate_pem: bytes  # the leaf alone
-    chain_pem: bytes  # leaf followed by the intermediate (never the root)
+    chain_pem: bytes  # leaf followed by the active intermediate (never the root)
     private_key_pem: bytes | None = field(repr=False)  # None when issued from a CSR
     serial_number: int
     not_before: datetime  # aware UTC, whole seconds
     not_after: datetime
 
 
+@dataclass(frozen=True)
+class CaEvent:
+    """One slot change of a committed transition; all events of one transition share its generation."""
+
+    kind: SlotKind
+    event: JournalEvent
+    id: str
+    generation: int
+    retire_after: datetime | None = None  # for "retired": when its last leaf expires (then it is pruned)
+
+
+@dataclass(frozen=True)
+class SlotStatus:
+    """A CA certificate in the state directory, as `meshca ca status` shows it."""
+
+    kind: SlotKind
+    id: str
+    state: SlotState
+    subject: str
+    issuer_id: str | None
+    not_before: datetime
+    not_after: datetime
+    since: datetime
+    retire_after: datetime | None
+    fingerprint_sha256: str
+
+
+@dataclass(frozen=True)
+class BundleEntry:
+    """A root in the trust bundle (ROOTCA)."""
+
+    id: str
+    state: SlotState
+    subject: str
+    fingerprint_sha256: str
+    not_after: datetime
+
+
+@dataclass(frozen=True)
+class CaStatus:
+    """The CA's committed state: slots, generation and the trust bundle, in bundle order."""
+
+    trust_domain: str
+    generation: int
+    active_intermediate_id: str
+    slots: tuple[SlotStatus, ...]
+    bundle: tuple[BundleEntry, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        def when(value: datetime | None) -> str | None:
+            return None if value is None else value.isoformat()
+
+        return {
+            "trust_domain": self.trust_domain,
+            "generation": self.generation,
+            "active_intermediate_id": self.active_intermediate_id,
+            "slots": [
+                {
+                    "kind": s.kind, "id": s.id, "state": s.state, "subject": s.subject, "issuer_id": s.issuer_id,
+                    "not_before": when(s.not_before), "not_after": when(s.not_after), "since": when(s.since),
+                    "retire_after": when(s.retire_after), "fingerprint_sha256": s.fingerprint_sha256,
+                }
+                for s in self.slots
+            ],
+            "bundle": [
+                {"id": b.id, "state": b.state, "subject": b.subject, "fingerprint_sha256": b.fingerprint_sha256,
+                 "not_after": when(b.not_after)}
+                for b in self.bundle
+            ],
+        }
+
+
+# --- the schedule (pure) --------------------------------------------------------------------------
+
+
+ScheduledAction = Literal["prepare", "activate", "prune"]
+
+
+@dataclass(frozen=True)
+class ScheduledStep:
+    """The next transition the schedule calls for; `kind` is None for a prune (of every due slot)."""
+
+    action: ScheduledAction
+    kind: SlotKind | None
+
+
+def lifetime_point(slot: SlotRecord, fraction: float) -> datetime:
+    """The instant at `fraction` of a slot's certificate lifetime."""
+    return slot.not_before + (slot.not_after - slot.not_before) * fraction
+
+
+def retire_after(slot: SlotRecord, stopped_signing: datetime, settings: CaSettings) -> datetime:
+    """The latest notAfter of any leaf `slot` may have signed: it stopped signing at `stopped_signing`
+    (plus reload_grace for another process still using it), leaves live at most leaf_ttl_max, and
+    no leaf outlives its issuer."""
+    return min(stopped_signing + settings.reload_grace + settings.leaf_ttl_max, slot.not_after)
+
+
+def due_prunes(slots: Sequence[SlotRecord], now: datetime) -> tuple[SlotRecord, ...]:
+    """Old slots whose retire_after has come; a root only once none of its intermediates remains."""
+    gone = {s.id for s in slots if s.state == "old" and s.kind == "intermediate" and now >= _req(s.retire_after)}
+    still_issuing = {s.issuer_id for s in slots if s.kind == "intermediate" and s.id not in gone}
+    gone |= {
+        s.id
+        for s in slots
+        if s.state == "old" and s.kind == "root" and now >= _req(s.retire_after) and s.id not in still_issuing
+    }
+    return tuple(s for s in slots if s.id in gone)
+
+
+def scheduled_step(slots: Sequence[SlotRecord], settings: CaSettings, now: datetime) -> ScheduledStep | None:
+    """What `tick` does next, as a pure function of the committed slots, the settings and `now`.
+
+    In order: prune old slots past retire_after; prepare a root at root_prepare_at of the active
+    root's life; activate it at root_activate_at (never in the tick that prepared it, so the new
+    root is published before it signs); prepare the next intermediate at intermediate_prepare_at
+    of the active intermediate's life; activate it at intermediate_activate_at.
+    """
+    if due_prunes(slots, now):
+        return ScheduledStep("prune", None)
+    root = _only(slots, "root", "active")
+    prepared_root = _find(slots, "root", "prepared")
+    if prepared_root is None and now >= lifetime_point(root, settings.root_prepare_at):
+        return ScheduledStep("prepare", "root")
+    if (
+        prepared_root is not None
+        and now >= lifetime_point(root, settings.root_activate_at)
+        and now > prepared_root.since
+    ):
+        return ScheduledStep("activate", "root")
+    intermediate = _only(slots, "intermediate", "active")
+    following = _find(slots, "intermediate", "prepared", root.id)
+    if following is None and now >= lifetime_point(intermediate, settings.intermediate_prepare_at):
+        return ScheduledStep("prepare", "intermediate")
+    if following is not None and now >= lifetime_point(intermediate, settings.intermediate_activate_at):
+        return ScheduledStep("activate", "intermediate")
+    return None
+
+
+def _req(value: datetime | None) -> datetime:
+    if value is None:
+        raise ValueError("an old slot without retire_after")
+    return value
+
+
+def _find(slots: Sequence[SlotRecord], kind: SlotKind, state: SlotState, issuer_id: str | None = None) -> SlotRecord | None:
+    for s in slots:
+        if s.kind == kind and s.state == state and (issuer_id is None or s.issuer_id == issuer_id):
+            return s
+    return None
+
+
+def _only(slots: Sequence[SlotRecord], kind: SlotKind, state: SlotState) -> SlotRecord:
+    found = _find(slots, kind, state)
+    if found is None:
+        raise CaStateError(f"no {state} {kind} in the CA state")
+    return found
+
+
+def _check_slots(slots: Sequence[SlotRecord], where: Path) -> None:
+    """The invariants every committed state satisfies; CaStateError naming ca.json otherwise."""
+
+    def fail(problem: str) -> CaStateError:
+        return CaStateError(f"{where}: inconsistent slots: {problem}")
+
+    ids = [s.id for s in slots]
+    if len(set(ids)) != len(ids):
+        raise fail("duplicate slot ids")
+    count = {(k, st): sum(1 for s in slots if s.kind == k and s.state == st) for k in ("root", "intermediate")
+             for st in ("prepared", "active")}
+    if count["root", "active"] != 1 or count["intermediate", "active"] != 1:
+        raise fail("there must be exactly one active root and one active intermediate")
+    if count["root", "prepared"] > 1:
+        raise fail("more than one prepared root")
+    roots = {s.id: s for s in slots if s.kind == "root"}
+    active_root = _only(slots, "root", "active")
+    prepared_root = _find(slots, "root", "prepared")
+    allowed_prepared_issuers = {active_root.id} | ({prepared_root.id} if prepared_root else set())
+    seen_prepared: set[str | None] = set()
+    for s in slots:
+        if s.kind != "intermediate":
+            continue
+        if s.issuer_id not in roots:
+            raise fail(f"intermediate {s.id} names issuer {s.issuer_id}, which is not a root slot")
+        if s.state == "active" and s.issuer_id != active_root.id:
+            raise fail(f"the active intermediate {s.id} is not signed by the active root {active_root.id}")
+        if s.state == "prepared":
+            if s.issuer_id not in allowed_prepared_issuers or s.issuer_id in seen_prepared:
+                raise fail(f"prepared intermediate {s.id} must be the only one under the active or prepared root")
+            seen_prepared.add(s.issuer_id)
+        if s.state == "old" and roots[_str(s.issuer_id)].state == "prepared":
+            raise fail(f"old intermediate {s.id} is signed by a prepared root")
+
+
+def _str(value: str | None) -> str:
+    return value or ""
+
+
+# --- in-memory state ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Slot:
+    record: SlotRecord
+    issuer: Issuer
+
+
+@dataclass(frozen=True)
+class _NewSlot:
+    record: SlotRecord
+    issuer: Issuer
+    certificate_pem: bytes
+    key_pem: bytes = field(repr=False)
+
+
+@dataclass(frozen=True)
+class _Signer:
+    """What issuance needs, read with a single attribute load on the hot path."""
+
+    id: str
+    issuer: Issuer
+    certificate_pem: bytes
+    not_before: datetime
+    not_after: datetime
+
+
+@dataclass(frozen=True)
+class _Loaded:
+    settings: CaSettings
+    record: StateRecord
+    raw: bytes  # ca.json as read or written
+    signature: tuple[int, int, int]
+    slots: tuple[_Slot, ...]
+    signer: _Signer
+    bundle_pem: bytes
+
+    @classmethod
+    def build(cls, settings: CaSettings, record: StateRecord, raw: bytes, signature: tuple[int, int, int],
+              slots: Sequence[_Slot]) -> _Loaded:
+        ordered = tuple(sorted(slots, key=_slot_order))
+        active = next(s for s in ordered if s.record.kind == "intermediate" and s.record.state == "active")
+        roots = [s for s in ordered if s.record.kind == "root"]
+        signer = _Signer(
+            active.record.id, active.issuer, active.issuer.certificate_pem,
+            active.issuer.info.not_before, active.issuer.info.not_after,
+        )
+        bundle = b"".join(s.issuer.certificate_pem for s in roots)
+        return cls(settings, replace(record, slots=tuple(s.record for s in ordered)), raw, signature, ordered,
+                   signer, bundle)
+
+    def get(self, kind: SlotKind, state: SlotState, issuer_id: str | None = None) -> _Slot | None:
+        for s in self.slots:
+            r = s.record
+            if r.kind == kind and r.state == state and (issuer_id is None or r.issuer_id == issuer_id):
+                return s
+        return None
+
+    def one(self, kind: SlotKind, state: SlotState) -> _Slot:
+        found = self.get(kind, state)
+        if found is None:
+            raise CaStateError(f"no {state} {kind} in the CA state")
+        return found
+
+
+def _slot_order(slot: _Slot) -> tuple[int, int, datetime, str]:
+    r = slot.record
+    return (0 if r.kind == "root" else 1, _STATE_ORDER[r.state], r.not_before, r.id)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """A transition decided on the current state: the full slot list after it, the files to write
+    first, and its journal events."""
+
+    slots: tuple[_Slot, ...]
+    new: tuple[_NewSlot, ...]
+    events: tuple[tuple[JournalEvent, SlotKind, str], ...]
+
+
 def _new_serial() -> int:
     # 126 random bits with the top bit set: positive, non-zero, always 16 DER content bytes.
     return secrets.randbits(127) | (1 << 126)
-
-
-def _read_state_file(state_dir: Path, name: str) -> bytes:
-    path = state_dir / name
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise CaStateError(f"{path}: file is missing (partial or damaged CA state)") from None
-    except OSError as e:
-        raise CaStateError(f"{path}: cannot be read: {e.strerror or e}") from None
 
 
 def _as_utc(now: datetime) -> datetime:
@@ -180,35 +522,267 @@ def _as_utc(now: datetime) -> datetime:
     return now.astimezone(timezone.utc).replace(microsecond=0)
 
 
+def _no_crash(point: CrashPoint) -> None:
+    return None
+
+
+def _make_root(settings: CaSettings, now: datetime, state: SlotState) -> _NewSlot:
+    key = crypto.generate_private_key_pem(settings.key_algorithm)
+    serial = _new_serial()
+    pem = crypto.self_signed_ca_certificate_pem(
+        key,
+        subject=DistinguishedName("meshca root CA", organization=settings.trust_domain, serial_number=f"{serial:x}"),
+        uris=[SpiffeId(settings.trust_domain).uri],
+        not_before=now - settings.backdate,
+        not_after=now + settings.root_ttl,
+        serial_number=serial,
+    )
+    issuer = Issuer(pem, key)
+    info = issuer.info
+    record = SlotRecord("root", slot_id(info.fingerprint_sha256), state, None, info.not_before, info.not_after, now)
+    return _NewSlot(record, issuer, pem, key)
+
+
+def _make_intermediate(settings: CaSettings, root: _Slot | _NewSlot, now: datetime, state: SlotState) -> _NewSlot:
+    signer = root.issuer
+    not_before = max(now - settings.backdate, signer.info.not_before)
+    not_after = min(now + settings.intermediate_ttl, signer.info.not_after)
+    if not_after <= now or now < signer.info.not_before:
+        raise RotationRefused(
+            f"root {root.record.id} is valid from {signer.info.not_before.isoformat()} to "
+            f"{signer.info.not_after.isoformat()}, not at {now.isoformat()}: it cannot sign an intermediate; "
+            "rotate the root"
+        )
+    key = crypto.generate_private_key_pem(settings.key_algorithm)
+    serial = _new_serial()
+    pem = signer.sign_ca_certificate(
+        crypto.public_key_pem(key),
+        subject=DistinguishedName(
+            "meshca intermediate CA", organization=settings.trust_domain, serial_number=f"{serial:x}"
+        ),
+        uris=[SpiffeId(settings.trust_domain).uri],
+        not_before=not_before,
+        not_after=not_after,
+        serial_number=serial,
+        path_length=0,
+    )
+    issuer = Issuer(pem, key)
+    info = issuer.info
+    record = SlotRecord(
+        "intermediate", slot_id(info.fingerprint_sha256), state, root.record.id, info.not_before, info.not_after, now
+    )
+    return _NewSlot(record, issuer, pem, key)
+
+
+def _load_issuer(state_dir: Path, cert_file: str, key_file: str) -> tuple[Issuer, bytes, bytes]:
+    cert_pem = read_state_file(state_dir / cert_file)
+    key_pem = read_state_file(state_dir / key_file)
+    try:
+        crypto.parse_certificate_pem(cert_pem)
+    except CryptoError as e:
+        raise CaStateError(f"{state_dir / cert_file}: {e}") from None
+    try:
+        crypto.private_key_info(key_pem)
+    except CryptoError as e:
+        raise CaStateError(f"{state_dir / key_file}: {e}") from None
+    try:
+        return Issuer(cert_pem, key_pem), cert_pem, key_pem
+    except CryptoError as e:
+        raise CaStateError(f"{state_dir / cert_file} / {key_file}: {e}") from None
+
+
+def _check_ca_certificate(path: Path, issuer: Issuer, settings: CaSettings, metadata: Path) -> None:
+    td_uri = SpiffeId(settings.trust_domain).uri
+    if issuer.info.uris != (td_uri,):
+        raise CaStateError(
+            f"{path}: certificate names {list(issuer.info.uris)}, "
+            f"not the trust domain {td_uri} recorded in {metadata}"
+        )
+    if issuer.key_info.algorithm is not settings.key_algorithm:
+        raise CaStateError(
+            f"{path}: key is {issuer.key_info.kind}-{issuer.key_info.bits}, "
+            f"but {metadata.name} records {settings.key_algorithm.value}"
+        )
+
+
+def _settings_from(path: Path, trust_domain: object, key_algorithm: object, data: object) -> CaSettings:
+    try:
+        if not isinstance(trust_domain, str) or not isinstance(key_algorithm, str) or not isinstance(data, dict):
+            raise TypeError("trust_domain and key_algorithm must be strings, settings an object")
+        return CaSettings.from_json(trust_domain, key_algorithm, data)
+    except KeyError as e:
+        raise CaStateError(f"{path}: missing key {e.args[0]!r}") from None
+    except (TypeError, ValueError) as e:
+        raise CaStateError(f"{path}: invalid content: {e}") from None
+
+
+def _read_v2(state_dir: Path, raw: bytes, data: Mapping[str, Any]) -> _Loaded:
+    """Parse and cross-check a format-2 state (ca.json plus every slot's files)."""
+    path = state_dir / METADATA_FILE
+    for key in ("trust_domain", "key_algorithm", "settings"):
+        if key not in data:
+            raise CaStateError(f"{path}: missing key {key!r}")
+    settings = _settings_from(path, data["trust_domain"], data["key_algorithm"], data["settings"])
+    try:
+        record = StateRecord.from_json(data)
+    except KeyError as e:
+        raise CaStateError(f"{path}: missing key {e.args[0]!r}") from None
+    except (TypeError, ValueError) as e:
+        raise CaStateError(f"{path}: invalid content: {e}") from None
+    signature = file_signature(path)
+    _check_slots(record.slots, path)
+    slots: list[_Slot] = []
+    contents: set[bytes] = set()
+    for r in record.slots:
+        cert_name, key_name = slot_files(r.kind, r.id)
+        issuer, cert_pem, key_pem = _load_issuer(state_dir, cert_name, key_name)
+        contents |= {cert_pem, key_pem}
+        info = issuer.info
+        cert_path = state_dir / cert_name
+        if slot_id(info.fingerprint_sha256) != r.id:
+            raise CaStateError(f"{cert_path}: certificate fingerprint {info.fingerprint_sha256} is not slot {r.id}")
+        if (info.not_before, info.not_after) != (r.not_before, r.not_after):
+            raise CaStateError(f"{path}: validity recorded for {r.kind} {r.id} does not match {cert_path}")
+        if r.kind == "intermediate" and info.path_length != 0:
+            raise CaStateError(f"{cert_path}: an intermediate must have pathLenConstraint 0")
+        if r.kind == "root" and not issuer.issued(issuer.certificate_pem):
+            raise CaStateError(f"{cert_path}: the root certificate is not self-signed")
+        _check_ca_certificate(cert_path, issuer, settings, path)
+        slots.append(_Slot(r, issuer))
+    roots = {s.record.id: s for s in slots if s.record.kind == "root"}
+    for s in slots:
+        if s.record.kind == "intermediate" and not roots[_str(s.record.issuer_id)].issuer.issued(s.issuer.certificate_pem):
+            cert_name, _ = slot_files("intermediate", s.record.id)
+            raise CaStateError(
+                f"{state_dir / cert_name}: the intermediate is not signed by root {s.record.issuer_id} "
+                f"({state_dir / slot_files('root', _str(s.record.issuer_id))[0]})"
+            )
+    for name in V1_FILES:
+        v1_path = state_dir / name
+        if v1_path.exists() and read_state_file(v1_path) not in contents:
+            raise CaStateError(
+                f"{v1_path}: a format-1 CA file in a format-{FORMAT_VERSION} state directory that matches no slot "
+                f"in {path}; it is not used (the CA's files are now <kind>-<id>.pem): remove it"
+            )
+    return _Loaded.build(settings, record, raw, signature, slots)
+
+
+def _commit(
+    state_dir: Path,
+    *,
+    base_generation: int,
+    referenced: Sequence[tuple[SlotKind, str]],
+    v2_committed: bool,
+    new: Sequence[_NewSlot],
+    events: Sequence[tuple[JournalEvent, SlotKind, str]],
+    record: StateRecord,
+    remove_after: Sequence[Path],
+    crash: CrashHook,
+) -> tuple[bytes, tuple[int, int, int]]:
+    """The one write path of every transition (caller holds the exclusive lock):
+
+    1. remove leftovers of interrupted transitions (files ca.json does not reference);
+    2. write the new slots' key and certificate files (new names, never overwriting), fsync the dir;
+    3. append the journal lines with the new generation, fsync;
+    4. replace ca.json atomically, fsync the dir: THE commit point;
+    5. remove the files of slots the new ca.json no longer references (pruned), fsync the dir.
+    """
+    remove_files(state_dir, leftover_files(state_dir, referenced, v2_committed=v2_committed))
+    for i, slot in enumerate(new):
+        cert_name, key_name = slot_files(slot.record.kind, slot.record.id)
+        write_atomic(state_dir / key_name, slot.key_pem, 0o600, overwrite=False)
+        if i == 0:
+            crash("key_written")
+        write_atomic(state_dir / cert_name, slot.certificate_pem, 0o644, overwrite=False)
+    if new:
+        fsync_directory(state_dir)
+    crash("files_written")
+    at = record.committed_at
+    append_journal(
+        state_dir, [JournalEntry(at, event, kind, ident, record.generation) for event, kind, ident in events],
+        base_generation,
+    )
+    crash("journal_written")
+    raw = record.to_bytes()
+    write_atomic(state_dir / METADATA_FILE, raw, 0o644)
+    fsync_directory(state_dir)
+    crash("committed")
+    remove_files(state_dir, remove_after)
+    return raw, file_signature(state_dir / METADATA_FILE)
+
+
+def _migrate_v1(state_dir: Path, data: Mapping[str, Any], now: datetime, crash: CrashHook) -> _Loaded:
+    """Format 1 (root.pem, intermediate.pem, ...) → slots, in place, as one journaled transition.
+
+    The slot files are copies, ca.json is replaced last; only then are the format-1 files removed.
+    Interrupted before the commit, the format-1 state is intact and the next load migrates again;
+    after it, the left-over format-1 files equal slot files and are removed by the next transition.
+    """
+    path = state_dir / METADATA_FILE
+    for key in ("trust_domain", "key_algorithm", "settings"):
+        if key not in data:
+            raise CaStateError(f"{path}: missing key {key!r}")
+    settings = _settings_from(path, data["trust_domain"], data["key_algorithm"], data["settings"])
+    root, root_cert, root_key = _load_issuer(state_dir, V1_ROOT_CERT_FILE, V1_ROOT_KEY_FILE)
+    inter, inter_cert, inter_key = _load_issuer(state_dir, V1_INTERMEDIATE_CERT_FILE, V1_INTERMEDIATE_KEY_FILE)
+    root_path, inter_path = state_dir / V1_ROOT_CERT_FILE, state_dir / V1_INTERMEDIATE_CERT_FILE
+    if not root.issued(root.certificate_pem):
+        raise CaStateError(f"{root_path}: the root certificate is not self-signed")
+    if not root.issued(inter.certificate_pem):
+        raise CaStateError(f"{inter_path}: the intermediate is not signed by the root in {root_path}")
+    if inter.info.path_length != 0:
+        raise CaStateError(f"{inter_path}: the intermediate must have pathLenConstraint 0")
+    for p, issuer in ((root_path, root), (inter_path, inter)):
+        _check_ca_certificate(p, issuer, settings, path)
+    try:
+        created_at = parse_time(data.get("created_at", now.isoformat()), "created_at")
+    except (TypeError, ValueError) as e:
+        raise CaStateError(f"{path}: invalid content: {e}") from None
+    root_id, inter_id = slot_id(root.info.fingerprint_sha256), slot_id(inter.info.fingerprint_sha256)
+    root_slot = _NewSlot(
+        SlotRecord("root", root_id, "active", None, root.info.not_before, root.info.not_after, created_at),
+        root, root_cert, root_key,
+    )
+    inter_slot = _NewSlot(
+        SlotRecord("intermediate", inter_id, "active", root_id, inter.info.not_before, inter.info.not_after, created_at),
+        inter, inter_cert, inter_key,
+    )
+    record = StateRecord(
+        settings.trust_domain, settings.key_algorithm.value, created_at, 1, now, settings.to_json(),
+        (root_slot.record, inter_slot.record),
+    )
+    raw, signature = _commit(
+        state_dir, base_generation=0, referenced=(), v2_committed=False, new=(root_slot, inter_slot),
+        events=(("migrated", "root", root_id), ("migrated", "intermediate", inter_id)), record=record,
+        remove_after=[state_dir / name for name in V1_FILES], crash=crash,
+    )
+    return _Loaded.build(settings, record, raw, signature, [_Slot(root_slot.record, root), _Slot(inter_slot.record, inter)])
+
+
 class CertificateAuthority:
     """An internal CA loaded from (or initialised in) a state directory.
 
-    Construct with `init` (new CA) or `load` (existing CA). The issuer key and certificate are
-    parsed once; issuing methods are thread-safe and do no I/O.
+    Construct with `init` (new CA) or `load` (existing CA). Issuing methods are thread-safe, do no
+    I/O and always sign with the active intermediate. Transitions (prepare/activate/rotate/tick)
+    hold an exclusive flock on state_dir/.lock, re-read ca.json first, and commit by replacing
+    ca.json; another process on the same directory sees them through `reload_if_changed`.
     """
 
-    def __init__(
-        self,
-        settings: CaSettings,
-        clock: Clock,
-        root: Issuer,
-        intermediate: Issuer,
-    ) -> None:
+    def __init__(self, state_dir: Path, clock: Clock, loaded: _Loaded, crash_hook: CrashHook | None = None) -> None:
         """Internal: use `init` or `load`."""
-        self._settings = settings
+        self._dir = state_dir
         self._clock = clock
-        self._root = root
-        self._intermediate = intermediate
-        self._trust_bundle_pem = root.certificate_pem
-        self._intermediate_pem = intermediate.certificate_pem
-        self._issuer_not_before = intermediate.info.not_before
-        self._issuer_not_after = intermediate.info.not_after
+        self._state = loaded
+        self._crash: CrashHook = crash_hook or _no_crash
+        self._mutex = threading.RLock()
 
     # --- state -------------------------------------------------------------------------------
 
     @classmethod
-    def init(cls, state_dir: Path, settings: CaSettings, clock: Clock) -> CertificateAuthority:
-        """Create a new root and intermediate in `state_dir` (made 0700) and return the CA.
+    def init(
+        cls, state_dir: Path, settings: CaSettings, clock: Clock, *, crash_hook: CrashHook | None = None
+    ) -> CertificateAuthority:
+        """Create a new root and intermediate (both active) in `state_dir` (made 0700) and return the CA.
 
         Raises CaAlreadyExists if any CA state file already exists there; never overwrites.
         ca.json is written last, so an interrupted init leaves a state `load` refuses.
@@ -216,160 +790,344 @@ class CertificateAuthority:
         state_dir = Path(state_dir)
         if state_dir.exists() and not state_dir.is_dir():
             raise CaStateError(f"{state_dir}: exists and is not a directory")
-        existing = [name for name in STATE_FILES if (state_dir / name).exists()]
-        if existing:
-            raise CaAlreadyExists(
-                f"{state_dir} already holds CA state ({', '.join(existing)}); refusing to overwrite it"
-            )
+        cls._refuse_existing(state_dir)
         if state_dir.is_dir():
             os.chmod(state_dir, 0o700)  # before any key is written into it
         else:
             state_dir.parent.mkdir(parents=True, exist_ok=True)
             os.mkdir(state_dir, 0o700)
-
         now = _as_utc(clock())
-        not_before = now - settings.backdate
-        td = settings.trust_domain
-        td_uri = SpiffeId(td).uri
+        crash = crash_hook or _no_crash
+        with state_lock(state_dir, exclusive=True):
+            cls._refuse_existing(state_dir)
+            root = _make_root(settings, now, "active")
+            inter = _make_intermediate(settings, root, now, "active")
+            record = StateRecord(
+                settings.trust_domain, settings.key_algorithm.value, now, 1, now, settings.to_json(),
+                (root.record, inter.record),
+            )
+            raw, signature = _commit(
+                state_dir, base_generation=0, referenced=(), v2_committed=False, new=(root, inter),
+                events=(("activated", "root", root.record.id), ("activated", "intermediate", inter.record.id)),
+                record=record, remove_after=(), crash=crash,
+            )
+        slots = [_Slot(root.record, root.issuer), _Slot(inter.record, inter.issuer)]
+        return cls(state_dir, clock, _Loaded.build(settings, record, raw, signature, slots), crash_hook)
 
-        root_key = crypto.generate_private_key_pem(settings.key_algorithm)
-        root_serial = _new_serial()
-        root_pem = crypto.self_signed_ca_certificate_pem(
-            root_key,
-            subject=DistinguishedName("meshca root CA", organization=td, serial_number=f"{root_serial:x}"),
-            uris=[td_uri],
-            not_before=not_before,
-            not_after=now + settings.root_ttl,
-            serial_number=root_serial,
-        )
-        root = Issuer(root_pem, root_key)
-
-        intermediate_key = crypto.generate_private_key_pem(settings.key_algorithm)
-        intermediate_serial = _new_serial()
-        intermediate_pem = root.sign_ca_certificate(
-            crypto.public_key_pem(intermediate_key),
-            subject=DistinguishedName(
-                "meshca intermediate CA", organization=td, serial_number=f"{intermediate_serial:x}"
-            ),
-            uris=[td_uri],
-            not_before=not_before,
-            not_after=min(now + settings.intermediate_ttl, root.info.not_after),
-            serial_number=intermediate_serial,
-            path_length=0,
-        )
-        intermediate = Issuer(intermediate_pem, intermediate_key)
-
-        metadata = {
-            "format_version": FORMAT_VERSION,
-            "trust_domain": td,
-            "key_algorithm": settings.key_algorithm.value,
-            "created_at": now.isoformat(),
-            "settings": settings.to_json(),
-        }
-        write_atomic(state_dir / ROOT_KEY_FILE, root_key, 0o600)
-        write_atomic(state_dir / ROOT_CERT_FILE, root_pem, 0o644)
-        write_atomic(state_dir / INTERMEDIATE_KEY_FILE, intermediate_key, 0o600)
-        write_atomic(state_dir / INTERMEDIATE_CERT_FILE, intermediate_pem, 0o644)
-        write_atomic(state_dir / METADATA_FILE, (json.dumps(metadata, indent=2) + "\n").encode(), 0o644)
-        fsync_directory(state_dir)
-        return cls(settings, clock, root, intermediate)
+    @staticmethod
+    def _refuse_existing(state_dir: Path) -> None:
+        if not state_dir.is_dir():
+            return
+        existing = [name for name in sorted(os.listdir(state_dir)) if is_ca_state_file(name)]
+        if existing:
+            raise CaAlreadyExists(
+                f"{state_dir} already holds CA state ({', '.join(existing)}); refusing to overwrite it"
+            )
 
     @classmethod
-    def load(cls, state_dir: Path, clock: Clock) -> CertificateAuthority:
-        """Load and cross-check an existing CA; raises CaStateError (naming the file) on any problem."""
+    def load(cls, state_dir: Path, clock: Clock, *, crash_hook: CrashHook | None = None) -> CertificateAuthority:
+        """Load and cross-check an existing CA; raises CaStateError (naming the file) on any problem.
+
+        A format-1 directory is migrated in place to format 2 (see docs/ca-rotation.md).
+        """
         state_dir = Path(state_dir)
         if not state_dir.is_dir():
             raise CaStateError(f"{state_dir}: CA state directory does not exist (run `meshca ca init` first)")
-        settings = cls._load_metadata(state_dir)
-        root = cls._load_issuer(state_dir, ROOT_CERT_FILE, ROOT_KEY_FILE)
-        intermediate = cls._load_issuer(state_dir, INTERMEDIATE_CERT_FILE, INTERMEDIATE_KEY_FILE)
-        root_path = state_dir / ROOT_CERT_FILE
-        intermediate_path = state_dir / INTERMEDIATE_CERT_FILE
-        if not root.issued(root.certificate_pem):
-            raise CaStateError(f"{root_path}: the root certificate is not self-signed")
-        if not root.issued(intermediate.certificate_pem):
-            raise CaStateError(f"{intermediate_path}: the intermediate is not signed by the root in {root_path}")
-        if intermediate.info.path_length != 0:
-            raise CaStateError(f"{intermediate_path}: the intermediate must have pathLenConstraint 0")
-        td_uri = SpiffeId(settings.trust_domain).uri
-        for path, issuer in ((root_path, root), (intermediate_path, intermediate)):
-            if issuer.info.uris != (td_uri,):
+        with state_lock(state_dir, exclusive=True):
+            raw, data = read_metadata(state_dir)
+            version = data.get("format_version")
+            if version == 1:
+                loaded = _migrate_v1(state_dir, data, _as_utc(clock()), crash_hook or _no_crash)
+            elif version == FORMAT_VERSION:
+                loaded = _read_v2(state_dir, raw, data)
+            else:
                 raise CaStateError(
-                    f"{path}: certificate names {list(issuer.info.uris)}, "
-                    f"not the trust domain {td_uri} recorded in {state_dir / METADATA_FILE}"
+                    f"{state_dir / METADATA_FILE}: unsupported format_version {version!r} "
+                    f"(expected {FORMAT_VERSION}, or 1 which is migrated)"
                 )
-            if issuer.key_info.algorithm is not settings.key_algorithm:
-                raise CaStateError(
-                    f"{path}: key is {issuer.key_info.kind}-{issuer.key_info.bits}, "
-                    f"but {METADATA_FILE} records {settings.key_algorithm.value}"
-                )
-        return cls(settings, clock, root, intermediate)
+        return cls(state_dir, clock, loaded, crash_hook)
 
-    @staticmethod
-    def _load_metadata(state_dir: Path) -> CaSettings:
-        path = state_dir / METADATA_FILE
-        raw = _read_state_file(state_dir, METADATA_FILE)
-        try:
-            data = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise CaStateError(f"{path}: not valid JSON: {e}") from None
-        if not isinstance(data, dict):
-            raise CaStateError(f"{path}: must hold a JSON object")
+    def reload_if_changed(self) -> bool:
+        """Re-read ca.json if another process committed a transition; True when the state changed.
+
+        Cheap when nothing changed (one stat). On a damaged state it raises CaStateError and keeps
+        the current in-memory state, so a running server goes on issuing.
+        """
+        if file_signature(self._dir / METADATA_FILE) == self._state.signature:
+            return False
+        with self._mutex, state_lock(self._dir, exclusive=False):
+            return self._refresh_locked()
+
+    def _refresh_locked(self) -> bool:
+        path = self._dir / METADATA_FILE
+        signature = file_signature(path)
+        raw, data = read_metadata(self._dir)
+        current = self._state
+        if raw == current.raw:
+            if signature != current.signature:
+                self._state = replace(current, signature=signature)
+            return False
         if data.get("format_version") != FORMAT_VERSION:
-            raise CaStateError(
-                f"{path}: unsupported format_version {data.get('format_version')!r} (expected {FORMAT_VERSION})"
-            )
-        try:
-            trust_domain = data["trust_domain"]
-            key_algorithm = data["key_algorithm"]
-            settings = data["settings"]
-            if not isinstance(trust_domain, str) or not isinstance(key_algorithm, str) or not isinstance(settings, dict):
-                raise TypeError("trust_domain and key_algorithm must be strings, settings an object")
-            return CaSettings.from_json(trust_domain, key_algorithm, settings)
-        except KeyError as e:
-            raise CaStateError(f"{path}: missing key {e.args[0]!r}") from None
-        except (TypeError, ValueError) as e:
-            raise CaStateError(f"{path}: invalid content: {e}") from None
-
-    @staticmethod
-    def _load_issuer(state_dir: Path, cert_file: str, key_file: str) -> Issuer:
-        cert_pem = _read_state_file(state_dir, cert_file)
-        key_pem = _read_state_file(state_dir, key_file)
-        try:
-            crypto.parse_certificate_pem(cert_pem)
-        except CryptoError as e:
-            raise CaStateError(f"{state_dir / cert_file}: {e}") from None
-        try:
-            crypto.private_key_info(key_pem)
-        except CryptoError as e:
-            raise CaStateError(f"{state_dir / key_file}: {e}") from None
-        try:
-            return Issuer(cert_pem, key_pem)
-        except CryptoError as e:
-            raise CaStateError(f"{state_dir / cert_file} / {key_file}: {e}") from None
+            raise CaStateError(f"{path}: format_version changed to {data.get('format_version')!r} under a running CA")
+        loaded = _read_v2(self._dir, raw, data)
+        if loaded.settings.trust_domain != current.settings.trust_domain:
+            raise CaStateError(f"{path}: trust domain changed from {current.settings.trust_domain!r}")
+        self._state = loaded
+        return True
 
     # --- accessors ---------------------------------------------------------------------------
 
     @property
+    def state_dir(self) -> Path:
+        return self._dir
+
+    @property
     def trust_domain(self) -> str:
-        return self._settings.trust_domain
+        return self._state.settings.trust_domain
 
     @property
     def settings(self) -> CaSettings:
-        return self._settings
+        return self._state.settings
+
+    @property
+    def generation(self) -> int:
+        """Increases by one with every committed transition (init and migration commit generation 1)."""
+        return self._state.record.generation
+
+    @property
+    def active_intermediate_id(self) -> str:
+        """The slot id of the intermediate that signs; it changes on every intermediate or root activation."""
+        return self._state.signer.id
 
     @property
     def intermediate_certificate_pem(self) -> bytes:
-        return self._intermediate_pem
+        """The active intermediate: the one that signs, and the one chains carry."""
+        return self._state.signer.certificate_pem
 
     @property
     def intermediate_not_after(self) -> datetime:
         """Leaves are never valid past this instant."""
-        return self._issuer_not_after
+        return self._state.signer.not_after
 
     def trust_bundle_pem(self) -> bytes:
-        """The root certificate(s), PEM: what peers of this trust domain validate against."""
-        return self._trust_bundle_pem
+        """Every root in state prepared, active or old, active first: what peers validate against."""
+        return self._state.bundle_pem
+
+    def status(self) -> CaStatus:
+        state = self._state
+        slots = tuple(
+            SlotStatus(
+                s.record.kind, s.record.id, s.record.state, s.issuer.info.subject, s.record.issuer_id,
+                s.record.not_before, s.record.not_after, s.record.since, s.record.retire_after,
+                s.issuer.info.fingerprint_sha256,
+            )
+            for s in state.slots
+        )
+        bundle = tuple(
+            BundleEntry(s.id, s.state, s.subject, s.fingerprint_sha256, s.not_after) for s in slots if s.kind == "root"
+        )
+        return CaStatus(state.settings.trust_domain, state.record.generation, state.signer.id, slots, bundle)
+
+    def journal(self) -> list[JournalEntry]:
+        """The committed journal entries (an uncommitted intent beyond ca.json's generation is left out)."""
+        return read_journal(self._dir, self._state.record.generation)
+
+    # --- transitions -------------------------------------------------------------------------
+
+    def prepare_intermediate(self) -> list[CaEvent]:
+        """Create the next intermediate, signed by the active root, in state prepared (not signing).
+
+        No-op ([]) when one is already prepared under the active root.
+        """
+        return self._transitions([self._plan_prepare_intermediate])
+
+    def activate_intermediate(self) -> list[CaEvent]:
+        """Prepared → active, active → old (with retire_after). Raises RotationRefused if none is prepared."""
+        return self._transitions([self._plan_activate_intermediate])
+
+    def rotate_intermediate(self, now: bool = False) -> list[CaEvent]:
+        """Prepare the next intermediate if needed; with `now`, activate it at once too."""
+        steps = [self._plan_prepare_intermediate] + ([self._plan_activate_intermediate] if now else [])
+        return self._transitions(steps)
+
+    def prepare_root(self) -> list[CaEvent]:
+        """Create a new self-signed root (prepared: in the trust bundle at once, signing nothing yet)
+        and an intermediate signed by it (prepared). No-op ([]) when a root is already prepared."""
+        return self._transitions([self._plan_prepare_root])
+
+    def activate_root(self) -> list[CaEvent]:
+        """Switch to the prepared root and its intermediate; the old root and intermediate become old
+        (the root stays in the bundle until the old intermediate's retire_after). Raises RotationRefused
+        if no root is prepared."""
+        return self._transitions([self._plan_activate_root])
+
+    def rotate_root(self, now: bool = False) -> list[CaEvent]:
+        """Prepare a new root if needed; with `now`, activate it at once too (see docs/ca-rotation.md:
+        publish the bundle to every peer before handing out leaves of the new root)."""
+        steps = [self._plan_prepare_root] + ([self._plan_activate_root] if now else [])
+        return self._transitions(steps)
+
+    def tick(self, now: datetime | None = None) -> list[CaEvent]:
+        """The scheduled policy (see `scheduled_step`), every due step committed; call it periodically."""
+        with self._mutex, state_lock(self._dir, exclusive=True):
+            self._refresh_locked()
+            at = _as_utc(now if now is not None else self._clock())
+            events: list[CaEvent] = []
+            for _ in range(_MAX_TICK_STEPS):
+                step = scheduled_step(self._state.record.slots, self._state.settings, at)
+                if step is None:
+                    break
+                plan = self._plan_step(step, self._state, at)
+                if plan is None:
+                    break
+                events += self._apply_locked(plan, at)
+            return events
+
+    def _plan_step(self, step: ScheduledStep, current: _Loaded, now: datetime) -> _Plan | None:
+        if step.action == "prune":
+            return self._plan_prune(current, now)
+        if step.kind == "root":
+            plan = self._plan_prepare_root if step.action == "prepare" else self._plan_activate_root
+        else:
+            plan = self._plan_prepare_intermediate if step.action == "prepare" else self._plan_activate_intermediate
+        return plan(current, now)
+
+    def _transitions(self, steps: Sequence[Callable[[_Loaded, datetime], _Plan | None]]) -> list[CaEvent]:
+        with self._mutex, state_lock(self._dir, exclusive=True):
+            self._refresh_locked()
+            now = _as_utc(self._clock())
+            events: list[CaEvent] = []
+            for step in steps:
+                plan = step(self._state, now)
+                if plan is not None:
+                    events += self._apply_locked(plan, now)
+            return events
+
+    def _apply_locked(self, plan: _Plan, now: datetime) -> list[CaEvent]:
+        current = self._state
+        generation = current.record.generation + 1
+        kept = {s.record.id for s in plan.slots}
+        pruned = [s.record for s in current.slots if s.record.id not in kept]
+        record = replace(current.record, generation=generation, committed_at=now,
+                         slots=tuple(s.record for s in sorted(plan.slots, key=_slot_order)))
+        raw, signature = _commit(
+            self._dir,
+            base_generation=current.record.generation,
+            referenced=[(s.record.kind, s.record.id) for s in current.slots],
+            v2_committed=True,
+            new=plan.new,
+            events=plan.events,
+            record=record,
+            remove_after=[self._dir / name for r in pruned for name in slot_files(r.kind, r.id)],
+            crash=self._crash,
+        )
+        self._state = _Loaded.build(current.settings, record, raw, signature, plan.slots)
+        retire = {s.record.id: s.record.retire_after for s in plan.slots}
+        return [
+            CaEvent(kind, event, ident, generation, retire.get(ident) if event == "retired" else None)
+            for event, kind, ident in plan.events
+        ]
+
+    # --- decisions (no I/O: they only create keys and certificates in memory) -----------------
+
+    def _fresh(self, slot: _Slot, now: datetime) -> bool:
+        """A prepared intermediate is still worth activating: not yet at its own prepare point."""
+        return now < lifetime_point(slot.record, self._state.settings.intermediate_prepare_at)
+
+    def _plan_prepare_intermediate(self, current: _Loaded, now: datetime) -> _Plan | None:
+        root = current.one("root", "active")
+        if current.get("intermediate", "prepared", root.record.id) is not None:
+            return None
+        new = _make_intermediate(current.settings, root, now, "prepared")
+        return _Plan(
+            current.slots + (_Slot(new.record, new.issuer),), (new,), (("prepared", "intermediate", new.record.id),)
+        )
+
+    def _plan_activate_intermediate(self, current: _Loaded, now: datetime) -> _Plan:
+        root = current.one("root", "active")
+        following = current.get("intermediate", "prepared", root.record.id)
+        if following is None:
+            raise RotationRefused("no intermediate is prepared under the active root; prepare one first")
+        return self._switch(current, now, root, following, None)
+
+    def _plan_prepare_root(self, current: _Loaded, now: datetime) -> _Plan | None:
+        if current.get("root", "prepared") is not None:
+            return None
+        root = _make_root(current.settings, now, "prepared")
+        inter = _make_intermediate(current.settings, root, now, "prepared")
+        return _Plan(
+            current.slots + (_Slot(root.record, root.issuer), _Slot(inter.record, inter.issuer)),
+            (root, inter),
+            (("prepared", "root", root.record.id), ("prepared", "intermediate", inter.record.id)),
+        )
+
+    def _plan_activate_root(self, current: _Loaded, now: datetime) -> _Plan:
+        new_root = current.get("root", "prepared")
+        if new_root is None:
+            raise RotationRefused("no root is prepared; prepare one first")
+        following = current.get("intermediate", "prepared", new_root.record.id)
+        return self._switch(current, now, new_root, following, current.one("root", "active"))
+
+    def _switch(
+        self, current: _Loaded, now: datetime, root: _Slot, following: _Slot | None, old_root: _Slot | None
+    ) -> _Plan:
+        """Activate `following` (an intermediate under `root`; a fresh one replaces it if missing or
+        stale) and, for a root switch, `root` itself, retiring the active ones."""
+        settings = current.settings
+        events: list[tuple[JournalEvent, SlotKind, str]] = []
+        new: list[_NewSlot] = []
+        dropped: set[str] = set()
+        if old_root is not None:
+            events.append(("activated", "root", root.record.id))
+            # The old root's next intermediate never signed anything: drop it.
+            stale_next = current.get("intermediate", "prepared", old_root.record.id)
+            if stale_next is not None:
+                dropped.add(stale_next.record.id)
+        if following is None or not self._fresh(following, now):
+            if following is not None:
+                dropped.add(following.record.id)
+            made = _make_intermediate(settings, root, now, "active")
+            new.append(made)
+            following = _Slot(made.record, made.issuer)
+            events.append(("prepared", "intermediate", made.record.id))
+        events.append(("activated", "intermediate", following.record.id))
+        old_inter = current.one("intermediate", "active")
+        old_inter_retire = retire_after(old_inter.record, now, settings)
+        events.append(("retired", "intermediate", old_inter.record.id))
+        slots: list[_Slot] = []
+        for s in current.slots:
+            r = s.record
+            if r.id in dropped:
+                continue
+            if r.id == old_inter.record.id:
+                r = replace(r, state="old", since=now, retire_after=old_inter_retire)
+            elif r.id == following.record.id:
+                r = replace(r, state="active", since=now)
+            elif old_root is not None and r.id == root.record.id:
+                r = replace(r, state="active", since=now)
+            elif old_root is not None and r.id == old_root.record.id:
+                leaves_end = [old_inter_retire] + [
+                    x.record.retire_after for x in current.slots
+                    if x.record.issuer_id == r.id and x.record.state == "old" and x.record.retire_after
+                ]
+                r = replace(r, state="old", since=now, retire_after=max(leaves_end))
+                events.append(("retired", "root", r.id))
+            slots.append(_Slot(r, s.issuer))
+        if new:
+            slots.append(following)
+        events += [("pruned", "intermediate", ident) for ident in sorted(dropped)]
+        return _Plan(tuple(slots), tuple(new), tuple(events))
+
+    def _plan_prune(self, current: _Loaded, now: datetime) -> _Plan | None:
+        due = {r.id for r in due_prunes(current.record.slots, now)}
+        if not due:
+            return None
+        gone = [s.record for s in current.slots if s.record.id in due]
+        return _Plan(
+            tuple(s for s in current.slots if s.record.id not in due),
+            (),
+            tuple(("pruned", r.kind, r.id) for r in sorted(gone, key=lambda r: (r.kind != "intermediate", r.id))),
+        )
 
     # --- issuance ----------------------------------------------------------------------------
 
@@ -379,18 +1137,20 @@ class CertificateAuthority:
         `spiffe_id` must come from a verified identity. TTL policy: see CaSettings.
         Raises IdentityRejected, InvalidTtl, IssuerExpired.
         """
+        state = self._state
         self._check_identity(spiffe_id)
-        not_before, not_after = self._validity(ttl)
+        not_before, not_after = self._validity(state, ttl)
         serial = _new_serial()
-        cert_pem, key_pem = self._intermediate.issue_leaf(
+        signer = state.signer
+        cert_pem, key_pem = signer.issuer.issue_leaf(
             uri=spiffe_id.uri,
             not_before=not_before,
             not_after=not_after,
             serial_number=serial,
-            key_algorithm=self._settings.leaf_key_algorithm,
+            key_algorithm=state.settings.leaf_key_algorithm,
         )
         return IssuedCertificate(
-            spiffe_id, cert_pem, cert_pem + self._intermediate_pem, key_pem, serial, not_before, not_after
+            spiffe_id, cert_pem, cert_pem + signer.certificate_pem, key_pem, serial, not_before, not_after
         )
 
     def sign_csr(self, csr_pem: bytes, spiffe_id: SpiffeId, ttl: timedelta | None = None) -> IssuedCertificate:
@@ -399,15 +1159,17 @@ class CertificateAuthority:
         The CSR contributes only its public key; its subject is ignored. Its SANs may be absent or
         exactly `spiffe_id`'s URI. Raises CsrRejected, IdentityRejected, InvalidTtl, IssuerExpired.
         """
+        state = self._state
         self._check_identity(spiffe_id)
         public_key = self._check_csr(csr_pem, spiffe_id)
-        not_before, not_after = self._validity(ttl)
+        not_before, not_after = self._validity(state, ttl)
         serial = _new_serial()
-        cert_pem = self._intermediate.sign_leaf(
+        signer = state.signer
+        cert_pem = signer.issuer.sign_leaf(
             public_key, uri=spiffe_id.uri, not_before=not_before, not_after=not_after, serial_number=serial
         )
         return IssuedCertificate(
-            spiffe_id, cert_pem, cert_pem + self._intermediate_pem, None, serial, not_before, not_after
+            spiffe_id, cert_pem, cert_pem + signer.certificate_pem, None, serial, not_before, not_after
         )
 
     def issue_server_certificate(
@@ -427,30 +1189,25 @@ class CertificateAuthority:
                 raise ValueError(f"{address!r} is not a valid IP address") from None
         if not dns_names and not ip_addresses:
             raise ValueError("a server certificate needs at least one DNS name or IP address")
-        not_before, not_after = self._validity(ttl)
+        state = self._state
+        not_before, not_after = self._validity(state, ttl)
         serial = _new_serial()
-        cert_pem, key_pem = self._intermediate.issue_server_certificate(
+        signer = state.signer
+        cert_pem, key_pem = signer.issuer.issue_server_certificate(
             dns_names=dns_names,
             ip_addresses=ip_addresses,
             not_before=not_before,
             not_after=not_after,
             serial_number=serial,
-            key_algorithm=self._settings.leaf_key_algorithm,
+            key_algorithm=state.settings.leaf_key_algorithm,
         )
         return IssuedCertificate(
-            None, cert_pem, cert_pem + self._intermediate_pem, key_pem, serial, not_before, not_after
+            None, cert_pem, cert_pem + signer.certificate_pem, key_pem, serial, not_before, not_after
         )
 
-    def _check_identity(self, spiffe_id: SpiffeId) -> None:
-        if spiffe_id.trust_domain != self._settings.trust_domain:
-            raise IdentityRejected(
-                f"SPIFFE ID {spiffe_id} is not in trust domain {self._settings.trust_domain!r} served by this CA"
-            )
-        if not spiffe_id.path:
-            raise IdentityRejected(f"SPIFFE ID {spiffe_id} names the trust domain itself, not a workload")
-
-    def _validity(self, ttl: timedelta | None) -> tuple[datetime, datetime]:
-        s = self._settings
+    def _validity(self, state: _Loaded, ttl: timedelta | None) -> tuple[datetime, datetime]:
+        s = state.settings
+        signer = state.signer
         if ttl is None:
             ttl = s.leaf_ttl_default
         elif ttl < s.leaf_ttl_min:
@@ -461,13 +1218,26 @@ class CertificateAuthority:
         elif ttl > s.leaf_ttl_max:
             ttl = s.leaf_ttl_max
         now = _as_utc(self._clock())
-        not_after = min(now + ttl, self._issuer_not_after)
-        if not_after <= now or now < self._issuer_not_before:
+        not_after = min(now + ttl, signer.not_after)
+        if not_after <= now or now < signer.not_before:
             raise IssuerExpired(
-                f"the intermediate CA is valid from {self._issuer_not_before.isoformat()} "
-                f"to {self._issuer_not_after.isoformat()}, not at {now.isoformat()}; rotate it"
+                f"the intermediate CA is valid from {signer.not_before.isoformat()} "
+                f"to {signer.not_after.isoformat()}, not at {now.isoformat()}; rotate it"
             )
-        return max(now - s.backdate, self._issuer_not_before), not_after
+        backdate = s.backdate
+        lifetime = not_after - now
+        if lifetime < backdate * 4:  # a leaf must not be "due for renewal" at birth
+            backdate = timedelta(seconds=int(lifetime.total_seconds()) // 4)
+        return max(now - backdate, signer.not_before), not_after
+
+    def _check_identity(self, spiffe_id: SpiffeId) -> None:
+        if spiffe_id.trust_domain != self._state.settings.trust_domain:
+            raise IdentityRejected(
+                f"SPIFFE ID {spiffe_id} is not in trust domain {self._state.settings.trust_domain!r} served by this CA"
+            )
+        if not spiffe_id.path:
+            raise IdentityRejected(f"SPIFFE ID {spiffe_id} names the trust domain itself, not a workload")
+
 
     def _check_csr(self, csr_pem: bytes, spiffe_id: SpiffeId) -> crypto.PublicKeyInfo:
         if len(csr_pem) > MAX_CSR_BYTES:

@@ -22,7 +22,6 @@ from meshca.ca import (
     METADATA_FILE,
     ROOT_CERT_FILE,
     ROOT_KEY_FILE,
-    STATE_FILES,
     CaAlreadyExists,
     CaSettings,
     CaStateError,
@@ -33,6 +32,7 @@ from meshca.ca import (
     InvalidTtl,
     IssuerExpired,
 )
+from meshca.ca_state import JOURNAL_FILE, LOCK_FILE, slot_files
 from meshca.crypto import KeyAlgorithm
 from meshca.identity import SpiffeId
 
@@ -341,6 +341,75 @@ def test_server_certificate_rejects_bad_names(ca: CertificateAuthority) -> None:
 # --- state directory ------------------------------------------------------------------------------
 
 
+def write_v1_state(state_dir: Path, settings: CaSettings, now: datetime) -> None:
+    """A format-1 state directory exactly as `CertificateAuthority.init` wrote it before slots existed."""
+    os.makedirs(state_dir, 0o700, exist_ok=True)
+    not_before = now - settings.backdate
+    td = settings.trust_domain
+    td_uri = SpiffeId(td).uri
+    root_key = crypto.generate_private_key_pem(settings.key_algorithm)
+    root_serial = 0x4000_0000_0000_0000_0000_0000_0000_0001
+    root_pem = crypto.self_signed_ca_certificate_pem(
+        root_key,
+        subject=crypto.DistinguishedName("meshca root CA", organization=td, serial_number=f"{root_serial:x}"),
+        uris=[td_uri],
+        not_before=not_before,
+        not_after=now + settings.root_ttl,
+        serial_number=root_serial,
+    )
+    root = crypto.Issuer(root_pem, root_key)
+    intermediate_key = crypto.generate_private_key_pem(settings.key_algorithm)
+    intermediate_serial = root_serial + 1
+    intermediate_pem = root.sign_ca_certificate(
+        crypto.public_key_pem(intermediate_key),
+        subject=crypto.DistinguishedName(
+            "meshca intermediate CA", organization=td, serial_number=f"{intermediate_serial:x}"
+        ),
+        uris=[td_uri],
+        not_before=not_before,
+        not_after=min(now + settings.intermediate_ttl, root.info.not_after),
+        serial_number=intermediate_serial,
+        path_length=0,
+    )
+    v1_settings = {key: value for key, value in settings.to_json().items() if key in V1_SETTING_KEYS}
+    metadata = {
+        "format_version": 1,
+        "trust_domain": td,
+        "key_algorithm": settings.key_algorithm.value,
+        "created_at": now.isoformat(),
+        "settings": v1_settings,
+    }
+    for name, data, mode in (
+        (ROOT_KEY_FILE, root_key, 0o600),
+        (ROOT_CERT_FILE, root_pem, 0o644),
+        (INTERMEDIATE_KEY_FILE, intermediate_key, 0o600),
+        (INTERMEDIATE_CERT_FILE, intermediate_pem, 0o644),
+        (METADATA_FILE, (json.dumps(metadata, indent=2) + "\n").encode(), 0o644),
+    ):
+        fd = os.open(state_dir / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        os.write(fd, data)
+        os.close(fd)
+
+
+V1_SETTING_KEYS = (
+    "root_ttl_seconds",
+    "intermediate_ttl_seconds",
+    "leaf_ttl_default_seconds",
+    "leaf_ttl_min_seconds",
+    "leaf_ttl_max_seconds",
+    "backdate_seconds",
+    "leaf_key_algorithm",
+)
+
+
+def slot_paths(state: Path, kind: str, state_name: str = "active") -> tuple[Path, Path]:
+    """(certificate, key) paths of the slot of `kind` in `state_name` according to ca.json."""
+    metadata = json.loads((state / METADATA_FILE).read_text())
+    (slot,) = [s for s in metadata["slots"] if s["kind"] == kind and s["state"] == state_name]
+    cert, key = slot_files(kind, slot["id"])
+    return state / cert, state / key
+
+
 def test_state_round_trip(tmp_path: Path, clock: FakeClock) -> None:
     settings = CaSettings(TD, leaf_ttl_default=timedelta(minutes=20), backdate=timedelta(seconds=10))
     original = CertificateAuthority.init(tmp_path / "ca", settings, clock)
@@ -349,23 +418,30 @@ def test_state_round_trip(tmp_path: Path, clock: FakeClock) -> None:
 
     assert loaded.settings == settings
     assert loaded.trust_domain == TD
+    assert loaded.generation == original.generation == 1
     assert loaded.trust_bundle_pem() == original.trust_bundle_pem()
     assert loaded.intermediate_certificate_pem == original.intermediate_certificate_pem
     issued = loaded.issue_workload(WORKLOAD)
     assert issued.not_after - issued.not_before == timedelta(minutes=20, seconds=10)
     verify_client_chain(original.trust_bundle_pem(), issued.chain_pem, T0)
     metadata = json.loads((tmp_path / "ca" / METADATA_FILE).read_text())
-    assert metadata["format_version"] == 1
+    assert metadata["format_version"] == 2
     assert metadata["trust_domain"] == TD
     assert metadata["key_algorithm"] == "ec-p256"
+    assert metadata["generation"] == 1
+    assert [(s["kind"], s["state"]) for s in metadata["slots"]] == [("root", "active"), ("intermediate", "active")]
 
 
 def test_state_file_modes(ca: CertificateAuthority, tmp_path: Path) -> None:
     state = tmp_path / "ca"
     assert stat.S_IMODE(state.stat().st_mode) == 0o700
-    for name in (ROOT_KEY_FILE, INTERMEDIATE_KEY_FILE):
-        assert stat.S_IMODE((state / name).stat().st_mode) == 0o600
-    assert sorted(os.listdir(state)) == sorted(STATE_FILES)  # no temp files left behind
+    root_cert, root_key = slot_paths(state, "root")
+    intermediate_cert, intermediate_key = slot_paths(state, "intermediate")
+    for key in (root_key, intermediate_key):
+        assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    expected = {METADATA_FILE, JOURNAL_FILE, LOCK_FILE, root_cert.name, root_key.name, intermediate_cert.name,
+                intermediate_key.name}
+    assert set(os.listdir(state)) == expected  # no temp files left behind
 
 
 def test_existing_directory_is_tightened_before_keys_are_written(tmp_path: Path, clock: FakeClock) -> None:
@@ -377,12 +453,12 @@ def test_existing_directory_is_tightened_before_keys_are_written(tmp_path: Path,
 
 def test_init_refuses_to_overwrite(ca: CertificateAuthority, tmp_path: Path, clock: FakeClock) -> None:
     state = tmp_path / "ca"
-    before = {name: (state / name).read_bytes() for name in STATE_FILES}
+    before = {name: (state / name).read_bytes() for name in os.listdir(state)}
 
     with pytest.raises(CaAlreadyExists, match="refusing to overwrite"):
         CertificateAuthority.init(state, CaSettings(TD), clock)
 
-    assert {name: (state / name).read_bytes() for name in STATE_FILES} == before
+    assert {name: (state / name).read_bytes() for name in os.listdir(state)} == before
 
 
 def test_init_refuses_partial_state(tmp_path: Path, clock: FakeClock) -> None:
@@ -400,28 +476,32 @@ def test_load_of_missing_directory_fails_without_creating(tmp_path: Path, clock:
     assert not (tmp_path / "nope").exists()
 
 
-def _garbage(state: Path, name: str) -> None:
-    (state / name).write_bytes(b"-----BEGIN CERTIFICATE-----\nnot base64 at all\n-----END CERTIFICATE-----\n")
+def _garbage(path: Path) -> None:
+    path.write_bytes(b"-----BEGIN CERTIFICATE-----\nnot base64 at all\n-----END CERTIFICATE-----\n")
 
 
-def _truncate(state: Path, name: str) -> None:
-    data = (state / name).read_bytes()
-    (state / name).write_bytes(data[: len(data) // 2])
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
 
 
-def _swap_keys(state: Path, _: str) -> None:
+def _edit_metadata(state: Path, change) -> None:  # type: ignore[no-untyped-def]
+    data = json.loads((state / METADATA_FILE).read_text())
+    change(data)
+    (state / METADATA_FILE).write_text(json.dumps(data))
+
+
+# Format 1: what `load` finds in a directory written before slots existed; it refuses to migrate damage.
+
+
+def _swap_v1_keys(state: Path, _: str) -> None:
     root_key = (state / ROOT_KEY_FILE).read_bytes()
     (state / ROOT_KEY_FILE).write_bytes((state / INTERMEDIATE_KEY_FILE).read_bytes())
     (state / INTERMEDIATE_KEY_FILE).write_bytes(root_key)
 
 
 def _edit_json(change):  # type: ignore[no-untyped-def]
-    def apply(state: Path, _: str) -> None:
-        data = json.loads((state / METADATA_FILE).read_text())
-        change(data)
-        (state / METADATA_FILE).write_text(json.dumps(data))
-
-    return apply
+    return lambda state, _: _edit_metadata(state, change)
 
 
 @pytest.mark.parametrize(
@@ -430,10 +510,10 @@ def _edit_json(change):  # type: ignore[no-untyped-def]
         (lambda s, n: (s / n).unlink(), ROOT_CERT_FILE, "missing"),
         (lambda s, n: (s / n).unlink(), INTERMEDIATE_KEY_FILE, "missing"),
         (lambda s, n: (s / n).unlink(), METADATA_FILE, "missing"),
-        (_garbage, ROOT_CERT_FILE, "not a PEM certificate"),
-        (_garbage, INTERMEDIATE_CERT_FILE, "not a PEM certificate"),
-        (_truncate, INTERMEDIATE_KEY_FILE, "not a PEM private key"),
-        (_swap_keys, ROOT_CERT_FILE, "does not belong"),
+        (lambda s, n: _garbage(s / n), ROOT_CERT_FILE, "not a PEM certificate"),
+        (lambda s, n: _garbage(s / n), INTERMEDIATE_CERT_FILE, "not a PEM certificate"),
+        (lambda s, n: _truncate(s / n), INTERMEDIATE_KEY_FILE, "not a PEM private key"),
+        (_swap_v1_keys, ROOT_CERT_FILE, "does not belong"),
         (lambda s, n: (s / n).write_text("{not json"), METADATA_FILE, "not valid JSON"),
         (_edit_json(lambda d: d.pop("trust_domain")), METADATA_FILE, "missing key 'trust_domain'"),
         (_edit_json(lambda d: d["settings"].pop("leaf_ttl_max_seconds")), METADATA_FILE, "leaf_ttl_max_seconds"),
@@ -442,19 +522,22 @@ def _edit_json(change):  # type: ignore[no-untyped-def]
         (_edit_json(lambda d: d.update(trust_domain="other.org")), ROOT_CERT_FILE, "other.org"),
     ],
 )
-def test_load_refuses_corrupt_state(ca: CertificateAuthority, tmp_path: Path, clock: FakeClock, damage, file: str, problem: str) -> None:  # type: ignore[no-untyped-def]
+def test_load_refuses_corrupt_v1_state(tmp_path: Path, clock: FakeClock, damage, file: str, problem: str) -> None:  # type: ignore[no-untyped-def]
     state = tmp_path / "ca"
+    write_v1_state(state, CaSettings(TD), T0)
     damage(state, file)
+    before = {name: (state / name).read_bytes() for name in os.listdir(state) if name != LOCK_FILE}
 
     with pytest.raises(CaStateError) as info:
         CertificateAuthority.load(state, clock)
 
     assert file in str(info.value) and problem in str(info.value)
+    assert {name: (state / name).read_bytes() for name in os.listdir(state) if name != LOCK_FILE} == before
 
 
-def test_load_refuses_intermediate_from_another_ca(tmp_path: Path, clock: FakeClock) -> None:
-    CertificateAuthority.init(tmp_path / "a", CaSettings(TD), clock)
-    CertificateAuthority.init(tmp_path / "b", CaSettings(TD), clock)
+def test_load_refuses_v1_intermediate_from_another_ca(tmp_path: Path, clock: FakeClock) -> None:
+    write_v1_state(tmp_path / "a", CaSettings(TD), T0)
+    write_v1_state(tmp_path / "b", CaSettings(TD), T0)
     for name in (INTERMEDIATE_CERT_FILE, INTERMEDIATE_KEY_FILE):
         (tmp_path / "a" / name).write_bytes((tmp_path / "b" / name).read_bytes())
 
@@ -462,11 +545,80 @@ def test_load_refuses_intermediate_from_another_ca(tmp_path: Path, clock: FakeCl
         CertificateAuthority.load(tmp_path / "a", clock)
 
 
+# Format 2: slot files named by ca.json.
+
+
+def _swap_v2_keys(state: Path) -> None:
+    (_, root_key), (_, intermediate_key) = slot_paths(state, "root"), slot_paths(state, "intermediate")
+    data = root_key.read_bytes()
+    root_key.write_bytes(intermediate_key.read_bytes())
+    intermediate_key.write_bytes(data)
+
+
+@pytest.mark.parametrize(
+    ("damage", "target", "problem"),
+    [
+        (lambda s: slot_paths(s, "root")[0].unlink(), "root cert", "missing"),
+        (lambda s: slot_paths(s, "intermediate")[1].unlink(), "intermediate key", "missing"),
+        (lambda s: (s / METADATA_FILE).unlink(), "metadata", "missing"),
+        (lambda s: _garbage(slot_paths(s, "root")[0]), "root cert", "not a PEM certificate"),
+        (lambda s: _garbage(slot_paths(s, "intermediate")[0]), "intermediate cert", "not a PEM certificate"),
+        (lambda s: _truncate(slot_paths(s, "intermediate")[1]), "intermediate key", "not a PEM private key"),
+        (_swap_v2_keys, "root cert", "does not belong"),
+        (lambda s: (s / METADATA_FILE).write_text("{not json"), "metadata", "not valid JSON"),
+        (lambda s: _edit_metadata(s, lambda d: d.pop("trust_domain")), "metadata", "missing key 'trust_domain'"),
+        (lambda s: _edit_metadata(s, lambda d: d["settings"].pop("leaf_ttl_max_seconds")), "metadata",
+         "leaf_ttl_max_seconds"),
+        (lambda s: _edit_metadata(s, lambda d: d.update(format_version=99)), "metadata", "format_version"),
+        (lambda s: _edit_metadata(s, lambda d: d.update(key_algorithm="dsa-512")), "metadata", "dsa-512"),
+        (lambda s: _edit_metadata(s, lambda d: d.update(trust_domain="other.org")), "root cert", "other.org"),
+        (lambda s: _edit_metadata(s, lambda d: d.update(generation=0)), "metadata", "generation"),
+        (lambda s: _edit_metadata(s, lambda d: d["slots"].pop()), "metadata", "exactly one active"),
+        (lambda s: _edit_metadata(s, lambda d: d["slots"][0].update(state="old")), "metadata", "retire_after"),
+        (lambda s: _edit_metadata(s, lambda d: d["slots"][1].update(not_after=T0.isoformat())), "metadata",
+         "does not match"),
+        (lambda s: (s / INTERMEDIATE_CERT_FILE).write_text("not a certificate"), "v1 intermediate", "format-1"),
+    ],
+)
+def test_load_refuses_corrupt_state(ca: CertificateAuthority, tmp_path: Path, clock: FakeClock, damage, target: str, problem: str) -> None:  # type: ignore[no-untyped-def]
+    state = tmp_path / "ca"
+    files = {
+        "root cert": slot_paths(state, "root")[0].name,
+        "intermediate cert": slot_paths(state, "intermediate")[0].name,
+        "intermediate key": slot_paths(state, "intermediate")[1].name,
+        "metadata": METADATA_FILE,
+        "v1 intermediate": INTERMEDIATE_CERT_FILE,
+    }
+    damage(state)
+
+    with pytest.raises(CaStateError) as info:
+        CertificateAuthority.load(state, clock)
+
+    assert files[target] in str(info.value) and problem in str(info.value)
+
+
+def test_load_refuses_intermediate_from_another_ca(tmp_path: Path, clock: FakeClock) -> None:
+    CertificateAuthority.init(tmp_path / "a", CaSettings(TD), clock)
+    CertificateAuthority.init(tmp_path / "b", CaSettings(TD), clock)
+    for path in slot_paths(tmp_path / "b", "intermediate"):
+        (tmp_path / "a" / path.name).write_bytes(path.read_bytes())
+    foreign = json.loads((tmp_path / "b" / METADATA_FILE).read_text())["slots"][1]
+
+    def adopt(data: dict) -> None:  # type: ignore[type-arg]
+        data["slots"][1].update(id=foreign["id"], not_before=foreign["not_before"], not_after=foreign["not_after"])
+
+    _edit_metadata(tmp_path / "a", adopt)
+
+    with pytest.raises(CaStateError, match="not signed by root"):
+        CertificateAuthority.load(tmp_path / "a", clock)
+
+
 def test_load_refuses_intermediate_key_not_matching(tmp_path: Path, clock: FakeClock) -> None:
     CertificateAuthority.init(tmp_path / "a", CaSettings(TD), clock)
-    (tmp_path / "a" / INTERMEDIATE_KEY_FILE).write_bytes(crypto.generate_private_key_pem())
+    cert, key = slot_paths(tmp_path / "a", "intermediate")
+    key.write_bytes(crypto.generate_private_key_pem())
 
-    with pytest.raises(CaStateError, match=f"{INTERMEDIATE_CERT_FILE}.*does not belong"):
+    with pytest.raises(CaStateError, match=f"{cert.name}.*does not belong"):
         CertificateAuthority.load(tmp_path / "a", clock)
 
 

@@ -1,0 +1,123 @@
+"""`meshca ca status` and `meshca ca rotate`: inspect the internal CA's slots and rotate them."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any, TextIO
+
+from meshca.ca import CaError, CaEvent, CaStatus, CertificateAuthority
+from meshca.clock import Clock, system_clock
+
+
+def add_ca_parsers(ca_subparsers: Any) -> None:
+    """Add `status` and `rotate` to the `meshca ca` subparsers (each sets `handler`)."""
+    status = ca_subparsers.add_parser("status", help="the CA's slots, expiries and trust bundle")
+    _add_location(status)
+    status.add_argument("--json", action="store_true", help="print one JSON object")
+    status.set_defaults(handler=cmd_ca_status)
+
+    rotate = ca_subparsers.add_parser(
+        "rotate",
+        help="prepare the next intermediate or root (published, not signing); with --now activate it too",
+        description="A running `meshca serve` on the same state directory picks the change up by itself.",
+    )
+    _add_location(rotate)
+    which = rotate.add_mutually_exclusive_group(required=True)
+    which.add_argument("--intermediate", action="store_true", help="rotate the intermediate CA")
+    which.add_argument("--root", action="store_true", help="rotate the root CA (and its intermediate)")
+    rotate.add_argument("--now", action="store_true", help="activate at once instead of at the scheduled point")
+    rotate.set_defaults(handler=cmd_ca_rotate)
+
+
+def _add_location(parser: argparse.ArgumentParser) -> None:
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--state-dir", help="the CA state directory")
+    where.add_argument("--config", help="a `meshca serve` config file: use its state_dir")
+
+
+def _state_dir(args: argparse.Namespace) -> Path:
+    if args.state_dir:
+        return Path(args.state_dir)
+    from meshca.config import read_state_dir
+
+    return read_state_dir(Path(args.config))
+
+
+def cmd_ca_status(args: argparse.Namespace, out: TextIO | None = None, clock: Clock = system_clock) -> int:
+    out = out or sys.stdout
+    try:
+        ca = CertificateAuthority.load(_state_dir(args), clock)
+    except CaError as error:
+        print(f"meshca: error: {error}", file=sys.stderr)
+        return 2
+    status = ca.status()
+    if args.json:
+        print(json.dumps(status.to_json(), indent=2), file=out)
+    else:
+        out.write(format_status(status, clock()))
+    return 0
+
+
+def cmd_ca_rotate(args: argparse.Namespace, out: TextIO | None = None, clock: Clock = system_clock) -> int:
+    out = out or sys.stdout
+    kind = "root" if args.root else "intermediate"
+    try:
+        ca = CertificateAuthority.load(_state_dir(args), clock)
+        events = ca.rotate_root(now=args.now) if args.root else ca.rotate_intermediate(now=args.now)
+    except CaError as error:
+        print(f"meshca: error: {error}", file=sys.stderr)
+        return 2
+    out.write(format_events(events))
+    if not events:
+        prepared = [s.id for s in ca.status().slots if s.kind == kind and s.state == "prepared"]
+        out.write(f"nothing to do: {kind} {', '.join(prepared)} is already prepared (add --now to activate it)\n")
+    else:
+        out.write(f"generation {ca.generation}; a running `meshca serve` on this state directory picks it up\n")
+    return 0
+
+
+def format_events(events: Sequence[CaEvent]) -> str:
+    lines = []
+    for e in events:
+        line = f"{e.event} {e.kind} {e.id} (generation {e.generation})"
+        if e.retire_after is not None:
+            line += f": its last leaf expires by {_when(e.retire_after)}, then it is pruned"
+        lines.append(line + "\n")
+    return "".join(lines)
+
+
+def format_status(status: CaStatus, now: datetime) -> str:
+    """The human-readable `meshca ca status`."""
+    lines = [
+        f"trust domain {status.trust_domain}, generation {status.generation}, "
+        f"signing with intermediate {status.active_intermediate_id}",
+        "",
+        f"{'KIND':<13} {'ID':<17} {'STATE':<9} {'NOT AFTER':<21} {'LEFT':<9} {'RETIRE AFTER':<21} SUBJECT",
+    ]
+    for s in status.slots:
+        retire = _when(s.retire_after) if s.retire_after else "-"
+        lines.append(
+            f"{s.kind:<13} {s.id:<17} {s.state:<9} {_when(s.not_after):<21} {_left(s.not_after, now):<9} "
+            f"{retire:<21} {s.subject}"
+        )
+    lines += ["", f"trust bundle (ROOTCA, ALL, spiffe://{status.trust_domain}): {len(status.bundle)} root(s)"]
+    for b in status.bundle:
+        lines.append(f"  {b.state:<9} SHA-256 {b.fingerprint_sha256}  {b.subject}")
+    return "\n".join(lines) + "\n"
+
+
+def _when(value: datetime) -> str:
+    return value.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _left(not_after: datetime, now: datetime) -> str:
+    seconds = int((not_after - now).total_seconds())
+    if seconds <= 0:
+        return "expired"
+    days, rest = divmod(seconds, 86400)
+    return f"{days}d{rest // 3600}h" if days else f"{rest // 3600}h{rest % 3600 // 60}m"
