@@ -26,7 +26,7 @@ from meshca.jwtgate import (
 from meshca.meshbuild import build_mesh
 from meshca.meshconfig import MeshConfig
 from meshca.observability import Observability
-from meshca.rotation import ApschedulerJobs, LeafRotator, RotationSettings
+from meshca.rotation import ApschedulerJobs, CaWatcher, LeafRotator, RotationSettings
 from meshca.snapshot import InconsistentSnapshot, SnapshotCache
 from meshca.workloads import ForeignTrustDomain, MeshPublisher, WorkloadSecrets
 from meshca.xds.server import (
@@ -114,6 +114,7 @@ class MeshcaApp:
             self.secrets, self.publisher, self.jobs, rotation.policy, clock, logger.getChild("rotation")
         )
         self.secrets.set_issue_listener(self.rotator.on_issued)
+        self.ca_watcher = CaWatcher(ca, self.publisher, self.rotator, rotation, clock, logger.getChild("ca"))
         self.xds = XdsServer(
             self.cache, JwtStreamGate(self.identity_gate, self.publisher), self.registry, logger.getChild("xds")
         )
@@ -168,6 +169,7 @@ class MeshcaApp:
             bound = server.add_secure_port(address, server_credentials)
         await server.start()
         self._server = server
+        self.jobs.every("ca-watch", self.rotation.ca_check_interval.total_seconds(), self.ca_watcher.check)
         self.jobs.start()
         if admin_port is not None:
             bound_admin = self.observability.start(admin_address, admin_port)

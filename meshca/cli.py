@@ -141,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--key-algorithm", default=crypto.KeyAlgorithm.EC_P256.value, choices=[k.value for k in crypto.KeyAlgorithm]
     )
     ca_init.set_defaults(handler=cmd_ca_init)
+    from meshca.cli_ca import add_ca_parsers
+
+    add_ca_parsers(ca)
 
     dev = commands.add_parser("dev", help="development material (not for production)").add_subparsers(
         dest="dev_command", required=True

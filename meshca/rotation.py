@@ -169,12 +169,17 @@ class LeafRotator:
         self._log.info("rotated workload certificate: identity=%s serial=%x", spiffe_id, leaf.serial_number)
         self._publisher.refresh(spiffe_id)
 
-    def reissue_all(self, window: timedelta, max_rate: float, deadline: datetime) -> list[datetime]:
-        """After a CA change: re-issue every tracked leaf, spread out (herd control)."""
+    def reissue_all(self, window: timedelta, max_rate: float, deadline: datetime | None = None) -> list[datetime]:
+        """After a CA change: re-issue every tracked leaf, spread out (herd control).
+
+        Without a deadline, the earliest expiry of the tracked leaves is the deadline.
+        """
+        now = self._clock()
         with self._lock:
             identities: Sequence[SpiffeId] = list(self._tracked)
             self._reissues += len(identities)
-        now = self._clock()
+            if deadline is None:
+                deadline = min((leaf.not_after for leaf in self._tracked.values()), default=now + window)
         times = spread_schedule(len(identities), now, window, max_rate, deadline, self._rng)
         order = list(identities)
         self._rng.shuffle(order)
@@ -227,3 +232,81 @@ class ApschedulerJobs:
             self._scheduler.remove_job(job_id)
         except JobLookupError:
             pass
+
+
+class RotatingCa(Protocol):
+    """What the CA watcher needs from the CA (meshca.ca.CertificateAuthority)."""
+
+    def reload_if_changed(self) -> bool: ...
+
+    def tick(self, now: datetime | None = None) -> Sequence[object]: ...
+
+    def trust_bundle_pem(self) -> bytes: ...
+
+    @property
+    def active_intermediate_id(self) -> str: ...
+
+
+class BundlePublisher(Protocol):
+    def refresh_all(self) -> None: ...
+
+
+class CaWatcher:
+    """Runs the CA's scheduled transitions and notices `meshca ca rotate` from another process.
+
+    A new trust bundle is pushed to every stream first; a new signing intermediate then triggers
+    a spread-out re-issue of every workload certificate. A failing transition is logged and
+    counted; the current CA keeps issuing.
+    """
+
+    def __init__(
+        self,
+        ca: RotatingCa,
+        publisher: BundlePublisher,
+        rotator: LeafRotator,
+        settings: RotationSettings,
+        clock: Clock,
+        logger: logging.Logger,
+    ) -> None:
+        self._ca = ca
+        self._publisher = publisher
+        self._rotator = rotator
+        self._settings = settings
+        self._clock = clock
+        self._log = logger
+        self._lock = threading.Lock()
+        self._bundle = ca.trust_bundle_pem()
+        self._intermediate = ca.active_intermediate_id
+        self._ca_rotations = 0
+        self._failures = 0
+
+    def check(self) -> None:
+        with self._lock:
+            try:
+                self._ca.reload_if_changed()
+                events = self._ca.tick(self._clock())
+            except Exception as error:  # a failed transition must not stop issuance
+                self._failures += 1
+                self._log.error("CA transition failed; the current CA keeps issuing: %s", error)
+                return
+            for event in events:
+                self._log.info("CA event: %s", event)
+            bundle = self._ca.trust_bundle_pem()
+            intermediate = self._ca.active_intermediate_id
+            if bundle != self._bundle:
+                self._bundle = bundle
+                self._log.info("trust bundle changed: pushing it to every proxy")
+                self._publisher.refresh_all()
+            if intermediate != self._intermediate:
+                self._log.info("signing intermediate changed %s -> %s", self._intermediate, intermediate)
+                self._intermediate = intermediate
+                self._ca_rotations += 1
+                self._rotator.reissue_all(self._settings.reissue_window, self._settings.reissue_rate)
+
+    def ca_rotations(self) -> int:
+        with self._lock:
+            return self._ca_rotations
+
+    def failures(self) -> int:
+        with self._lock:
+            return self._failures

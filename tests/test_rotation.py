@@ -194,3 +194,70 @@ def test_reissue_all_after_a_ca_change_is_spread_out(tmp_path: Path) -> None:
     assert 0 < changed < 50  # a herd is not issued at once
     rig.scheduler.advance_to(T0 + timedelta(minutes=3))
     assert all(rig.serial(s) != before[s] for s in identities)
+
+
+def test_ca_watcher_pushes_new_bundle_and_reissues_after_rotation_by_another_process(tmp_path: Path) -> None:
+    from meshca.rotation import CaWatcher, RotationSettings
+
+    rig = Rig(tmp_path)
+    identities = [SpiffeId.for_service_account("mesh.test", "ns", f"sa{i}") for i in range(5)]
+    for spiffe_id in identities:
+        rig.publisher.ensure_identity(spiffe_id)
+    before = {s: rig.serial(s) for s in identities}
+    settings = RotationSettings(reissue_window=timedelta(seconds=10), reissue_rate=100)
+    watcher = CaWatcher(rig.ca, rig.publisher, rig.rotator, settings, rig.clock, logging.getLogger("test"))
+    watcher.check()
+    assert watcher.ca_rotations() == 0
+
+    # `meshca ca rotate --root --now` in another process: a second CA object on the same state dir
+    other = CertificateAuthority.load(tmp_path / "ca", rig.clock)
+    old_bundle = x509.load_pem_x509_certificates(rig.ca.trust_bundle_pem())
+    other.rotate_root(now=True)
+    new_root, = (r for r in x509.load_pem_x509_certificates(other.trust_bundle_pem()) if r not in old_bundle)
+    old_intermediate = rig.ca.active_intermediate_id
+    watcher.check()
+    assert rig.ca.active_intermediate_id != old_intermediate
+    assert watcher.ca_rotations() == 1
+    # the new bundle (old and new root) reached every identity's snapshot at once
+    from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import Secret
+
+    from meshca.snapshot import ResourceType
+
+    for spiffe_id in identities:
+        snapshot = rig.cache.get(spiffe_id.uri)
+        assert snapshot is not None
+        rootca = Secret.parse(snapshot.of_type(ResourceType.SECRET).resources["ROOTCA"].payload)
+        assert len(x509.load_pem_x509_certificates(rootca.validation_context.trusted_ca.inline_bytes)) == 2
+    # leaves are re-issued from the new intermediate within the window, not all at once
+    rig.scheduler.advance_to(T0 + timedelta(seconds=11))
+    assert all(rig.serial(s) != before[s] for s in identities)
+    old_root, = (r for r in x509.load_pem_x509_certificates(other.trust_bundle_pem()) if r.serial_number != new_root.serial_number)
+    snapshot = rig.cache.get(identities[0].uri)
+    assert snapshot is not None
+    default = Secret.parse(snapshot.of_type(ResourceType.SECRET).resources["default"].payload)
+    chain = x509.load_pem_x509_certificates(default.tls_certificate.certificate_chain.inline_bytes)
+    chain[1].verify_directly_issued_by(new_root)  # the intermediate now chains to the new (active) root
+    with pytest.raises(Exception):
+        chain[1].verify_directly_issued_by(old_root)
+
+
+def test_ca_watcher_survives_a_failing_transition(tmp_path: Path) -> None:
+    from meshca.rotation import CaWatcher, RotationSettings
+
+    rig = Rig(tmp_path)
+
+    class BrokenCa:
+        active_intermediate_id = "x"
+
+        def trust_bundle_pem(self) -> bytes:
+            return b"bundle"
+
+        def reload_if_changed(self) -> bool:
+            raise OSError("disk full")
+
+        def tick(self, now: datetime | None = None) -> list[object]:
+            return []
+
+    watcher = CaWatcher(BrokenCa(), rig.publisher, rig.rotator, RotationSettings(), rig.clock, logging.getLogger("t"))
+    watcher.check()
+    assert watcher.failures() == 1
