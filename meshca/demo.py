@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import shutil
 import signal
@@ -15,17 +16,27 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, TextIO
 
 import yaml
+from cryptography import x509
 
 from meshca.bootstrap import BootstrapSettings, build_bootstrap
+from meshca.ca import CaSettings
 from meshca.clock import Clock
 from meshca.devmaterial import create_dev_material
 from meshca.devtokens import mint_token
-from meshca.envoy_process import EnvoyProcess, dynamic_active_clusters, dynamic_listeners, free_port, wait_until
+from meshca.envoy_process import (
+    EnvoyProcess,
+    dynamic_active_clusters,
+    dynamic_active_secrets,
+    dynamic_listeners,
+    free_port,
+    wait_until,
+)
 from meshca.files import write_atomic
 
 TRUST_DOMAIN = "mesh.local"
@@ -39,6 +50,9 @@ class DemoSettings:
     workdir: Path | None = None
     keep_workdir: bool = False
     startup_timeout: float = 60.0
+    cert_ttl: timedelta | None = None  # short leaves (e.g. 20 s) to watch rotation happen
+    duration: timedelta | None = None  # with --check: send traffic for this long instead of N requests
+    rotate_intermediate_at: timedelta | None = None  # force an intermediate rotation this far in
 
 
 @dataclass(frozen=True)
@@ -197,6 +211,15 @@ class CertificateView:
     expires: str
 
 
+def envoy_chain(envoy: EnvoyProcess) -> list[x509.Certificate]:
+    """The `default` certificate chain Envoy has accepted (its config_dump; the key is redacted there)."""
+    secret = dynamic_active_secrets(envoy.config_dump()).get("default")
+    if secret is None:
+        return []
+    inline = secret.get("tls_certificate", {}).get("certificate_chain", {}).get("inline_bytes", "")
+    return x509.load_pem_x509_certificates(base64.b64decode(inline)) if inline else []
+
+
 def envoy_certificate(envoy: EnvoyProcess) -> CertificateView | None:
     """The `default` certificate Envoy holds, from its admin /certs."""
     certs = json.loads(envoy.admin_get("/certs"))
@@ -206,6 +229,61 @@ def envoy_certificate(envoy: EnvoyProcess) -> CertificateView | None:
             if uris:
                 return CertificateView(uris[0], cert.get("serial_number", "?"), cert.get("expiration_time", "?"))
     return None
+
+
+class TrafficLoop:
+    """Sends requests through the mesh from a background thread, as fast as they complete, and counts."""
+
+    def __init__(self, request: Callable[[], RequestResult], pause: float = 0.02) -> None:
+        self._request = request
+        self._pause = pause
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.ok = 0
+        self.failures: list[RequestResult] = []
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            result = self._request()
+            if result.ok:
+                self.ok += 1
+            else:
+                self.failures.append(result)
+            self._stop.wait(self._pause)
+
+    def __enter__(self) -> TrafficLoop:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+
+class ChainWatcher:
+    """Samples the `default` chain each Envoy accepted; counts leaf and intermediate changes seen."""
+
+    def __init__(self, envoys: dict[str, EnvoyProcess]) -> None:
+        self._envoys = envoys
+        self.leaves: dict[str, list[int]] = {name: [] for name in envoys}
+        self.intermediates: dict[str, list[bytes]] = {name: [] for name in envoys}
+
+    def sample(self) -> None:
+        for name, envoy in self._envoys.items():
+            chain = envoy_chain(envoy)
+            if not chain:
+                continue
+            if not self.leaves[name] or self.leaves[name][-1] != chain[0].serial_number:
+                self.leaves[name].append(chain[0].serial_number)
+            intermediate = chain[1].fingerprint(chain[1].signature_hash_algorithm) if len(chain) > 1 else b""
+            if not self.intermediates[name] or self.intermediates[name][-1] != intermediate:
+                self.intermediates[name].append(intermediate)
+
+    def leaf_rotations(self) -> dict[str, int]:
+        return {name: max(len(serials) - 1, 0) for name, serials in self.leaves.items()}
+
+    def ca_rotations(self) -> int:
+        return min((max(len(seen) - 1, 0) for seen in self.intermediates.values()), default=0)
 
 
 class Demo:
@@ -237,24 +315,25 @@ class Demo:
     def start(self) -> None:
         mesh_path = self.mesh_path
         self.write_mesh(mesh_config(self.ports))
+        extra: dict[str, Any] = {"mesh": str(mesh_path), "metrics_port": self.ports.metrics}
+        ca_settings = None
+        if self.settings.cert_ttl is not None:
+            ttl = self.settings.cert_ttl.total_seconds()
+            extra["leaf_ttl"] = f"{ttl}s"
+            # re-issue after a CA change within a fraction of a leaf's life; look for CA changes often
+            extra["rotation"] = {"reissue_window": f"{max(ttl / 5, 1)}s", "ca_check_interval": "0.5s"}
+            ca_settings = CaSettings(trust_domain=TRUST_DOMAIN, leaf_ttl_min=min(self.settings.cert_ttl, timedelta(minutes=5)))
         material = create_dev_material(
             self.workdir / "dev",
             TRUST_DOMAIN,
             self.clock,
             listen=f"127.0.0.1:{self.ports.meshca}",
-            extra_settings={"mesh": str(mesh_path), "metrics_port": self.ports.metrics},
+            extra_settings=extra,
+            ca_settings=ca_settings,
         )
         self.material = material
-        log_path = self.workdir / "meshca.log"
         self.say(f"workdir {self.workdir}")
-        self.say(f"starting meshca on 127.0.0.1:{self.ports.meshca} (log: {log_path})")
-        with log_path.open("wb") as log:
-            self.meshca = subprocess.Popen(
-                [sys.executable, "-m", "meshca.cli", "serve", "--config", str(material.serve_config)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        _wait_for_port(self.ports.meshca, self.settings.startup_timeout, self.meshca, log_path)
+        self.start_meshca()
 
         self.serve_app(self.ports.backend_app, backend_app("backend"))
         self.serve_app(self.ports.frontend_app, _frontend_app(self.ports.frontend_outbound))
@@ -283,6 +362,38 @@ class Demo:
             envoy.wait_ready(self.settings.startup_timeout, live=False)
             self.say(f"started Envoy sidecar for {workload.name} (admin 127.0.0.1:{envoy.admin_port})")
         self._wait_converged()
+
+    @property
+    def meshca_log(self) -> Path:
+        return self.workdir / "meshca.log"
+
+    def start_meshca(self) -> None:
+        self.say(f"starting meshca on 127.0.0.1:{self.ports.meshca} (log: {self.meshca_log})")
+        with self.meshca_log.open("ab") as log:
+            self.meshca = subprocess.Popen(
+                [sys.executable, "-m", "meshca.cli", "serve", "--config", str(self.material.serve_config)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        _wait_for_port(self.ports.meshca, self.settings.startup_timeout, self.meshca, self.meshca_log)
+
+    def kill_meshca(self) -> None:
+        """SIGKILL, as a crash would: no cleanup, no graceful stop."""
+        if self.meshca is not None and self.meshca.poll() is None:
+            self.meshca.kill()
+            self.meshca.wait()
+
+    def ca_command(self, *args: str) -> str:
+        """Run `meshca ca ...` against the demo's CA state, as an operator would."""
+        result = subprocess.run(
+            [sys.executable, "-m", "meshca.cli", "ca", *args, "--state-dir", str(self.material.state_dir)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"meshca ca {' '.join(args)} failed: {result.stderr.strip()}")
+        return result.stdout
 
     def serve_app(self, port: int, respond: Callable[[BaseHTTPRequestHandler], tuple[int, dict[str, Any]]]) -> None:
         server = ThreadingHTTPServer(("127.0.0.1", port), _json_handler(respond))
@@ -344,7 +455,50 @@ class Demo:
         for name, info in report.items():
             self.say(f"  {name:<9} {info['spiffe_id']}  serial {info['serial']}  expires {info['expires']}")
 
+    def run_rotation_check(self) -> tuple[int, dict[str, Any]]:
+        """Traffic for `duration` while leaves rotate (and the intermediate is forced to)."""
+        assert self.settings.duration is not None
+        watcher = ChainWatcher(self.envoys)
+        watcher.sample()
+        rotate_at = self.settings.rotate_intermediate_at
+        rotated = False
+        started = time.monotonic()
+        self.say(f"sending requests continuously for {self.settings.duration.total_seconds():.0f} s")
+        with TrafficLoop(self.one_request) as traffic:
+            while (elapsed := time.monotonic() - started) < self.settings.duration.total_seconds():
+                if rotate_at is not None and not rotated and elapsed >= rotate_at.total_seconds():
+                    self.say("forcing an intermediate CA rotation: meshca ca rotate --intermediate --now")
+                    self.say("  " + self.ca_command("rotate", "--intermediate", "--now").strip().replace("\n", "\n  "))
+                    rotated = True
+                watcher.sample()
+                time.sleep(0.5)
+            watcher.sample()
+        leaf_rotations = watcher.leaf_rotations()
+        for name, count in leaf_rotations.items():
+            self.say(f"  {name:<9} certificate rotations seen in Envoy: {count}")
+        self.say(f"  intermediate CA changes seen in every sidecar's chain: {watcher.ca_rotations()}")
+        for failure in traffic.failures[:5]:
+            self.say(f"  request failed: {failure.detail}")
+        self.say(f"requests during rotation: {traffic.ok} ok, {len(traffic.failures)} failed")
+        intruder_status = self.intruder_request()
+        refused = self.backend_refused_handshakes()
+        denied = intruder_status != 200 and refused > 0
+        summary = {
+            "requests_ok": traffic.ok,
+            "requests_failed": len(traffic.failures),
+            "denied_as_expected": denied,
+            "leaf_rotations": sum(leaf_rotations.values()),
+            "leaf_rotations_by_workload": leaf_rotations,
+            "ca_rotations": watcher.ca_rotations(),
+            "workloads": self.workloads_report(),
+        }
+        enough = min(leaf_rotations.values(), default=0) >= 2 and (rotate_at is None or watcher.ca_rotations() >= 1)
+        ok = traffic.ok > 0 and not traffic.failures and denied and enough
+        return (0 if ok else 1), summary
+
     def run_check(self) -> tuple[int, dict[str, Any]]:
+        if self.settings.duration is not None:
+            return self.run_rotation_check()
         report = self.workloads_report()
         self.print_workloads(report)
         ok = failed = 0

@@ -30,6 +30,7 @@ class DevMaterial:
     root_bundle: Path
     signing_key: Path
     trust_domain: str
+    state_dir: Path
 
 
 def create_dev_material(
@@ -40,6 +41,7 @@ def create_dev_material(
     force: bool = False,
     listen: str = "127.0.0.1:15010",
     extra_settings: dict[str, Any] | None = None,
+    ca_settings: CaSettings | None = None,
 ) -> DevMaterial:
     """Write everything `meshca serve` needs for local development into `directory`."""
     from meshca.app import issue_server_credentials
@@ -51,7 +53,7 @@ def create_dev_material(
     state_dir = directory / "ca"
     if force and state_dir.exists():
         shutil.rmtree(state_dir)
-    ca = CertificateAuthority.init(state_dir, CaSettings(trust_domain=trust_domain), clock)
+    ca = CertificateAuthority.init(state_dir, ca_settings or CaSettings(trust_domain=trust_domain), clock)
     issuer_files = write_dev_issuer(directory, force=force)
     server = issue_server_credentials(ca, SERVER_NAMES, timedelta(days=30))
     write_atomic(directory / "server.pem", server.certificate_chain_pem, 0o644)
@@ -67,4 +69,6 @@ def create_dev_material(
         **(extra_settings or {}),
     }
     write_atomic(config_path, yaml.safe_dump(config, sort_keys=False).encode(), 0o644)
-    return DevMaterial(directory, config_path, directory / "root.pem", issuer_files.signing_key, trust_domain)
+    return DevMaterial(
+        directory, config_path, directory / "root.pem", issuer_files.signing_key, trust_domain, state_dir
+    )
