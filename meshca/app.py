@@ -25,7 +25,7 @@ from meshca.jwtgate import (
 )
 from meshca.meshbuild import build_mesh
 from meshca.meshconfig import MeshConfig
-from meshca.observability import Observability
+from meshca.observability import Observability, RotationCollector
 from meshca.rotation import ApschedulerJobs, CaWatcher, LeafRotator, RotationSettings
 from meshca.snapshot import InconsistentSnapshot, SnapshotCache
 from meshca.workloads import ForeignTrustDomain, MeshPublisher, WorkloadSecrets
@@ -119,6 +119,9 @@ class MeshcaApp:
             self.cache, JwtStreamGate(self.identity_gate, self.publisher), self.registry, logger.getChild("xds")
         )
         self.observability = Observability(self.registry, self.secrets, self.publisher, clock, logger.getChild("admin"))
+        self.observability.add_collector(
+            RotationCollector(ca, self.secrets, self.rotator, self.ca_watcher, clock)
+        )
         self.health = health.HealthServicer()
         self._server: grpc.aio.Server | None = None
         self.port: int | None = None

@@ -246,6 +246,100 @@ class AdminServer:
         self.port = None
 
 
+class CaSlotView(Protocol):
+    kind: str
+    id: str
+    state: str
+    not_before: datetime
+    not_after: datetime
+
+
+class CaStatusView(Protocol):
+    @property
+    def slots(self) -> Sequence[CaSlotView]: ...
+
+
+class CaStatusSource(Protocol):
+    def status(self) -> CaStatusView: ...
+
+
+class RotationCountersView(Protocol):
+    leaf_rotations: int
+    leaf_rotations_failed: int
+
+
+class RotationSource(Protocol):
+    def counters(self) -> RotationCountersView: ...
+
+
+class CaWatchSource(Protocol):
+    def ca_rotations(self) -> int: ...
+
+    def failures(self) -> int: ...
+
+
+class RotationCollector(Collector):
+    """Age and expiry of every CA certificate and workload leaf, and rotation counts."""
+
+    def __init__(
+        self,
+        ca: CaStatusSource,
+        leaves: CertificateSource,
+        rotator: RotationSource,
+        watcher: CaWatchSource,
+        clock: Clock,
+    ) -> None:
+        self._ca = ca
+        self._leaves = leaves
+        self._rotator = rotator
+        self._watcher = watcher
+        self._clock = clock
+
+    def collect(self) -> Iterator[Metric]:
+        now = self._clock()
+        labels = ["kind", "state", "id"]
+        expiry = GaugeMetricFamily(
+            "meshca_ca_expiry_seconds", "Seconds until each CA certificate expires.", labels=labels
+        )
+        age = GaugeMetricFamily(
+            "meshca_ca_age_seconds", "Seconds since each CA certificate's not_before.", labels=labels
+        )
+        for slot in self._ca.status().slots:
+            label = [str(slot.kind), str(slot.state), slot.id]
+            expiry.add_metric(label, (slot.not_after - now).total_seconds())
+            age.add_metric(label, (now - slot.not_before).total_seconds())
+        yield expiry
+        yield age
+        leaf_expiry = GaugeMetricFamily(
+            "meshca_workload_certificate_expiry_seconds",
+            "Seconds until each identity's current workload certificate expires.",
+            labels=["identity"],
+        )
+        for leaf in self._leaves.certificates():
+            identity = getattr(leaf, "spiffe_id", "")
+            leaf_expiry.add_metric([str(identity)], (leaf.not_after - now).total_seconds())
+        yield leaf_expiry
+        counters = self._rotator.counters()
+        yield CounterMetricFamily(
+            "meshca_leaf_rotations", "Workload certificates renewed by rotation.", value=counters.leaf_rotations
+        )
+        yield CounterMetricFamily(
+            "meshca_leaf_rotations_failed",
+            "Renewals that failed (retried; the old one kept serving).",
+            value=counters.leaf_rotations_failed,
+        )
+        yield CounterMetricFamily(
+            "meshca_ca_rotations",
+            "Changes of the signing intermediate seen by this server.",
+            value=self._watcher.ca_rotations(),
+        )
+        yield CounterMetricFamily(
+            "meshca_ca_rotations_failed",
+            "CA transitions that failed (the current CA kept issuing).",
+            value=self._watcher.failures(),
+        )
+
+
 class Observability:
     """A per-app CollectorRegistry with meshca's collector, plus the admin HTTP server that exposes it."""
 
@@ -261,6 +355,9 @@ class Observability:
         self.registry.register(MeshcaCollector(proxies, certificates, mesh, clock))
         self._proxies = proxies
         self.admin = AdminServer(self.registry, proxies, logger)
+
+    def add_collector(self, collector: Collector) -> None:
+        self.registry.register(collector)
 
     def metrics_text(self) -> bytes:
         return generate_latest(self.registry)

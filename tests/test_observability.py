@@ -377,3 +377,23 @@ def test_status_command_http_error_exits_2(admin: Admin, capsys: pytest.CaptureF
     assert args.handler(args) == 2
     (line,) = capsys.readouterr().err.splitlines()
     assert "HTTP 404" in line
+
+
+async def test_rotation_metrics_show_ca_and_leaf_expiry_and_rotation_counts(tmp_path: Path) -> None:
+    from meshca.identity import SpiffeId
+    from meshca_harness import running_meshca
+
+    async with running_meshca(tmp_path) as meshca:
+        app = meshca.app
+        alice = SpiffeId.for_service_account("mesh.test", "shop", "alice")
+        app.publisher.ensure_identity(alice)
+        app.rotator.renew(alice)
+        text = app.observability.metrics_text().decode()
+        assert 'meshca_ca_expiry_seconds{id="' in text and 'kind="intermediate",state="active"' in text
+        assert 'meshca_workload_certificate_expiry_seconds{identity="spiffe://mesh.test/ns/shop/sa/alice"}' in text
+        assert "meshca_leaf_rotations_total 1.0" in text
+        app.ca.rotate_intermediate(now=True)
+        app.ca_watcher.check()
+        text = app.observability.metrics_text().decode()
+        assert "meshca_ca_rotations_total 1.0" in text
+        assert 'state="old"' in text  # the retired intermediate is still listed until pruned
