@@ -380,8 +380,9 @@ def test_status_command_http_error_exits_2(admin: Admin, capsys: pytest.CaptureF
 
 
 async def test_rotation_metrics_show_ca_and_leaf_expiry_and_rotation_counts(tmp_path: Path) -> None:
-    from meshca.identity import SpiffeId
     from meshca_harness import running_meshca
+
+    from meshca.identity import SpiffeId
 
     async with running_meshca(tmp_path) as meshca:
         app = meshca.app
