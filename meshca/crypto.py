@@ -291,6 +291,23 @@ def split_pem_certificates(pem: bytes) -> list[bytes]:
     return blocks
 
 
+def certificate_issued_by(certificate_pem: bytes, issuer_certificate_pem: bytes) -> bool:
+    """True when the first certificate of `certificate_pem` names the issuer's subject and carries a
+    valid signature by the issuer's key (for CAs whose private key is not here, e.g. Vault's root)."""
+    try:
+        cert = _load_certificate(certificate_pem)
+        issuer = _load_certificate(issuer_certificate_pem)
+        cert.verify_directly_issued_by(issuer)
+    except (CryptoError, ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
+        return False
+    return True
+
+
+def is_self_signed(certificate_pem: bytes) -> bool:
+    """True for a certificate that verifies with its own public key (a root)."""
+    return certificate_issued_by(certificate_pem, certificate_pem)
+
+
 # --- signing ------------------------------------------------------------------------------------
 
 

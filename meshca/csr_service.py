@@ -10,6 +10,7 @@ from typing import Protocol
 import grpc
 
 from meshca.ca import (
+    CaError,
     CsrRejected,
     IdentityRejected,
     InvalidTtl,
@@ -86,6 +87,9 @@ class CertificateServicer(certificate_pb2_grpc.CertificateServiceServicer):
         except IssuerExpired as e:
             self._log.error("Sign failed for %s: %s", spiffe_id, e)
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the CA cannot issue certificates right now")
+        except CaError as e:  # a backend outage (e.g. Vault down or rate limited): retryable
+            self._log.error("Sign failed for %s: %s", spiffe_id, e)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"the CA cannot issue certificates right now: {e}")
 
         self._log.info(
             "issued certificate serial %x to %s, expires %s", issued.serial_number, spiffe_id, issued.not_after.isoformat()
