@@ -25,9 +25,10 @@ from meshca.jwtgate import (
 )
 from meshca.meshbuild import build_mesh
 from meshca.meshconfig import MeshConfig
-from meshca.observability import Observability, RotationCollector
+from meshca.observability import Observability, RotationCollector, VaultCollector
 from meshca.rotation import ApschedulerJobs, CaWatcher, LeafRotator, RotationSettings
 from meshca.snapshot import InconsistentSnapshot, SnapshotCache
+from meshca.vault import VaultSession
 from meshca.workloads import ForeignTrustDomain, MeshPublisher, WorkloadSecrets
 from meshca.xds.server import (
     MAX_REQUEST_BYTES,
@@ -97,8 +98,10 @@ class MeshcaApp:
         logger: logging.Logger,
         leaf_ttl: timedelta | None = None,
         rotation: RotationSettings = RotationSettings(),
+        vault: VaultSession | None = None,
     ) -> None:
         self.ca = ca
+        self.vault = vault
         self.clock = clock
         self.log = logger
         self.cache = SnapshotCache()
@@ -122,6 +125,8 @@ class MeshcaApp:
         self.observability.add_collector(
             RotationCollector(ca, self.secrets, self.rotator, self.ca_watcher, clock)
         )
+        if vault is not None:
+            self.observability.add_collector(VaultCollector(vault, clock))
         self.health = health.HealthServicer()
         self._server: grpc.aio.Server | None = None
         self.port: int | None = None
@@ -173,6 +178,8 @@ class MeshcaApp:
         await server.start()
         self._server = server
         self.jobs.every("ca-watch", self.rotation.ca_check_interval.total_seconds(), self.ca_watcher.check)
+        if self.vault is not None:
+            self.jobs.every("vault-token", 2.0, self.vault.maintain)
         self.jobs.start()
         if admin_port is not None:
             bound_admin = self.observability.start(admin_address, admin_port)

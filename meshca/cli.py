@@ -11,13 +11,12 @@ from datetime import timedelta
 from pathlib import Path
 
 from meshca import crypto
-from meshca.ca import CaSettings, CaStateError, CertificateAuthority
+from meshca.ca import CaError, CaSettings, CertificateAuthority
 from meshca.clock import system_clock
 from meshca.config import (
     ConfigError,
     load_serve_settings,
     parse_duration,
-    read_state_dir,
 )
 from meshca.files import write_atomic
 
@@ -67,9 +66,11 @@ def cmd_dev_token(args: argparse.Namespace) -> int:
 async def _serve(config_path: Path) -> int:
     from meshca import logs
     from meshca.app import MeshcaApp, ServerCredentials, issue_server_credentials
+    from meshca.backends import build_ca_backend
 
-    state_dir = read_state_dir(config_path)
-    ca = CertificateAuthority.load(state_dir, system_clock)
+    log = logs.configure("info")
+    backend = build_ca_backend(config_path, system_clock, log)
+    ca = backend.ca
     settings = load_serve_settings(config_path, ca.trust_domain)
     if settings.leaf_ttl is not None and not (
         ca.settings.leaf_ttl_min <= settings.leaf_ttl <= ca.settings.leaf_ttl_max
@@ -81,7 +82,7 @@ async def _serve(config_path: Path) -> int:
             f"[{ca.settings.leaf_ttl_min}, {ca.settings.leaf_ttl_max}] (set at `meshca ca init`)",
         )
     log = logs.configure(settings.log_level)
-    app = MeshcaApp(ca, settings.issuers, system_clock, log, settings.leaf_ttl, settings.rotation)
+    app = MeshcaApp(ca, settings.issuers, system_clock, log, settings.leaf_ttl, settings.rotation, backend.vault)
     if settings.server_tls is not None:
         credentials = ServerCredentials(
             settings.server_tls.certificate_chain.read_bytes(), settings.server_tls.private_key.read_bytes()
@@ -133,6 +134,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         cert_ttl=duration(args.cert_ttl, "--cert-ttl"),
         duration=duration(args.duration, "--duration"),
         rotate_intermediate_at=duration(args.rotate_intermediate_at, "--rotate-intermediate-at"),
+        ca=args.ca,
     )
     if settings.duration is not None and not settings.check:
         raise CliError("--duration needs --check")
@@ -194,15 +196,23 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--cert-ttl", help="workload certificate lifetime, e.g. 20s, to watch rotation")
     demo.add_argument("--duration", help="with --check: send traffic for this long (e.g. 60s) instead of --requests")
     demo.add_argument(
+        "--ca",
+        choices=["internal", "vault"],
+        default="internal",
+        help="vault: the root lives in OpenBao/Vault (VAULT_ADDR+VAULT_TOKEN, or a dev server the demo starts)",
+    )
+    demo.add_argument(
         "--rotate-intermediate-at", help="with --duration: force an intermediate CA rotation this far in (e.g. 25s)"
     )
     demo.set_defaults(handler=cmd_demo)
 
     from meshca.cli_bootstrap import add_bootstrap_parser
     from meshca.observability import add_status_parser
+    from meshca.vault_setup import add_vault_parser
 
     add_bootstrap_parser(commands)
     add_status_parser(commands)
+    add_vault_parser(commands)
     return parser
 
 
@@ -210,7 +220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.handler(args))
-    except (CliError, ConfigError, CaStateError, FileExistsError, ValueError) as error:  # incl. InconsistentSnapshot
+    except (CliError, ConfigError, CaError, FileExistsError, ValueError) as error:  # incl. InconsistentSnapshot
         print(f"meshca: error: {error}", file=sys.stderr)
         return 2
 

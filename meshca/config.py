@@ -236,7 +236,7 @@ def _parse_rotation(reader: FieldReader) -> RotationSettings:
 def parse_serve_settings(path: Path, data: Mapping[str, Any], trust_domain: str) -> ServeSettings:
     reader = FieldReader(path, data)
     reader.check_known(
-        {"state_dir", "listen", "issuers", "tls", "server_names", "leaf_ttl", "rotation", "mesh", "metrics_port", "admin_address", "log_level"}
+        {"state_dir", "listen", "issuers", "tls", "server_names", "leaf_ttl", "rotation", "mesh", "metrics_port", "admin_address", "ca", "log_level"}
     )
     host, port = _parse_listen(reader)
     issuers_raw = reader.get("issuers", list)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import shutil
 import signal
 import socket
@@ -53,6 +54,7 @@ class DemoSettings:
     cert_ttl: timedelta | None = None  # short leaves (e.g. 20 s) to watch rotation happen
     duration: timedelta | None = None  # with --check: send traffic for this long instead of N requests
     rotate_intermediate_at: timedelta | None = None  # force an intermediate rotation this far in
+    ca: str = "internal"  # or "vault": leaves chain to a root held by OpenBao/Vault (vault-intermediate)
 
 
 @dataclass(frozen=True)
@@ -296,6 +298,8 @@ class Demo:
         self.ports = Ports()
         self.workdir = settings.workdir or Path(tempfile.mkdtemp(prefix="meshca-demo-"))
         self.meshca: subprocess.Popen[bytes] | None = None
+        self.openbao: Any = None
+        self.vault_address = ""
         self.envoys: dict[str, EnvoyProcess] = {}
         self.servers: list[ThreadingHTTPServer] = []
 
@@ -323,6 +327,8 @@ class Demo:
             # re-issue after a CA change within a fraction of a leaf's life; look for CA changes often
             extra["rotation"] = {"reissue_window": f"{max(ttl / 5, 1)}s", "ca_check_interval": "0.5s"}
             ca_settings = CaSettings(trust_domain=TRUST_DOMAIN, leaf_ttl_min=min(self.settings.cert_ttl, timedelta(minutes=5)))
+        if self.settings.ca == "vault":
+            extra.update(self._vault_settings())
         material = create_dev_material(
             self.workdir / "dev",
             TRUST_DOMAIN,
@@ -362,6 +368,69 @@ class Demo:
             envoy.wait_ready(self.settings.startup_timeout, live=False)
             self.say(f"started Envoy sidecar for {workload.name} (admin 127.0.0.1:{envoy.admin_port})")
         self._wait_converged()
+
+    def _vault_settings(self) -> dict[str, Any]:
+        """Use VAULT_ADDR/VAULT_TOKEN when given, else start an OpenBao dev server; set up PKI and AppRole."""
+        import hvac
+
+        from meshca.openbao_process import OpenBaoProcess
+        from meshca.vault_setup import setup_approle, setup_pki
+
+        address = os.environ.get("VAULT_ADDR")
+        if address:
+            token = os.environ.get("VAULT_TOKEN")
+            if not token:
+                raise RuntimeError("VAULT_ADDR is set but VAULT_TOKEN is not: the demo needs a token to set up PKI")
+        else:
+            self.openbao = OpenBaoProcess()
+            self.openbao.start()
+            address, token = self.openbao.address, self.openbao.root_token
+            self.say(f"started an OpenBao dev server at {address} (no VAULT_ADDR given)")
+        client = hvac.Client(url=address, token=token)
+        setup_pki(client, trust_domain=TRUST_DOMAIN, mode="vault-intermediate")
+        credentials = setup_approle(client, policies=("meshca",))
+        secret_file = self.workdir / "approle-secret-id"
+        write_atomic(secret_file, credentials.secret_id.encode(), 0o600)
+        self.vault_address = address
+        self.say("Vault PKI ready: root in Vault's `pki` mount; meshca logs in with AppRole (least-privilege policy)")
+        return {
+            "state_dir": str(self.workdir / "vault-ca"),
+            "ca": {
+                "mode": "vault-intermediate",
+                "trust_domain": TRUST_DOMAIN,
+                "vault": {
+                    "address": address,
+                    "mount": "pki",
+                    "auth": {"method": "approle", "role_id": credentials.role_id, "secret_id_file": str(secret_file)},
+                },
+            },
+        }
+
+    def vault_root_report(self) -> dict[str, Any]:
+        """Vault's root as Vault itself serves it, and whether every sidecar's chain verifies to it."""
+        from cryptography.x509.verification import PolicyBuilder, Store
+
+        from meshca import crypto
+
+        with urllib.request.urlopen(f"{self.vault_address}/v1/pki/ca/pem", timeout=5) as response:
+            root_pem = response.read()
+        root = x509.load_pem_x509_certificate(root_pem)
+        verifier = PolicyBuilder().store(Store([root])).build_client_verifier()
+
+        def verifies(chain: list[x509.Certificate]) -> bool:
+            try:
+                verifier.verify(chain[0], chain[1:])
+            except Exception:
+                return False
+            return True
+
+        chains = [envoy_chain(envoy) for envoy in self.envoys.values()]
+        return {
+            "vault_address": self.vault_address,
+            "root_subject": root.subject.rfc4514_string(),
+            "root_fingerprint_sha256": crypto.parse_certificate_pem(root_pem).fingerprint_sha256,
+            "chains_verify_to_vault_root": bool(chains) and all(chain and verifies(chain) for chain in chains),
+        }
 
     @property
     def meshca_log(self) -> Path:
@@ -530,7 +599,12 @@ class Demo:
             "peer_seen_by_backend": sorted(peers),
             "workloads": report,
         }
-        return (0 if ok == self.settings.requests and failed == 0 and denied else 1), summary
+        vault_ok = True
+        if self.settings.ca == "vault":
+            summary["vault"] = self.vault_root_report()
+            vault_ok = summary["vault"]["chains_verify_to_vault_root"]
+            self.say(f"workload chains verify to Vault's root {summary['vault']['root_subject']}: {vault_ok}")
+        return (0 if ok == self.settings.requests and failed == 0 and denied and vault_ok else 1), summary
 
     def run_forever(self, stop: threading.Event) -> int:
         self.print_workloads(self.workloads_report())
@@ -567,6 +641,8 @@ class Demo:
             except subprocess.TimeoutExpired:
                 self.meshca.kill()
                 self.meshca.wait()
+        if self.openbao is not None:
+            self.openbao.stop()
         if not self.settings.keep_workdir and self.settings.workdir is None:
             shutil.rmtree(self.workdir, ignore_errors=True)
 

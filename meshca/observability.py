@@ -340,6 +340,52 @@ class RotationCollector(Collector):
         )
 
 
+class VaultStatusView(Protocol):
+    authenticated: bool
+    token_expires_at: datetime | None
+    consecutive_failures: int
+    logins_total: int
+    renewals_total: int
+    failures_total: int
+
+
+class VaultStatusSource(Protocol):
+    def status(self) -> VaultStatusView: ...
+
+
+class VaultCollector(Collector):
+    """The Vault session: logged in or not, token expiry, logins, renewals and failures."""
+
+    def __init__(self, session: VaultStatusSource, clock: Clock) -> None:
+        self._session = session
+        self._clock = clock
+
+    def collect(self) -> Iterator[Metric]:
+        status = self._session.status()
+        yield GaugeMetricFamily(
+            "meshca_vault_authenticated", "1 while meshca holds a valid Vault token.", value=int(status.authenticated)
+        )
+        expiry = GaugeMetricFamily(
+            "meshca_vault_token_expiry_seconds",
+            "Seconds until the Vault token expires (absent for non-expiring tokens).",
+        )
+        if status.token_expires_at is not None:
+            expiry.add_metric([], (status.token_expires_at - self._clock()).total_seconds())
+        yield expiry
+        yield GaugeMetricFamily(
+            "meshca_vault_consecutive_failures",
+            "Vault calls failed in a row (0 once Vault answers again).",
+            value=status.consecutive_failures,
+        )
+        yield CounterMetricFamily(
+            "meshca_vault_failures", "Failed Vault calls and renewals.", value=status.failures_total
+        )
+        yield CounterMetricFamily(
+            "meshca_vault_logins", "Vault logins (first and after a failed renewal).", value=status.logins_total
+        )
+        yield CounterMetricFamily("meshca_vault_renewals", "Vault token renewals.", value=status.renewals_total)
+
+
 class Observability:
     """A per-app CollectorRegistry with meshca's collector, plus the admin HTTP server that exposes it."""
 

@@ -1,0 +1,72 @@
+"""Chooses and builds the CA backend named in the serve settings: internal, vault-intermediate, vault-leaf."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from meshca.ca import CaSettings, CertificateAuthority
+from meshca.clock import Clock
+from meshca.config import FieldReader, read_yaml_mapping
+from meshca.vault import VaultSession, parse_vault_settings
+from meshca.vault_ca import VaultIntermediateCa, VaultLeafCa, VaultLeafOptions, is_vault_state_dir
+
+MODES = ("internal", "vault-intermediate", "vault-leaf")
+_VAULT_CA_KEYS = ("mount", "role", "max_rate", "burst")
+
+
+@dataclass(frozen=True)
+class CaBackend:
+    """The CA the server issues with, and the Vault session to keep alive (None for `internal`)."""
+
+    mode: str
+    ca: Any  # CertificateAuthority | VaultIntermediateCa | VaultLeafCa: the same issuing interface
+    vault: VaultSession | None
+
+
+def build_ca_backend(config_path: Path, clock: Clock, logger: logging.Logger) -> CaBackend:
+    """Read `state_dir` and the `ca:` section of a serve settings file and build that CA.
+
+    `internal` (default): the CA in `state_dir` (`meshca ca init` / `meshca dev init`).
+    `vault-intermediate`: Vault holds the root; meshca's intermediate lives in `state_dir` and is
+    created (signed by Vault) on first start, so restarts need no Vault.
+    `vault-leaf`: every leaf is signed by Vault; needs Vault at start.
+    """
+    data = read_yaml_mapping(config_path)
+    reader = FieldReader(config_path, data)
+    state_dir = (config_path.parent / reader.get("state_dir", str)).resolve()
+    section: Mapping[str, Any] = reader.get("ca", Mapping, {})
+    ca_reader = reader.child("ca", section)
+    ca_reader.check_known({"mode", "trust_domain", "vault"})
+    mode = ca_reader.get("mode", str, "internal")
+    if mode not in MODES:
+        raise ca_reader.error("mode", f"{mode!r} is not one of {', '.join(MODES)}")
+    if mode == "internal":
+        return CaBackend(mode, CertificateAuthority.load(state_dir, clock), None)
+
+    vault_reader = ca_reader.child("vault", ca_reader.get("vault", Mapping))
+    session = VaultSession(parse_vault_settings(vault_reader, extra_known=_VAULT_CA_KEYS), clock, logger.getChild("vault"))
+    mount = vault_reader.get("mount", str, "pki")
+    if mode == "vault-intermediate":
+        if is_vault_state_dir(state_dir):
+            ca = VaultIntermediateCa.load(state_dir, None, session, clock, logger=logger.getChild("vault-ca"))
+        else:
+            trust_domain = ca_reader.get("trust_domain", str)
+            ca = VaultIntermediateCa.init(
+                state_dir, CaSettings(trust_domain=trust_domain), session, clock, mount=mount,
+                logger=logger.getChild("vault-ca"),
+            )
+        return CaBackend(mode, ca, session)
+
+    trust_domain = ca_reader.get("trust_domain", str)
+    options = VaultLeafOptions(
+        mount=mount,
+        role=vault_reader.get("role", str, "meshca"),
+        max_rate=float(vault_reader.get("max_rate", (int, float), 50.0)),
+        burst=vault_reader.get("burst", int, 20),
+    )
+    leaf_ca = VaultLeafCa(CaSettings(trust_domain=trust_domain), session, clock, logger.getChild("vault-leaf"), options)
+    return CaBackend(mode, leaf_ca, session)
