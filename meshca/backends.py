@@ -40,12 +40,20 @@ def build_ca_backend(config_path: Path, clock: Clock, logger: logging.Logger) ->
     state_dir = (config_path.parent / reader.get("state_dir", str)).resolve()
     section: Mapping[str, Any] = reader.get("ca", Mapping, {})
     ca_reader = reader.child("ca", section)
-    ca_reader.check_known({"mode", "trust_domain", "vault"})
+    ca_reader.check_known({"mode", "trust_domain", "leaf_ttl_min", "vault"})
     mode = ca_reader.get("mode", str, "internal")
     if mode not in MODES:
         raise ca_reader.error("mode", f"{mode!r} is not one of {', '.join(MODES)}")
     if mode == "internal":
         return CaBackend(mode, CertificateAuthority.load(state_dir, clock), None)
+
+    def ca_settings() -> CaSettings:
+        leaf_ttl_min = ca_reader.duration("leaf_ttl_min", required=False)
+        extra = {"leaf_ttl_min": leaf_ttl_min} if leaf_ttl_min is not None else {}
+        try:
+            return CaSettings(trust_domain=ca_reader.get("trust_domain", str), **extra)
+        except ValueError as error:
+            raise ca_reader.error("", str(error)) from None
 
     vault_reader = ca_reader.child("vault", ca_reader.get("vault", Mapping))
     session = VaultSession(parse_vault_settings(vault_reader, extra_known=_VAULT_CA_KEYS), clock, logger.getChild("vault"))
@@ -54,19 +62,17 @@ def build_ca_backend(config_path: Path, clock: Clock, logger: logging.Logger) ->
         if is_vault_state_dir(state_dir):
             ca = VaultIntermediateCa.load(state_dir, None, session, clock, logger=logger.getChild("vault-ca"))
         else:
-            trust_domain = ca_reader.get("trust_domain", str)
             ca = VaultIntermediateCa.init(
-                state_dir, CaSettings(trust_domain=trust_domain), session, clock, mount=mount,
+                state_dir, ca_settings(), session, clock, mount=mount,
                 logger=logger.getChild("vault-ca"),
             )
         return CaBackend(mode, ca, session)
 
-    trust_domain = ca_reader.get("trust_domain", str)
     options = VaultLeafOptions(
         mount=mount,
         role=vault_reader.get("role", str, "meshca"),
         max_rate=float(vault_reader.get("max_rate", (int, float), 50.0)),
         burst=vault_reader.get("burst", int, 20),
     )
-    leaf_ca = VaultLeafCa(CaSettings(trust_domain=trust_domain), session, clock, logger.getChild("vault-leaf"), options)
+    leaf_ca = VaultLeafCa(ca_settings(), session, clock, logger.getChild("vault-leaf"), options)
     return CaBackend(mode, leaf_ca, session)

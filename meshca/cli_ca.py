@@ -48,10 +48,31 @@ def _state_dir(args: argparse.Namespace) -> Path:
     return read_state_dir(Path(args.config))
 
 
+def _load_ca(args: argparse.Namespace, clock: Clock, *, needs_vault: bool = False) -> Any:
+    """The CA of a state dir, or (with --config) the backend the serve settings name, Vault included."""
+    if args.config:
+        import logging
+
+        from meshca.backends import build_ca_backend
+
+        return build_ca_backend(Path(args.config), clock, logging.getLogger("meshca.cli")).ca
+    state_dir = _state_dir(args)
+    from meshca.vault_ca import VaultIntermediateCa, is_vault_state_dir
+
+    if is_vault_state_dir(state_dir):
+        if needs_vault:
+            raise CaError(
+                f"{state_dir} is a vault-intermediate CA: a new intermediate must be signed by Vault, "
+                "so pass --config <meshca.yaml> (its ca.vault section says how to reach Vault)"
+            )
+        return VaultIntermediateCa.load(state_dir, None, None, clock)
+    return CertificateAuthority.load(state_dir, clock)
+
+
 def cmd_ca_status(args: argparse.Namespace, out: TextIO | None = None, clock: Clock = system_clock) -> int:
     out = out or sys.stdout
     try:
-        ca = CertificateAuthority.load(_state_dir(args), clock)
+        ca = _load_ca(args, clock)
     except CaError as error:
         print(f"meshca: error: {error}", file=sys.stderr)
         return 2
@@ -67,7 +88,11 @@ def cmd_ca_rotate(args: argparse.Namespace, out: TextIO | None = None, clock: Cl
     out = out or sys.stdout
     kind = "root" if args.root else "intermediate"
     try:
-        ca = CertificateAuthority.load(_state_dir(args), clock)
+        ca = _load_ca(args, clock, needs_vault=True)
+        if args.root and not hasattr(ca, "rotate_root"):
+            raise CaError("the root of this CA lives in Vault: rotate it there; meshca follows the new root")
+        if not hasattr(ca, "rotate_intermediate"):
+            raise CaError("in vault-leaf mode Vault signs every leaf: there is no meshca intermediate to rotate")
         events = ca.rotate_root(now=args.now) if args.root else ca.rotate_intermediate(now=args.now)
     except CaError as error:
         print(f"meshca: error: {error}", file=sys.stderr)

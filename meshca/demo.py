@@ -398,6 +398,7 @@ class Demo:
             "ca": {
                 "mode": "vault-intermediate",
                 "trust_domain": TRUST_DOMAIN,
+                **({"leaf_ttl_min": "10s"} if self.settings.cert_ttl else {}),
                 "vault": {
                     "address": address,
                     "mount": "pki",
@@ -454,8 +455,13 @@ class Demo:
 
     def ca_command(self, *args: str) -> str:
         """Run `meshca ca ...` against the demo's CA state, as an operator would."""
+        where = (
+            ["--config", str(self.material.serve_config)]
+            if self.settings.ca == "vault"
+            else ["--state-dir", str(self.material.state_dir)]
+        )
         result = subprocess.run(
-            [sys.executable, "-m", "meshca.cli", "ca", *args, "--state-dir", str(self.material.state_dir)],
+            [sys.executable, "-m", "meshca.cli", "ca", *args, *where],
             capture_output=True,
             text=True,
             timeout=60,

@@ -282,6 +282,9 @@ class VaultSettings:
     ca_cert: Path | None = None
     timeout: float = 5.0
     max_backoff: timedelta = DEFAULT_MAX_BACKOFF
+    # between renewals, maintain() checks the token (lookup-self) this often, so an unreachable,
+    # sealed or revoking Vault shows in metrics and logs before it matters
+    probe_interval: timedelta = timedelta(seconds=10)
 
     def __post_init__(self) -> None:
         parts = urlsplit(self.address)
@@ -418,6 +421,7 @@ class VaultSession:
         self._last_error: str | None = None
         self._consecutive_failures = 0
         self._failures_total = 0
+        self._last_probe_at: datetime | None = None
         self._logins_total = 0
         self._renewals_total = 0
         self._next_attempt_at: datetime | None = None
@@ -461,8 +465,25 @@ class VaultSession:
                 return
             try:
                 self._maintain_locked(now)
+                self._probe_locked(now)
             except VaultError as error:
                 self._note_failure(error, now, "maintenance")
+
+    def _probe_locked(self, now: datetime) -> None:
+        token, client = self._token, self._client
+        if token is None or client is None:
+            return
+        if self._last_probe_at is not None and now - self._last_probe_at < self._settings.probe_interval:
+            return
+        self._last_probe_at = now
+        try:
+            self._run(lambda c: c.auth.token.lookup_self(), client, "token lookup-self")
+        except VaultDenied:
+            self._relogin_or_fail(token, "token rejected by Vault")
+            return
+        if self._consecutive_failures:
+            self._log.info("vault: reachable again", extra={"vault_auth": self._settings.auth.method})
+        self._note_success()
 
     def token_expires_at(self) -> datetime | None:
         token = self._token
