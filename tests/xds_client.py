@@ -60,10 +60,13 @@ class XdsClient:
             request.node = Node(id=node_id, cluster="test", metadata=metadata)
         if error is not None:
             request.error_detail = Status(code=13, message=error)
-        await self.call.write(bytes(request))
+        await self.send_raw(bytes(request))
 
     async def send_raw(self, payload: bytes) -> None:
-        await self.call.write(payload)
+        try:
+            await self.call.write(payload)
+        except grpc.aio.AioRpcError:
+            pass  # the server already closed the stream (e.g. refused it): status() tells why
 
     async def recv(self, timeout: float = 5.0) -> DiscoveryResponse:
         raw = await asyncio.wait_for(self._inbox.get(), timeout)
