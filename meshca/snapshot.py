@@ -95,6 +95,14 @@ class EncodedResource:
     payload: bytes = field(repr=False)
     any_field: bytes = field(repr=False)  # google.protobuf.Any, framed as DiscoveryResponse field 2
     references: frozenset[Reference] = frozenset()
+    # Delta: `delta_prefix + any_field` is a Resource{name, version, resource=Any} framed as
+    # DeltaDiscoveryResponse field 2 (Resource.resource is field 2 too, so any_field is reused as is).
+    delta_prefix: bytes = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        head = length_delimited(3, self.name.encode()) + length_delimited(1, self.version.encode())
+        length = len(head) + len(self.any_field)
+        object.__setattr__(self, "delta_prefix", _varint(2 << 3 | 2) + _varint(length) + head)
 
 
 def encode_resource(

@@ -1,20 +1,22 @@
-"""Test support: a minimal Python xDS client that speaks SotW over grpc.aio like Envoy does."""
+"""Test support: minimal Python xDS clients that speak SotW and delta over grpc.aio like Envoy does."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import grpc
 from envoy_data_plane.envoy.config.core.v3 import Node
 from envoy_data_plane.envoy.service.discovery.v3 import (
+    DeltaDiscoveryRequest,
+    DeltaDiscoveryResponse,
     DiscoveryRequest,
     DiscoveryResponse,
 )
 from envoy_data_plane.google.protobuf import Struct, Value
 from envoy_data_plane.google.rpc import Status
 
-from meshca.xds.server import ADS_METHOD
+from meshca.xds.server import ADS_METHOD, DELTA_ADS_METHOD
 
 ROOTCA_AND_DEFAULT = ("default", "ROOTCA")
 
@@ -94,3 +96,49 @@ class XdsClient:
     def close(self) -> None:
         self.call.cancel()
         self._reader.cancel()
+
+
+def _node(node_id: str, node_metadata: Mapping[str, str] | None) -> Node:
+    metadata = Struct(fields={k: Value(string_value=v) for k, v in (node_metadata or {}).items()})
+    return Node(id=node_id, cluster="test", metadata=metadata)
+
+
+class DeltaXdsClient(XdsClient):
+    """One delta xDS stream: `send` builds a DeltaDiscoveryRequest, `recv` parses a DeltaDiscoveryResponse."""
+
+    def __init__(self, channel: grpc.aio.Channel, token: str | None, method: str = DELTA_ADS_METHOD) -> None:
+        super().__init__(channel, token, method)
+
+    async def send(  # type: ignore[override]
+        self,
+        type_url: str,
+        subscribe: Sequence[str] = (),
+        unsubscribe: Sequence[str] = (),
+        nonce: str = "",
+        *,
+        initial_versions: Mapping[str, str] | None = None,
+        node_id: str | None = None,
+        node_metadata: Mapping[str, str] | None = None,
+        error: str | None = None,
+    ) -> None:
+        request = DeltaDiscoveryRequest(
+            type_url=type_url,
+            resource_names_subscribe=list(subscribe),
+            resource_names_unsubscribe=list(unsubscribe),
+            initial_resource_versions=dict(initial_versions or {}),
+            response_nonce=nonce,
+        )
+        if node_id is not None:
+            request.node = _node(node_id, node_metadata)
+        if error is not None:
+            request.error_detail = Status(code=13, message=error)
+        await self.call.write(bytes(request))
+
+    async def recv(self, timeout: float = 5.0) -> DeltaDiscoveryResponse:  # type: ignore[override]
+        raw = await asyncio.wait_for(self._inbox.get(), timeout)
+        if raw is None:
+            raise EOFError(f"stream ended: {await self.call.code()} {await self.call.details()}")
+        return DeltaDiscoveryResponse.parse(raw)
+
+    async def ack(self, response: DeltaDiscoveryResponse) -> None:  # type: ignore[override]
+        await self.send(response.type_url, nonce=response.nonce)
