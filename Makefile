@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo protos dev clean
+.PHONY: test demo protos dev clean bench
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,11 +15,15 @@ $(STAMP): pyproject.toml
 dev: $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m ruff check meshca tests
+	$(PY) -m ruff check meshca tests benchmarks
 	$(PY) -m pytest -q -ra
 
 demo: $(STAMP)
 	$(VENV)/bin/meshca demo $(DEMO_ARGS)
+
+# Quick profile by default (a few minutes); BENCH_ARGS=--full for the 10,000-stream rows.
+bench: $(STAMP)
+	$(PY) -m benchmarks.run $(BENCH_ARGS)
 
 protos: $(STAMP)
 	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. protos/meshca/v1/certificate.proto

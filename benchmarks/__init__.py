@@ -1,0 +1,1 @@
+"""meshca benchmarks: `python -m benchmarks.run [--full] [--only NAME]` (see docs/performance.md)."""

@@ -1,0 +1,141 @@
+"""Benchmark 2: certificates signed through the gRPC CSR service vs OpenBao `pki/sign/<role>`, same N.
+
+meshca runs as its own process (benchmarks.meshca_server: TLS, dev JWT issuer, INFO logs). The load
+generator is another process: N concurrent clients, each with its own TLS connection and token,
+calling meshca.v1.CertificateService/Sign with CSRs (ECDSA P-256) generated before the clock
+starts, so key generation is not measured. Every call is authenticated and the CSR checked.
+
+Baseline, same run, same N: a real `bao server -dev` (OpenBao) set up by meshca.vault_setup
+(`setup_pki`, vault-leaf role: URI SANs in the trust domain, EC P-256, no_store) and a load-generator
+process with N threads, each with its own hvac client, calling `pki/sign/meshca` with the same kind
+of CSRs, `uri_sans` set as meshca's vault-leaf backend sets it. meshca and OpenBao are measured in
+alternating rounds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import TRUST_DOMAIN, Child, Profile, Row, cpu_seconds, failed_row, server_args, stop_all
+from meshca.openbao_process import OpenBaoProcess
+from meshca.vault_setup import setup_pki
+
+NAME = "csr_service_throughput"
+TARGET = ">= 5x OpenBao pki/sign"
+UNIT = "certs/s"
+
+
+def _meshca_round(profile: Profile, workdir: Path, round_no: int) -> dict[str, Any]:
+    server = Child(
+        "meshca_server", server_args(workdir=str(workdir / f"meshca-{round_no}")), workdir / f"meshca-{round_no}.log"
+    )
+    gen = None
+    try:
+        info = server.ready()
+        gen = Child(
+            "loadgen",
+            {
+                "mode": "csr",
+                "port": info["port"],
+                "root": info["root"],
+                "signing_key": info["signing_key"],
+                "concurrency": profile.csr_concurrency,
+                "seconds": profile.csr_seconds,
+                "warmup": profile.csr_warmup,
+            },
+            workdir / f"loadgen-csr-{round_no}.log",
+        )
+        gen.ready()
+        cpu_before = cpu_seconds(server.pid)
+        result = gen.call("run", timeout=profile.csr_seconds + profile.csr_warmup + 300)
+        result["server_cpu_seconds"] = cpu_seconds(server.pid) - cpu_before
+        return result
+    finally:
+        stop_all([gen, server])
+
+
+def _bao_round(profile: Profile, workdir: Path, round_no: int) -> dict[str, Any]:
+    gen = None
+    with OpenBaoProcess(workdir=workdir / f"openbao-{round_no}") as bao:
+        setup_pki(bao.root_client(), trust_domain=TRUST_DOMAIN, mode="vault-leaf")
+        try:
+            gen = Child(
+                "loadgen",
+                {
+                    "mode": "bao",
+                    "address": bao.address,
+                    "token": bao.root_token,
+                    "mount": "pki",
+                    "role": "meshca",
+                    "concurrency": profile.csr_concurrency,
+                    "seconds": profile.csr_seconds,
+                    "warmup": profile.csr_warmup,
+                },
+                workdir / f"loadgen-bao-{round_no}.log",
+            )
+            gen.ready()
+            assert bao.pid is not None
+            cpu_before = cpu_seconds(bao.pid)
+            result = gen.call("run", timeout=profile.csr_seconds + profile.csr_warmup + 300)
+            result["server_cpu_seconds"] = cpu_seconds(bao.pid) - cpu_before
+            return result
+        finally:
+            stop_all([gen])
+
+
+def run(profile: Profile, workdir: Path) -> list[Row]:
+    rounds = 2
+    parameters: dict[str, Any] = {
+        "concurrency": profile.csr_concurrency,
+        "seconds_per_round": profile.csr_seconds,
+        "rounds": rounds,
+        "key": "ECDSA P-256, CSRs pre-generated",
+        "meshca_clients": "asyncio tasks in one process, one TLS connection each",
+        "openbao_clients": "threads in one process, one hvac client each, root token",
+    }
+    meshca: list[dict[str, Any]] = []
+    bao: list[dict[str, Any]] = []
+    try:
+        for round_no in range(rounds):
+            meshca.append(_meshca_round(profile, workdir, round_no))
+            bao.append(_bao_round(profile, workdir, round_no))
+    except Exception as error:
+        return [failed_row(NAME, UNIT, TARGET, error, **parameters)]
+
+    def total(results: list[dict[str, Any]], key: str) -> float:
+        return sum(r[key] for r in results)
+
+    rate = total(meshca, "completed") / total(meshca, "seconds")
+    bao_rate = total(bao, "completed") / total(bao, "seconds")
+    parameters.update(
+        {
+            "meshca_rounds": [round(r["rate"]) for r in meshca],
+            "openbao_rounds": [round(r["rate"]) for r in bao],
+            "meshca_latency_p50_ms": meshca[-1]["latency_p50_ms"],
+            "meshca_latency_p99_ms": meshca[-1]["latency_p99_ms"],
+            "openbao_latency_p50_ms": bao[-1]["latency_p50_ms"],
+            "openbao_latency_p99_ms": bao[-1]["latency_p99_ms"],
+            "meshca_server_cpu_per_cert_us": round(
+                total(meshca, "server_cpu_seconds") / max(1, total(meshca, "completed_total")) * 1e6
+            ),
+            "openbao_server_cpu_per_cert_us": round(
+                total(bao, "server_cpu_seconds") / max(1, total(bao, "completed_total")) * 1e6
+            ),
+            "meshca_errors": meshca[-1]["errors"],
+            "openbao_errors": bao[-1]["errors"],
+        }
+    )
+    errors = any(r["errors"] for r in meshca)
+    return [
+        Row(
+            NAME,
+            rate,
+            UNIT,
+            "OpenBao pki/sign via hvac, same concurrency",
+            bao_rate,
+            TARGET,
+            (rate >= 5 * bao_rate) and not errors,
+            parameters,
+        )
+    ]

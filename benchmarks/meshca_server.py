@@ -1,0 +1,206 @@
+"""The system under test as its own process: a real MeshcaApp on loopback TLS, driven by JSON-line commands.
+
+    python -m benchmarks.meshca_server '{"workdir": ..., "layout": {...}}'
+
+Set up like `meshca serve` (internal CA, dev JWT issuer, TLS, INFO logs as JSON lines to stderr,
+which the parent sends to a file). Nothing in meshca is modified: push/ACK timestamps for the
+Envoy benchmark come from wrapping this process's ProxyRegistry instance.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import cProfile
+import gc
+import os
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import TRUST_DOMAIN, child_args, cpu_seconds, emit, rss_kb, serve_commands
+from benchmarks.meshgen import Layout, mesh_config, with_endpoint_change
+from meshca import logs
+from meshca.app import MeshcaApp, issue_server_credentials
+from meshca.ca import CaSettings, CertificateAuthority
+from meshca.clock import system_clock
+from meshca.devtokens import DEV_AUDIENCE, DEV_ISSUER, write_dev_issuer
+from meshca.jwtgate import TrustedIssuer
+from meshca.meshconfig import MeshConfig, load_mesh_config
+from meshca.rotation import RotationSettings
+
+
+class PushAckProbe:
+    """Wraps a ProxyRegistry instance: when each (stream, type, version) was sent and when it was ACKed."""
+
+    def __init__(self, registry: Any) -> None:
+        self.samples: list[dict[str, Any]] = []
+        self._sent: dict[tuple[int, Any, str], float] = {}
+        original_sent, original_ack = registry.record_sent, registry.record_ack
+
+        def record_sent(stream_id: int, resource_type: Any, version: str, *rest: Any, **kw: Any) -> Any:
+            self._sent.setdefault((stream_id, resource_type, version), time.monotonic())
+            return original_sent(stream_id, resource_type, version, *rest, **kw)
+
+        def record_ack(stream_id: int, resource_type: Any, version: str, *rest: Any, **kw: Any) -> Any:
+            sent_at = self._sent.pop((stream_id, resource_type, version), None)
+            if sent_at is not None:
+                self.samples.append(
+                    {
+                        "stream": stream_id,
+                        "type": getattr(resource_type, "short_name", str(resource_type)),
+                        "version": version,
+                        "sent_at": sent_at,
+                        "acked_at": time.monotonic(),
+                    }
+                )
+            return original_ack(stream_id, resource_type, version, *rest, **kw)
+
+        registry.record_sent = record_sent
+        registry.record_ack = record_ack
+
+
+async def main() -> None:
+    args = child_args()
+    workdir = Path(args["workdir"])
+    workdir.mkdir(parents=True, exist_ok=True)
+    profiler = None
+    if args.get("cprofile"):
+        profiler = cProfile.Profile()
+        profiler.enable()
+
+    log = logs.configure(args.get("log_level", "info"))
+    ca = CertificateAuthority.init(workdir / "ca", CaSettings(trust_domain=TRUST_DOMAIN), system_clock)
+    issuer_files = write_dev_issuer(workdir / "jwt")
+    issuer = TrustedIssuer(
+        issuer=DEV_ISSUER, audiences=(DEV_AUDIENCE,), trust_domain=TRUST_DOMAIN, jwks_path=issuer_files.jwks
+    )
+    rotation = RotationSettings()
+    if "rotation" in args:
+        r = args["rotation"]
+        rotation = RotationSettings(
+            reissue_window=timedelta(seconds=r["window_seconds"]),
+            reissue_rate=r["rate"],
+            ca_check_interval=timedelta(seconds=r.get("ca_check_interval", 1.0)),
+        )
+    leaf_ttl = timedelta(seconds=args["leaf_ttl_seconds"]) if args.get("leaf_ttl_seconds") else None
+    app = MeshcaApp(ca, [issuer], system_clock, log, leaf_ttl=leaf_ttl, rotation=rotation)
+    probe = PushAckProbe(app.registry) if args.get("instrument") else None
+    credentials = issue_server_credentials(ca, ["localhost", "127.0.0.1"], timedelta(days=1))
+    root = workdir / "root.pem"
+    root.write_bytes(ca.trust_bundle_pem())
+
+    config: MeshConfig | None = None
+    apply_seconds = None
+    if args.get("layout"):
+        config = mesh_config(Layout.from_json(args["layout"]))
+    elif args.get("mesh_file"):
+        config = load_mesh_config(Path(args["mesh_file"]))
+    if config is not None:
+        started = time.perf_counter()
+        app.apply_mesh_config(config)
+        apply_seconds = time.perf_counter() - started
+    gc.collect()
+    port = await app.start("127.0.0.1", 0, credentials)
+
+    async def change_endpoint(cmd: dict[str, Any]) -> dict[str, Any]:
+        nonlocal config
+        assert config is not None
+        changed = with_endpoint_change(config, cmd["service"], cmd["generation"])
+        t0 = time.monotonic()
+        version = app.apply_mesh_config(changed)
+        t1 = time.monotonic()
+        config = changed
+        return {"t0": t0, "applied_at": t1, "apply_seconds": t1 - t0, "version": version}
+
+    async def apply_file(cmd: dict[str, Any]) -> dict[str, Any]:
+        nonlocal config
+        changed = load_mesh_config(Path(cmd["path"]))
+        t0 = time.monotonic()
+        version = app.apply_mesh_config(changed)
+        t1 = time.monotonic()
+        config = changed
+        return {"t0": t0, "apply_seconds": t1 - t0, "version": version}
+
+    async def renew_all(cmd: dict[str, Any]) -> dict[str, Any]:
+        identities = [c.spiffe_id for c in app.secrets.certificates()]
+        t0 = time.monotonic()
+        for spiffe_id in identities:
+            app.rotator.renew(spiffe_id)
+        return {"t0": t0, "renewed": len(identities), "seconds": time.monotonic() - t0}
+
+    async def rotate_intermediate(cmd: dict[str, Any]) -> dict[str, Any]:
+        before = app.ca.active_intermediate_id
+        t0 = time.monotonic()
+        app.ca.rotate_intermediate(now=True)
+        app.ca_watcher.check()  # what the 1 s CA-watch job does; done now so t0 is the rotation moment
+        return {
+            "t0": t0,
+            "old": before,
+            "new": app.ca.active_intermediate_id,
+            "tracked": len(app.secrets.certificates()),
+        }
+
+    async def registry(cmd: dict[str, Any]) -> dict[str, Any]:
+        streams = app.registry.snapshot()
+        synced: dict[str, int] = {}
+        for status in streams:
+            for resource_type, version in status.sent.items():
+                if status.acked.get(resource_type) == version:
+                    name = resource_type.short_name
+                    synced[name] = synced.get(name, 0) + 1
+        return {
+            "streams": len(streams),
+            "synced": synced,
+            "nacks": sum(s.nacks for s in streams),
+            "nodes": {s.stream_id: s.node_id for s in streams},
+        }
+
+    async def samples(cmd: dict[str, Any]) -> dict[str, Any]:
+        assert probe is not None, "started without instrument"
+        taken, probe.samples = probe.samples, []
+        return {"samples": taken}
+
+    async def stats(cmd: dict[str, Any]) -> dict[str, Any]:
+        if cmd.get("gc"):
+            gc.collect()
+        return {
+            "rss_kb": rss_kb(os.getpid()),
+            "cpu_seconds": cpu_seconds(os.getpid()),
+            "streams": len(app.registry.snapshot()),
+            "identities": len(app.secrets.certificates()),
+            "issued_total": app.secrets.issued_total(),
+        }
+
+    emit(
+        {
+            "event": "ready",
+            "port": port,
+            "pid": os.getpid(),
+            "root": str(root),
+            "signing_key": str(issuer_files.signing_key),
+            "mesh_apply_seconds": apply_seconds,
+            "rss_kb": rss_kb(os.getpid()),
+        }
+    )
+    try:
+        await serve_commands(
+            {
+                "change_endpoint": change_endpoint,
+                "apply_file": apply_file,
+                "renew_all": renew_all,
+                "rotate_intermediate": rotate_intermediate,
+                "registry": registry,
+                "samples": samples,
+                "stats": stats,
+            }
+        )
+    finally:
+        if profiler is not None:
+            profiler.disable()
+            profiler.dump_stats(args["cprofile"])
+        await app.stop(0)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,58 @@
+"""The benchmark harness runs and writes rows of the promised shape (tiny counts, no timing assertions)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from benchmarks.common import Profile
+from benchmarks.run import machine_info, run_benchmarks, table, write_results
+
+ROW_KEYS = {"name", "value", "unit", "baseline_name", "baseline_value", "ratio", "target", "met", "parameters"}
+
+TINY = Profile(
+    "smoke",
+    leaf_seconds=0.3,
+    build_services=5,
+    build_endpoints=2,
+    build_max_reps=1,
+    build_budget_seconds=0,
+)
+
+
+def test_cheapest_benchmarks_write_rows_of_the_promised_shape(tmp_path: Path) -> None:
+    rows = run_benchmarks(["leaf_issuance_in_process", "snapshot_build"], TINY, tmp_path / "work")
+    output = tmp_path / "results" / "latest.json"
+    write_results(output, rows, machine_info(TINY))
+
+    document = json.loads(output.read_text())
+    assert {"nproc", "python", "versions", "timestamp", "profile"} <= set(document["machine"])
+    assert document["machine"]["profile"] == "smoke"
+    names = [row["name"] for row in document["rows"]]
+    assert names == ["leaf_issuance_in_process", "snapshot_build_full", "snapshot_build_one_service_change"]
+    for row in document["rows"]:
+        assert set(row) == ROW_KEYS, row
+        assert "error" not in row["parameters"], row["parameters"]
+        assert isinstance(row["value"], float) and row["value"] > 0
+        assert isinstance(row["baseline_value"], float) and row["baseline_value"] > 0
+        assert row["ratio"] is not None and row["ratio"] > 0
+        assert isinstance(row["baseline_name"], str) and row["baseline_name"]
+        assert isinstance(row["met"], bool)
+        assert row["unit"] and row["target"]
+        assert row["parameters"]["profile"] == "smoke"
+    assert document["rows"][1]["parameters"]["services"] == 5
+    rendered = table(document["rows"])
+    assert "leaf_issuance_in_process" in rendered and "snapshot_build_full" in rendered
+
+
+def test_a_failing_benchmark_becomes_a_row_without_verdict(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from benchmarks import leaf_issuance
+
+    def broken(profile: Profile, workdir: Path) -> None:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(leaf_issuance, "run", broken)
+    rows = run_benchmarks(["leaf_issuance_in_process"], TINY, tmp_path)
+    assert len(rows) == 1 and set(rows[0]) == ROW_KEYS
+    assert rows[0]["value"] is None and rows[0]["met"] is None
+    assert "boom" in rows[0]["parameters"]["error"]
