@@ -23,7 +23,7 @@ from meshca.jwtgate import (
     VerifiedIdentity,
     check_node_binding,
 )
-from meshca.meshbuild import build_mesh
+from meshca.meshbuild import ResourceMemo, build_mesh
 from meshca.meshconfig import MeshConfig
 from meshca.observability import Observability, RotationCollector, VaultCollector
 from meshca.rotation import ApschedulerJobs, CaWatcher, LeafRotator, RotationSettings
@@ -112,6 +112,7 @@ class MeshcaApp:
             ca, clock, logger.getChild("sds"), leaf_ttl, reuse_until=1 - rotation.policy.hard_zone
         )
         self.publisher = MeshPublisher(self.cache, self.secrets, logger.getChild("mesh"))
+        self.mesh_memo = ResourceMemo()
         self.jobs = ApschedulerJobs(logger.getChild("jobs"))
         self.rotator = LeafRotator(
             self.secrets, self.publisher, self.jobs, rotation.policy, clock, logger.getChild("rotation")
@@ -137,7 +138,7 @@ class MeshcaApp:
             raise InconsistentSnapshot(
                 [f"mesh trust_domain {config.trust_domain!r} is not the CA's trust domain {self.ca.trust_domain!r}"]
             )
-        mesh = build_mesh(config)
+        mesh = build_mesh(config, self.mesh_memo)
         self.publisher.set_mesh(mesh)
         return mesh.version
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from meshca import resources as r
@@ -49,6 +49,47 @@ class MeshResources:
         return digest.hexdigest()[:12]
 
 
+class ResourceMemo:
+    """Remembers encoded resources by their (hashable, frozen) spec from one build to the next, so
+    an edit re-encodes only what it changed; entries not used by the latest build are dropped."""
+
+    def __init__(self) -> None:
+        self._previous: dict[tuple[object, ...], EncodedResource] = {}
+        self._current: dict[tuple[object, ...], EncodedResource] = {}
+
+    def get(self, key: tuple[object, ...], make: Callable[[], EncodedResource]) -> EncodedResource:
+        found = self._current.get(key) or self._previous.get(key)
+        if found is None:
+            found = make()
+        self._current[key] = found
+        return found
+
+    def finish_build(self) -> None:
+        self._previous, self._current = self._current, {}
+
+
+class _Encoder:
+    """The resource builders, through a memo when one is given."""
+
+    def __init__(self, memo: ResourceMemo | None) -> None:
+        self._memo = memo
+
+    def _get(self, key: tuple[object, ...], make: Callable[[], EncodedResource]) -> EncodedResource:
+        return make() if self._memo is None else self._memo.get(key, make)
+
+    def cluster(self, spec: r.ClusterSpec) -> EncodedResource:
+        return self._get(("cluster", spec), lambda: r.cluster(spec))
+
+    def cluster_load_assignment(self, name: str, endpoints: tuple[tuple[str, int], ...]) -> EncodedResource:
+        return self._get(("cla", name, endpoints), lambda: r.cluster_load_assignment(name, endpoints))
+
+    def route_configuration(self, name: str, virtual_hosts: tuple[r.VirtualHostSpec, ...]) -> EncodedResource:
+        return self._get(("route", name, virtual_hosts), lambda: r.route_configuration(name, virtual_hosts))
+
+    def http_listener(self, spec: r.HttpListenerSpec) -> EncodedResource:
+        return self._get(("listener", spec), lambda: r.http_listener(spec))
+
+
 def _allowed_callers(rules: tuple[AllowRule, ...], trust_domain: str) -> r.MtlsPeer:
     """No rules: any identity of the trust domain (mTLS is still required)."""
     if not rules or any(rule.any_identity for rule in rules):
@@ -61,38 +102,38 @@ def _allowed_callers(rules: tuple[AllowRule, ...], trust_domain: str) -> r.MtlsP
     )
 
 
-def _shared(config: MeshConfig) -> list[EncodedResource]:
+def _shared(config: MeshConfig, encode: _Encoder) -> list[EncodedResource]:
     resources: list[EncodedResource] = []
     for service in config.services:
         if service.inbound is None:
             continue
         name = outbound_cluster_name(service.name)
         upstream = r.MtlsPeer(allowed_spiffe_ids=(service.spiffe_id.uri,))
-        resources.append(r.cluster(r.ClusterSpec(name, upstream_tls=upstream)))
-        resources.append(r.cluster_load_assignment(name, service.endpoints))
+        resources.append(encode.cluster(r.ClusterSpec(name, upstream_tls=upstream)))
+        resources.append(encode.cluster_load_assignment(name, service.endpoints))
     routes = tuple(
         r.RouteSpec(route.prefix, tuple((outbound_cluster_name(t.service), t.weight) for t in route.targets))
         for route in config.routes
     )
-    resources.append(r.route_configuration(OUTBOUND_ROUTES, [r.VirtualHostSpec("outbound", ("*",), routes)]))
+    resources.append(encode.route_configuration(OUTBOUND_ROUTES, (r.VirtualHostSpec("outbound", ("*",), routes),)))
     return resources
 
 
-def _sidecar(service: Service, trust_domain: str) -> list[EncodedResource]:
+def _sidecar(service: Service, trust_domain: str, encode: _Encoder) -> list[EncodedResource]:
     resources: list[EncodedResource] = []
     if service.inbound is not None:
         inbound = service.inbound
         local = local_cluster_name(service.name)
-        resources.append(r.cluster(r.ClusterSpec(local)))
-        resources.append(r.cluster_load_assignment(local, [(inbound.app_host, inbound.app_port)]))
+        resources.append(encode.cluster(r.ClusterSpec(local)))
+        resources.append(encode.cluster_load_assignment(local, ((inbound.app_host, inbound.app_port),)))
         route_name = inbound_listener_name(service.name)
         resources.append(
-            r.route_configuration(
-                route_name, [r.VirtualHostSpec(service.name, ("*",), (r.RouteSpec("/", ((local, 1),)),))]
+            encode.route_configuration(
+                route_name, (r.VirtualHostSpec(service.name, ("*",), (r.RouteSpec("/", ((local, 1),)),)),)
             )
         )
         resources.append(
-            r.http_listener(
+            encode.http_listener(
                 r.HttpListenerSpec(
                     inbound_listener_name(service.name),
                     inbound.listen_address,
@@ -106,7 +147,7 @@ def _sidecar(service: Service, trust_domain: str) -> list[EncodedResource]:
     if service.outbound is not None:
         outbound = service.outbound
         resources.append(
-            r.http_listener(
+            encode.http_listener(
                 r.HttpListenerSpec(
                     outbound_listener_name(outbound.port),
                     outbound.listen_address,
@@ -119,8 +160,13 @@ def _sidecar(service: Service, trust_domain: str) -> list[EncodedResource]:
     return resources
 
 
-def build_mesh(config: MeshConfig) -> MeshResources:
+def build_mesh(config: MeshConfig, memo: ResourceMemo | None = None) -> MeshResources:
+    """Every resource of the mesh; with a memo, resources whose spec did not change are reused."""
+    encode = _Encoder(memo)
     per_identity: dict[SpiffeId, list[EncodedResource]] = {}
     for service in config.services:
-        per_identity.setdefault(service.spiffe_id, []).extend(_sidecar(service, config.trust_domain))
-    return MeshResources(tuple(_shared(config)), {k: tuple(v) for k, v in per_identity.items()})
+        per_identity.setdefault(service.spiffe_id, []).extend(_sidecar(service, config.trust_domain, encode))
+    mesh = MeshResources(tuple(_shared(config, encode)), {k: tuple(v) for k, v in per_identity.items()})
+    if memo is not None:
+        memo.finish_build()
+    return mesh

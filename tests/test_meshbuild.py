@@ -354,3 +354,34 @@ def test_version_of_plain_resource_lists() -> None:
     one = MeshResources((r.cluster(r.ClusterSpec("a")),))
     two = MeshResources((r.cluster(r.ClusterSpec("b")),))
     assert one.version != two.version and one.version == MeshResources((r.cluster(r.ClusterSpec("a")),)).version
+
+
+def test_memo_reencodes_only_what_an_edit_changed() -> None:
+    from meshca.meshbuild import ResourceMemo
+
+    def config(backend_port: int) -> MeshConfig:
+        return parse_mesh_config(
+            Path("mesh.yaml"),
+            {
+                "trust_domain": "mesh.test",
+                "services": {
+                    "backend": {"namespace": "shop", "inbound": {"port": backend_port, "app": "127.0.0.1:9001"}},
+                    "payments": {"namespace": "shop", "inbound": {"port": 15002, "app": "127.0.0.1:9002"}},
+                    "frontend": {"namespace": "shop", "outbound": {"port": 15101}},
+                },
+                "routes": [{"prefix": "/", "to": "backend"}],
+            },
+        )
+
+    memo = ResourceMemo()
+    first = build_mesh(config(15001), memo)
+    second = build_mesh(config(15009), memo)  # only backend's endpoint (and inbound listener) moved
+    by_key = {(res.type, res.name): res for res in first.shared}
+    for res in second.shared:
+        old = by_key[(res.type, res.name)]
+        if res.name == "outbound|backend" and res.type.name == "ENDPOINT":
+            assert res is not old and res.version != old.version
+        else:
+            assert res is old  # reused, not encoded again
+    fresh = build_mesh(config(15009))
+    assert [r.version for r in fresh.shared] == [r.version for r in second.shared]
