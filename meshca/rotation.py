@@ -68,7 +68,8 @@ def spread_schedule(
     over the rate limit, because a late leaf is an outage and a fast one only costs CPU."""
     if count <= 0:
         return []
-    span = max(window, timedelta(seconds=count / max_rate))
+    # 90% of the window: the last re-issue (and its push) still lands inside it
+    span = max(window * 0.9, timedelta(seconds=count / max_rate))
     span = min(span, max(deadline - now, timedelta(0)) * 0.9)
     slot = span / count
     return [now + slot * (i + rng.random()) for i in range(count)]
