@@ -13,7 +13,7 @@ from meshca.snapshot import (
     ResourceType,
     Snapshot,
 )
-from meshca.xds.sotw import WILDCARD, Ack, Nack
+from meshca.xds.sotw import WILDCARD, Ack, Nack, Outcome
 
 # Break order for removals: what refers to a resource goes before it (a listener before its route
 # configuration, a route before its clusters, a cluster before its endpoints and secrets).
@@ -59,14 +59,7 @@ class DeltaResponse:
     nonce: str
 
 
-@dataclass(frozen=True)
-class DeltaOutcome:
-    """What one input did: responses to send (in order) and what the client told us."""
-
-    responses: tuple[DeltaResponse, ...] = ()
-    ack: Ack | None = None
-    nack: Nack | None = None
-    stale: bool = False
+DeltaOutcome = Outcome[DeltaResponse]
 
 
 @dataclass
@@ -157,7 +150,7 @@ class DeltaStream:
         warming_state = self._types.get(warming) if warming is not None else None
         if warming is not None and warming_state is not None and responses[0] is not None:
             responses.append(self._respond(warming, warming_state, snapshot, updates=True, removals=False))
-        return DeltaOutcome(responses=tuple(r for r in responses if r), ack=ack, nack=nack, stale=stale)
+        return Outcome(responses=tuple(r for r in responses if r), ack=ack, nack=nack, stale=stale)
 
     def on_snapshot(self, snapshot: Snapshot) -> DeltaOutcome:
         responses: list[DeltaResponse] = []
@@ -168,7 +161,7 @@ class DeltaStream:
                     response = self._respond(resource_type, state, snapshot, updates=updates, removals=not updates)
                     if response is not None:
                         responses.append(response)
-        return DeltaOutcome(responses=tuple(responses))
+        return Outcome(responses=tuple(responses))
 
     @staticmethod
     def _update_subscriptions(state: _TypeState, request: DeltaRequest) -> None:

@@ -17,7 +17,7 @@ from google.protobuf.message import DecodeError
 from meshca.snapshot import ResourceType, Snapshot, SnapshotCache, length_delimited
 from meshca.v1 import xds_wire_pb2
 from meshca.xds.delta import DeltaRequest, DeltaResponse, DeltaStream
-from meshca.xds.sotw import Ack, Nack, SotwStream, XdsRequest, XdsResponse
+from meshca.xds.sotw import Outcome, SotwStream, XdsRequest, XdsResponse
 from meshca.xds.status import ProxyRegistry
 
 ADS_METHOD = "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources"
@@ -188,25 +188,12 @@ def parse_delta_request(raw: bytes, fixed_type: ResourceType | None) -> tuple[De
     return request, decoded.node
 
 
-class ProtocolOutcome(Protocol):
-    """What SotwStream and DeltaStream return: responses to write, and an ACK or NACK to record."""
-
-    @property
-    def responses(self) -> Sequence[XdsResponse] | Sequence[DeltaResponse]: ...
-
-    @property
-    def ack(self) -> Ack | None: ...
-
-    @property
-    def nack(self) -> Nack | None: ...
-
-
 class ProtocolStream(Protocol):
     """One stream's protocol state machine (SotwStream or DeltaStream)."""
 
-    def on_request(self, request: Any, snapshot: Snapshot | None) -> ProtocolOutcome: ...
+    def on_request(self, request: Any, snapshot: Snapshot | None) -> Outcome[Any]: ...
 
-    def on_snapshot(self, snapshot: Snapshot) -> ProtocolOutcome: ...
+    def on_snapshot(self, snapshot: Snapshot) -> Outcome[Any]: ...
 
 
 @dataclass(frozen=True)
@@ -320,7 +307,7 @@ class XdsServer:
             snapshot = self._cache.get(admission.snapshot_key)
             pending: object = first
             while True:
-                outcome: ProtocolOutcome | None = None
+                outcome: Outcome[Any] | None = None
                 if pending is not None:
                     item, pending = pending, None
                     if item is _END:
@@ -375,7 +362,7 @@ class XdsServer:
         self,
         stream_id: int,
         node_id: str,
-        outcome: ProtocolOutcome,
+        outcome: Outcome[Any],
         context: grpc.aio.ServicerContext,
         frame: Callable[[Any], bytes],
     ) -> None:

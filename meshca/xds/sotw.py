@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 from meshca.snapshot import (
     FULL_STATE_TYPES,
@@ -55,11 +56,14 @@ class Nack:
     error_message: str
 
 
-@dataclass(frozen=True)
-class Outcome:
-    """What one input did: responses to send (in order) and what the client told us."""
+ResponseT = TypeVar("ResponseT")
 
-    responses: tuple[XdsResponse, ...] = ()
+
+@dataclass(frozen=True)
+class Outcome(Generic[ResponseT]):
+    """What one input did: responses to send (in order) and what the client told us (SotW and delta)."""
+
+    responses: tuple[ResponseT, ...] = ()
     ack: Ack | None = None
     nack: Nack | None = None
     stale: bool = False
@@ -96,7 +100,7 @@ class SotwStream:
     def subscribed_types(self) -> list[ResourceType]:
         return [t for t in PUSH_ORDER if t in self._types]
 
-    def on_request(self, request: XdsRequest, snapshot: Snapshot | None) -> Outcome:
+    def on_request(self, request: XdsRequest, snapshot: Snapshot | None) -> Outcome[XdsResponse]:
         if request.type not in self._allowed:
             raise ValueError(f"type {request.type.type_url} is not served on this stream")
         state = self._types.get(request.type)
@@ -133,7 +137,7 @@ class SotwStream:
         responses = self._respond(request.type, state, snapshot, force)
         return Outcome(responses=responses, ack=ack, nack=nack)
 
-    def on_snapshot(self, snapshot: Snapshot) -> Outcome:
+    def on_snapshot(self, snapshot: Snapshot) -> Outcome[XdsResponse]:
         responses: list[XdsResponse] = []
         for resource_type in PUSH_ORDER:
             state = self._types.get(resource_type)
