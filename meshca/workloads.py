@@ -236,10 +236,21 @@ class MeshPublisher:
 
     def ensure_identity(self, spiffe_id: SpiffeId) -> str:
         """Make sure this identity has a certificate and a published snapshot; return its key."""
+        key = self.snapshot_key(spiffe_id)
         with self._lock:
+            known = spiffe_id in self._identities
             self._identities.add(spiffe_id)
+        if known:
+            # Another stream of a known identity (or a reconnect): its published snapshot is current
+            # unless its certificate was (re)issued meanwhile; mesh and bundle changes republish all.
+            published = self._cache.get(key)
+            secret = self._secrets.default_secret(spiffe_id)
+            if published is not None and published.of_type(ResourceType.SECRET).resources.get(
+                DEFAULT_CERT_SECRET
+            ) is secret:
+                return key
         self._publish(spiffe_id)
-        return self.snapshot_key(spiffe_id)
+        return key
 
     def refresh(self, spiffe_id: SpiffeId) -> None:
         """Publish the identity's snapshot again (its certificate was renewed)."""
