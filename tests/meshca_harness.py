@@ -12,9 +12,11 @@ from pathlib import Path
 import grpc
 
 from meshca.app import MeshcaApp, issue_server_credentials
+from meshca.bootstrap import BootstrapSettings, build_bootstrap
 from meshca.ca import CaSettings, CertificateAuthority
 from meshca.clock import system_clock
 from meshca.devtokens import DEV_AUDIENCE, DEV_ISSUER, mint_token, write_dev_issuer
+from meshca.envoy_process import EnvoyProcess, free_port
 from meshca.jwtgate import TrustedIssuer
 
 TRUST_DOMAIN = "mesh.test"
@@ -60,3 +62,20 @@ async def running_meshca(directory: Path, leaf_ttl: timedelta | None = None) -> 
         yield RunningMeshca(app, port, ca.trust_bundle_pem(), issuer_files.signing_key.read_bytes(), directory)
     finally:
         await app.stop(0)
+
+
+def frontend_envoy(meshca: RunningMeshca, tmp_path: Path, api_type: str = "GRPC") -> EnvoyProcess:
+    """A real Envoy with an ADS bootstrap: TLS to meshca, the frontend's JWT in initial_metadata."""
+    (tmp_path / "meshca-root.pem").write_bytes(meshca.root_pem)
+    settings = BootstrapSettings(
+        node_id="frontend-1",
+        cluster="frontend",
+        meshca_address="127.0.0.1",
+        meshca_port=meshca.port,
+        meshca_ca_path=tmp_path / "meshca-root.pem",
+        meshca_server_name="localhost",
+        token=meshca.token("shop", "frontend", node_id="frontend-1"),
+        admin_port=free_port(),
+        api_type=api_type,
+    )
+    return EnvoyProcess(build_bootstrap(settings), workdir=tmp_path / "envoy")

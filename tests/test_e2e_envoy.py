@@ -9,10 +9,9 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from meshca_harness import TRUST_DOMAIN, RunningMeshca, running_meshca
+from meshca_harness import TRUST_DOMAIN, frontend_envoy, running_meshca
 
 from meshca import resources as r
-from meshca.bootstrap import BootstrapSettings, build_bootstrap
 from meshca.envoy_process import (
     EnvoyProcess,
     dynamic_active_clusters,
@@ -40,22 +39,6 @@ def mesh(listener_port: int) -> list:
         r.route_configuration("backend-routes", [r.VirtualHostSpec("backend", routes=(r.RouteSpec("/", (("backend", 1),)),))]),
         r.http_listener(r.HttpListenerSpec("inbound", "127.0.0.1", listener_port, "backend-routes", downstream)),
     ]
-
-
-def frontend_envoy(meshca: RunningMeshca, tmp_path: Path) -> EnvoyProcess:
-    """A real Envoy with an ADS bootstrap: TLS to meshca, the frontend's JWT in initial_metadata."""
-    (tmp_path / "meshca-root.pem").write_bytes(meshca.root_pem)
-    settings = BootstrapSettings(
-        node_id="frontend-1",
-        cluster="frontend",
-        meshca_address="127.0.0.1",
-        meshca_port=meshca.port,
-        meshca_ca_path=tmp_path / "meshca-root.pem",
-        meshca_server_name="localhost",
-        token=meshca.token("shop", "frontend", node_id="frontend-1"),
-        admin_port=free_port(),
-    )
-    return EnvoyProcess(build_bootstrap(settings), workdir=tmp_path / "envoy")
 
 
 def converged(envoy: EnvoyProcess) -> dict | None:

@@ -10,10 +10,9 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
-from meshca_harness import TRUST_DOMAIN, RunningMeshca, running_meshca
+from meshca_harness import TRUST_DOMAIN, frontend_envoy, running_meshca
 
 from meshca import resources as r
-from meshca.bootstrap import BootstrapSettings, build_bootstrap
 from meshca.envoy_process import (
     EnvoyProcess,
     dynamic_active_clusters,
@@ -52,23 +51,6 @@ def mesh(ports: dict[str, int], services: tuple[str, ...], connect_timeout: int 
     return resources
 
 
-def delta_envoy(meshca: RunningMeshca, tmp_path: Path) -> EnvoyProcess:
-    """A real Envoy whose ADS bootstrap uses the incremental protocol."""
-    (tmp_path / "meshca-root.pem").write_bytes(meshca.root_pem)
-    settings = BootstrapSettings(
-        node_id="frontend-1",
-        cluster="frontend",
-        meshca_address="127.0.0.1",
-        meshca_port=meshca.port,
-        meshca_ca_path=tmp_path / "meshca-root.pem",
-        meshca_server_name="localhost",
-        token=meshca.token("shop", "frontend", node_id="frontend-1"),
-        admin_port=free_port(),
-        api_type="DELTA_GRPC",
-    )
-    return EnvoyProcess(build_bootstrap(settings), workdir=tmp_path / "envoy")
-
-
 def default_serial(dump: dict) -> int | None:
     secret = dynamic_active_secrets(dump).get("default")
     if secret is None:
@@ -104,7 +86,7 @@ async def test_delta_envoy_converges_applies_removals_and_a_rotated_secret(tmp_p
     ports = {name: free_port() for name in ("backend", "payments", "inbound", "extra")}
     async with running_meshca(tmp_path) as meshca:
         meshca.app.publisher.set_mesh(mesh(ports, ("backend", "payments")))
-        with delta_envoy(meshca, tmp_path) as envoy:
+        with frontend_envoy(meshca, tmp_path, api_type="DELTA_GRPC") as envoy:
             await asyncio.to_thread(envoy.wait_ready, 20)
             dump = await asyncio.to_thread(
                 wait_until,
