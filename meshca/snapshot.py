@@ -112,7 +112,16 @@ def encode_resource(
     references: Iterable[Reference] = (),
 ) -> EncodedResource:
     """Serialize `message` once; its version is a hash of the bytes, so equal content means equal version."""
-    payload = bytes(message)
+    return encode_payload(resource_type, name, bytes(message), references)
+
+
+def encode_payload(
+    resource_type: ResourceType,
+    name: str,
+    payload: bytes,
+    references: Iterable[Reference] = (),
+) -> EncodedResource:
+    """Wrap an already serialized resource (e.g. from a faster encoder) exactly as `encode_resource` does."""
     any_bytes = length_delimited(1, resource_type.type_url.encode()) + length_delimited(2, payload)
     return EncodedResource(
         type=resource_type,
