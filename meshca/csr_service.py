@@ -24,6 +24,8 @@ from meshca.v1 import certificate_pb2, certificate_pb2_grpc
 
 # timedelta cannot hold more than ~2.7e12 s; anything near it is nonsense and the CA caps it anyway.
 _MAX_TTL_SECONDS = 100 * 366 * 24 * 3600
+_PEM_BEGIN = b"-----BEGIN CERTIFICATE-----\n"
+_PEM_END = b"-----END CERTIFICATE-----\n"
 
 
 class Authenticator(Protocol):
@@ -53,6 +55,22 @@ class CertificateServicer(certificate_pb2_grpc.CertificateServiceServicer):
         self._authenticator = authenticator
         self._signer = signer
         self._log = logger or logging.getLogger(__name__)
+        self._chain_tail: tuple[bytes, tuple[str, ...]] = (b"", ())
+
+    def _chain(self, issued: IssuedCertificate) -> list[str]:
+        """The chain's PEM blocks; what follows the leaf (the same intermediates every call) is split once."""
+        leaf, chain = issued.certificate_pem, issued.chain_pem
+        single_block = (
+            leaf.startswith(_PEM_BEGIN) and leaf.endswith(_PEM_END) and leaf.count(b"-----END CERTIFICATE-----") == 1
+        )
+        if not (single_block and chain.startswith(leaf)):
+            return [block.decode("ascii") for block in split_pem_certificates(chain)]
+        tail = chain[len(leaf):]
+        cached_tail, blocks = self._chain_tail
+        if tail != cached_tail:
+            blocks = tuple(block.decode("ascii") for block in split_pem_certificates(tail))
+            self._chain_tail = (tail, blocks)
+        return [leaf.decode("ascii"), *blocks]
 
     async def Sign(  # noqa: N802 - gRPC method name
         self, request: certificate_pb2.SignRequest, context: grpc.aio.ServicerContext
@@ -95,7 +113,7 @@ class CertificateServicer(certificate_pb2_grpc.CertificateServiceServicer):
             "issued certificate serial %x to %s, expires %s", issued.serial_number, spiffe_id, issued.not_after.isoformat()
         )
         return certificate_pb2.SignResponse(
-            certificate_chain=[block.decode("ascii") for block in split_pem_certificates(issued.chain_pem)],
+            certificate_chain=self._chain(issued),
             trust_bundle_pem=self._signer.trust_bundle_pem().decode("ascii"),
             spiffe_id=str(spiffe_id),
             expires_at=int(issued.not_after.timestamp()),

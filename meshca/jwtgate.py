@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import logging
 import math
@@ -27,6 +29,7 @@ ASYMMETRIC_ALGORITHMS: frozenset[str] = frozenset(
 _KEY_SUPPLYING_HEADERS: tuple[str, ...] = ("jwk", "jku", "x5u", "x5c")
 _REQUIRED_CLAIMS: tuple[str, ...] = ("exp", "iss", "aud", "sub")
 MAX_TOKEN_BYTES = 16 * 1024
+DEFAULT_CACHE_SIZE = 10_000
 _LEGACY_SA_PREFIX = "system:serviceaccount:"
 _K8S_CLAIM = "kubernetes.io"
 
@@ -119,6 +122,14 @@ class _JwksState:
     failed_signature: tuple[int, int, int] | None = None  # a broken file is not re-parsed until it changes
 
 
+@dataclass(frozen=True)
+class _CachedIdentity:
+    identity: VerifiedIdentity
+    valid_from: float  # max(nbf, iat), no leeway: the cache never accepts what a full verify would refuse
+    valid_until: float  # exp, no leeway
+    generation: int  # TokenVerifier._key_generation when the token was verified
+
+
 @dataclass
 class _IssuerKeys:
     issuer: TrustedIssuer
@@ -203,11 +214,23 @@ class TokenVerifier:
     """Verifies JWTs from a fixed set of trusted issuers against an injected clock."""
 
     def __init__(
-        self, issuers: Sequence[TrustedIssuer], clock: Clock, *, logger: logging.Logger | None = None
+        self,
+        issuers: Sequence[TrustedIssuer],
+        clock: Clock,
+        *,
+        logger: logging.Logger | None = None,
+        cache_size: int = DEFAULT_CACHE_SIZE,
     ) -> None:
+        if cache_size < 0:
+            raise ValueError("cache_size must be >= 0")
         self._clock = clock
         self._log = logger if logger is not None else logging.getLogger(__name__)
         self._algs = _algorithm_objects()
+        # Verified tokens by sha256 of the exact token string (the digest, not the bearer credential, is kept).
+        self._cache: dict[bytes, _CachedIdentity] = {}
+        self._cache_size = cache_size
+        self._cache_lock = threading.Lock()
+        self._key_generation = 0
         self._issuers: dict[str, _IssuerKeys] = {}
         for issuer in issuers:
             if issuer.issuer in self._issuers:
@@ -247,6 +270,7 @@ class TokenVerifier:
             if current.signature is not None:
                 self._log.info("issuer %s: reloaded JWKS %s (%d keys)", entry.issuer.issuer, path, len(keys))
             entry.jwks = _JwksState(signature, keys)
+            self._drop_cache()
             return entry.jwks
 
     def _jwks_failed(self, entry: _IssuerKeys, reason: str) -> _JwksState:
@@ -274,6 +298,50 @@ class TokenVerifier:
             raise AuthenticationError(f"issuer {_quote(entry.issuer.issuer)} has no {what}{suffix}")
         return keys
 
+    # -- cache of verified tokens --------------------------------------------------------------
+
+    @property
+    def cached_tokens(self) -> int:
+        """How many verified tokens the cache holds now."""
+        return len(self._cache)
+
+    def _drop_cache(self) -> None:
+        """Forget every verified token: called when any issuer's key set changes."""
+        with self._cache_lock:
+            self._key_generation += 1
+            self._cache.clear()
+
+    def _cached(self, digest: bytes) -> VerifiedIdentity | None:
+        cached = self._cache.get(digest)
+        if cached is None:
+            return None
+        entry = self._issuers[cached.identity.issuer]
+        if entry.issuer.jwks_path is not None:
+            self._refresh_jwks(entry)  # a changed JWKS file drops the cache, as a full verify would see new keys
+        if cached.generation == self._key_generation:
+            now = self._clock().timestamp()
+            if cached.valid_from <= now < cached.valid_until:
+                return cached.identity
+        with self._cache_lock:
+            if self._cache.get(digest) is cached:
+                del self._cache[digest]
+        return None
+
+    def _remember(self, digest: bytes, cached: _CachedIdentity) -> None:
+        if self._cache_size == 0:
+            return
+        now = self._clock().timestamp()
+        if not cached.valid_from <= now < cached.valid_until:
+            return
+        with self._cache_lock:
+            # Keys changed while this token was being verified: its result may rest on the old keys.
+            if cached.generation != self._key_generation:
+                return
+            self._cache.pop(digest, None)
+            while len(self._cache) >= self._cache_size:
+                del self._cache[next(iter(self._cache))]
+            self._cache[digest] = cached
+
     # -- verification -------------------------------------------------------------------------
 
     def verify(self, token: str) -> VerifiedIdentity:
@@ -282,20 +350,20 @@ class TokenVerifier:
             raise AuthenticationError("malformed token: empty")
         if len(token) > MAX_TOKEN_BYTES:
             raise AuthenticationError(f"malformed token: larger than {MAX_TOKEN_BYTES} bytes")
+        digest = hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
+        identity = self._cached(digest)
+        if identity is not None:
+            return identity
+        generation = self._key_generation  # read before any key is looked up
         try:
-            return self._verify(token)
+            identity, valid_from, valid_until = self._verify(token)
         except AuthenticationError as e:
             raise AuthenticationError(_redact(str(e), token)) from None
+        self._remember(digest, _CachedIdentity(identity, valid_from, valid_until, generation))
+        return identity
 
-    def _verify(self, token: str) -> VerifiedIdentity:
-        try:
-            header = jwt.get_unverified_header(token)
-            unverified = jwt.decode(token, options={"verify_signature": False})
-        except jwt.PyJWTError as e:
-            raise AuthenticationError(f"malformed token: {e}") from None
-        except Exception:  # noqa: BLE001 - any parser failure on hostile input is "malformed"
-            raise AuthenticationError("malformed token: cannot be parsed") from None
-
+    def _verify(self, token: str) -> tuple[VerifiedIdentity, float, float]:
+        header, unverified = _unverified_header_and_claims(token)
         alg = header.get("alg")
         if not isinstance(alg, str) or not alg:
             raise AuthenticationError("malformed token: header has no 'alg'")
@@ -320,15 +388,17 @@ class TokenVerifier:
         if kid is not None and not isinstance(kid, str):
             raise AuthenticationError("malformed token: 'kid' is not a string")
 
-        payload = self._decode(token, entry, self._candidate_keys(entry, alg, kid))
-        self._check_validity_window(payload, issuer)
-        return self._identity(payload, issuer)
+        payload = self._decode(token, header, entry, self._candidate_keys(entry, alg, kid))
+        exp, valid_from = self._check_validity_window(payload, issuer)
+        return self._identity(payload, issuer), valid_from, exp
 
-    def _decode(self, token: str, entry: _IssuerKeys, keys: Sequence[_Key]) -> dict[str, Any]:
+    def _decode(
+        self, token: str, header: Mapping[str, Any], entry: _IssuerKeys, keys: Sequence[_Key]
+    ) -> dict[str, Any]:
         issuer = entry.issuer
         for key in keys:
             try:
-                return jwt.decode(
+                decoded = jwt.decode_complete(
                     token,
                     key.key,
                     algorithms=list(issuer.algorithms),
@@ -359,9 +429,14 @@ class TokenVerifier:
                 raise AuthenticationError(f"malformed token: {type(e).__name__}: {e}") from None
             except (ValueError, TypeError):
                 raise AuthenticationError("malformed token: cannot be verified") from None
+            # The issuer and key were chosen from our own parse; pyjwt's strict parse must agree with it.
+            if decoded["header"] != header:
+                raise AuthenticationError("malformed token: header cannot be parsed unambiguously")
+            return decoded["payload"]
         raise AuthenticationError(f"bad signature: no key of issuer {_quote(issuer.issuer)} verifies the token")
 
-    def _check_validity_window(self, payload: Mapping[str, Any], issuer: TrustedIssuer) -> None:
+    def _check_validity_window(self, payload: Mapping[str, Any], issuer: TrustedIssuer) -> tuple[float, float]:
+        """Refuse a token outside its window (with leeway); return (exp, max(nbf, iat)) for the cache."""
         now = self._clock().timestamp()
         leeway = issuer.leeway.total_seconds()
         exp = _numeric_date(payload, "exp")
@@ -376,6 +451,7 @@ class TokenVerifier:
             raise AuthenticationError(f"token not yet valid: nbf is {int(nbf - now)}s in the future")
         if iat is not None and iat > now + leeway:
             raise AuthenticationError(f"token not yet valid: issued {int(iat - now)}s in the future")
+        return exp, max((t for t in (nbf, iat) if t is not None), default=-math.inf)
 
     def _identity(self, payload: Mapping[str, Any], issuer: TrustedIssuer) -> VerifiedIdentity:
         sub = payload.get("sub")
@@ -398,6 +474,27 @@ class TokenVerifier:
             pod_name=pod_name,
             expires_at=expires_at,
         )
+
+
+def _b64url_decode(segment: str) -> bytes:
+    return base64.b64decode(segment + "=" * (-len(segment) % 4), altchars=b"-_", validate=True)
+
+
+def _unverified_header_and_claims(token: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One cheap parse to pick issuer and key; pyjwt's verifying decode then re-parses strictly and checks all."""
+    segments = token.split(".")
+    if len(segments) != 3:
+        raise AuthenticationError("malformed token: not three dot-separated segments")
+    try:
+        header = json.loads(_b64url_decode(segments[0]))
+        claims = json.loads(_b64url_decode(segments[1]))
+    except (ValueError, RecursionError):  # binascii.Error and JSONDecodeError are ValueErrors
+        raise AuthenticationError("malformed token: cannot be parsed") from None
+    if not isinstance(header, dict):
+        raise AuthenticationError("malformed token: header is not a JSON object")
+    if not isinstance(claims, dict):
+        raise AuthenticationError("malformed token: payload is not a JSON object")
+    return header, claims
 
 
 def _workload_identity(payload: Mapping[str, Any], sub: str, issuer: TrustedIssuer) -> tuple[SpiffeId, str | None]:
@@ -499,7 +596,7 @@ class IdentityGate:
         token = parts[1].strip() if len(parts) == 2 else ""
         if not token:
             raise AuthenticationError("malformed authorization header: empty bearer token")
-        if any(c.isspace() for c in token):
+        if len(token.split(None, 1)) != 1:
             raise AuthenticationError("malformed authorization header: bearer token contains whitespace")
         return self._verifier.verify(token)
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
+import logging
 from collections.abc import AsyncIterator, Sequence
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -13,7 +15,7 @@ from cryptography import x509
 from cryptography.x509.verification import PolicyBuilder, Store
 
 from meshca import crypto
-from meshca.ca import CaSettings, CertificateAuthority
+from meshca.ca import CaSettings, CertificateAuthority, IssuedCertificate
 from meshca.csr_service import CertificateServicer, add_to_server
 from meshca.identity import SpiffeId
 from meshca.jwtgate import AuthenticationError, VerifiedIdentity
@@ -169,3 +171,86 @@ async def test_bad_ttl_is_invalid_argument_naming_the_field(stub: certificate_pb
     error = await sign_error(stub, certificate_pb2.SignRequest(csr_pem=csr(), ttl_seconds=ttl_seconds), "frontend-token")
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "ttl_seconds" in (error.details() or "")
+
+
+class SwitchableChainSigner:
+    """A CsrSigner whose chain after the leaf can be replaced between calls (an intermediate rotation)."""
+
+    def __init__(self, ca: CertificateAuthority) -> None:
+        self._ca = ca
+        self.tail = b""
+        self.leaf_suffix = b""
+
+    def sign_csr(self, csr_pem: bytes, spiffe_id: SpiffeId, ttl: timedelta | None) -> IssuedCertificate:
+        issued = self._ca.sign_csr(csr_pem, spiffe_id, ttl)
+        leaf = issued.certificate_pem + self.leaf_suffix
+        return dataclasses.replace(issued, certificate_pem=leaf, chain_pem=leaf + self.tail)
+
+    def trust_bundle_pem(self) -> bytes:
+        return self._ca.trust_bundle_pem()
+
+
+@pytest.fixture
+async def switchable(
+    ca: CertificateAuthority,
+) -> AsyncIterator[tuple[SwitchableChainSigner, certificate_pb2_grpc.CertificateServiceStub]]:
+    signer = SwitchableChainSigner(ca)
+    server = grpc.aio.server()
+    add_to_server(server, CertificateServicer(FakeTokenAuthenticator({"frontend-token": FRONTEND}), signer))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        yield signer, certificate_pb2_grpc.CertificateServiceStub(channel)
+    finally:
+        await channel.close()
+        await server.stop(None)
+
+
+def pem_block(label: str) -> bytes:
+    body = base64.b64encode(label.encode() * 8).decode()
+    return f"-----BEGIN CERTIFICATE-----\n{body}\n-----END CERTIFICATE-----\n".encode()
+
+
+async def test_chain_follows_a_changed_intermediate(
+    switchable: tuple[SwitchableChainSigner, certificate_pb2_grpc.CertificateServiceStub],
+) -> None:
+    signer, stub = switchable
+    chains = []
+    for tail in (pem_block("one"), pem_block("one"), pem_block("two") + pem_block("root-ish"), b""):
+        signer.tail = tail
+        response = await stub.Sign(certificate_pb2.SignRequest(csr_pem=csr()), metadata=bearer("frontend-token"))
+        assert x509.load_pem_x509_certificate(response.certificate_chain[0].encode()).serial_number == int(
+            response.serial_number, 16
+        )
+        chains.append(list(response.certificate_chain[1:]))
+    assert chains == [
+        [pem_block("one").decode()],
+        [pem_block("one").decode()],
+        [pem_block("two").decode(), pem_block("root-ish").decode()],
+        [],
+    ]
+
+
+async def test_chain_of_an_unusual_shape_is_split_block_by_block(
+    switchable: tuple[SwitchableChainSigner, certificate_pb2_grpc.CertificateServiceStub],
+) -> None:
+    signer, stub = switchable
+    signer.leaf_suffix = b"trailing text\n" + pem_block("glued")
+    signer.tail = pem_block("one").replace(b"\n", b"\r\n")
+    response = await stub.Sign(certificate_pb2.SignRequest(csr_pem=csr()), metadata=bearer("frontend-token"))
+    assert len(response.certificate_chain) == 3
+    assert response.certificate_chain[1] == pem_block("glued").decode()
+    assert response.certificate_chain[2] == pem_block("one").replace(b"\n", b"\r\n").decode()
+    assert all("trailing text" not in block for block in response.certificate_chain)
+
+
+async def test_issued_certificate_is_logged_with_identity_and_serial(
+    stub: certificate_pb2_grpc.CertificateServiceStub, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="meshca.csr_service"):
+        response = await stub.Sign(certificate_pb2.SignRequest(csr_pem=csr()), metadata=bearer("frontend-token"))
+    messages = [r.getMessage() for r in caplog.records if r.name == "meshca.csr_service"]
+    assert len(messages) == 1
+    assert response.serial_number in messages[0] and FRONTEND.uri in messages[0]
+    assert "PRIVATE KEY" not in messages[0]

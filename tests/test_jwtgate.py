@@ -412,6 +412,13 @@ def test_gate_garbage_token(gate: IdentityGate) -> None:
     assert "malformed" in reason(lambda: gate.authenticate([("authorization", "Bearer not-a-jwt")]))
 
 
+@pytest.mark.parametrize("gap", [" ", "\t", "\u00a0", "\u2003"])
+def test_gate_token_with_inner_whitespace_is_refused(key: bytes, gate: IdentityGate, gap: str) -> None:
+    token = sign(key, k8s_claims())
+    msg = reason(lambda: gate.authenticate([("authorization", f"Bearer {token[:20]}{gap}{token[20:]}")]))
+    assert "whitespace" in msg and token[20:] not in msg
+
+
 # -- node binding ---------------------------------------------------------------------------
 
 
@@ -489,3 +496,143 @@ def test_end_to_end_token_then_binding(key: bytes, gate: IdentityGate) -> None:
     check_node_binding(ident, "web-7d9f.shop", {"NAMESPACE": "shop"})
     with pytest.raises(NodeBindingError):
         check_node_binding(ident, "other-pod.shop", {})
+
+
+# -- cache of verified tokens -------------------------------------------------------------------
+
+
+def count_full_verifications(monkeypatch: pytest.MonkeyPatch, v: TokenVerifier) -> list[int]:
+    """Wrap the verifier's signature check; the returned list's length is the number of full verifications."""
+    calls: list[int] = []
+    original = v._decode
+
+    def counting(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(v, "_decode", counting)
+    return calls
+
+
+def test_repeated_token_is_verified_once(key: bytes, verifier: TokenVerifier, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = count_full_verifications(monkeypatch, verifier)
+    token = sign(key, k8s_claims())
+    first = verifier.verify(token)
+    assert verifier.verify(token) == first
+    assert IdentityGate(verifier).authenticate([("authorization", f"Bearer {token}")]) == first
+    assert len(calls) == 1 and verifier.cached_tokens == 1
+
+
+def test_cached_token_is_refused_once_the_clock_reaches_exp(key: bytes, clock: FakeClock) -> None:
+    v = TokenVerifier([issuer_for(public_key_pem(key), leeway=timedelta(0))], clock)
+    token = sign(key, k8s_claims())
+    assert v.verify(token).issuer == ISS
+    clock.now = NOW + timedelta(hours=1, seconds=-1)
+    assert v.verify(token).issuer == ISS
+    clock.now = NOW + timedelta(hours=1)
+    assert "expired" in reason(lambda: v.verify(token))
+    assert v.cached_tokens == 0
+
+
+def test_cached_token_gets_the_leeway_of_a_full_verification_and_no_more(
+    key: bytes, verifier: TokenVerifier, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = count_full_verifications(monkeypatch, verifier)
+    token = sign(key, k8s_claims())
+    verifier.verify(token)
+    clock.now = NOW + timedelta(hours=1, seconds=29)
+    assert verifier.verify(token).issuer == ISS  # within leeway: accepted, but re-verified, not served from cache
+    assert len(calls) == 2
+    clock.now = NOW + timedelta(hours=1, seconds=31)
+    assert "expired" in reason(lambda: verifier.verify(token))
+
+
+def test_cached_token_is_refused_when_the_clock_goes_back_before_nbf(
+    key: bytes, verifier: TokenVerifier, clock: FakeClock
+) -> None:
+    token = sign(key, k8s_claims())
+    verifier.verify(token)
+    clock.now = NOW - timedelta(minutes=5)
+    assert "not yet valid" in reason(lambda: verifier.verify(token))
+
+
+def test_jwks_change_drops_every_cached_token(tmp_path: Path, key: bytes, other_key: bytes, clock: FakeClock) -> None:
+    jwks = tmp_path / "jwks.json"
+    write_jwks(jwks, [(key, "k1")])
+    v = TokenVerifier([TrustedIssuer(issuer=ISS, audiences=(AUD,), trust_domain=TD, jwks_path=jwks)], clock)
+    old = sign(key, k8s_claims(), headers={"kid": "k1"})
+    assert v.verify(old).issuer == ISS
+    assert v.cached_tokens == 1
+
+    write_jwks(jwks, [(other_key, "k2")])
+    new = sign(other_key, k8s_claims(sa="api"), headers={"kid": "k2"})
+    assert v.verify(new).spiffe_id.path == "/ns/shop/sa/api"  # this verification sees the new file
+    assert v.cached_tokens == 0  # dropped; the token verified while the keys changed is not cached either
+    assert "k1" in reason(lambda: v.verify(old))
+    v.verify(new)
+    assert v.cached_tokens == 1
+
+
+def test_jwks_change_is_seen_by_a_cache_hit(tmp_path: Path, key: bytes, other_key: bytes, clock: FakeClock) -> None:
+    jwks = tmp_path / "jwks.json"
+    write_jwks(jwks, [(key, "k1")])
+    v = TokenVerifier([TrustedIssuer(issuer=ISS, audiences=(AUD,), trust_domain=TD, jwks_path=jwks)], clock)
+    token = sign(key, k8s_claims(), headers={"kid": "k1"})
+    v.verify(token)
+    write_jwks(jwks, [(other_key, "k1")])  # same kid, another key
+    assert "bad signature" in reason(lambda: v.verify(token))
+    assert v.cached_tokens == 0
+
+
+def test_failed_verification_is_not_cached(key: bytes, other_key: bytes, verifier: TokenVerifier, clock: FakeClock) -> None:
+    forged = sign(other_key, k8s_claims())
+    assert "bad signature" in reason(lambda: verifier.verify(forged))
+    assert "bad signature" in reason(lambda: verifier.verify(forged))
+    assert verifier.cached_tokens == 0
+
+    ts = int(NOW.timestamp())
+    early = sign(key, k8s_claims(nbf=ts + 120))
+    assert "not yet valid" in reason(lambda: verifier.verify(early))
+    clock.now = NOW + timedelta(minutes=3)
+    assert verifier.verify(early).issuer == ISS  # the earlier refusal was not remembered
+
+
+def test_other_token_with_a_cached_identity_is_verified_on_its_own(
+    key: bytes, other_key: bytes, verifier: TokenVerifier
+) -> None:
+    claims = k8s_claims()
+    good = sign(key, claims)
+    assert verifier.verify(good).spiffe_id.path == "/ns/shop/sa/web"
+    header, payload, _ = good.split(".")
+    _, _, foreign_sig = sign(other_key, claims).split(".")
+    assert "bad signature" in reason(lambda: verifier.verify(sign(other_key, claims)))
+    assert "bad signature" in reason(lambda: verifier.verify(f"{header}.{payload}.{foreign_sig}"))
+    assert verifier.cached_tokens == 1
+    # Another spelling of the same signature (padded) is another token: verified and cached on its own.
+    assert verifier.verify(f"{good}==") == verifier.verify(good)
+    assert verifier.cached_tokens == 2
+
+
+def test_cache_is_bounded_and_evicts_the_oldest(key: bytes, clock: FakeClock, monkeypatch: pytest.MonkeyPatch) -> None:
+    v = TokenVerifier([issuer_for(public_key_pem(key))], clock, cache_size=2)
+    calls = count_full_verifications(monkeypatch, v)
+    tokens = [sign(key, k8s_claims(sa=f"sa{i}")) for i in range(3)]
+    for token in tokens:
+        v.verify(token)
+    assert v.cached_tokens == 2 and len(calls) == 3
+    v.verify(tokens[2])
+    v.verify(tokens[1])
+    assert len(calls) == 3  # the two newest are cached
+    v.verify(tokens[0])
+    assert len(calls) == 4 and v.cached_tokens == 2  # the oldest was evicted, and re-verified
+
+
+def test_cache_size_zero_disables_the_cache(key: bytes, clock: FakeClock, monkeypatch: pytest.MonkeyPatch) -> None:
+    v = TokenVerifier([issuer_for(public_key_pem(key))], clock, cache_size=0)
+    calls = count_full_verifications(monkeypatch, v)
+    token = sign(key, k8s_claims())
+    v.verify(token)
+    v.verify(token)
+    assert len(calls) == 2 and v.cached_tokens == 0
+    with pytest.raises(ValueError, match="cache_size"):
+        TokenVerifier([issuer_for(public_key_pem(key))], clock, cache_size=-1)
