@@ -140,7 +140,7 @@ class MeshcaApp:
             )
         mesh = build_mesh(config, self.mesh_memo)
         self.publisher.set_mesh(mesh)
-        return mesh.version
+        return self.publisher.mesh_version()
 
     def record_rejected(self) -> None:
         self.publisher.record_rejected()

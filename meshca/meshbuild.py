@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any, TypeVar, cast
 
 from meshca import resources as r
 from meshca.identity import SpiffeId
@@ -37,7 +39,7 @@ class MeshResources:
     shared: tuple[EncodedResource, ...]
     per_identity: Mapping[SpiffeId, tuple[EncodedResource, ...]] = field(default_factory=dict)
 
-    @property
+    @cached_property
     def version(self) -> str:
         digest = hashlib.sha256()
         for resource in sorted(self.shared, key=lambda res: (res.type.name, res.name)):  # order-independent
@@ -49,20 +51,26 @@ class MeshResources:
         return digest.hexdigest()[:12]
 
 
+T = TypeVar("T")
+
+
 class ResourceMemo:
-    """Remembers encoded resources by their (hashable, frozen) spec from one build to the next, so
-    an edit re-encodes only what it changed; entries not used by the latest build are dropped."""
+    """Remembers encoded resources (and groups of them) by their hashable, frozen spec from one
+    build to the next, so an edit re-encodes only what it changed; entries the latest build did
+    not use are dropped."""
 
     def __init__(self) -> None:
-        self._previous: dict[tuple[object, ...], EncodedResource] = {}
-        self._current: dict[tuple[object, ...], EncodedResource] = {}
+        self._previous: dict[tuple[object, ...], Any] = {}
+        self._current: dict[tuple[object, ...], Any] = {}
 
-    def get(self, key: tuple[object, ...], make: Callable[[], EncodedResource]) -> EncodedResource:
-        found = self._current.get(key) or self._previous.get(key)
+    def get(self, key: tuple[object, ...], make: Callable[[], T]) -> T:
+        found = self._current.get(key)
         if found is None:
-            found = make()
-        self._current[key] = found
-        return found
+            found = self._previous.get(key)
+            if found is None:
+                found = make()
+            self._current[key] = found
+        return cast(T, found)
 
     def finish_build(self) -> None:
         self._previous, self._current = self._current, {}
@@ -74,20 +82,20 @@ class _Encoder:
     def __init__(self, memo: ResourceMemo | None) -> None:
         self._memo = memo
 
-    def _get(self, key: tuple[object, ...], make: Callable[[], EncodedResource]) -> EncodedResource:
+    def get(self, key: tuple[object, ...], make: Callable[[], T]) -> T:
         return make() if self._memo is None else self._memo.get(key, make)
 
     def cluster(self, spec: r.ClusterSpec) -> EncodedResource:
-        return self._get(("cluster", spec), lambda: r.cluster(spec))
+        return self.get(("cluster", spec), lambda: r.cluster(spec))
 
     def cluster_load_assignment(self, name: str, endpoints: tuple[tuple[str, int], ...]) -> EncodedResource:
-        return self._get(("cla", name, endpoints), lambda: r.cluster_load_assignment(name, endpoints))
+        return self.get(("cla", name, endpoints), lambda: r.cluster_load_assignment(name, endpoints))
 
     def route_configuration(self, name: str, virtual_hosts: tuple[r.VirtualHostSpec, ...]) -> EncodedResource:
-        return self._get(("route", name, virtual_hosts), lambda: r.route_configuration(name, virtual_hosts))
+        return self.get(("route", name, virtual_hosts), lambda: r.route_configuration(name, virtual_hosts))
 
     def http_listener(self, spec: r.HttpListenerSpec) -> EncodedResource:
-        return self._get(("listener", spec), lambda: r.http_listener(spec))
+        return self.get(("listener", spec), lambda: r.http_listener(spec))
 
 
 def _allowed_callers(rules: tuple[AllowRule, ...], trust_domain: str) -> r.MtlsPeer:
@@ -102,15 +110,27 @@ def _allowed_callers(rules: tuple[AllowRule, ...], trust_domain: str) -> r.MtlsP
     )
 
 
+def _outbound(service: Service, encode: _Encoder) -> tuple[EncodedResource, ...]:
+    """What every caller of a service needs: its mTLS cluster and its endpoints."""
+    name = outbound_cluster_name(service.name)
+    upstream = r.MtlsPeer(allowed_spiffe_ids=(service.spiffe_id.uri,))
+    return (
+        encode.cluster(r.ClusterSpec(name, upstream_tls=upstream)),
+        encode.cluster_load_assignment(name, service.endpoints),
+    )
+
+
 def _shared(config: MeshConfig, encode: _Encoder) -> list[EncodedResource]:
     resources: list[EncodedResource] = []
     for service in config.services:
         if service.inbound is None:
             continue
-        name = outbound_cluster_name(service.name)
-        upstream = r.MtlsPeer(allowed_spiffe_ids=(service.spiffe_id.uri,))
-        resources.append(encode.cluster(r.ClusterSpec(name, upstream_tls=upstream)))
-        resources.append(encode.cluster_load_assignment(name, service.endpoints))
+        resources.extend(
+            encode.get(
+                ("outbound", service.name, service.spiffe_id, service.endpoints),
+                lambda service=service: _outbound(service, encode),  # type: ignore[misc]
+            )
+        )
     routes = tuple(
         r.RouteSpec(route.prefix, tuple((outbound_cluster_name(t.service), t.weight) for t in route.targets))
         for route in config.routes
@@ -165,7 +185,11 @@ def build_mesh(config: MeshConfig, memo: ResourceMemo | None = None) -> MeshReso
     encode = _Encoder(memo)
     per_identity: dict[SpiffeId, list[EncodedResource]] = {}
     for service in config.services:
-        per_identity.setdefault(service.spiffe_id, []).extend(_sidecar(service, config.trust_domain, encode))
+        sidecar = encode.get(
+            ("sidecar", service, config.trust_domain),
+            lambda service=service: tuple(_sidecar(service, config.trust_domain, encode)),  # type: ignore[misc]
+        )
+        per_identity.setdefault(service.spiffe_id, []).extend(sidecar)
     mesh = MeshResources(tuple(_shared(config, encode)), {k: tuple(v) for k, v in per_identity.items()})
     if memo is not None:
         memo.finish_build()

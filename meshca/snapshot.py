@@ -6,7 +6,7 @@ import asyncio
 import enum
 import hashlib
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
@@ -151,66 +151,312 @@ def _type_version(resources: Mapping[str, EncodedResource]) -> str:
     return digest.hexdigest()[:16]
 
 
+def _changed_names(older: Mapping[str, EncodedResource], newer: Mapping[str, EncodedResource]) -> frozenset[str]:
+    """Names added, removed or whose version differs between two sets of one type."""
+    changed = {
+        name for name, resource in newer.items() if (old := older.get(name)) is None or old.version != resource.version
+    }
+    changed.update(name for name in older if name not in newer)
+    return frozenset(changed)
+
+
+class _Layered(Mapping[str, EncodedResource]):
+    """Read-only union of two disjoint name maps (a shared base and one identity's own resources); no copy."""
+
+    __slots__ = ("_base", "_top")
+
+    def __init__(self, base: Mapping[str, EncodedResource], top: Mapping[str, EncodedResource]) -> None:
+        self._base = base
+        self._top = top
+
+    def __getitem__(self, name: str) -> EncodedResource:
+        found = self._top.get(name)
+        return self._base[name] if found is None else found
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._top or name in self._base
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self._base
+        yield from self._top
+
+    def __len__(self) -> int:
+        return len(self._base) + len(self._top)
+
+
 @dataclass(frozen=True)
 class TypeResources:
-    """All resources of one type in a snapshot, with a version that changes iff any of them changes."""
+    """All resources of one type in a snapshot, with a version that changes iff any of them changes.
+
+    `previous_version` and `changed` (when known) name what differs from the set this one replaced,
+    so a stream holding that version looks at only those names instead of every resource.
+    """
 
     resources: Mapping[str, EncodedResource]
     version: str
+    previous_version: str | None = None
+    changed: frozenset[str] | None = None
+    layers: tuple[TypeResources, TypeResources] | None = field(default=None, repr=False)  # (base, top)
 
     @classmethod
-    def of(cls, resources: Iterable[EncodedResource]) -> TypeResources:
+    def of(cls, resources: Iterable[EncodedResource], previous: TypeResources | None = None) -> TypeResources:
         by_name = {r.name: r for r in resources}
-        return cls(MappingProxyType(by_name), _type_version(by_name))
+        version = _type_version(by_name)
+        if previous is None:
+            return cls(MappingProxyType(by_name), version)
+        if previous.version == version:
+            return previous
+        changed = _changed_names(previous.resources, by_name)
+        return cls(MappingProxyType(by_name), version, previous.version, changed)
+
+    @classmethod
+    def layered(cls, base: TypeResources, top: TypeResources) -> TypeResources:
+        """`base` and `top` together (names must be disjoint); the version covers both."""
+        if not top.resources:
+            return base
+        version = f"{base.version}+{top.version}"  # both are content hashes; no need to hash again
+        return cls(_Layered(base.resources, top.resources), version, layers=(base, top))
+
+    def changed_since(self, older: TypeResources) -> frozenset[str] | None:
+        """Names that differ from `older`, when that is cheap to know; None means compare everything."""
+        if older is self or older.version == self.version:
+            return frozenset()
+        if self.changed is not None and self.previous_version == older.version:
+            return self.changed
+        if self.layers is not None and older.layers is not None:
+            base_changes = self.layers[0].changed_since(older.layers[0])
+            if base_changes is None:
+                return None
+            new_top, old_top = self.layers[1], older.layers[1]
+            top_changes = new_top.changed_since(old_top)
+            if top_changes is None:
+                top_changes = _changed_names(old_top.resources, new_top.resources)  # one identity's: small
+            return base_changes | top_changes
+        return None
 
 
 _EMPTY = TypeResources(MappingProxyType({}), _type_version({}))
 
 
+_Sources = tuple[tuple[EncodedResource, Reference], ...]
+
+
+class _Layer:
+    """One group of a snapshot's resources whose references are indexed on first use.
+
+    A shared layer is part of every identity's snapshot; indexing it once is what keeps publishing
+    an identity O(its own resources).
+    """
+
+    def __init__(self, resources: Iterable[EncodedResource], provided: frozenset[Reference] = frozenset()) -> None:
+        self.resources = tuple(resources)
+        self.provided = provided  # references this layer was allowed to leave to a later layer
+        self._index: dict[tuple[ResourceType, frozenset[ResourceType]], Mapping[str, _Sources]] = {}
+
+    def references_into(self, target: ResourceType, ignored_sources: frozenset[ResourceType]) -> Mapping[str, _Sources]:
+        """Referenced names of type `target`, each with the resources (not of an ignored type) referencing it."""
+        key = (target, ignored_sources)
+        found = self._index.get(key)
+        if found is None:  # a race computes the same value twice; harmless
+            index: dict[str, list[tuple[EncodedResource, Reference]]] = {}
+            for resource in self.resources:
+                if resource.type not in ignored_sources:
+                    for ref in resource.references:
+                        if ref.type is target:
+                            index.setdefault(ref.name, []).append((resource, ref))
+            found = self._index[key] = {name: tuple(sources) for name, sources in index.items()}
+        return found
+
+    def same_resources(self, resources: Sequence[EncodedResource]) -> bool:
+        return len(resources) == len(self.resources) and all(a is b for a, b in zip(resources, self.resources))
+
+
+def _dangling(resource: EncodedResource, ref: Reference) -> str:
+    return (
+        f"{resource.type.short_name} {resource.name!r} references "
+        f"{ref.type.short_name} {ref.name!r}, which does not exist"
+    )
+
+
+def _group(resources: Iterable[EncodedResource]) -> dict[ResourceType, list[EncodedResource]]:
+    """By type, refusing a name defined twice within one type."""
+    grouped: dict[ResourceType, list[EncodedResource]] = {t: [] for t in ResourceType}
+    seen: set[tuple[ResourceType, str]] = set()
+    duplicates: list[str] = []
+    for resource in resources:
+        key = (resource.type, resource.name)
+        if key in seen:
+            duplicates.append(f"{resource.type.short_name} resource {resource.name!r} is defined twice")
+        seen.add(key)
+        grouped[resource.type].append(resource)
+    if duplicates:
+        raise InconsistentSnapshot(duplicates)
+    return grouped
+
+
+def _raise_if(problems: list[str]) -> None:
+    if problems:
+        raise InconsistentSnapshot(problems)
+
+
 @dataclass(frozen=True)
 class Snapshot:
-    """An immutable, consistent set of resources per type; build it with `Snapshot.build`."""
+    """An immutable, consistent set of resources per type; build it with `Snapshot.build`.
+
+    A snapshot may be layered (`Snapshot.layer`): a shared base plus a few resources of its own.
+    Each step checks what it changed, so a base shared by every identity is checked once and an
+    update that changes a few resources is checked in proportion to them.
+    """
 
     types: Mapping[ResourceType, TypeResources]
+    # each layer with the resource types it no longer contributes (replaced by `with_type`)
+    layers: tuple[tuple[_Layer, frozenset[ResourceType]], ...] = field(default=(), repr=False)
+    base: Snapshot | None = field(default=None, repr=False)  # set by `layer`
 
     @classmethod
-    def build(cls, resources: Iterable[EncodedResource]) -> Snapshot:
-        """Group resources by type, refuse duplicates and dangling references."""
-        grouped: dict[ResourceType, list[EncodedResource]] = {t: [] for t in ResourceType}
-        seen: set[tuple[ResourceType, str]] = set()
-        duplicates: list[str] = []
-        for resource in resources:
-            key = (resource.type, resource.name)
-            if key in seen:
-                duplicates.append(f"{resource.type.short_name} resource {resource.name!r} is defined twice")
-            seen.add(key)
-            grouped[resource.type].append(resource)
-        if duplicates:
-            raise InconsistentSnapshot(duplicates)
-        snapshot = cls(MappingProxyType({t: TypeResources.of(rs) for t, rs in grouped.items()}))
-        snapshot.check_consistency()
+    def build(
+        cls,
+        resources: Iterable[EncodedResource],
+        previous: Snapshot | None = None,
+        provided: Iterable[Reference] = (),
+    ) -> Snapshot:
+        """Group resources by type, refuse duplicates and dangling references.
+
+        `previous` (the snapshot this one replaces) lets each type record what changed and limits
+        the check to that; `provided` names resources a later layer will supply (e.g. every
+        identity's secrets), which references may point to.
+        """
+        grouped = _group(resources)
+        provided = frozenset(provided)
+        types = {
+            t: TypeResources.of(rs, previous.of_type(t) if previous is not None else None) for t, rs in grouped.items()
+        }
+        layer = _Layer((r for rs in grouped.values() for r in rs), provided)
+        snapshot = cls(MappingProxyType(types), ((layer, frozenset()),))
+        if previous is None or len(previous.layers) != 1 or previous.layers[0][0].provided != provided:
+            snapshot._check(layer.resources, provided)
+            return snapshot
+        # Only what changed: the references of new and changed resources, and references of
+        # unchanged ones into names that went away.
+        previous_layer = previous.layers[0][0]
+        checked: list[EncodedResource] = []
+        problems: list[str] = []
+        for resource_type, type_resources in types.items():
+            changes = type_resources.changed_since(previous.of_type(resource_type))
+            assert changes is not None, "TypeResources.of(previous=...) knows its changes"
+            for name in changes:
+                current = type_resources.resources.get(name)
+                if current is not None:
+                    checked.append(current)
+                    continue
+                for source, ref in previous_layer.references_into(resource_type, frozenset()).get(name, ()):
+                    still = types[source.type].resources.get(source.name)
+                    # a source that changed too was checked above (as itself); one that went away needs nothing
+                    if still is not None and still.version == source.version and ref not in provided:
+                        problems.append(_dangling(source, ref))
+        _raise_if(problems)
+        snapshot._check(checked, provided)
         return snapshot
+
+    @classmethod
+    def layer(
+        cls,
+        base: Snapshot,
+        resources: Iterable[EncodedResource],
+        provided: Iterable[Reference] = (),
+        previous: Snapshot | None = None,
+    ) -> Snapshot:
+        """`base` plus `resources` (names must not repeat the base's); only the new resources are checked.
+
+        With `previous` (the same resources layered on an earlier base), only the types whose base
+        changed are composed again, and only against what changed in them.
+        """
+        resources = tuple(resources)
+        provided = frozenset(provided)
+        if previous is not None and previous.base is not None and len(previous.layers) >= 1:
+            top_layer = previous.layers[-1][0]
+            if top_layer.provided == provided and top_layer.same_resources(resources):
+                reused = cls._relayer(base, previous, top_layer)
+                if reused is not None:
+                    return reused
+        grouped = _group(resources)
+        _raise_if(
+            [
+                f"{r.type.short_name} resource {r.name!r} is defined twice"
+                for rs in grouped.values()
+                for r in rs
+                if r.name in base.of_type(r.type).resources
+            ]
+        )
+        types = {t: TypeResources.layered(base.of_type(t), TypeResources.of(rs)) for t, rs in grouped.items()}
+        layer = _Layer(resources, provided)
+        snapshot = cls(MappingProxyType(types), (*base.layers, (layer, frozenset())), base)
+        snapshot._check(layer.resources, provided)
+        return snapshot
+
+    @classmethod
+    def _relayer(cls, base: Snapshot, previous: Snapshot, top_layer: _Layer) -> Snapshot | None:
+        """`previous`'s own layer on a new base, or None when the base changed in a way that needs a full check."""
+        assert previous.base is not None
+        types: dict[ResourceType, TypeResources] = {}
+        problems: list[str] = []
+        for resource_type, old in previous.types.items():
+            base_resources = base.of_type(resource_type)
+            old_base = previous.base.of_type(resource_type)
+            if base_resources is old_base:
+                types[resource_type] = old
+                continue
+            changes = base_resources.changed_since(old_base)
+            if changes is None:
+                return None
+            top = old.layers[1] if old.layers is not None else _EMPTY
+            sources = top_layer.references_into(resource_type, frozenset())
+            for name in changes:
+                if name in top.resources and name in base_resources.resources:
+                    problems.append(f"{resource_type.short_name} resource {name!r} is defined twice")
+                if name not in base_resources.resources and name not in top.resources:
+                    problems.extend(
+                        _dangling(source, ref) for source, ref in sources.get(name, ()) if ref not in top_layer.provided
+                    )
+            types[resource_type] = TypeResources.layered(base_resources, top)
+        _raise_if(problems)
+        return cls(MappingProxyType(types), (*base.layers, (top_layer, frozenset())), base)
 
     def with_type(self, resource_type: ResourceType, resources: TypeResources) -> Snapshot:
-        """A new snapshot sharing every other type's resources (no re-encoding, no copy) and checked again."""
+        """A new snapshot sharing every other type's resources (no re-encoding, no copy), checked where it
+        changed: the references into the replaced type, and the new resources' own references."""
         types = dict(self.types)
         types[resource_type] = resources
-        snapshot = Snapshot(MappingProxyType(types))
-        snapshot.check_consistency()
+        layers = tuple((layer, ignored | {resource_type}) for layer, ignored in self.layers)
+        snapshot = Snapshot(
+            MappingProxyType(types), (*layers, (_Layer(resources.resources.values()), frozenset())), self.base
+        )
+        _raise_if(
+            [
+                _dangling(source, ref)
+                for layer, ignored in layers
+                for name, sources in layer.references_into(resource_type, ignored).items()
+                if name not in resources.resources
+                for source, ref in sources
+            ]
+        )
+        snapshot._check(resources.resources.values(), frozenset())
         return snapshot
 
+    def _check(self, resources: Iterable[EncodedResource], provided: frozenset[Reference]) -> None:
+        _raise_if(
+            [
+                _dangling(resource, ref)
+                for resource in resources
+                for ref in sorted(resource.references, key=lambda r: (r.type.value, r.name))
+                if ref not in provided and ref.name not in self.of_type(ref.type).resources
+            ]
+        )
+
     def check_consistency(self) -> None:
-        problems = []
-        for type_resources in self.types.values():
-            for resource in type_resources.resources.values():
-                for ref in sorted(resource.references, key=lambda r: (r.type.value, r.name)):
-                    if ref.name not in self.of_type(ref.type).resources:
-                        problems.append(
-                            f"{resource.type.short_name} {resource.name!r} references "
-                            f"{ref.type.short_name} {ref.name!r}, which does not exist"
-                        )
-        if problems:
-            raise InconsistentSnapshot(problems)
+        """Check every reference of every layer (the cheaper checks above cover what each step changed)."""
+        for layer, ignored in self.layers:
+            self._check((r for r in layer.resources if r.type not in ignored), frozenset())
 
     def of_type(self, resource_type: ResourceType) -> TypeResources:
         return self.types.get(resource_type, _EMPTY)

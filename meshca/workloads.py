@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Protocol
@@ -20,6 +21,7 @@ from meshca.resources import (
 )
 from meshca.snapshot import (
     EncodedResource,
+    Reference,
     ResourceType,
     Snapshot,
     SnapshotCache,
@@ -181,6 +183,7 @@ class MeshPublisher:
         self._lock = threading.Lock()
         self._shared_view = Snapshot.build([])
         self._views: dict[SpiffeId, Snapshot] = {}
+        self._secret_sets: dict[SpiffeId, TypeResources] = {}  # last published per identity (same objects, same version)
         self._identities: set[SpiffeId] = set()
         self._version = ""
         self._updates = 0
@@ -198,24 +201,39 @@ class MeshPublisher:
         """
         if not isinstance(mesh, MeshResources):
             mesh = MeshResources(tuple(mesh))
-        # Each identity's snapshot replaces the secret type with its own: check with placeholders
-        # carrying the secret names every identity gets.
-        probe = self._secrets.bundle_secrets() + [tls_certificate_secret(DEFAULT_CERT_SECRET, b"", b"")]
-        shared = [r for r in mesh.shared if r.type is not ResourceType.SECRET]
-        shared_view = Snapshot.build(shared + probe)
+        # Each identity's snapshot gets its own secrets on top: check with the names it will have.
+        provided = frozenset(Reference(ResourceType.SECRET, name) for name in self._secret_names())
+        with self._lock:
+            previous = self._shared_view
+        # The shared part is checked once; each identity's own resources are layered on it and
+        # checked against it, so an update costs O(resources + identities), not their product.
+        shared_view = Snapshot.build(
+            [r for r in mesh.shared if r.type is not ResourceType.SECRET], previous=previous, provided=provided
+        )
+        with self._lock:
+            previous_views = dict(self._views)
         views = {
-            spiffe_id: Snapshot.build(shared + [r for r in own if r.type is not ResourceType.SECRET] + probe)
+            spiffe_id: Snapshot.layer(
+                shared_view,
+                [r for r in own if r.type is not ResourceType.SECRET],
+                provided=provided,
+                previous=previous_views.get(spiffe_id),
+            )
             for spiffe_id, own in mesh.per_identity.items()
         }
+        version = _mesh_version(shared_view, views)
         with self._lock:
             self._shared_view = shared_view
             self._views = views
-            self._version = mesh.version
+            self._version = version
             self._updates += 1
             identities = list(self._identities)
-        self._log.info("mesh version %s published to %d identities", mesh.version, len(identities))
+        self._log.info("mesh version %s published to %d identities", self._version, len(identities))
         for spiffe_id in identities:
             self._publish(spiffe_id)
+
+    def _secret_names(self) -> list[str]:
+        return [DEFAULT_CERT_SECRET, *(secret.name for secret in self._secrets.bundle_secrets())]
 
     def record_rejected(self) -> None:
         """Count a mesh update refused by its source (parse, validation or consistency error)."""
@@ -270,6 +288,22 @@ class MeshPublisher:
         secrets = [self._secrets.default_secret(spiffe_id), *self._secrets.bundle_secrets()]
         with self._lock:
             view = self._views.get(spiffe_id, self._shared_view)
-        self._cache.set_snapshot(
-            self.snapshot_key(spiffe_id), view.with_type(ResourceType.SECRET, TypeResources.of(secrets))
-        )
+            held = self._secret_sets.get(spiffe_id)
+        if held is None or not _same_secrets(held, secrets):
+            held = TypeResources.of(secrets, previous=held)
+            with self._lock:
+                self._secret_sets[spiffe_id] = held
+        self._cache.set_snapshot(self.snapshot_key(spiffe_id), view.with_type(ResourceType.SECRET, held))
+
+
+def _mesh_version(shared: Snapshot, views: Mapping[SpiffeId, Snapshot]) -> str:
+    """A content hash of the whole mesh from the type versions already computed (no re-sorting of resources)."""
+    digest = hashlib.sha256()
+    named = [("", shared), *sorted(((i.uri, view) for i, view in views.items()), key=lambda pair: pair[0])]
+    for uri, view in named:
+        digest.update(f"{uri}:{';'.join(view.version(t) for t in ResourceType)}\n".encode())
+    return digest.hexdigest()[:12]
+
+
+def _same_secrets(held: TypeResources, secrets: list[EncodedResource]) -> bool:
+    return len(held.resources) == len(secrets) and all(held.resources.get(s.name) is s for s in secrets)

@@ -10,7 +10,9 @@ from envoy_data_plane.envoy.config.cluster.v3 import Cluster
 
 from meshca import resources as r
 from meshca.snapshot import (
+    EncodedResource,
     InconsistentSnapshot,
+    Reference,
     ResourceType,
     Snapshot,
     SnapshotCache,
@@ -97,3 +99,86 @@ async def test_watchers_are_woken_from_another_thread() -> None:
     assert cache.get("other") is None
     watch.close()
     assert cache.watcher_count("group") == 0
+
+
+def secret_refs() -> frozenset[Reference]:
+    return frozenset({Reference(ResourceType.SECRET, "default"), Reference(ResourceType.SECRET, "ROOTCA")})
+
+
+def shared(endpoint_port: int = 8080, with_backend: bool = True) -> list[EncodedResource]:
+    resources = [r.route_configuration("routes", [r.VirtualHostSpec("all")])]
+    if with_backend:
+        resources += [
+            r.cluster(r.ClusterSpec("backend", upstream_tls=TLS)),
+            r.cluster_load_assignment("backend", [("127.0.0.1", endpoint_port)]),
+        ]
+    return resources
+
+
+def own_listener() -> list[EncodedResource]:
+    return [r.http_listener(r.HttpListenerSpec("inbound", "127.0.0.1", 15006, "routes", TLS))]
+
+
+def test_rebuild_knows_what_changed_and_checks_it() -> None:
+    one = Snapshot.build(shared(8080), provided=secret_refs())
+    two = Snapshot.build(shared(9090), previous=one, provided=secret_refs())
+    eds = two.of_type(ResourceType.ENDPOINT)
+    assert eds.changed_since(one.of_type(ResourceType.ENDPOINT)) == {"backend"}
+    assert two.of_type(ResourceType.CLUSTER) is one.of_type(ResourceType.CLUSTER)  # unchanged type: same object
+    # removing the CLA an unchanged cluster still references is refused, naming both
+    kept = [res for res in shared(9090) if res.type is not ResourceType.ENDPOINT]
+    with pytest.raises(InconsistentSnapshot, match="CDS 'backend' references EDS 'backend'"):
+        Snapshot.build(kept, previous=two, provided=secret_refs())
+    # without `provided` the secrets the clusters need are missing
+    with pytest.raises(InconsistentSnapshot, match="references SDS 'ROOTCA'"):
+        Snapshot.build(shared(9090), previous=two)
+
+
+def test_layer_checks_own_resources_against_the_base_and_refuses_shadowing() -> None:
+    base = Snapshot.build(shared(), provided=secret_refs())
+    view = Snapshot.layer(base, own_listener(), provided=secret_refs())
+    assert set(view.of_type(ResourceType.LISTENER).resources) == {"inbound"}
+    assert view.of_type(ResourceType.CLUSTER).resources["backend"] is base.of_type(ResourceType.CLUSTER).resources[
+        "backend"
+    ]
+    with pytest.raises(InconsistentSnapshot, match="LDS 'inbound' references RDS 'elsewhere'"):
+        Snapshot.layer(base, [r.http_listener(r.HttpListenerSpec("inbound", "127.0.0.1", 1, "elsewhere"))])
+    with pytest.raises(InconsistentSnapshot, match="EDS resource 'backend' is defined twice"):
+        Snapshot.layer(base, [r.cluster_load_assignment("backend", [])])
+
+
+def test_relayering_on_a_new_base_checks_what_the_base_changed() -> None:
+    base = Snapshot.build(shared(8080), provided=secret_refs())
+    own = own_listener() + [r.cluster(r.ClusterSpec("local")), r.cluster_load_assignment("local", [])]
+    view = Snapshot.layer(base, own, provided=secret_refs())
+    moved = Snapshot.build(shared(9090), previous=base, provided=secret_refs())
+    relayered = Snapshot.layer(moved, own, provided=secret_refs(), previous=view)
+    assert relayered.of_type(ResourceType.LISTENER) is view.of_type(ResourceType.LISTENER)  # nothing to redo there
+    assert relayered.of_type(ResourceType.ENDPOINT).resources["backend"] is moved.of_type(
+        ResourceType.ENDPOINT
+    ).resources["backend"]
+    assert relayered.of_type(ResourceType.ENDPOINT).changed_since(view.of_type(ResourceType.ENDPOINT)) == {"backend"}
+    # the base drops the route the identity's listener needs
+    no_routes = Snapshot.build(
+        [res for res in shared(9090) if res.type is not ResourceType.ROUTE], previous=moved, provided=secret_refs()
+    )
+    with pytest.raises(InconsistentSnapshot, match="LDS 'inbound' references RDS 'routes'"):
+        Snapshot.layer(no_routes, own, provided=secret_refs(), previous=relayered)
+    # the base starts defining a name the identity has too
+    clash = Snapshot.build(
+        shared(9090) + [r.cluster(r.ClusterSpec("local")), r.cluster_load_assignment("local", [])],
+        previous=moved,
+        provided=secret_refs(),
+    )
+    with pytest.raises(InconsistentSnapshot, match="defined twice"):
+        Snapshot.layer(clash, own, provided=secret_refs(), previous=relayered)
+
+
+def test_with_type_checks_references_into_the_replaced_type() -> None:
+    base = Snapshot.build(shared(), provided=secret_refs())
+    view = Snapshot.layer(base, own_listener(), provided=secret_refs())
+    secrets = TypeResources.of([r.tls_certificate_secret("default", b"c", b"k"), r.validation_context_secret("ROOTCA", b"b")])
+    published = view.with_type(ResourceType.SECRET, secrets)
+    published.check_consistency()
+    with pytest.raises(InconsistentSnapshot, match="references SDS 'ROOTCA'"):
+        view.with_type(ResourceType.SECRET, TypeResources.of([r.tls_certificate_secret("default", b"c", b"k")]))

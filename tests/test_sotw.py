@@ -6,7 +6,7 @@ import itertools
 
 from meshca import resources as r
 from meshca.snapshot import PUSH_ORDER, ResourceType, Snapshot
-from meshca.xds.sotw import SotwStream, XdsRequest
+from meshca.xds.sotw import Outcome, SotwStream, XdsRequest, XdsResponse
 
 CDS, EDS, LDS, RDS, SDS = (
     ResourceType.CLUSTER,
@@ -17,13 +17,13 @@ CDS, EDS, LDS, RDS, SDS = (
 )
 
 
-def snapshot(clusters: dict[str, int]) -> Snapshot:
+def snapshot(clusters: dict[str, int], previous: Snapshot | None = None) -> Snapshot:
     resources = []
     for name, port in clusters.items():
         resources.append(r.cluster(r.ClusterSpec(name)))
         resources.append(r.cluster_load_assignment(name, [("127.0.0.1", port)]))
     resources.append(r.validation_context_secret("ROOTCA", b"bundle"))
-    return Snapshot.build(resources)
+    return Snapshot.build(resources, previous=previous)
 
 
 def new_stream() -> SotwStream:
@@ -146,3 +146,77 @@ def test_unchanged_types_are_not_pushed() -> None:
         stream.on_request(XdsRequest(resource_type, response.version, names, response.nonce), snap)
     pushed = stream.on_snapshot(snapshot({"a": 2})).responses
     assert [response.type for response in pushed] == [EDS]
+
+
+
+def successor(previous: Snapshot, clusters: dict[str, int]) -> Snapshot:
+    """The next snapshot, built knowing the previous one (as the publisher does), so changes are known."""
+    return snapshot(clusters, previous)
+
+
+def ack(stream: SotwStream, response: XdsResponse, names: tuple[str, ...], snap: Snapshot) -> Outcome[XdsResponse]:
+    return stream.on_request(XdsRequest(response.type, response.version, names, response.nonce), snap)
+
+
+def test_named_types_carry_only_what_changed_since_the_client_synced() -> None:
+    """EDS/RDS/SDS are not full state in SotW: Envoy keeps the CLAs a response leaves out."""
+    stream = new_stream()
+    names = ("a", "b", "c")
+    one = snapshot({"a": 1, "b": 2, "c": 3, "z": 4})
+    (first,) = stream.on_request(XdsRequest(EDS, "", names), one).responses
+    assert [res.name for res in first.resources] == ["a", "b", "c"]
+    ack(stream, first, names, one)
+    two = successor(one, {"a": 1, "b": 9, "c": 3, "z": 4})
+    (pushed,) = stream.on_snapshot(two).responses
+    assert [res.name for res in pushed.resources] == ["b"] and pushed.version == two.version(EDS)
+    # the ACK subscribes one more name: just that one is sent
+    (added,) = ack(stream, pushed, (*names, "z"), two).responses
+    assert [res.name for res in added.resources] == ["z"]
+    ack(stream, added, (*names, "z"), two)
+    # a change to a CLA this stream does not subscribe to: nothing to send
+    stream_without_z = new_stream()
+    (initial,) = stream_without_z.on_request(XdsRequest(EDS, "", names), two).responses
+    ack(stream_without_z, initial, names, two)
+    assert stream_without_z.on_snapshot(successor(two, {"a": 1, "b": 9, "c": 3, "z": 5})).responses == ()
+
+
+def test_after_a_nack_the_next_response_carries_every_subscribed_resource() -> None:
+    stream = new_stream()
+    names = ("a", "b")
+    one = snapshot({"a": 1, "b": 2})
+    (first,) = stream.on_request(XdsRequest(EDS, "", names), one).responses
+    ack(stream, first, names, one)
+    two = successor(one, {"a": 1, "b": 3})
+    (pushed,) = stream.on_snapshot(two).responses
+    assert [res.name for res in pushed.resources] == ["b"]
+    stream.on_request(XdsRequest(EDS, first.version, names, pushed.nonce, 13, "bad"), two)
+    (resent,) = stream.on_snapshot(successor(two, {"a": 1, "b": 4})).responses
+    assert [res.name for res in resent.resources] == ["a", "b"]
+
+
+def test_full_state_types_and_unknown_history_send_everything() -> None:
+    stream = new_stream()
+    one = snapshot({"a": 1, "b": 2})
+    (cds,) = stream.on_request(XdsRequest(CDS), one).responses
+    (eds,) = stream.on_request(XdsRequest(EDS, "", ("a", "b")), one).responses
+    ack(stream, cds, (), one)
+    ack(stream, eds, ("a", "b"), one)
+    two = successor(one, {"a": 1, "b": 3, "c": 5})
+    pushed = {res.type: [x.name for x in res.resources] for res in stream.on_snapshot(two).responses}
+    assert pushed == {CDS: ["a", "b", "c"], EDS: ["b"]}  # CDS is full state: all of it
+    unknown = snapshot({"a": 1, "b": 4, "c": 5})  # built without `previous`: what changed is unknown
+    stream2 = new_stream()
+    (eds2,) = stream2.on_request(XdsRequest(EDS, "", ("a", "b")), one).responses
+    ack(stream2, eds2, ("a", "b"), one)
+    (everything,) = stream2.on_snapshot(unknown).responses
+    assert [res.name for res in everything.resources] == ["a", "b"]
+
+
+def test_repeated_ack_nonce_still_resends_everything() -> None:
+    """Envoy re-requests EDS with an ACKed nonce while a changed cluster warms: it needs all of them."""
+    stream = new_stream()
+    one = snapshot({"a": 1, "b": 2})
+    (eds,) = stream.on_request(XdsRequest(EDS, "", ("a", "b")), one).responses
+    ack(stream, eds, ("a", "b"), one)
+    (again,) = ack(stream, eds, ("a", "b"), one).responses
+    assert [res.name for res in again.resources] == ["a", "b"]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -12,6 +12,7 @@ from meshca.snapshot import (
     EncodedResource,
     ResourceType,
     Snapshot,
+    TypeResources,
 )
 
 WILDCARD = "*"
@@ -80,6 +81,10 @@ class _TypeState:
     sent_names: frozenset[str] | None = None
     nacked_version: str | None = None
     nacked_names: frozenset[str] | None = None
+    # What the client holds of a named type after the last response or skip: lets a push send only
+    # the subscribed resources that changed since (None after a NACK: send everything again).
+    synced_from: TypeResources | None = None
+    synced_names: frozenset[str] | None = None
 
 
 class SotwStream:
@@ -114,7 +119,9 @@ class SotwStream:
         state.wildcard = WILDCARD in names or (
             request.type in FULL_STATE_TYPES and not names and (first or state.wildcard)
         )
-        state.names = names - {WILDCARD}
+        names -= {WILDCARD}
+        if names != state.names:  # keep the held object when equal: `_changed_only` compares by identity
+            state.names = names
 
         ack = nack = None
         force = first  # a new stream (or a type's first request) is always answered
@@ -123,6 +130,7 @@ class SotwStream:
             if request.is_nack:
                 state.nacked_version = state.sent_version
                 state.nacked_names = state.sent_names
+                state.synced_from = None  # it kept what it had before: the next response carries everything
                 nack = Nack(
                     request.type,
                     state.sent_version,
@@ -151,6 +159,10 @@ class SotwStream:
         if snapshot is None or state.awaiting_ack:
             return ()
         available = snapshot.of_type(resource_type)
+        if not force and not state.wildcard and resource_type not in FULL_STATE_TYPES:
+            partial = self._changed_only(resource_type, state, available)
+            if partial is not None:
+                return partial
         if state.wildcard:
             selected = dict(available.resources)
         else:
@@ -163,9 +175,42 @@ class SotwStream:
                 return ()
             if available.version == state.nacked_version and selected_names == state.nacked_names:
                 return ()
+        state.sent_names = selected_names
+        return self._send(resource_type, state, available, selected)
+
+    def _send(
+        self,
+        resource_type: ResourceType,
+        state: _TypeState,
+        available: TypeResources,
+        selected: Mapping[str, EncodedResource],
+    ) -> tuple[XdsResponse, ...]:
         nonce = self._next_nonce()
         state.last_nonce = nonce
         state.awaiting_ack = True
         state.sent_version = available.version
-        state.sent_names = selected_names
+        state.synced_from = available
+        state.synced_names = state.names
         return (XdsResponse(resource_type, available.version, tuple(selected.values()), nonce),)
+
+    def _changed_only(
+        self, resource_type: ResourceType, state: _TypeState, available: TypeResources
+    ) -> tuple[XdsResponse, ...] | None:
+        """For a type Envoy does not treat as full state (EDS, RDS, SDS), a response may carry just the
+        resources that changed: the client keeps the others. None: no cheap answer, send them all."""
+        if state.synced_from is None or state.synced_names is None:
+            return None
+        changed = available.changed_since(state.synced_from)
+        if changed is None:
+            return None
+        if state.synced_names is not state.names:
+            changed = changed | (state.names - state.synced_names)  # newly subscribed names
+        selected = {n: available.resources[n] for n in sorted(changed) if n in state.names and n in available.resources}
+        if not selected:
+            # Nothing this client subscribes to changed (or only went away, which SotW does not signal
+            # for these types): it already holds this version's content.
+            state.synced_from = available
+            state.synced_names = state.names
+            state.sent_version = available.version
+            return ()
+        return self._send(resource_type, state, available, selected)
