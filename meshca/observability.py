@@ -103,6 +103,11 @@ class MeshcaCollector(Collector):
         yield connected
         yield pushes
         yield nacks
+        yield CounterMetricFamily(
+            "meshca_xds_send_timeouts",
+            "xDS streams closed because the proxy did not read a response within the send timeout.",
+            value=totals.send_timeouts,
+        )
 
     def _certificate_metrics(self) -> Iterator[Metric]:
         held = self._certificates.certificates()

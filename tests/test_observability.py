@@ -121,6 +121,9 @@ def test_xds_metrics_follow_the_registry_and_counters_survive_stream_close(admin
         assert value(before, "meshca_connected_proxies", type=short) == 0
         assert value(before, "meshca_xds_pushes_total", type=short) == 0
         assert value(before, "meshca_xds_nacks_total", type=short) == 0
+    assert value(before, "meshca_xds_send_timeouts_total") == 0
+    admin.registry.record_send_timeout()
+    assert value(admin.scrape(), "meshca_xds_send_timeouts_total") == 1
 
     reg = admin.registry
     a = reg.open("node-a", "spiffe://mesh.test/ns/default/sa/a", "key-a")

@@ -7,6 +7,7 @@ import itertools
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from types import MappingProxyType
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -16,6 +17,7 @@ from google.protobuf.message import DecodeError
 
 from meshca.snapshot import ResourceType, Snapshot, SnapshotCache, length_delimited
 from meshca.v1 import xds_wire_pb2
+from meshca.xds.cancel import cancel_rpc
 from meshca.xds.delta import DeltaRequest, DeltaResponse, DeltaStream
 from meshca.xds.sotw import Outcome, SotwStream, XdsRequest, XdsResponse
 from meshca.xds.status import ProxyRegistry
@@ -40,6 +42,7 @@ DELTA_PER_TYPE_METHODS: Mapping[ResourceType, str] = MappingProxyType(
 )
 
 MAX_REQUEST_BYTES = 4 * 1024 * 1024
+DEFAULT_SEND_TIMEOUT = timedelta(seconds=30)
 _CONTROL_PLANE = length_delimited(6, length_delimited(1, b"meshca"))
 _DELTA_CONTROL_PLANE = length_delimited(7, length_delimited(1, b"meshca"))
 
@@ -213,6 +216,10 @@ _DELTA = _Variant("delta", parse_delta_request, DeltaStream, frame_delta_respons
 _END = object()
 
 
+class _SendTimedOut(Exception):
+    """A response write did not complete within the send timeout: the peer stopped reading."""
+
+
 class XdsServer:
     """Serves ADS and per-type xDS, SotW and delta, from a SnapshotCache; knows nothing of CAs or config files."""
 
@@ -222,11 +229,18 @@ class XdsServer:
         gate: StreamGate,
         registry: ProxyRegistry,
         logger: logging.Logger,
+        send_timeout: timedelta = DEFAULT_SEND_TIMEOUT,
     ) -> None:
+        """`send_timeout`: how long one response may wait for the proxy to read it (HTTP/2 flow
+        control) before the stream is closed with UNAVAILABLE.
+        """
+        if send_timeout <= timedelta(0):
+            raise ValueError(f"send_timeout must be positive, not {send_timeout}")
         self._cache = cache
         self._gate = gate
         self._registry = registry
         self._log = logger
+        self._send_timeout = send_timeout
         self._nonces = itertools.count(1)
 
     def generic_handlers(self) -> list[grpc.GenericRpcHandler]:
@@ -330,7 +344,13 @@ class XdsServer:
                     if snapshot is not None:
                         outcome = protocol.on_snapshot(snapshot)
                 if outcome is not None:
-                    await self._apply(stream_id, node.id, outcome, context, variant.frame)
+                    try:
+                        await self._apply(stream_id, node.id, outcome, context, variant.frame)
+                    except _SendTimedOut:
+                        self._close_stalled(stream_id, node.id, context)
+                        # Ends the handler the way a client cancellation does: grpc.aio sends no
+                        # status of its own (the call is normally cancelled by now) and logs nothing.
+                        raise asyncio.CancelledError from None
                 pending = await self._next_input(inbox, watch.event)
         finally:
             reader.cancel()
@@ -339,6 +359,33 @@ class XdsServer:
             if stream_id is not None:
                 self._registry.close(stream_id)
                 self._log.info("xds stream closed: stream=%d", stream_id)
+
+    def _close_stalled(self, stream_id: int, node_id: str, context: grpc.aio.ServicerContext) -> None:
+        seconds = self._send_timeout.total_seconds()
+        details = f"xDS stream closed: client did not read a response for {seconds:g} s"
+        self._registry.record_send_timeout()
+        if cancel_rpc(context, grpc.StatusCode.UNAVAILABLE, details):
+            self._log.warning(
+                "xds stream closed with UNAVAILABLE: node %s did not read a response for %g s (stream=%d)",
+                node_id,
+                seconds,
+                stream_id,
+            )
+        else:
+            self._log.warning(
+                "xds stream dropped: node %s did not read a response for %g s (stream=%d); this grpcio cannot "
+                "cancel the call, so its HTTP/2 stream stays open, without status, until the peer disconnects",
+                node_id,
+                seconds,
+                stream_id,
+            )
+
+    async def _send(self, context: grpc.aio.ServicerContext, message: bytes) -> None:
+        try:
+            async with asyncio.timeout(self._send_timeout.total_seconds()):
+                await context.write(message)
+        except TimeoutError:
+            raise _SendTimedOut from None
 
     @staticmethod
     async def _next_input(inbox: asyncio.Queue[object], snapshot_changed: asyncio.Event) -> object | None:
@@ -380,7 +427,7 @@ class XdsServer:
                 nack.error_message,
             )
         for response in outcome.responses:
-            await context.write(frame(response))
+            await self._send(context, frame(response))
             self._registry.record_sent(stream_id, response.type, response.version)
 
     @staticmethod

@@ -42,6 +42,7 @@ class RegistryTotals:
 
     pushes: Mapping[ResourceType, int]
     nacks: Mapping[ResourceType, int]
+    send_timeouts: int = 0  # streams closed because the proxy stopped reading responses
 
 
 class ProxyRegistry:
@@ -54,6 +55,7 @@ class ProxyRegistry:
         self._streams: dict[int, ProxyStatus] = {}
         self._pushes: dict[ResourceType, int] = dict.fromkeys(ResourceType, 0)
         self._nacks: dict[ResourceType, int] = dict.fromkeys(ResourceType, 0)
+        self._send_timeouts = 0
 
     def open(self, node_id: str, identity: str, snapshot_key: str) -> int:
         with self._lock:
@@ -64,6 +66,10 @@ class ProxyRegistry:
     def close(self, stream_id: int) -> None:
         with self._lock:
             self._streams.pop(stream_id, None)
+
+    def record_send_timeout(self) -> None:
+        with self._lock:
+            self._send_timeouts += 1
 
     def record_sent(self, stream_id: int, resource_type: ResourceType, version: str) -> None:
         with self._lock:
@@ -93,6 +99,8 @@ class ProxyRegistry:
             return list(self._streams.values())
 
     def totals(self) -> RegistryTotals:
-        """Responses sent and NACKs received per type since start, surviving stream close."""
+        """Responses sent and NACKs received per type, and send timeouts, since start, surviving stream close."""
         with self._lock:
-            return RegistryTotals(MappingProxyType(dict(self._pushes)), MappingProxyType(dict(self._nacks)))
+            return RegistryTotals(
+                MappingProxyType(dict(self._pushes)), MappingProxyType(dict(self._nacks)), self._send_timeouts
+            )
