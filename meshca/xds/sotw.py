@@ -159,6 +159,8 @@ class SotwStream:
         if snapshot is None or state.awaiting_ack:
             return ()
         available = snapshot.of_type(resource_type)
+        if not force and available.version == state.sent_version and state.synced_names is state.names:
+            return ()  # the client holds exactly this (without walking a type of thousands of resources)
         if not force and not state.wildcard and resource_type not in FULL_STATE_TYPES:
             partial = self._changed_only(resource_type, state, available)
             if partial is not None:
