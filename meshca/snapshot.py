@@ -160,6 +160,9 @@ def _changed_names(older: Mapping[str, EncodedResource], newer: Mapping[str, Enc
     return frozenset(changed)
 
 
+_HISTORY = 8  # versions back a stream can be and still get only what changed (pushes coalesce anyway)
+
+
 class _Layered(Mapping[str, EncodedResource]):
     """Read-only union of two disjoint name maps (a shared base and one identity's own resources); no copy."""
 
@@ -188,14 +191,13 @@ class _Layered(Mapping[str, EncodedResource]):
 class TypeResources:
     """All resources of one type in a snapshot, with a version that changes iff any of them changes.
 
-    `previous_version` and `changed` (when known) name what differs from the set this one replaced,
-    so a stream holding that version looks at only those names instead of every resource.
+    `history` names, for each of the last few versions this one replaced, what differs from it, so
+    a stream holding one of them looks at only those names instead of every resource.
     """
 
     resources: Mapping[str, EncodedResource]
     version: str
-    previous_version: str | None = None
-    changed: frozenset[str] | None = None
+    history: tuple[tuple[str, frozenset[str]], ...] = field(default=(), repr=False)  # (older version, changed)
     layers: tuple[TypeResources, TypeResources] | None = field(default=None, repr=False)  # (base, top)
 
     @classmethod
@@ -207,7 +209,10 @@ class TypeResources:
         if previous.version == version:
             return previous
         changed = _changed_names(previous.resources, by_name)
-        return cls(MappingProxyType(by_name), version, previous.version, changed)
+        history = ((previous.version, changed),) + tuple(
+            (older, older_changes | changed) for older, older_changes in previous.history[: _HISTORY - 1]
+        )
+        return cls(MappingProxyType(by_name), version, history)
 
     @classmethod
     def layered(cls, base: TypeResources, top: TypeResources) -> TypeResources:
@@ -221,8 +226,9 @@ class TypeResources:
         """Names that differ from `older`, when that is cheap to know; None means compare everything."""
         if older is self or older.version == self.version:
             return frozenset()
-        if self.changed is not None and self.previous_version == older.version:
-            return self.changed
+        for version, changed in self.history:
+            if version == older.version:
+                return changed
         if self.layers is not None and older.layers is not None:
             base_changes = self.layers[0].changed_since(older.layers[0])
             if base_changes is None:

@@ -220,3 +220,15 @@ def test_repeated_ack_nonce_still_resends_everything() -> None:
     ack(stream, eds, ("a", "b"), one)
     (again,) = ack(stream, eds, ("a", "b"), one).responses
     assert [res.name for res in again.resources] == ["a", "b"]
+
+
+def test_a_stream_some_versions_behind_gets_what_changed_over_all_of_them() -> None:
+    stream = new_stream()
+    names = ("a", "b", "c")
+    one = snapshot({"a": 1, "b": 2, "c": 3})
+    (first,) = stream.on_request(XdsRequest(EDS, "", names), one).responses
+    ack(stream, first, names, one)
+    two = successor(one, {"a": 1, "b": 5, "c": 3})
+    three = successor(two, {"a": 1, "b": 5, "c": 6})  # published before the stream woke up for `two`
+    (pushed,) = stream.on_snapshot(three).responses
+    assert [res.name for res in pushed.resources] == ["b", "c"]
