@@ -1,79 +1,113 @@
-"""Resource builders: typed specs in, Envoy resources (encoded once, with their references) out."""
+"""Resource builders: typed specs in, Envoy resources (encoded once, by a small protobuf encoder) out."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
-from envoy_data_plane.envoy.config.cluster.v3 import (
-    Cluster,
-    ClusterDiscoveryType,
-    ClusterEdsClusterConfig,
-)
-from envoy_data_plane.envoy.config.core.v3 import (
-    Address,
-    AggregatedConfigSource,
-    ApiVersion,
-    ConfigSource,
-    DataSource,
-    Http2ProtocolOptions,
-    SocketAddress,
-    TransportSocket,
-)
-from envoy_data_plane.envoy.config.endpoint.v3 import (
-    ClusterLoadAssignment,
-    Endpoint,
-    LbEndpoint,
-    LocalityLbEndpoints,
-)
-from envoy_data_plane.envoy.config.listener.v3 import Filter, FilterChain, Listener
-from envoy_data_plane.envoy.config.route.v3 import (
-    Route,
-    RouteAction,
-    RouteConfiguration,
-    RouteMatch,
-    VirtualHost,
-    WeightedCluster,
-    WeightedClusterClusterWeight,
-)
-from envoy_data_plane.envoy.extensions.filters.http.router.v3 import Router
-from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import (
-    HttpConnectionManager,
-    HttpConnectionManagerForwardClientCertDetails,
-    HttpConnectionManagerSetCurrentClientCertDetails,
-    HttpFilter,
-    Rds,
-)
-from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import (
-    CertificateValidationContext,
-    CommonTlsContext,
-    CommonTlsContextCombinedCertificateValidationContext,
-    DownstreamTlsContext,
-    SdsSecretConfig,
-    Secret,
-    SubjectAltNameMatcher,
-    SubjectAltNameMatcherSanType,
-    TlsCertificate,
-    UpstreamTlsContext,
-)
-from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
-    HttpProtocolOptions,
-    HttpProtocolOptionsExplicitHttpConfig,
-)
-from envoy_data_plane.envoy.type.matcher.v3 import StringMatcher
-from envoy_data_plane.google.protobuf import Any
+from meshca.snapshot import EncodedResource, Reference, ResourceType, encode_payload
 
-from meshca.snapshot import EncodedResource, Reference, ResourceType, encode_resource
+if TYPE_CHECKING:
+    from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import CommonTlsContext
 
 DEFAULT_CERT_SECRET = "default"
 ROOT_CA_SECRET = "ROOTCA"
 
-_ADS = ConfigSource(ads=AggregatedConfigSource(), resource_api_version=ApiVersion.V3)
+# Encoding (docs/performance.md, section 3, "Encoder decision"): each builder writes the protobuf
+# bytes of its resource directly, in field-number order (protobuf's canonical order), with the
+# field numbers of Envoy's v3 API noted next to each field as `Message.field = number`. Semantics
+# follow proto3 as betterproto2 and upb apply them: scalar fields with their default value are
+# left out, members of a oneof, set sub-messages and repeated entries are always written (even
+# when empty). tests/test_resource_encoding.py checks the bytes against envoy-data-plane for many
+# specs; an Envoy accepting them is checked by the e2e tests.
+
+_SMALL_VARINTS = [bytes((i,)) for i in range(128)]
+_UINT32_MAX = 0xFFFFFFFF
 
 
-def _sds(name: str) -> SdsSecretConfig:
-    return SdsSecretConfig(name=name, sds_config=_ADS)
+def _varint(value: int) -> bytes:
+    """A non-negative varint (callers check ranges; uint32 values and lengths only)."""
+    if value < 128:
+        return _SMALL_VARINTS[value]
+    out = bytearray()
+    while value > 127:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+_TAGS = [_varint(number << 3 | 2) for number in range(40)]  # length-delimited (wire type 2) keys
+
+
+def _msg(number: int, payload: bytes) -> bytes:
+    """A length-delimited field: a sub-message (written even when empty) or raw bytes."""
+    size = len(payload)
+    return _TAGS[number] + (_SMALL_VARINTS[size] if size < 128 else _varint(size)) + payload
+
+
+def _text(number: int, value: str) -> bytes:
+    """A string field that is always written (a oneof member or a repeated entry); UTF-8 checked."""
+    data = value.encode()
+    size = len(data)
+    return _TAGS[number] + (_SMALL_VARINTS[size] if size < 128 else _varint(size)) + data
+
+
+def _plain_text(number: int, value: str) -> bytes:
+    """A proto3 string field without presence: left out when empty."""
+    return _text(number, value) if value else b""
+
+
+def _uint32(value: int, what: str) -> bytes:
+    if not 0 <= value <= _UINT32_MAX:
+        raise ValueError(f"{what} {value} is outside uint32 (0..{_UINT32_MAX})")
+    return _varint(value)
+
+
+def _any(type_url: str, value: bytes) -> bytes:
+    """google.protobuf.Any: type_url = 1, value = 2 (left out when the packed message is empty)."""
+    return _text(1, type_url) + (_msg(2, value) if value else b"")
+
+
+_TYPE_PREFIX = "type.googleapis.com/"
+_UPSTREAM_TLS_URL = _TYPE_PREFIX + "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
+_DOWNSTREAM_TLS_URL = _TYPE_PREFIX + "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext"
+_HCM_URL = _TYPE_PREFIX + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+_ROUTER_URL = _TYPE_PREFIX + "envoy.extensions.filters.http.router.v3.Router"
+_HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+_TLS_SOCKET = "envoy.transport_sockets.tls"
+
+# ConfigSource{ads = 3: AggregatedConfigSource{}, resource_api_version = 6: V3 (2)}
+_ADS = _msg(3, b"") + b"\x30\x02"
+# Cluster.type = 2: EDS (3); Cluster.eds_cluster_config = 3: {eds_config = 1: ADS}
+_CLUSTER_EDS = b"\x10\x03" + _msg(3, _msg(1, _ADS))
+# Cluster.typed_extension_protocol_options = 36 (map<string, Any>): one entry {key = 1, value = 2}
+# holding HttpProtocolOptions{explicit_http_config = 3: {http2_protocol_options = 2: {}}}.
+_CLUSTER_HTTP2 = _msg(
+    36,
+    _text(1, _HTTP_PROTOCOL_OPTIONS) + _msg(2, _any(_TYPE_PREFIX + _HTTP_PROTOCOL_OPTIONS, _msg(3, _msg(2, b"")))),
+)
+# HttpConnectionManager.http_filters = 5: HttpFilter{name = 1, typed_config = 4: Any(Router{})}
+_HCM_ROUTER = _msg(5, _text(1, "envoy.filters.http.router") + _msg(4, _any(_ROUTER_URL, b"")))
+# HttpConnectionManager.forward_client_cert_details = 16 (varint): SANITIZE_SET (3); SANITIZE (0) is the default
+_HCM_SANITIZE_SET = b"\x80\x01\x03"
+# HttpConnectionManager.set_current_client_cert_details = 17: {uri = 5: true}
+_HCM_CLIENT_CERT_DETAILS = b"\x8a\x01\x02\x28\x01"
+# DownstreamTlsContext.require_client_certificate = 2: BoolValue{value = 1: true}
+_REQUIRE_CLIENT_CERTIFICATE = _msg(2, b"\x08\x01")
+_SAN_TYPE_URI = b"\x08\x03"  # SubjectAltNameMatcher.san_type = 1: URI (3)
+
+
+def _sds(name: str) -> bytes:
+    """SdsSecretConfig{name = 1, sds_config = 2: ADS}."""
+    return _plain_text(1, name) + _msg(2, _ADS)
+
+
+def _transport_socket(type_url: str, tls_context: bytes) -> bytes:
+    """TransportSocket{name = 1: envoy.transport_sockets.tls, typed_config = 3: Any}."""
+    return _text(1, _TLS_SOCKET) + _msg(3, _any(type_url, tls_context))
 
 
 @dataclass(frozen=True)
@@ -92,43 +126,40 @@ class MtlsPeer:
         ]
 
     def common_tls_context(self) -> CommonTlsContext:
-        matchers = [
-            SubjectAltNameMatcher(san_type=SubjectAltNameMatcherSanType.URI, matcher=StringMatcher(exact=spiffe_id))
-            for spiffe_id in self.allowed_spiffe_ids
-        ] + [
-            SubjectAltNameMatcher(san_type=SubjectAltNameMatcherSanType.URI, matcher=StringMatcher(prefix=prefix))
-            for prefix in self.allowed_spiffe_prefixes
-        ]
-        return CommonTlsContext(
-            tls_certificate_sds_secret_configs=[_sds(self.certificate_secret)],
-            combined_validation_context=CommonTlsContextCombinedCertificateValidationContext(
-                default_validation_context=CertificateValidationContext(
-                    match_typed_subject_alt_names=matchers
-                ),
-                validation_context_sds_secret_config=_sds(self.trust_secret),
-            ),
-        )
+        """The same context as an envoy-data-plane message (for inspection; the builders encode it directly)."""
+        from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import CommonTlsContext
+
+        return CommonTlsContext.parse(_common_tls_context(self))
+
+
+def _common_tls_context(peer: MtlsPeer) -> bytes:
+    """CommonTlsContext{tls_certificate_sds_secret_configs = 6, combined_validation_context = 8}."""
+    # SubjectAltNameMatcher{san_type = 1: URI, matcher = 2: StringMatcher{exact = 1 | prefix = 2}}
+    matchers = [_msg(15, _SAN_TYPE_URI + _msg(2, _text(1, uri))) for uri in peer.allowed_spiffe_ids]
+    matchers += [_msg(15, _SAN_TYPE_URI + _msg(2, _text(2, prefix))) for prefix in peer.allowed_spiffe_prefixes]
+    # CombinedCertificateValidationContext{default_validation_context = 1:
+    #   CertificateValidationContext{match_typed_subject_alt_names = 15}, validation_context_sds_secret_config = 2}
+    combined = _msg(1, b"".join(matchers)) + _msg(2, _sds(peer.trust_secret))
+    return _msg(6, _sds(peer.certificate_secret)) + _msg(8, combined)
+
+
+def _data_source(data: bytes) -> bytes:
+    """DataSource{inline_bytes = 2} (a oneof member: written even when empty)."""
+    return _msg(2, data)
 
 
 def tls_certificate_secret(name: str, certificate_chain_pem: bytes, private_key_pem: bytes) -> EncodedResource:
     """An SDS secret with a certificate chain and its private key (never logged: only bytes leave here)."""
-    secret = Secret(
-        name=name,
-        tls_certificate=TlsCertificate(
-            certificate_chain=DataSource(inline_bytes=certificate_chain_pem),
-            private_key=DataSource(inline_bytes=private_key_pem),
-        ),
-    )
-    return encode_resource(ResourceType.SECRET, name, secret)
+    # Secret{name = 1, tls_certificate = 2: TlsCertificate{certificate_chain = 1, private_key = 2}}
+    tls_certificate = _msg(1, _data_source(certificate_chain_pem)) + _msg(2, _data_source(private_key_pem))
+    return encode_payload(ResourceType.SECRET, name, _plain_text(1, name) + _msg(2, tls_certificate))
 
 
 def validation_context_secret(name: str, trusted_ca_pem: bytes) -> EncodedResource:
     """An SDS secret holding a trust bundle (e.g. `ROOTCA`)."""
-    secret = Secret(
-        name=name,
-        validation_context=CertificateValidationContext(trusted_ca=DataSource(inline_bytes=trusted_ca_pem)),
-    )
-    return encode_resource(ResourceType.SECRET, name, secret)
+    # Secret{name = 1, validation_context = 4: CertificateValidationContext{trusted_ca = 1}}
+    payload = _plain_text(1, name) + _msg(4, _msg(1, _data_source(trusted_ca_pem)))
+    return encode_payload(ResourceType.SECRET, name, payload)
 
 
 @dataclass(frozen=True)
@@ -142,46 +173,44 @@ class ClusterSpec:
     http2: bool = False
 
 
+_ZERO = timedelta(0)
+_MICROSECOND = timedelta(microseconds=1)
+
+
+def _duration(value: timedelta) -> bytes:
+    """google.protobuf.Duration{seconds = 1, nanos = 2}, microsecond precision as timedelta has."""
+    if value < _ZERO:
+        raise ValueError(f"a negative duration ({value}) is not a valid timeout")
+    seconds, micros = divmod(value // _MICROSECOND, 1_000_000)
+    return (b"\x08" + _varint(seconds) if seconds else b"") + (b"\x10" + _varint(micros * 1000) if micros else b"")
+
+
 def cluster(spec: ClusterSpec) -> EncodedResource:
     references = [Reference(ResourceType.ENDPOINT, spec.name)]
-    transport_socket = None
+    # Cluster{name = 1, type = 2, eds_cluster_config = 3, connect_timeout = 4, transport_socket = 24,
+    #         typed_extension_protocol_options = 36}
+    payload = _plain_text(1, spec.name) + _CLUSTER_EDS + _msg(4, _duration(spec.connect_timeout))
     if spec.upstream_tls is not None:
         references += spec.upstream_tls.references()
-        tls = UpstreamTlsContext(common_tls_context=spec.upstream_tls.common_tls_context(), sni=spec.sni)
-        transport_socket = TransportSocket(name="envoy.transport_sockets.tls", typed_config=Any.pack(tls))
-    protocol_options = {}
+        # UpstreamTlsContext{common_tls_context = 1, sni = 2}
+        tls = _msg(1, _common_tls_context(spec.upstream_tls)) + _plain_text(2, spec.sni)
+        payload += _msg(24, _transport_socket(_UPSTREAM_TLS_URL, tls))
     if spec.http2:
-        options = HttpProtocolOptions(
-            explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(
-                http2_protocol_options=Http2ProtocolOptions()
-            )
-        )
-        protocol_options = {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": Any.pack(options)}
-    message = Cluster(
-        name=spec.name,
-        type=ClusterDiscoveryType.EDS,
-        eds_cluster_config=ClusterEdsClusterConfig(eds_config=_ADS),
-        connect_timeout=spec.connect_timeout,
-        transport_socket=transport_socket,
-        typed_extension_protocol_options=protocol_options,
-    )
-    return encode_resource(ResourceType.CLUSTER, spec.name, message, references)
+        payload += _CLUSTER_HTTP2
+    return encode_payload(ResourceType.CLUSTER, spec.name, payload, references)
 
 
-def _socket_address(host: str, port: int) -> Address:
-    return Address(socket_address=SocketAddress(address=host, port_value=port))
+def _socket_address(host: str, port: int) -> bytes:
+    """Address{socket_address = 1: SocketAddress{address = 2, port_value = 3 (oneof: always written)}}."""
+    return _msg(1, _plain_text(2, host) + b"\x18" + _uint32(port, "port"))
 
 
 def cluster_load_assignment(cluster_name: str, endpoints: Sequence[tuple[str, int]]) -> EncodedResource:
-    message = ClusterLoadAssignment(
-        cluster_name=cluster_name,
-        endpoints=[
-            LocalityLbEndpoints(
-                lb_endpoints=[LbEndpoint(endpoint=Endpoint(address=_socket_address(h, p))) for h, p in endpoints]
-            )
-        ],
-    )
-    return encode_resource(ResourceType.ENDPOINT, cluster_name, message)
+    # ClusterLoadAssignment{cluster_name = 1, endpoints = 2: [LocalityLbEndpoints{lb_endpoints = 2:
+    #   [LbEndpoint{endpoint = 1: Endpoint{address = 1}}]}]}
+    lb_endpoints = b"".join([_msg(2, _msg(1, _msg(1, _socket_address(h, p)))) for h, p in endpoints])
+    payload = _plain_text(1, cluster_name) + _msg(2, lb_endpoints)
+    return encode_payload(ResourceType.ENDPOINT, cluster_name, payload)
 
 
 @dataclass(frozen=True)
@@ -199,35 +228,39 @@ class VirtualHostSpec:
     routes: tuple[RouteSpec, ...] = ()
 
 
-def _route_action(spec: RouteSpec) -> RouteAction:
+def _route(spec: RouteSpec) -> bytes:
+    """Route{match = 1: RouteMatch{prefix = 1}, route = 2: RouteAction}."""
     if len(spec.clusters) == 1:
-        return RouteAction(cluster=spec.clusters[0][0])
-    return RouteAction(
-        weighted_clusters=WeightedCluster(
-            clusters=[WeightedClusterClusterWeight(name=n, weight=w) for n, w in spec.clusters]
-        )
-    )
+        action = _text(1, spec.clusters[0][0])  # RouteAction.cluster = 1 (oneof)
+    else:
+        # RouteAction.weighted_clusters = 3: WeightedCluster{clusters = 1: [ClusterWeight{name = 1,
+        #   weight = 2: UInt32Value{value = 1}}]}
+        weights = [
+            _msg(1, _plain_text(1, name) + _msg(2, (b"\x08" + _uint32(weight, "weight")) if weight else b""))
+            for name, weight in spec.clusters
+        ]
+        action = _msg(3, b"".join(weights))
+    return _msg(1, _text(1, spec.prefix)) + _msg(2, action)
 
 
 def route_configuration(name: str, virtual_hosts: Sequence[VirtualHostSpec]) -> EncodedResource:
-    message = RouteConfiguration(
-        name=name,
-        virtual_hosts=[
-            VirtualHost(
-                name=vh.name,
-                domains=list(vh.domains),
-                routes=[Route(match=RouteMatch(prefix=r.prefix), route=_route_action(r)) for r in vh.routes],
-            )
-            for vh in virtual_hosts
-        ],
-    )
+    # RouteConfiguration{name = 1, virtual_hosts = 2: [VirtualHost{name = 1, domains = 2, routes = 3}]}
+    hosts = [
+        _msg(
+            2,
+            _plain_text(1, vh.name)
+            + b"".join([_text(2, domain) for domain in vh.domains])
+            + b"".join([_msg(3, _route(route)) for route in vh.routes]),
+        )
+        for vh in virtual_hosts
+    ]
     references = [
         Reference(ResourceType.CLUSTER, cluster_name)
         for vh in virtual_hosts
         for r in vh.routes
         for cluster_name, _ in r.clusters
     ]
-    return encode_resource(ResourceType.ROUTE, name, message, references)
+    return encode_payload(ResourceType.ROUTE, name, _plain_text(1, name) + b"".join(hosts), references)
 
 
 @dataclass(frozen=True)
@@ -243,36 +276,23 @@ class HttpListenerSpec:
 
 
 def http_listener(spec: HttpListenerSpec) -> EncodedResource:
-    manager = HttpConnectionManager(
-        stat_prefix=spec.stat_prefix or spec.name,
-        rds=Rds(config_source=_ADS, route_config_name=spec.route_config_name),
-        http_filters=[HttpFilter(name="envoy.filters.http.router", typed_config=Any.pack(Router()))],
-        forward_client_cert_details=(
-            HttpConnectionManagerForwardClientCertDetails.SANITIZE_SET
-            if spec.downstream_tls is not None
-            else HttpConnectionManagerForwardClientCertDetails.SANITIZE
-        ),
-        set_current_client_cert_details=HttpConnectionManagerSetCurrentClientCertDetails(uri=True),
+    # HttpConnectionManager{stat_prefix = 2, rds = 3: Rds{config_source = 1, route_config_name = 2},
+    #   http_filters = 5, forward_client_cert_details = 16, set_current_client_cert_details = 17}
+    manager = (
+        _plain_text(2, spec.stat_prefix or spec.name)
+        + _msg(3, _msg(1, _ADS) + _plain_text(2, spec.route_config_name))
+        + _HCM_ROUTER
+        + (_HCM_SANITIZE_SET if spec.downstream_tls is not None else b"")
+        + _HCM_CLIENT_CERT_DETAILS
     )
+    # FilterChain{filters = 3: [Filter{name = 1, typed_config = 4: Any}], transport_socket = 6}
+    chain = _msg(3, _text(1, "envoy.filters.network.http_connection_manager") + _msg(4, _any(_HCM_URL, manager)))
     references = [Reference(ResourceType.ROUTE, spec.route_config_name)]
-    transport_socket = None
     if spec.downstream_tls is not None:
         references += spec.downstream_tls.references()
-        tls = DownstreamTlsContext(
-            common_tls_context=spec.downstream_tls.common_tls_context(),
-            require_client_certificate=True,
-        )
-        transport_socket = TransportSocket(name="envoy.transport_sockets.tls", typed_config=Any.pack(tls))
-    message = Listener(
-        name=spec.name,
-        address=_socket_address(spec.address, spec.port),
-        filter_chains=[
-            FilterChain(
-                filters=[
-                    Filter(name="envoy.filters.network.http_connection_manager", typed_config=Any.pack(manager))
-                ],
-                transport_socket=transport_socket,
-            )
-        ],
-    )
-    return encode_resource(ResourceType.LISTENER, spec.name, message, references)
+        # DownstreamTlsContext{common_tls_context = 1, require_client_certificate = 2}
+        tls = _msg(1, _common_tls_context(spec.downstream_tls)) + _REQUIRE_CLIENT_CERTIFICATE
+        chain += _msg(6, _transport_socket(_DOWNSTREAM_TLS_URL, tls))
+    # Listener{name = 1, address = 2, filter_chains = 3}
+    payload = _plain_text(1, spec.name) + _msg(2, _socket_address(spec.address, spec.port)) + _msg(3, chain)
+    return encode_payload(ResourceType.LISTENER, spec.name, payload, references)
