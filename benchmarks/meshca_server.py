@@ -21,7 +21,7 @@ from typing import Any
 from benchmarks.common import TRUST_DOMAIN, child_args, cpu_seconds, emit, rss_kb, serve_commands
 from benchmarks.meshgen import Layout, mesh_config, with_endpoint_change
 from meshca import logs
-from meshca.app import MeshcaApp, issue_server_credentials
+from meshca.app import MeshcaApp, issue_server_credentials, tune_gc_for_serving
 from meshca.ca import CaSettings, CertificateAuthority
 from meshca.clock import system_clock
 from meshca.devtokens import DEV_AUDIENCE, DEV_ISSUER, write_dev_issuer
@@ -84,6 +84,7 @@ async def main() -> None:
             ca_check_interval=timedelta(seconds=r.get("ca_check_interval", 1.0)),
         )
     leaf_ttl = timedelta(seconds=args["leaf_ttl_seconds"]) if args.get("leaf_ttl_seconds") else None
+    tune_gc_for_serving()  # as `meshca serve` does
     app = MeshcaApp(ca, [issuer], system_clock, log, leaf_ttl=leaf_ttl, rotation=rotation)
     probe = PushAckProbe(app.registry) if args.get("instrument") else None
     credentials = issue_server_credentials(ca, ["localhost", "127.0.0.1"], timedelta(days=1))

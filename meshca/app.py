@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import ipaddress
 import logging
 from collections.abc import Sequence
@@ -85,6 +86,19 @@ def issue_server_credentials(ca: CertificateAuthority, names: Sequence[str], ttl
     issued = ca.issue_server_certificate(dns_names, ips, ttl)
     assert issued.private_key_pem is not None
     return ServerCredentials(issued.chain_pem, issued.private_key_pem)
+
+
+# Young-generation collections every 10,000 allocations (CPython's default: 700) and whole-heap
+# ones 100x rarer (default 10x). A serving process holds a large, long-lived heap (snapshots,
+# thousands of streams) and makes little cyclic garbage, yet with the defaults a mesh update's
+# allocations triggered a full collection: ~200 ms with 1,000 streams, in the middle of the push
+# (docs/performance.md, convergence).
+SERVING_GC_THRESHOLDS = (10_000, 50, 100)
+
+
+def tune_gc_for_serving() -> None:
+    """Set the collector for a long-running server (`meshca serve`; the benchmarks' server does the same)."""
+    gc.set_threshold(*SERVING_GC_THRESHOLDS)
 
 
 class MeshcaApp:

@@ -65,9 +65,10 @@ def cmd_dev_token(args: argparse.Namespace) -> int:
 
 async def _serve(config_path: Path) -> int:
     from meshca import logs
-    from meshca.app import MeshcaApp, ServerCredentials, issue_server_credentials
+    from meshca.app import MeshcaApp, ServerCredentials, issue_server_credentials, tune_gc_for_serving
     from meshca.backends import build_ca_backend
 
+    tune_gc_for_serving()
     log = logs.configure("info")
     backend = build_ca_backend(config_path, system_clock, log)
     ca = backend.ca

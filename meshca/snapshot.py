@@ -6,7 +6,7 @@ import asyncio
 import enum
 import hashlib
 import threading
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
@@ -471,6 +471,16 @@ class Snapshot:
         return self.of_type(resource_type).version
 
 
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+_Watcher = tuple[asyncio.AbstractEventLoop, Callable[[], object]]
+
+
 class SnapshotCache:
     """Holds the latest snapshot per node-group key and wakes the streams watching that key.
 
@@ -480,16 +490,20 @@ class SnapshotCache:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._snapshots: dict[str, Snapshot] = {}
-        self._watchers: dict[str, set[tuple[asyncio.AbstractEventLoop, asyncio.Event]]] = {}
+        self._watchers: dict[str, set[_Watcher]] = {}
 
     def set_snapshot(self, key: str, snapshot: Snapshot) -> None:
         with self._lock:
             self._snapshots[key] = snapshot
             watchers = list(self._watchers.get(key, ()))
-        for loop, event in watchers:
-            if loop.is_closed():
-                continue
-            loop.call_soon_threadsafe(event.set)
+        if not watchers:
+            return
+        running = _running_loop()
+        for loop, notify in watchers:
+            if loop is running:
+                loop.call_soon(notify)  # on the loop's own thread: no wake-up pipe write per watcher
+            elif not loop.is_closed():
+                loop.call_soon_threadsafe(notify)
 
     def get(self, key: str) -> Snapshot | None:
         with self._lock:
@@ -499,15 +513,16 @@ class SnapshotCache:
         with self._lock:
             return list(self._snapshots)
 
-    def watch(self, key: str) -> SnapshotWatch:
-        """Register an event that is set whenever `key` gets a new snapshot; close it when done."""
+    def watch(self, key: str, on_change: Callable[[], object] | None = None) -> SnapshotWatch:
+        """Call `on_change` (default: set the watch's event) on the caller's loop whenever `key` gets a
+        new snapshot; close the watch when done."""
         event = asyncio.Event()
-        entry = (asyncio.get_running_loop(), event)
+        entry = (asyncio.get_running_loop(), on_change if on_change is not None else event.set)
         with self._lock:
             self._watchers.setdefault(key, set()).add(entry)
-        return SnapshotWatch(self, key, entry)
+        return SnapshotWatch(self, key, entry, event)
 
-    def _unwatch(self, key: str, entry: tuple[asyncio.AbstractEventLoop, asyncio.Event]) -> None:
+    def _unwatch(self, key: str, entry: _Watcher) -> None:
         with self._lock:
             watchers = self._watchers.get(key)
             if watchers is not None:
@@ -526,11 +541,8 @@ class SnapshotWatch:
 
     cache: SnapshotCache
     key: str
-    _entry: tuple[asyncio.AbstractEventLoop, asyncio.Event]
-
-    @property
-    def event(self) -> asyncio.Event:
-        return self._entry[1]
+    _entry: _Watcher
+    event: asyncio.Event  # set on change unless the watch was given its own callback
 
     def close(self) -> None:
         self.cache._unwatch(self.key, self._entry)

@@ -220,6 +220,43 @@ class _SendTimedOut(Exception):
     """A response write did not complete within the send timeout: the peer stopped reading."""
 
 
+class _Inbox:
+    """What a stream's loop waits for: the next request (bounded, from the reader task) or a newer
+    snapshot, through one future per wait (not a task per source and asyncio.wait, as before)."""
+
+    def __init__(self, limit: int) -> None:
+        self.requests: asyncio.Queue[object] = asyncio.Queue(maxsize=limit)
+        self._snapshot_changed = False
+        self._waiter: asyncio.Future[None] | None = None
+
+    def snapshot_changed(self) -> None:
+        self._snapshot_changed = True
+        self._wake()
+
+    async def put(self, item: object) -> None:
+        await self.requests.put(item)
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def next(self) -> object | None:
+        """The next request, or None when the watched snapshot changed first."""
+        while True:
+            if not self.requests.empty():
+                return self.requests.get_nowait()
+            if self._snapshot_changed:
+                self._snapshot_changed = False
+                return None
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+
+
 class XdsServer:
     """Serves ADS and per-type xDS, SotW and delta, from a SnapshotCache; knows nothing of CAs or config files."""
 
@@ -281,12 +318,12 @@ class XdsServer:
             await context.abort(refused.code, refused.message)
             return
 
-        inbox: asyncio.Queue[object] = asyncio.Queue(maxsize=64)
+        inbox = _Inbox(limit=64)
         reader = asyncio.create_task(self._read(requests, inbox, fixed_type, variant))
         stream_id: int | None = None
         watch = None
         try:
-            first = await inbox.get()
+            first = await inbox.requests.get()
             if first is _END:
                 return
             if isinstance(first, MalformedRequest):
@@ -315,7 +352,7 @@ class XdsServer:
                 stream_id,
                 variant.name,
             )
-            watch = self._cache.watch(admission.snapshot_key)
+            watch = self._cache.watch(admission.snapshot_key, inbox.snapshot_changed)
             # Requests are answered from the snapshot last handed to the protocol; a newer one is
             # taken through the watch, so that its changes go out in push order for every type.
             snapshot = self._cache.get(admission.snapshot_key)
@@ -339,7 +376,6 @@ class XdsServer:
                     if request is not None:
                         outcome = protocol.on_request(request, snapshot)
                 else:
-                    watch.event.clear()
                     snapshot = self._cache.get(admission.snapshot_key) or snapshot
                     if snapshot is not None:
                         outcome = protocol.on_snapshot(snapshot)
@@ -351,7 +387,7 @@ class XdsServer:
                         # Ends the handler the way a client cancellation does: grpc.aio sends no
                         # status of its own (the call is normally cancelled by now) and logs nothing.
                         raise asyncio.CancelledError from None
-                pending = await self._next_input(inbox, watch.event)
+                pending = await inbox.next()
         finally:
             reader.cancel()
             if watch is not None:
@@ -387,24 +423,6 @@ class XdsServer:
         except TimeoutError:
             raise _SendTimedOut from None
 
-    @staticmethod
-    async def _next_input(inbox: asyncio.Queue[object], snapshot_changed: asyncio.Event) -> object | None:
-        """The next request, or None when the watched snapshot changed first."""
-        if not inbox.empty():
-            return inbox.get_nowait()
-        if snapshot_changed.is_set():
-            return None
-        get = asyncio.ensure_future(inbox.get())
-        changed = asyncio.ensure_future(snapshot_changed.wait())
-        try:
-            done, _ = await asyncio.wait({get, changed}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            changed.cancel()
-        if get in done:
-            return get.result()
-        get.cancel()
-        return None
-
     async def _apply(
         self,
         stream_id: int,
@@ -433,7 +451,7 @@ class XdsServer:
     @staticmethod
     async def _read(
         requests: AsyncIterator[bytes],
-        inbox: asyncio.Queue[object],
+        inbox: _Inbox,
         fixed_type: ResourceType | None,
         variant: _Variant,
     ) -> None:

@@ -73,6 +73,7 @@ class Outcome(Generic[ResponseT]):
 @dataclass
 class _TypeState:
     wildcard: bool = False
+    requested: tuple[str, ...] = ()  # resource_names of the last request, as sent
     names: frozenset[str] = frozenset()
     last_nonce: str | None = None
     acked_nonce: str | None = None
@@ -115,13 +116,15 @@ class SotwStream:
         if not first and request.response_nonce != (state.last_nonce or ""):
             return Outcome(stale=True)
 
-        names = frozenset(request.resource_names)
-        state.wildcard = WILDCARD in names or (
-            request.type in FULL_STATE_TYPES and not names and (first or state.wildcard)
-        )
-        names -= {WILDCARD}
-        if names != state.names:  # keep the held object when equal: `_changed_only` compares by identity
-            state.names = names
+        if first or request.resource_names != state.requested:  # every ACK repeats them: skip the set work
+            state.requested = request.resource_names
+            names = frozenset(request.resource_names)
+            state.wildcard = WILDCARD in names or (
+                request.type in FULL_STATE_TYPES and not names and (first or state.wildcard)
+            )
+            names -= {WILDCARD}
+            if names != state.names:  # keep the held object when equal: `_changed_only` compares by identity
+                state.names = names
 
         ack = nack = None
         force = first  # a new stream (or a type's first request) is always answered
