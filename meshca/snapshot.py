@@ -449,6 +449,29 @@ class Snapshot:
         snapshot._check(resources.resources.values(), frozenset())
         return snapshot
 
+    def fill_provided(self, resource_type: ResourceType, resources: TypeResources) -> Snapshot:
+        """Supply a type this snapshot's layers left to a later layer (their `provided`), e.g. an
+        identity's secrets. Every reference into the type was checked against those promised names
+        (the type is empty here), so only the promises are checked: O(promised names), not O(layers).
+        """
+        if self.of_type(resource_type).resources:
+            raise ValueError(f"{resource_type.short_name} is not empty here; use with_type")
+        _raise_if(
+            [
+                f"{ref.type.short_name} {ref.name!r} was promised to this snapshot's resources but is missing"
+                for layer, _ in self.layers
+                for ref in layer.provided
+                if ref.type is resource_type and ref.name not in resources.resources
+            ]
+        )
+        types = dict(self.types)
+        types[resource_type] = resources
+        snapshot = Snapshot(
+            MappingProxyType(types), (*self.layers, (_Layer(resources.resources.values()), frozenset())), self.base
+        )
+        snapshot._check(resources.resources.values(), frozenset())
+        return snapshot
+
     def _check(self, resources: Iterable[EncodedResource], provided: frozenset[Reference]) -> None:
         _raise_if(
             [

@@ -293,7 +293,8 @@ class MeshPublisher:
             held = TypeResources.of(secrets, previous=held)
             with self._lock:
                 self._secret_sets[spiffe_id] = held
-        self._cache.set_snapshot(self.snapshot_key(spiffe_id), view.with_type(ResourceType.SECRET, held))
+        # The view was checked with these secret names promised (set_mesh's `provided`).
+        self._cache.set_snapshot(self.snapshot_key(spiffe_id), view.fill_provided(ResourceType.SECRET, held))
 
 
 def _mesh_version(shared: Snapshot, views: Mapping[SpiffeId, Snapshot]) -> str:

@@ -182,3 +182,16 @@ def test_with_type_checks_references_into_the_replaced_type() -> None:
     published.check_consistency()
     with pytest.raises(InconsistentSnapshot, match="references SDS 'ROOTCA'"):
         view.with_type(ResourceType.SECRET, TypeResources.of([r.tls_certificate_secret("default", b"c", b"k")]))
+
+
+def test_fill_provided_checks_only_the_promised_names() -> None:
+    base = Snapshot.build(shared(), provided=secret_refs())
+    view = Snapshot.layer(base, own_listener(), provided=secret_refs())
+    both = TypeResources.of([r.tls_certificate_secret("default", b"c", b"k"), r.validation_context_secret("ROOTCA", b"b")])
+    filled = view.fill_provided(ResourceType.SECRET, both)
+    filled.check_consistency()  # the full check agrees with the cheap one
+    assert filled.of_type(ResourceType.SECRET) is both
+    with pytest.raises(InconsistentSnapshot, match="SDS 'ROOTCA' was promised"):
+        view.fill_provided(ResourceType.SECRET, TypeResources.of([r.tls_certificate_secret("default", b"c", b"k")]))
+    with pytest.raises(ValueError, match="not empty"):
+        filled.fill_provided(ResourceType.SECRET, both)

@@ -216,8 +216,14 @@ _DELTA = _Variant("delta", parse_delta_request, DeltaStream, frame_delta_respons
 _END = object()
 
 
-class _SendTimedOut(Exception):
-    """A response write did not complete within the send timeout: the peer stopped reading."""
+@dataclass(frozen=True)
+class _PendingWrite:
+    """A response write in progress, as the write watchdog sees it."""
+
+    started: float  # loop.time()
+    task: asyncio.Task[Any]
+    node_id: str
+    context: grpc.aio.ServicerContext
 
 
 class _Inbox:
@@ -279,6 +285,10 @@ class XdsServer:
         self._log = logger
         self._send_timeout = send_timeout
         self._nonces = itertools.count(1)
+        # One watchdog task checks every write in progress, instead of a timer per write (at 10,000
+        # streams the per-write timers cost more than the writes' own Python work).
+        self._pending_writes: dict[int, _PendingWrite] = {}
+        self._watchdog: asyncio.Task[None] | None = None
 
     def generic_handlers(self) -> list[grpc.GenericRpcHandler]:
         handlers: dict[str, grpc.RpcMethodHandler] = {}
@@ -380,13 +390,7 @@ class XdsServer:
                     if snapshot is not None:
                         outcome = protocol.on_snapshot(snapshot)
                 if outcome is not None:
-                    try:
-                        await self._apply(stream_id, node.id, outcome, context, variant.frame)
-                    except _SendTimedOut:
-                        self._close_stalled(stream_id, node.id, context)
-                        # Ends the handler the way a client cancellation does: grpc.aio sends no
-                        # status of its own (the call is normally cancelled by now) and logs nothing.
-                        raise asyncio.CancelledError from None
+                    await self._apply(stream_id, node.id, outcome, context, variant.frame)
                 pending = await inbox.next()
         finally:
             reader.cancel()
@@ -416,12 +420,34 @@ class XdsServer:
                 stream_id,
             )
 
-    async def _send(self, context: grpc.aio.ServicerContext, message: bytes) -> None:
+    async def _send(self, stream_id: int, node_id: str, context: grpc.aio.ServicerContext, message: bytes) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._pending_writes[stream_id] = _PendingWrite(asyncio.get_running_loop().time(), task, node_id, context)
+        if self._watchdog is None:
+            self._watchdog = asyncio.create_task(self._watch_writes())
         try:
-            async with asyncio.timeout(self._send_timeout.total_seconds()):
-                await context.write(message)
-        except TimeoutError:
-            raise _SendTimedOut from None
+            await context.write(message)
+        finally:
+            self._pending_writes.pop(stream_id, None)
+
+    async def _watch_writes(self) -> None:
+        """Close the streams whose write has been pending for the send timeout; ends when none is pending."""
+        limit = self._send_timeout.total_seconds()
+        loop = asyncio.get_running_loop()
+        try:
+            while self._pending_writes:
+                await asyncio.sleep(min(limit / 4, 1.0))
+                now = loop.time()
+                for stream_id, write in list(self._pending_writes.items()):
+                    if now - write.started >= limit:
+                        del self._pending_writes[stream_id]
+                        self._close_stalled(stream_id, write.node_id, write.context)
+                        # Ends the handler the way a client cancellation does: grpc.aio sends no
+                        # status of its own (the call is normally cancelled by now) and logs nothing.
+                        write.task.cancel()
+        finally:
+            self._watchdog = None
 
     async def _apply(
         self,
@@ -445,7 +471,7 @@ class XdsServer:
                 nack.error_message,
             )
         for response in outcome.responses:
-            await self._send(context, frame(response))
+            await self._send(stream_id, node_id, context, frame(response))
             self._registry.record_sent(stream_id, response.type, response.version)
 
     @staticmethod
