@@ -232,3 +232,27 @@ def test_a_stream_some_versions_behind_gets_what_changed_over_all_of_them() -> N
     three = successor(two, {"a": 1, "b": 5, "c": 6})  # published before the stream woke up for `two`
     (pushed,) = stream.on_snapshot(three).responses
     assert [res.name for res in pushed.resources] == ["b", "c"]
+
+
+def test_wire_requests_compare_their_names_by_canonical_bytes() -> None:
+    """parse_request keys the names by their wire bytes; the stream rebuilds its name set only when they change."""
+    from meshca.v1 import xds_wire_pb2
+    from meshca.xds.server import parse_request
+
+    def wire(names: list[str], nonce: str, version: str = "v") -> XdsRequest:
+        raw = xds_wire_pb2.DiscoveryRequest(
+            version_info=version, resource_names=names, type_url=EDS.type_url, response_nonce=nonce
+        ).SerializeToString()
+        request, _ = parse_request(raw, None)
+        assert request is not None
+        return request
+
+    one, same, other = wire(["a", "b"], "1"), wire(["a", "b"], "2", "w"), wire(["a", "c"], "1")
+    assert one.names_key == same.names_key != other.names_key
+    assert list(one.resource_names) == ["a", "b"] and (one.version_info, one.response_nonce) == ("v", "1")
+    stream = new_stream()
+    snap = snapshot({"a": 1, "b": 2, "c": 3})
+    (first,) = stream.on_request(wire(["a", "b"], ""), snap).responses
+    assert [res.name for res in first.resources] == ["a", "b"]
+    (changed,) = stream.on_request(wire(["a", "c"], first.nonce, first.version), snap).responses
+    assert [res.name for res in changed.resources] == ["c"]  # names changed: the newly subscribed one is sent

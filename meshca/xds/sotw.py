@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -24,10 +24,11 @@ class XdsRequest:
 
     type: ResourceType
     version_info: str = ""
-    resource_names: tuple[str, ...] = ()
+    resource_names: Sequence[str] = ()
     response_nonce: str = ""
     error_code: int | None = None
     error_message: str = ""
+    names_key: bytes | None = None  # the names in canonical wire form, when decoded from the wire
 
     @property
     def is_nack(self) -> bool:
@@ -73,7 +74,7 @@ class Outcome(Generic[ResponseT]):
 @dataclass
 class _TypeState:
     wildcard: bool = False
-    requested: tuple[str, ...] = ()  # resource_names of the last request, as sent
+    requested: Sequence[str] | bytes = ()  # the last request's names_key (or its names when it had none)
     names: frozenset[str] = frozenset()
     last_nonce: str | None = None
     acked_nonce: str | None = None
@@ -116,8 +117,9 @@ class SotwStream:
         if not first and request.response_nonce != (state.last_nonce or ""):
             return Outcome(stale=True)
 
-        if first or request.resource_names != state.requested:  # every ACK repeats them: skip the set work
-            state.requested = request.resource_names
+        requested = request.names_key if request.names_key is not None else tuple(request.resource_names)
+        if first or requested != state.requested:  # every ACK repeats them: skip the set work
+            state.requested = requested
             names = frozenset(request.resource_names)
             state.wildcard = WILDCARD in names or (
                 request.type in FULL_STATE_TYPES and not names and (first or state.wildcard)
