@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import hashlib
 import threading
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -21,6 +23,10 @@ class ResourceType(enum.Enum):
     ENDPOINT = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
     LISTENER = "type.googleapis.com/envoy.config.listener.v3.Listener"
     ROUTE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
+
+    # Members are singletons compared by identity; Enum's own __hash__ is a Python function, and
+    # types key the dicts on every hot path (several lookups per stream per push).
+    __hash__ = object.__hash__
 
     @property
     def type_url(self) -> str:
@@ -273,6 +279,12 @@ class _Layer:
             found = self._index[key] = {name: tuple(sources) for name, sources in index.items()}
         return found
 
+    @functools.cached_property
+    def version(self) -> str:
+        """A hash of this layer's resources (types, names, versions), independent of their order."""
+        entries = sorted(f"{r.type.name}/{r.name}/{r.version}" for r in self.resources)
+        return hashlib.sha256(";".join(entries).encode()).hexdigest()[:16]
+
     def same_resources(self, resources: Sequence[EncodedResource]) -> bool:
         return len(resources) == len(self.resources) and all(a is b for a, b in zip(resources, self.resources))
 
@@ -318,6 +330,9 @@ class Snapshot:
     # each layer with the resource types it no longer contributes (replaced by `with_type`)
     layers: tuple[tuple[_Layer, frozenset[ResourceType]], ...] = field(default=(), repr=False)
     base: Snapshot | None = field(default=None, repr=False)  # set by `layer`
+    _changes_cache: tuple[weakref.ref[Snapshot], dict[ResourceType, frozenset[str]] | None] | None = field(
+        default=None, repr=False, compare=False
+    )
 
     @classmethod
     def build(
@@ -404,17 +419,14 @@ class Snapshot:
     def _relayer(cls, base: Snapshot, previous: Snapshot, top_layer: _Layer) -> Snapshot | None:
         """`previous`'s own layer on a new base, or None when the base changed in a way that needs a full check."""
         assert previous.base is not None
-        types: dict[ResourceType, TypeResources] = {}
+        base_changes = base._changes_since(previous.base)
+        if base_changes is None:
+            return None
+        types = dict(previous.types)
         problems: list[str] = []
-        for resource_type, old in previous.types.items():
+        for resource_type, changes in base_changes.items():
             base_resources = base.of_type(resource_type)
-            old_base = previous.base.of_type(resource_type)
-            if base_resources is old_base:
-                types[resource_type] = old
-                continue
-            changes = base_resources.changed_since(old_base)
-            if changes is None:
-                return None
+            old = previous.of_type(resource_type)
             top = old.layers[1] if old.layers is not None else _EMPTY
             sources = top_layer.references_into(resource_type, frozenset())
             for name in changes:
@@ -427,6 +439,25 @@ class Snapshot:
             types[resource_type] = TypeResources.layered(base_resources, top)
         _raise_if(problems)
         return cls(MappingProxyType(types), (*base.layers, (top_layer, frozenset())), base)
+
+    def _changes_since(self, older: Snapshot) -> dict[ResourceType, frozenset[str]] | None:
+        """Changed names per type that differs from `older` (None: unknown); remembered for the last
+        `older` asked, since every identity's view asks the shared base the same question."""
+        cached = self._changes_cache
+        if cached is not None and cached[0]() is older:
+            return cached[1]
+        changes: dict[ResourceType, frozenset[str]] | None = {}
+        for resource_type, type_resources in self.types.items():
+            old = older.of_type(resource_type)
+            if type_resources is old:
+                continue
+            changed = type_resources.changed_since(old)
+            if changed is None:
+                changes = None
+                break
+            changes[resource_type] = changed  # type: ignore[index]
+        object.__setattr__(self, "_changes_cache", (weakref.ref(older), changes))  # no chain of old bases
+        return changes
 
     def with_type(self, resource_type: ResourceType, resources: TypeResources) -> Snapshot:
         """A new snapshot sharing every other type's resources (no re-encoding, no copy), checked where it
@@ -490,6 +521,11 @@ class Snapshot:
     def of_type(self, resource_type: ResourceType) -> TypeResources:
         return self.types.get(resource_type, _EMPTY)
 
+    @property
+    def own_version(self) -> str:
+        """The version of what `layer` added to the base (cached with that layer, reused with it)."""
+        return self.layers[-1][0].version if self.base is not None else ""
+
     def version(self, resource_type: ResourceType) -> str:
         return self.of_type(resource_type).version
 
@@ -512,13 +548,20 @@ class SnapshotCache:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._snapshots: dict[str, Snapshot] = {}
+        # A snapshot, or how to compose it (cannot fail: checked when it was published) on first read.
+        self._snapshots: dict[str, Snapshot | Callable[[], Snapshot]] = {}
         self._watchers: dict[str, set[_Watcher]] = {}
 
-    def set_snapshot(self, key: str, snapshot: Snapshot) -> None:
+    def set_snapshot(self, key: str, snapshot: Snapshot | Callable[[], Snapshot]) -> None:
+        self.set_snapshots([(key, snapshot)])
+
+    def set_snapshots(self, entries: Iterable[tuple[str, Snapshot | Callable[[], Snapshot]]]) -> None:
+        """Publish several keys at once (one lock), then wake their watchers."""
+        watchers: list[_Watcher] = []
         with self._lock:
-            self._snapshots[key] = snapshot
-            watchers = list(self._watchers.get(key, ()))
+            for key, snapshot in entries:
+                self._snapshots[key] = snapshot
+                watchers.extend(self._watchers.get(key, ()))
         if not watchers:
             return
         running = _running_loop()
@@ -530,7 +573,14 @@ class SnapshotCache:
 
     def get(self, key: str) -> Snapshot | None:
         with self._lock:
-            return self._snapshots.get(key)
+            entry = self._snapshots.get(key)
+        if entry is None or isinstance(entry, Snapshot):
+            return entry
+        snapshot = entry()
+        with self._lock:
+            if self._snapshots.get(key) is entry:
+                self._snapshots[key] = snapshot
+        return snapshot
 
     def keys(self) -> list[str]:
         with self._lock:

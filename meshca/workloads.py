@@ -8,6 +8,7 @@ import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import partial
 from typing import Protocol
 
 from meshca.clock import Clock
@@ -229,8 +230,19 @@ class MeshPublisher:
             self._updates += 1
             identities = list(self._identities)
         self._log.info("mesh version %s published to %d identities", self._version, len(identities))
+        # Their secrets did not change (renewals and bundle changes publish on their own): compose
+        # each identity's snapshot when its stream next reads it, not here for every identity.
+        with self._lock:
+            held = dict(self._secret_sets)
+        pending: list[tuple[str, Snapshot | Callable[[], Snapshot]]] = []
         for spiffe_id in identities:
-            self._publish(spiffe_id)
+            secrets = held.get(spiffe_id)
+            if secrets is None:
+                self._publish(spiffe_id)
+            else:
+                view = views.get(spiffe_id, shared_view)
+                pending.append((self.snapshot_key(spiffe_id), partial(view.fill_provided, ResourceType.SECRET, secrets)))
+        self._cache.set_snapshots(pending)
 
     def _secret_names(self) -> list[str]:
         return [DEFAULT_CERT_SECRET, *(secret.name for secret in self._secrets.bundle_secrets())]
@@ -298,11 +310,12 @@ class MeshPublisher:
 
 
 def _mesh_version(shared: Snapshot, views: Mapping[SpiffeId, Snapshot]) -> str:
-    """A content hash of the whole mesh from the type versions already computed (no re-sorting of resources)."""
-    digest = hashlib.sha256()
-    named = [("", shared), *sorted(((i.uri, view) for i, view in views.items()), key=lambda pair: pair[0])]
-    for uri, view in named:
-        digest.update(f"{uri}:{';'.join(view.version(t) for t in ResourceType)}\n".encode())
+    """A content hash of the whole mesh from versions already computed (an identity's own part is
+    hashed once, when its resources change)."""
+    digest = hashlib.sha256(";".join(shared.version(t) for t in ResourceType).encode())
+    for part in sorted(f"{spiffe_id.uri}:{view.own_version}" for spiffe_id, view in views.items()):
+        digest.update(part.encode())
+        digest.update(b"\n")
     return digest.hexdigest()[:12]
 
 
