@@ -6,6 +6,7 @@ import ipaddress
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,17 @@ class Service:
     outbound: Outbound | None
     endpoints: tuple[tuple[str, int], ...]  # the service's sidecars' inbound addresses
     allow: tuple[AllowRule, ...]
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    @cached_property
+    def _hash(self) -> int:
+        """Computed once: a rebuild keys its memo by service, and a nested dataclass hash is slow."""
+        return hash(
+            (self.name, self.namespace, self.service_account, self.spiffe_id, self.inbound, self.outbound)
+            + (self.endpoints, self.allow)
+        )
 
 
 @dataclass(frozen=True)

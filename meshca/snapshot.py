@@ -380,67 +380,11 @@ class Snapshot:
         return snapshot
 
     @classmethod
-    def layer(
-        cls,
-        base: Snapshot,
-        resources: Iterable[EncodedResource],
-        provided: Iterable[Reference] = (),
-        previous: Snapshot | None = None,
-    ) -> Snapshot:
-        """`base` plus `resources` (names must not repeat the base's); only the new resources are checked.
+    def layer(cls, base: Snapshot, resources: Iterable[EncodedResource], provided: Iterable[Reference] = ()) -> Snapshot:
+        """`base` plus `resources` (names must not repeat the base's); only the new resources are checked."""
+        return Overlay.on(base, resources, frozenset(provided)).compose(base)
 
-        With `previous` (the same resources layered on an earlier base), only the types whose base
-        changed are composed again, and only against what changed in them.
-        """
-        resources = tuple(resources)
-        provided = frozenset(provided)
-        if previous is not None and previous.base is not None and len(previous.layers) >= 1:
-            top_layer = previous.layers[-1][0]
-            if top_layer.provided == provided and top_layer.same_resources(resources):
-                reused = cls._relayer(base, previous, top_layer)
-                if reused is not None:
-                    return reused
-        grouped = _group(resources)
-        _raise_if(
-            [
-                f"{r.type.short_name} resource {r.name!r} is defined twice"
-                for rs in grouped.values()
-                for r in rs
-                if r.name in base.of_type(r.type).resources
-            ]
-        )
-        types = {t: TypeResources.layered(base.of_type(t), TypeResources.of(rs)) for t, rs in grouped.items()}
-        layer = _Layer(resources, provided)
-        snapshot = cls(MappingProxyType(types), (*base.layers, (layer, frozenset())), base)
-        snapshot._check(layer.resources, provided)
-        return snapshot
-
-    @classmethod
-    def _relayer(cls, base: Snapshot, previous: Snapshot, top_layer: _Layer) -> Snapshot | None:
-        """`previous`'s own layer on a new base, or None when the base changed in a way that needs a full check."""
-        assert previous.base is not None
-        base_changes = base._changes_since(previous.base)
-        if base_changes is None:
-            return None
-        types = dict(previous.types)
-        problems: list[str] = []
-        for resource_type, changes in base_changes.items():
-            base_resources = base.of_type(resource_type)
-            old = previous.of_type(resource_type)
-            top = old.layers[1] if old.layers is not None else _EMPTY
-            sources = top_layer.references_into(resource_type, frozenset())
-            for name in changes:
-                if name in top.resources and name in base_resources.resources:
-                    problems.append(f"{resource_type.short_name} resource {name!r} is defined twice")
-                if name not in base_resources.resources and name not in top.resources:
-                    problems.extend(
-                        _dangling(source, ref) for source, ref in sources.get(name, ()) if ref not in top_layer.provided
-                    )
-            types[resource_type] = TypeResources.layered(base_resources, top)
-        _raise_if(problems)
-        return cls(MappingProxyType(types), (*base.layers, (top_layer, frozenset())), base)
-
-    def _changes_since(self, older: Snapshot) -> dict[ResourceType, frozenset[str]] | None:
+    def changes_since(self, older: Snapshot) -> dict[ResourceType, frozenset[str]] | None:
         """Changed names per type that differs from `older` (None: unknown); remembered for the last
         `older` asked, since every identity's view asks the shared base the same question."""
         cached = self._changes_cache
@@ -521,13 +465,76 @@ class Snapshot:
     def of_type(self, resource_type: ResourceType) -> TypeResources:
         return self.types.get(resource_type, _EMPTY)
 
-    @property
-    def own_version(self) -> str:
-        """The version of what `layer` added to the base (cached with that layer, reused with it)."""
-        return self.layers[-1][0].version if self.base is not None else ""
-
     def version(self, resource_type: ResourceType) -> str:
         return self.of_type(resource_type).version
+
+
+@dataclass(frozen=True, eq=False)
+class Overlay:
+    """Resources layered on a shared base (one identity's own), checked against it and composed with
+    it on demand: a base change re-checks an unchanged overlay only where the base changed, and
+    composes nothing until a stream reads the result."""
+
+    types: Mapping[ResourceType, TypeResources]  # only the types it has resources of
+    layer: _Layer
+
+    @classmethod
+    def on(cls, base: Snapshot, resources: Iterable[EncodedResource], provided: frozenset[Reference]) -> Overlay:
+        """Check every resource against `base` (plus `provided`); names must not repeat the base's."""
+        resources = tuple(resources)
+        grouped = _group(resources)
+        _raise_if(
+            [
+                f"{r.type.short_name} resource {r.name!r} is defined twice"
+                for rs in grouped.values()
+                for r in rs
+                if r.name in base.of_type(r.type).resources
+            ]
+        )
+        overlay = cls(
+            MappingProxyType({t: TypeResources.of(rs) for t, rs in grouped.items() if rs}), _Layer(resources, provided)
+        )
+        overlay.compose(base)._check(resources, provided)
+        return overlay
+
+    def holds(self, resources: Sequence[EncodedResource], provided: frozenset[Reference]) -> bool:
+        """Whether this overlay was made from exactly these resource objects and promises."""
+        same_promises = self.layer.provided is provided or self.layer.provided == provided
+        return same_promises and self.layer.same_resources(resources)
+
+    def recheck(self, base: Snapshot, checked_base: Snapshot) -> bool:
+        """Check this overlay, known good on `checked_base`, on `base` by what changed between them:
+        names the base now defines too, names it dropped that this overlay references. False when
+        what changed is unknown (check it again with `on`)."""
+        changes = base.changes_since(checked_base)
+        if changes is None:
+            return False
+        problems: list[str] = []
+        for resource_type, names in changes.items():
+            base_resources = base.of_type(resource_type).resources
+            own = self.types.get(resource_type, _EMPTY).resources
+            sources = self.layer.references_into(resource_type, frozenset())
+            for name in names:
+                if name in base_resources:
+                    if name in own:
+                        problems.append(f"{resource_type.short_name} resource {name!r} is defined twice")
+                elif name not in own:
+                    problems.extend(
+                        _dangling(source, ref) for source, ref in sources.get(name, ()) if ref not in self.layer.provided
+                    )
+        _raise_if(problems)
+        return True
+
+    @property
+    def version(self) -> str:
+        return self.layer.version
+
+    def compose(self, base: Snapshot) -> Snapshot:
+        """The base with this overlay on top (no check: `on` and `recheck` did it)."""
+        types = dict(base.types)
+        for resource_type, own in self.types.items():
+            types[resource_type] = TypeResources.layered(base.of_type(resource_type), own)
+        return Snapshot(MappingProxyType(types), (*base.layers, (self.layer, frozenset())), base)
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:

@@ -22,6 +22,7 @@ from meshca.resources import (
 )
 from meshca.snapshot import (
     EncodedResource,
+    Overlay,
     Reference,
     ResourceType,
     Snapshot,
@@ -183,7 +184,8 @@ class MeshPublisher:
         self._log = logger
         self._lock = threading.Lock()
         self._shared_view = Snapshot.build([])
-        self._views: dict[SpiffeId, Snapshot] = {}
+        self._overlays: dict[SpiffeId, Overlay] = {}  # each identity's own resources, checked on the shared view
+        self._provided: frozenset[Reference] = frozenset()
         self._secret_sets: dict[SpiffeId, TypeResources] = {}  # last published per identity (same objects, same version)
         self._identities: set[SpiffeId] = set()
         self._version = ""
@@ -204,6 +206,9 @@ class MeshPublisher:
             mesh = MeshResources(tuple(mesh))
         # Each identity's snapshot gets its own secrets on top: check with the names it will have.
         provided = frozenset(Reference(ResourceType.SECRET, name) for name in self._secret_names())
+        if provided == self._provided:
+            provided = self._provided  # the same object: layers compare their promises by identity first
+        self._provided = provided
         with self._lock:
             previous = self._shared_view
         # The shared part is checked once; each identity's own resources are layered on it and
@@ -212,36 +217,34 @@ class MeshPublisher:
             [r for r in mesh.shared if r.type is not ResourceType.SECRET], previous=previous, provided=provided
         )
         with self._lock:
-            previous_views = dict(self._views)
-        views = {
-            spiffe_id: Snapshot.layer(
-                shared_view,
-                [r for r in own if r.type is not ResourceType.SECRET],
-                provided=provided,
-                previous=previous_views.get(spiffe_id),
-            )
-            for spiffe_id, own in mesh.per_identity.items()
-        }
-        version = _mesh_version(shared_view, views)
+            previous_overlays = dict(self._overlays)
+        overlays: dict[SpiffeId, Overlay] = {}
+        for spiffe_id, own in mesh.per_identity.items():
+            resources = [r for r in own if r.type is not ResourceType.SECRET]
+            kept = previous_overlays.get(spiffe_id)
+            if kept is not None and kept.holds(resources, provided) and kept.recheck(shared_view, previous):
+                overlays[spiffe_id] = kept  # unchanged, and still consistent with what the base changed
+            else:
+                overlays[spiffe_id] = Overlay.on(shared_view, resources, provided)
+        version = _mesh_version(shared_view, overlays)
         with self._lock:
             self._shared_view = shared_view
-            self._views = views
+            self._overlays = overlays
             self._version = version
             self._updates += 1
             identities = list(self._identities)
-        self._log.info("mesh version %s published to %d identities", self._version, len(identities))
-        # Their secrets did not change (renewals and bundle changes publish on their own): compose
-        # each identity's snapshot when its stream next reads it, not here for every identity.
-        with self._lock:
             held = dict(self._secret_sets)
+        self._log.info("mesh version %s published to %d identities", version, len(identities))
+        # Their secrets did not change (renewals and bundle changes publish on their own): each
+        # identity's snapshot is composed when its stream reads it, not here for every identity.
         pending: list[tuple[str, Snapshot | Callable[[], Snapshot]]] = []
         for spiffe_id in identities:
             secrets = held.get(spiffe_id)
             if secrets is None:
                 self._publish(spiffe_id)
             else:
-                view = views.get(spiffe_id, shared_view)
-                pending.append((self.snapshot_key(spiffe_id), partial(view.fill_provided, ResourceType.SECRET, secrets)))
+                compose = partial(_published, shared_view, overlays.get(spiffe_id), secrets)
+                pending.append((self.snapshot_key(spiffe_id), compose))
         self._cache.set_snapshots(pending)
 
     def _secret_names(self) -> list[str]:
@@ -299,21 +302,27 @@ class MeshPublisher:
     def _publish(self, spiffe_id: SpiffeId) -> None:
         secrets = [self._secrets.default_secret(spiffe_id), *self._secrets.bundle_secrets()]
         with self._lock:
-            view = self._views.get(spiffe_id, self._shared_view)
+            shared, overlay = self._shared_view, self._overlays.get(spiffe_id)
             held = self._secret_sets.get(spiffe_id)
         if held is None or not _same_secrets(held, secrets):
             held = TypeResources.of(secrets, previous=held)
             with self._lock:
                 self._secret_sets[spiffe_id] = held
-        # The view was checked with these secret names promised (set_mesh's `provided`).
-        self._cache.set_snapshot(self.snapshot_key(spiffe_id), view.fill_provided(ResourceType.SECRET, held))
+        self._cache.set_snapshot(self.snapshot_key(spiffe_id), _published(shared, overlay, held))
 
 
-def _mesh_version(shared: Snapshot, views: Mapping[SpiffeId, Snapshot]) -> str:
+def _published(shared: Snapshot, overlay: Overlay | None, secrets: TypeResources) -> Snapshot:
+    """An identity's snapshot: the shared view, its own resources, its secrets (the names set_mesh
+    checked everything against as `provided`)."""
+    view = overlay.compose(shared) if overlay is not None else shared
+    return view.fill_provided(ResourceType.SECRET, secrets)
+
+
+def _mesh_version(shared: Snapshot, overlays: Mapping[SpiffeId, Overlay]) -> str:
     """A content hash of the whole mesh from versions already computed (an identity's own part is
     hashed once, when its resources change)."""
     digest = hashlib.sha256(";".join(shared.version(t) for t in ResourceType).encode())
-    for part in sorted(f"{spiffe_id.uri}:{view.own_version}" for spiffe_id, view in views.items()):
+    for part in sorted(f"{spiffe_id.uri}:{overlay.version}" for spiffe_id, overlay in overlays.items()):
         digest.update(part.encode())
         digest.update(b"\n")
     return digest.hexdigest()[:12]

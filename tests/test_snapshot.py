@@ -12,6 +12,7 @@ from meshca import resources as r
 from meshca.snapshot import (
     EncodedResource,
     InconsistentSnapshot,
+    Overlay,
     Reference,
     ResourceType,
     Snapshot,
@@ -147,23 +148,30 @@ def test_layer_checks_own_resources_against_the_base_and_refuses_shadowing() -> 
         Snapshot.layer(base, [r.cluster_load_assignment("backend", [])])
 
 
-def test_relayering_on_a_new_base_checks_what_the_base_changed() -> None:
+def test_an_unchanged_overlay_is_rechecked_only_where_the_base_changed() -> None:
     base = Snapshot.build(shared(8080), provided=secret_refs())
     own = own_listener() + [r.cluster(r.ClusterSpec("local")), r.cluster_load_assignment("local", [])]
-    view = Snapshot.layer(base, own, provided=secret_refs())
+    overlay = Overlay.on(base, own, secret_refs())
+    assert overlay.holds(own, secret_refs()) and not overlay.holds(own[:1], secret_refs())
+    view = overlay.compose(base)
     moved = Snapshot.build(shared(9090), previous=base, provided=secret_refs())
-    relayered = Snapshot.layer(moved, own, provided=secret_refs(), previous=view)
-    assert relayered.of_type(ResourceType.LISTENER) is view.of_type(ResourceType.LISTENER)  # nothing to redo there
-    assert relayered.of_type(ResourceType.ENDPOINT).resources["backend"] is moved.of_type(
+    assert overlay.recheck(moved, base)
+    recomposed = overlay.compose(moved)
+    assert recomposed.of_type(ResourceType.LISTENER).resources["inbound"] is own[0]
+    assert recomposed.of_type(ResourceType.ENDPOINT).resources["backend"] is moved.of_type(
         ResourceType.ENDPOINT
     ).resources["backend"]
-    assert relayered.of_type(ResourceType.ENDPOINT).changed_since(view.of_type(ResourceType.ENDPOINT)) == {"backend"}
+    assert recomposed.of_type(ResourceType.ENDPOINT).changed_since(view.of_type(ResourceType.ENDPOINT)) == {"backend"}
+    recomposed.with_type(  # the cheap checks agree with the full one
+        ResourceType.SECRET,
+        TypeResources.of([r.tls_certificate_secret("default", b"c", b"k"), r.validation_context_secret("ROOTCA", b"b")]),
+    ).check_consistency()
     # the base drops the route the identity's listener needs
     no_routes = Snapshot.build(
         [res for res in shared(9090) if res.type is not ResourceType.ROUTE], previous=moved, provided=secret_refs()
     )
     with pytest.raises(InconsistentSnapshot, match="LDS 'inbound' references RDS 'routes'"):
-        Snapshot.layer(no_routes, own, provided=secret_refs(), previous=relayered)
+        overlay.recheck(no_routes, moved)
     # the base starts defining a name the identity has too
     clash = Snapshot.build(
         shared(9090) + [r.cluster(r.ClusterSpec("local")), r.cluster_load_assignment("local", [])],
@@ -171,7 +179,9 @@ def test_relayering_on_a_new_base_checks_what_the_base_changed() -> None:
         provided=secret_refs(),
     )
     with pytest.raises(InconsistentSnapshot, match="defined twice"):
-        Snapshot.layer(clash, own, provided=secret_refs(), previous=relayered)
+        overlay.recheck(clash, moved)
+    # a base built without knowing the checked one: what changed is unknown
+    assert not overlay.recheck(Snapshot.build(shared(7070), provided=secret_refs()), moved)
 
 
 def test_with_type_checks_references_into_the_replaced_type() -> None:
