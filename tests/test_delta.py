@@ -15,7 +15,11 @@ CDS, EDS, LDS, RDS, SDS = (ResourceType[n] for n in ("CLUSTER", "ENDPOINT", "LIS
 
 
 def snapshot(
-    clusters: dict[str, int], routed: tuple[str, ...] = (), secret: bytes = b"bundle", timeout: int = 2
+    clusters: dict[str, int],
+    routed: tuple[str, ...] = (),
+    secret: bytes = b"bundle",
+    timeout: int = 2,
+    previous: Snapshot | None = None,
 ) -> Snapshot:
     """Clusters with their endpoints (port = content); `routed` clusters get a route and a listener."""
     resources: list[EncodedResource] = []
@@ -27,7 +31,7 @@ def snapshot(
         resources.append(r.route_configuration("routes", [r.VirtualHostSpec("all", routes=routes)]))
         resources.append(r.http_listener(r.HttpListenerSpec("inbound", "127.0.0.1", 15006, "routes")))
     resources.append(r.validation_context_secret("ROOTCA", secret))
-    return Snapshot.build(resources)
+    return Snapshot.build(resources, previous=previous)
 
 
 def new_stream(types: tuple[ResourceType, ...] = tuple(ResourceType)) -> DeltaStream:
@@ -314,3 +318,43 @@ def test_reconnect_with_a_changed_cluster_resends_the_held_endpoints() -> None:
     quiet = new_stream()
     single(quiet.on_request(DeltaRequest(CDS, initial_versions=held_clusters), old))
     assert quiet.on_request(DeltaRequest(EDS, ("a", "b"), initial_versions=held_endpoints), old).responses == ()
+
+
+def test_in_sync_streams_look_only_at_what_changed_and_send_exactly_what_a_full_diff_sends() -> None:
+    """Snapshots built knowing their predecessor let an in-sync stream diff only the changed names;
+    a twin stream fed the same states without that history diffs everything: same responses."""
+    import random
+
+    rng = random.Random(7)
+    states = [{f"c{i}": 1 for i in range(12)}]
+    for _ in range(25):
+        state = dict(states[-1])
+        for _ in range(rng.randint(1, 3)):
+            name = f"c{rng.randrange(16)}"
+            if name in state and rng.random() < 0.3:
+                del state[name]
+            else:
+                state[name] = rng.randrange(1, 5)
+        states.append(state)
+    fast, full = new_stream(), new_stream()
+    known_history, previous = [], None
+    for state in states:
+        previous = snapshot(state, previous=previous)
+        known_history.append(previous)
+    subscribed(fast, CDS, ("*",), known_history[0])
+    subscribed(full, CDS, ("*",), snapshot(states[0]))
+    subscribed(fast, EDS, ("c1", "c3", "c5", "c14"), known_history[0])
+    subscribed(full, EDS, ("c1", "c3", "c5", "c14"), snapshot(states[0]))
+    for with_history, state in zip(known_history[1:], states[1:]):
+        without = snapshot(state)
+        for _ in range(3):  # updates, then removals, then nothing: ACK each
+            got = fast.on_snapshot(with_history).responses
+            want = full.on_snapshot(without).responses
+            shape = [(x.type, sorted((res.name, res.version) for res in x.resources), x.removed) for x in got]
+            assert shape == [
+                (x.type, sorted((res.name, res.version) for res in x.resources), x.removed) for x in want
+            ]
+            for response in got:
+                ack(fast, response, with_history)
+            for response in want:
+                ack(full, response, without)

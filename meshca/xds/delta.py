@@ -12,6 +12,7 @@ from meshca.snapshot import (
     EncodedResource,
     ResourceType,
     Snapshot,
+    TypeResources,
 )
 from meshca.xds.sotw import WILDCARD, Ack, Nack, Outcome
 
@@ -75,6 +76,7 @@ class _TypeState:
     acked_version: str = ""
     answer_first: bool = False
     in_sync_at: str | None = None  # type version at which nothing was left to send
+    in_sync_with: TypeResources | None = None  # ...and that version's resources (to ask what changed since)
 
 
 @dataclass(frozen=True)
@@ -187,6 +189,16 @@ class DeltaStream:
                 del state.known[name]
 
     @staticmethod
+    def _diff_changed(
+        state: _TypeState, available: Mapping[str, EncodedResource], changed: frozenset[str], due: set[str]
+    ) -> _Diff:
+        """The diff of a stream that was in sync, from the names that changed since (not every name)."""
+        wanted = sorted(n for n in changed if n in available and (state.wildcard or n in state.names))
+        updates = tuple(available[n] for n in wanted if state.known.get(n) != available[n].version or n in due)
+        removed = tuple(sorted(n for n in changed if n in state.known and n not in available))
+        return _Diff(updates, removed)
+
+    @staticmethod
     def _diff(state: _TypeState, available: Mapping[str, EncodedResource], due: set[str]) -> _Diff:
         if state.wildcard:
             wanted: Iterable[str] = available  # the snapshot's own (deterministic) order
@@ -222,7 +234,16 @@ class DeltaStream:
         if state.in_sync_at == type_resources.version and not state.answer_first:
             return None
         due = self._due.get(resource_type, set())
-        diff = self._diff(state, type_resources.resources, due)
+        changed = None
+        synced = state.in_sync_with
+        # In sync at an older version: what a full diff would find is among the names changed since.
+        # (Names still due then were not wanted, and wanting others would have ended the sync.)
+        if synced is not None and state.in_sync_at == synced.version and not state.answer_first:
+            changed = type_resources.changed_since(synced)
+        if changed is not None:
+            diff = self._diff_changed(state, type_resources.resources, changed, due)
+        else:
+            diff = self._diff(state, type_resources.resources, due)
         if diff.updates:
             if not updates:
                 return None
@@ -234,7 +255,7 @@ class DeltaStream:
         elif state.answer_first:
             resources, removed = (), ()
         else:
-            state.in_sync_at = type_resources.version
+            state.in_sync_at, state.in_sync_with = type_resources.version, type_resources
             return None
         for resource in resources:
             state.known[resource.name] = resource.version
@@ -243,7 +264,9 @@ class DeltaStream:
         for name in removed:
             del state.known[name]
         # in sync once this response carries all that was left (removals wait for the next one)
-        state.in_sync_at = type_resources.version if not (resources and diff.removed) else None
+        in_sync = not (resources and diff.removed)
+        state.in_sync_at = type_resources.version if in_sync else None
+        state.in_sync_with = type_resources if in_sync else None
         nonce = self._next_nonce()
         state.last_nonce = nonce
         state.awaiting_ack = True
