@@ -32,6 +32,7 @@ from meshca.snapshot import InconsistentSnapshot, SnapshotCache
 from meshca.vault import VaultSession
 from meshca.workloads import ForeignTrustDomain, MeshPublisher, WorkloadSecrets
 from meshca.xds.server import (
+    DEFAULT_SEND_TIMEOUT,
     MAX_REQUEST_BYTES,
     Admission,
     NodeInfo,
@@ -113,6 +114,7 @@ class MeshcaApp:
         leaf_ttl: timedelta | None = None,
         rotation: RotationSettings = RotationSettings(),
         vault: VaultSession | None = None,
+        xds_send_timeout: timedelta = DEFAULT_SEND_TIMEOUT,
     ) -> None:
         self.ca = ca
         self.vault = vault
@@ -134,7 +136,11 @@ class MeshcaApp:
         self.secrets.set_issue_listener(self.rotator.on_issued)
         self.ca_watcher = CaWatcher(ca, self.publisher, self.rotator, rotation, clock, logger.getChild("ca"))
         self.xds = XdsServer(
-            self.cache, JwtStreamGate(self.identity_gate, self.publisher), self.registry, logger.getChild("xds")
+            self.cache,
+            JwtStreamGate(self.identity_gate, self.publisher),
+            self.registry,
+            logger.getChild("xds"),
+            send_timeout=xds_send_timeout,
         )
         self.observability = Observability(self.registry, self.secrets, self.publisher, clock, logger.getChild("admin"))
         self.observability.add_collector(

@@ -83,7 +83,16 @@ async def _serve(config_path: Path) -> int:
             f"[{ca.settings.leaf_ttl_min}, {ca.settings.leaf_ttl_max}] (set at `meshca ca init`)",
         )
     log = logs.configure(settings.log_level)
-    app = MeshcaApp(ca, settings.issuers, system_clock, log, settings.leaf_ttl, settings.rotation, backend.vault)
+    app = MeshcaApp(
+        ca,
+        settings.issuers,
+        system_clock,
+        log,
+        settings.leaf_ttl,
+        settings.rotation,
+        backend.vault,
+        xds_send_timeout=settings.xds_send_timeout,
+    )
     if settings.server_tls is not None:
         credentials = ServerCredentials(
             settings.server_tls.certificate_chain.read_bytes(), settings.server_tls.private_key.read_bytes()

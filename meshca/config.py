@@ -64,6 +64,7 @@ class ServeSettings:
     metrics_port: int | None  # admin HTTP: /metrics, /status, /healthz
     admin_address: str
     log_level: str
+    xds_send_timeout: timedelta = timedelta(seconds=30)  # a proxy not reading a response this long is closed
 
 
 class FieldReader:
@@ -236,7 +237,7 @@ def _parse_rotation(reader: FieldReader) -> RotationSettings:
 def parse_serve_settings(path: Path, data: Mapping[str, Any], trust_domain: str) -> ServeSettings:
     reader = FieldReader(path, data)
     reader.check_known(
-        {"state_dir", "listen", "issuers", "tls", "server_names", "leaf_ttl", "rotation", "mesh", "metrics_port", "admin_address", "ca", "log_level"}
+        {"state_dir", "listen", "issuers", "tls", "server_names", "leaf_ttl", "rotation", "mesh", "metrics_port", "admin_address", "ca", "log_level", "xds_send_timeout"}
     )
     host, port = _parse_listen(reader)
     issuers_raw = reader.get("issuers", list)
@@ -254,6 +255,11 @@ def parse_serve_settings(path: Path, data: Mapping[str, Any], trust_domain: str)
     if log_level not in ("debug", "info", "warning", "error"):
         raise reader.error("log_level", f"{log_level!r} is not one of debug, info, warning, error")
     metrics_port = reader.get("metrics_port", int, None)
+    send_timeout = reader.duration("xds_send_timeout", required=False)
+    if send_timeout is None:
+        send_timeout = timedelta(seconds=30)
+    if send_timeout < timedelta(seconds=1):
+        raise reader.error("xds_send_timeout", f"{send_timeout.total_seconds():g}s is too short (at least 1s)")
     return ServeSettings(
         state_dir=(path.parent / reader.get("state_dir", str)).resolve(),
         listen_host=host,
@@ -267,4 +273,5 @@ def parse_serve_settings(path: Path, data: Mapping[str, Any], trust_domain: str)
         metrics_port=metrics_port,
         admin_address=reader.get("admin_address", str, "127.0.0.1"),
         log_level=log_level,
+        xds_send_timeout=send_timeout,
     )

@@ -30,6 +30,9 @@ def write(tmp_path: Path, text: str) -> Path:
 def test_good_settings(tmp_path: Path) -> None:
     settings = load_serve_settings(write(tmp_path, GOOD), "mesh.test")
     assert settings.listen_port == 15010 and settings.leaf_ttl == timedelta(minutes=30)
+    assert settings.xds_send_timeout == timedelta(seconds=30)  # the default
+    tuned = load_serve_settings(write(tmp_path, GOOD + "xds_send_timeout: 2m\n"), "mesh.test")
+    assert tuned.xds_send_timeout == timedelta(minutes=2)
     assert settings.state_dir == (tmp_path / "ca").resolve()
     assert settings.issuers[0].trust_domain == "mesh.test"
     assert settings.issuers[0].jwks_path == (tmp_path / "jwks.json").resolve()
@@ -45,6 +48,8 @@ def test_good_settings(tmp_path: Path) -> None:
         (("audiences: [meshca]", "audiences: meshca"), "issuers[0].audiences", "must be list"),
         (("    jwks: jwks.json", "    jwks: jwks.json\n    algorithms: [HS256]"), "issuers[0]", "HS256"),
         (("state_dir: ca", "state_dir: [1]"), "state_dir", "must be str"),
+        (("leaf_ttl: 30m", "leaf_ttl: 30m\nxds_send_timeout: 0s"), "xds_send_timeout", "too short"),
+        (("leaf_ttl: 30m", "leaf_ttl: 30m\nxds_send_timeout: later"), "xds_send_timeout", "not a duration"),
     ],
 )
 def test_errors_name_file_field_and_reason(tmp_path: Path, edit: tuple[str, str], field: str, reason: str) -> None:
