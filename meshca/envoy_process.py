@@ -5,17 +5,14 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
-import tempfile
 import time
 import urllib.error
 import urllib.request
-import weakref
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from types import TracebackType
 from typing import Any, TypeVar
 
-from meshca.processes import cleanup, find_binary, terminate
+from meshca.processes import ChildProcess, find_binary
 
 T = TypeVar("T")
 
@@ -55,8 +52,13 @@ class EnvoyError(RuntimeError):
     """Envoy exited or did not become ready; the message carries the tail of its log."""
 
 
-class EnvoyProcess:
+class EnvoyProcess(ChildProcess):
     """One Envoy process with its own work dir, log file and admin port; a context manager."""
+
+    _label = "EnvoyProcess"
+    _stem = "envoy"
+    _program = "envoy"
+    _error = EnvoyError
 
     def __init__(
         self,
@@ -71,54 +73,27 @@ class EnvoyProcess:
         envoy_binary: str | None = None,
         stop_timeout: float = 5.0,
     ) -> None:
+        super().__init__(workdir, stop_timeout)
         self._bootstrap = bootstrap
-        self._given_workdir = workdir
         self._log_level = log_level
         self._component_log_level = component_log_level
         self._base_id = base_id
         self._concurrency = concurrency
         self._extra_args = extra_args
         self._binary = envoy_binary
-        self._stop_timeout = stop_timeout
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._finalizer: weakref.finalize | None = None
-        self._workdir: Path | None = None
-        self._owns_workdir = False
         self._admin_url: str | None = None
-        self._final_log: str | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    @property
-    def workdir(self) -> Path:
-        if self._workdir is None:
-            raise RuntimeError("EnvoyProcess not started")
-        return self._workdir
-
-    @property
-    def log_path(self) -> Path:
-        return self.workdir / "envoy.log"
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
-
     def start(self) -> EnvoyProcess:
-        if self._proc is not None:
-            raise RuntimeError("EnvoyProcess already started")
-        if self._given_workdir is not None:
-            self._workdir = Path(self._given_workdir)
-            self._workdir.mkdir(parents=True, exist_ok=True)
-        else:
-            self._workdir = Path(tempfile.mkdtemp(prefix="envoy-"))
-            self._owns_workdir = True
+        workdir = self._make_workdir()
         if isinstance(self._bootstrap, str):
-            config = self._workdir / "bootstrap.yaml"
+            config = workdir / "bootstrap.yaml"
             config.write_text(self._bootstrap)
         else:
-            config = self._workdir / "bootstrap.json"
+            config = workdir / "bootstrap.json"
             config.write_text(json.dumps(self._bootstrap, indent=2))
-        admin_file = self._workdir / "admin_address"
+        admin_file = workdir / "admin_address"
         admin_file.unlink(missing_ok=True)
         args = [
             self._binary or find_envoy(),
@@ -136,57 +111,11 @@ class EnvoyProcess:
             args += ["--component-log-level", self._component_log_level]
         args += list(self._extra_args)
         with open(self.log_path, "ab") as log:
-            self._proc = subprocess.Popen(
-                args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=self._workdir,
+            proc = subprocess.Popen(
+                args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=workdir,
             )
-        # Killed by PID when this object is collected or the interpreter exits, whatever happens.
-        self._finalizer = weakref.finalize(
-            self, cleanup, self._proc, self._stop_timeout, self._workdir if self._owns_workdir else None
-        )
+        self._watch(proc)
         return self
-
-    def stop(self) -> int | None:
-        """Terminate (SIGTERM, then SIGKILL); idempotent. Returns the exit code if it ever ran."""
-        if self._proc is None:
-            return None
-        terminate(self._proc, self._stop_timeout)
-        if self._final_log is None:
-            self._final_log = self._read_log()
-        if self._finalizer is not None:
-            self._finalizer()  # removes an owned work dir; runs at most once
-        return self._proc.returncode
-
-    def __enter__(self) -> EnvoyProcess:
-        if self._proc is None:
-            self.start()
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
-
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    # -- logs --------------------------------------------------------------------------------
-
-    def _read_log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except (FileNotFoundError, RuntimeError):
-            return ""
-
-    def log_text(self) -> str:
-        return self._final_log if self._final_log is not None else self._read_log()
-
-    def log_tail(self, n: int = 40) -> str:
-        return "\n".join(self.log_text().splitlines()[-n:])
-
-    def _fail(self, message: str) -> EnvoyError:
-        code = self._proc.poll() if self._proc is not None else None
-        state = f"exited with {code}" if code is not None else "still running"
-        return EnvoyError(f"{message} (envoy {state}); log tail:\n{self.log_tail()}")
 
     # -- admin -------------------------------------------------------------------------------
 

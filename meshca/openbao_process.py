@@ -8,19 +8,16 @@ import re
 import signal
 import socket
 import subprocess
-import tempfile
 import threading
 import time
 import urllib.error
 import urllib.request
-import weakref
 from pathlib import Path
-from types import TracebackType
 from typing import IO, Any
 
 import hvac
 
-from meshca.processes import cleanup, find_binary, terminate
+from meshca.processes import ChildProcess, find_binary, terminate
 
 DEFAULT_ROOT_TOKEN = "meshca-dev-root"
 _UNSEAL_LINE = re.compile(r"^\s*Unseal Key:\s*(\S+)\s*$")
@@ -90,8 +87,16 @@ class _OutputPump:
         self._thread.join(timeout)
 
 
-class OpenBaoProcess:
-    """One in-memory `bao server -dev` on a free loopback port, with its own work dir; a context manager."""
+class OpenBaoProcess(ChildProcess):
+    """One in-memory `bao server -dev` on a free loopback port, with its own work dir; a context manager.
+
+    Its log (log_text, log_tail) has the unseal key and root token lines redacted.
+    """
+
+    _label = "OpenBaoProcess"
+    _stem = "openbao"
+    _program = "bao"
+    _error = OpenBaoError
 
     def __init__(
         self,
@@ -106,22 +111,16 @@ class OpenBaoProcess:
     ) -> None:
         if not root_token:
             raise ValueError("root_token must be non-empty")
+        super().__init__(workdir, stop_timeout)
         self._root_token = root_token
         self._requested_port = port
-        self._given_workdir = workdir
         self._binary = bao_binary
         self._log_level = log_level
         self._start_timeout = start_timeout
-        self._stop_timeout = stop_timeout
-        self._proc: subprocess.Popen[bytes] | None = None
         self._pump: _OutputPump | None = None
-        self._finalizer: weakref.finalize | None = None
-        self._workdir: Path | None = None
-        self._owns_workdir = False
         self._port: int | None = None
         self._unseal_key: str | None = None
         self._paused = False
-        self._final_log: str | None = None
 
     # -- properties ---------------------------------------------------------------------------
 
@@ -142,34 +141,13 @@ class OpenBaoProcess:
     def root_token(self) -> str:
         return self._root_token
 
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
-
-    @property
-    def workdir(self) -> Path:
-        if self._workdir is None:
-            raise RuntimeError("OpenBaoProcess not started")
-        return self._workdir
-
-    @property
-    def log_path(self) -> Path:
-        return self.workdir / "openbao.log"
-
     def __repr__(self) -> str:  # never shows the root token or the unseal key
         return f"OpenBaoProcess(address={self._port and self.address!r}, pid={self.pid})"
 
     # -- lifecycle ----------------------------------------------------------------------------
 
     def start(self) -> OpenBaoProcess:
-        if self._proc is not None:
-            raise RuntimeError("OpenBaoProcess already started")
-        if self._given_workdir is not None:
-            self._workdir = Path(self._given_workdir)
-            self._workdir.mkdir(parents=True, exist_ok=True)
-        else:
-            self._workdir = Path(tempfile.mkdtemp(prefix="openbao-"))
-            self._owns_workdir = True
+        self._make_workdir()
         attempts = 1 if self._requested_port is not None else 3
         for attempt in range(attempts):
             port = self._requested_port if self._requested_port is not None else free_port_pair()
@@ -195,16 +173,13 @@ class OpenBaoProcess:
         ]
         env = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))}
         env["BAO_DEV_ROOT_TOKEN_ID"] = self._root_token  # in the environment, not on the command line (ps)
-        self._proc = subprocess.Popen(
+        proc = subprocess.Popen(
             args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             cwd=self.workdir, env=env,
         )
-        assert self._proc.stdout is not None
-        self._pump = _OutputPump(self._proc.stdout, self.log_path)
-        # Killed by PID when this object is collected or the interpreter exits, whatever happens.
-        self._finalizer = weakref.finalize(
-            self, cleanup, self._proc, self._stop_timeout, self.workdir if self._owns_workdir else None
-        )
+        self._watch(proc)
+        assert proc.stdout is not None
+        self._pump = _OutputPump(proc.stdout, self.log_path)
         self.wait_healthy(self._start_timeout)
         self._unseal_key = self._pump.unseal_key(timeout=5.0)
 
@@ -219,31 +194,17 @@ class OpenBaoProcess:
         self._port = None
 
     def stop(self) -> int | None:
-        """Terminate (SIGTERM, then SIGKILL), resuming it first if paused; idempotent. Returns the exit code."""
-        if self._proc is None:
-            return None
-        terminate(self._proc, self._stop_timeout)
+        """As ChildProcess.stop, but a paused server is resumed first so that it handles SIGTERM
+        (a stopped process would only go at the SIGKILL after the stop timeout)."""
+        if self._paused and self.running():
+            self._signal(signal.SIGCONT)
+        return super().stop()
+
+    def _reaped(self) -> None:
+        """A stopped server is no longer paused; the pump copies its last output before stop() keeps the log."""
         self._paused = False
         if self._pump is not None:
             self._pump.join(timeout=2.0)
-        if self._final_log is None:
-            self._final_log = self._read_log()
-        if self._finalizer is not None:
-            self._finalizer()  # removes an owned work dir; runs at most once
-        return self._proc.returncode
-
-    def __enter__(self) -> OpenBaoProcess:
-        if self._proc is None:
-            self.start()
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
-
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
 
     # -- failure simulation -------------------------------------------------------------------
 
@@ -360,20 +321,5 @@ class OpenBaoProcess:
 
     # -- logs ---------------------------------------------------------------------------------
 
-    def _read_log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except (FileNotFoundError, RuntimeError):
-            return ""
-
-    def log_text(self) -> str:
-        """The server's output; the unseal key and root token lines are redacted."""
-        return self._final_log if self._final_log is not None else self._read_log()
-
     def log_tail(self, n: int = 30) -> str:
-        return "\n".join(self.log_text().splitlines()[-n:])
-
-    def _fail(self, message: str) -> OpenBaoError:
-        code = self._proc.poll() if self._proc is not None else None
-        state = f"exited with {code}" if code is not None else "still running"
-        return OpenBaoError(f"{message} (bao {state}); log tail:\n{self.log_tail()}")
+        return super().log_tail(n)
