@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ipaddress
-import os
 import re
 import secrets
 import threading
@@ -11,9 +10,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Generic, Literal, Protocol, TypeVar
 
 from meshca import crypto
+from meshca.ca_state import CRASH_POINTS as CRASH_POINTS  # re-exported: the crash-test hook lives in ca_state
 from meshca.ca_state import (
     FORMAT_VERSION,
     METADATA_FILE,
@@ -24,28 +24,31 @@ from meshca.ca_state import (
     V1_ROOT_KEY_FILE,
     CaError,
     CaStateError,
+    CrashHook,
     JournalEntry,
     JournalEvent,
     SlotKind,
     SlotRecord,
     SlotState,
     StateRecord,
-    append_journal,
+    check_slot_certificate,
+    commit_transition,
+    create_state_dir,
     file_signature,
-    is_ca_state_file,
-    leftover_files,
+    no_crash,
     parse_time,
     read_journal,
     read_metadata,
     read_state_file,
-    remove_files,
+    refuse_existing,
     slot_files,
     slot_id,
+    slot_order,
     state_lock,
 )
+from meshca.ca_state import CrashPoint as CrashPoint  # re-exported, as CRASH_POINTS
 from meshca.clock import Clock
 from meshca.crypto import CryptoError, DistinguishedName, Issuer, KeyAlgorithm
-from meshca.files import fsync_directory, write_atomic
 from meshca.identity import InvalidSpiffeId, SpiffeId
 
 # Format-1 file names (kept for the migration and for tests that build a format-1 directory).
@@ -60,13 +63,9 @@ _ALLOWED_CSR_CURVES = ("secp256r1", "secp384r1")
 _RSA_MIN_BITS = 2048
 _RSA_MAX_BITS = 8192
 _DNS_NAME = re.compile(r"^(\*\.)?[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
-_STATE_ORDER: Mapping[str, int] = {"active": 0, "prepared": 1, "old": 2}
 _MAX_TICK_STEPS = 8
 
 CsrRejectionKind = Literal["invalid_argument", "permission_denied"]
-CrashPoint = Literal["key_written", "files_written", "journal_written", "committed"]
-CrashHook = Callable[[CrashPoint], None]  # test hook: raise to simulate a crash at that step
-CRASH_POINTS: tuple[CrashPoint, ...] = ("key_written", "files_written", "journal_written", "committed")
 
 
 class CaAlreadyExists(CaStateError):
@@ -280,6 +279,16 @@ class CaStatus:
     slots: tuple[SlotStatus, ...]
     bundle: tuple[BundleEntry, ...]
 
+    @classmethod
+    def from_slots(
+        cls, trust_domain: str, generation: int, active_intermediate_id: str, slots: Sequence[SlotStatus]
+    ) -> CaStatus:
+        """The status of `slots` (in bundle order): the bundle is their roots."""
+        bundle = tuple(
+            BundleEntry(s.id, s.state, s.subject, s.fingerprint_sha256, s.not_after) for s in slots if s.kind == "root"
+        )
+        return cls(trust_domain, generation, active_intermediate_id, tuple(slots), bundle)
+
     def to_json(self) -> dict[str, Any]:
         def when(value: datetime | None) -> str | None:
             return None if value is None else value.isoformat()
@@ -430,6 +439,114 @@ def _str(value: str | None) -> str:
     return value or ""
 
 
+# --- leaf policy (pure; meshca.vault_ca applies it too) --------------------------------------------
+
+
+def new_serial() -> int:
+    # 126 random bits with the top bit set: positive, non-zero, always 16 DER content bytes.
+    return secrets.randbits(127) | (1 << 126)
+
+
+def as_utc(now: datetime) -> datetime:
+    """A clock reading as aware UTC in whole seconds; ValueError for a naive one."""
+    if now.tzinfo is None:
+        raise ValueError("the clock must return timezone-aware datetimes")
+    return now.astimezone(timezone.utc).replace(microsecond=0)
+
+
+def leaf_validity(
+    settings: CaSettings, now: datetime, issuer_not_before: datetime, issuer_not_after: datetime, ttl: timedelta | None,
+    *, issuer: str = "issuing CA",
+) -> tuple[datetime, datetime]:
+    """(notBefore, notAfter) of a leaf, with the TTL policy (see CaSettings): too short → InvalidTtl, too long →
+    clamped, capped at the issuer's notAfter; IssuerExpired (naming `issuer`) outside the issuer's validity."""
+    if ttl is None:
+        ttl = settings.leaf_ttl_default
+    elif ttl < settings.leaf_ttl_min:
+        raise InvalidTtl(
+            f"TTL {ttl} is below the minimum {settings.leaf_ttl_min} "
+            f"(allowed {settings.leaf_ttl_min} to {settings.leaf_ttl_max}; longer TTLs are capped)"
+        )
+    elif ttl > settings.leaf_ttl_max:
+        ttl = settings.leaf_ttl_max
+    not_after = min(now + ttl, issuer_not_after)
+    if not_after <= now or now < issuer_not_before:
+        raise IssuerExpired(
+            f"the {issuer} is valid from {issuer_not_before.isoformat()} "
+            f"to {issuer_not_after.isoformat()}, not at {now.isoformat()}; rotate it"
+        )
+    backdate = settings.backdate
+    lifetime = not_after - now
+    if lifetime < backdate * 4:  # a leaf must not be "due for renewal" at birth
+        backdate = timedelta(seconds=int(lifetime.total_seconds()) // 4)
+    return max(now - backdate, issuer_not_before), not_after
+
+
+def check_identity(spiffe_id: SpiffeId, trust_domain: str) -> None:
+    """IdentityRejected for an identity outside `trust_domain` or naming the trust domain itself."""
+    if spiffe_id.trust_domain != trust_domain:
+        raise IdentityRejected(f"SPIFFE ID {spiffe_id} is not in trust domain {trust_domain!r} served by this CA")
+    if not spiffe_id.path:
+        raise IdentityRejected(f"SPIFFE ID {spiffe_id} names the trust domain itself, not a workload")
+
+
+def check_csr(csr_pem: bytes, spiffe_id: SpiffeId) -> crypto.PublicKeyInfo:
+    """The CSR policy (size, parse, signature, key type, CA:true, other identity, extra SANs): raises
+    CsrRejected; returns the CSR's public key."""
+    if len(csr_pem) > MAX_CSR_BYTES:
+        raise CsrRejected(f"CSR is larger than {MAX_CSR_BYTES} bytes", "invalid_argument")
+    try:
+        request = crypto.parse_csr_pem(csr_pem)
+    except CryptoError as e:
+        raise CsrRejected(f"CSR cannot be parsed: {e}", "invalid_argument") from None
+    if not request.signature_valid:
+        raise CsrRejected("CSR signature does not verify with its own public key", "invalid_argument")
+    key = request.public_key
+    if key.kind == "ec":
+        if key.curve not in _ALLOWED_CSR_CURVES:
+            raise CsrRejected(
+                f"CSR key curve {key.curve} is not supported (use P-256 or P-384)", "invalid_argument"
+            )
+    elif key.kind == "rsa":
+        if not _RSA_MIN_BITS <= key.bits <= _RSA_MAX_BITS:
+            raise CsrRejected(
+                f"CSR RSA key of {key.bits} bits is not allowed ({_RSA_MIN_BITS} to {_RSA_MAX_BITS})",
+                "invalid_argument",
+            )
+    else:
+        raise CsrRejected(f"CSR key type {key.kind} is not supported (use EC P-256/P-384 or RSA)", "invalid_argument")
+    if request.requests_ca:
+        raise CsrRejected(
+            "CSR requests basicConstraints CA:true; CA certificates cannot be requested", "invalid_argument"
+        )
+    others = [uri for uri in request.uris if uri != spiffe_id.uri]
+    if others:
+        raise CsrRejected(
+            f"CSR requests identity {', '.join(others)} but the caller is {spiffe_id}", "permission_denied"
+        )
+    extra = [*request.dns_names, *request.ip_addresses, *request.emails, *request.other_names]
+    if extra:
+        raise CsrRejected(
+            f"CSR carries DNS/IP/email/other SANs ({', '.join(extra)}); only the caller's SPIFFE ID URI is allowed",
+            "invalid_argument",
+        )
+    return key
+
+
+def check_server_names(dns_names: Sequence[str], ip_addresses: Sequence[str]) -> None:
+    """ValueError for an empty or malformed name list of a server certificate."""
+    for name in dns_names:
+        if not isinstance(name, str) or len(name) > 253 or not _DNS_NAME.match(name):
+            raise ValueError(f"{name!r} is not a valid DNS name")
+    for address in ip_addresses:
+        try:
+            ipaddress.ip_address(address)
+        except ValueError:
+            raise ValueError(f"{address!r} is not a valid IP address") from None
+    if not dns_names and not ip_addresses:
+        raise ValueError("a server certificate needs at least one DNS name or IP address")
+
+
 # --- in-memory state ------------------------------------------------------------------------------
 
 
@@ -497,8 +614,7 @@ class _Loaded:
 
 
 def _slot_order(slot: _Slot) -> tuple[int, int, datetime, str]:
-    r = slot.record
-    return (0 if r.kind == "root" else 1, _STATE_ORDER[r.state], r.not_before, r.id)
+    return slot_order(slot.record)
 
 
 @dataclass(frozen=True)
@@ -511,24 +627,9 @@ class _Plan:
     events: tuple[tuple[JournalEvent, SlotKind, str], ...]
 
 
-def _new_serial() -> int:
-    # 126 random bits with the top bit set: positive, non-zero, always 16 DER content bytes.
-    return secrets.randbits(127) | (1 << 126)
-
-
-def _as_utc(now: datetime) -> datetime:
-    if now.tzinfo is None:
-        raise ValueError("the clock must return timezone-aware datetimes")
-    return now.astimezone(timezone.utc).replace(microsecond=0)
-
-
-def _no_crash(point: CrashPoint) -> None:
-    return None
-
-
 def _make_root(settings: CaSettings, now: datetime, state: SlotState) -> _NewSlot:
     key = crypto.generate_private_key_pem(settings.key_algorithm)
-    serial = _new_serial()
+    serial = new_serial()
     pem = crypto.self_signed_ca_certificate_pem(
         key,
         subject=DistinguishedName("meshca root CA", organization=settings.trust_domain, serial_number=f"{serial:x}"),
@@ -554,7 +655,7 @@ def _make_intermediate(settings: CaSettings, root: _Slot | _NewSlot, now: dateti
             "rotate the root"
         )
     key = crypto.generate_private_key_pem(settings.key_algorithm)
-    serial = _new_serial()
+    serial = new_serial()
     pem = signer.sign_ca_certificate(
         crypto.public_key_pem(key),
         subject=DistinguishedName(
@@ -639,10 +740,7 @@ def _read_v2(state_dir: Path, raw: bytes, data: Mapping[str, Any]) -> _Loaded:
         contents |= {cert_pem, key_pem}
         info = issuer.info
         cert_path = state_dir / cert_name
-        if slot_id(info.fingerprint_sha256) != r.id:
-            raise CaStateError(f"{cert_path}: certificate fingerprint {info.fingerprint_sha256} is not slot {r.id}")
-        if (info.not_before, info.not_after) != (r.not_before, r.not_after):
-            raise CaStateError(f"{path}: validity recorded for {r.kind} {r.id} does not match {cert_path}")
+        check_slot_certificate(r, info.fingerprint_sha256, (info.not_before, info.not_after), cert_path, path)
         if r.kind == "intermediate" and info.path_length != 0:
             raise CaStateError(f"{cert_path}: an intermediate must have pathLenConstraint 0")
         if r.kind == "root" and not issuer.issued(issuer.certificate_pem):
@@ -679,36 +777,17 @@ def _commit(
     remove_after: Sequence[Path],
     crash: CrashHook,
 ) -> tuple[bytes, tuple[int, int, int]]:
-    """The one write path of every transition (caller holds the exclusive lock):
-
-    1. remove leftovers of interrupted transitions (files ca.json does not reference);
-    2. write the new slots' key and certificate files (new names, never overwriting), fsync the dir;
-    3. append the journal lines with the new generation, fsync;
-    4. replace ca.json atomically, fsync the dir: THE commit point;
-    5. remove the files of slots the new ca.json no longer references (pruned), fsync the dir.
-    """
-    remove_files(state_dir, leftover_files(state_dir, referenced, v2_committed=v2_committed))
-    for i, slot in enumerate(new):
+    """commit_transition of `record` to ca.json, writing each new slot's key, then its certificate."""
+    files: list[tuple[str, bytes, int]] = []
+    for slot in new:
         cert_name, key_name = slot_files(slot.record.kind, slot.record.id)
-        write_atomic(state_dir / key_name, slot.key_pem, 0o600, overwrite=False)
-        if i == 0:
-            crash("key_written")
-        write_atomic(state_dir / cert_name, slot.certificate_pem, 0o644, overwrite=False)
-    if new:
-        fsync_directory(state_dir)
-    crash("files_written")
-    at = record.committed_at
-    append_journal(
-        state_dir, [JournalEntry(at, event, kind, ident, record.generation) for event, kind, ident in events],
-        base_generation,
-    )
-    crash("journal_written")
+        files += [(key_name, slot.key_pem, 0o600), (cert_name, slot.certificate_pem, 0o644)]
     raw = record.to_bytes()
-    write_atomic(state_dir / METADATA_FILE, raw, 0o644)
-    fsync_directory(state_dir)
-    crash("committed")
-    remove_files(state_dir, remove_after)
-    return raw, file_signature(state_dir / METADATA_FILE)
+    signature = commit_transition(
+        state_dir, METADATA_FILE, raw, record=record, base_generation=base_generation, referenced=referenced,
+        v2_committed=v2_committed, files=files, events=events, remove_after=remove_after, crash=crash,
+    )
+    return raw, signature
 
 
 def _migrate_v1(state_dir: Path, data: Mapping[str, Any], now: datetime, crash: CrashHook) -> _Loaded:
@@ -759,123 +838,81 @@ def _migrate_v1(state_dir: Path, data: Mapping[str, Any], now: datetime, crash: 
     return _Loaded.build(settings, record, raw, signature, [_Slot(root_slot.record, root), _Slot(inter_slot.record, inter)])
 
 
-class CertificateAuthority:
-    """An internal CA loaded from (or initialised in) a state directory.
+class _CommittedState(Protocol):
+    """What StateDirCa reads of a CA's in-memory state (a frozen dataclass, replaced as a whole)."""
 
-    Construct with `init` (new CA) or `load` (existing CA). Issuing methods are thread-safe, do no
-    I/O and always sign with the active intermediate. Transitions (prepare/activate/rotate/tick)
-    hold an exclusive flock on state_dir/.lock, re-read ca.json first, and commit by replacing
-    ca.json; another process on the same directory sees them through `reload_if_changed`.
-    """
+    __dataclass_fields__: ClassVar[dict[str, Any]]
 
-    def __init__(self, state_dir: Path, clock: Clock, loaded: _Loaded, crash_hook: CrashHook | None = None) -> None:
-        """Internal: use `init` or `load`."""
-        self._dir = state_dir
-        self._clock = clock
-        self._state = loaded
-        self._crash: CrashHook = crash_hook or _no_crash
-        self._mutex = threading.RLock()
+    @property
+    def settings(self) -> CaSettings: ...
 
-    # --- state -------------------------------------------------------------------------------
+    @property
+    def record(self) -> StateRecord: ...
 
-    @classmethod
-    def init(
-        cls, state_dir: Path, settings: CaSettings, clock: Clock, *, crash_hook: CrashHook | None = None
-    ) -> CertificateAuthority:
-        """Create a new root and intermediate (both active) in `state_dir` (made 0700) and return the CA.
+    @property
+    def raw(self) -> bytes: ...  # the commit file as read or written
 
-        Raises CaAlreadyExists if any CA state file already exists there; never overwrites.
-        ca.json is written last, so an interrupted init leaves a state `load` refuses.
-        """
-        state_dir = Path(state_dir)
-        if state_dir.exists() and not state_dir.is_dir():
-            raise CaStateError(f"{state_dir}: exists and is not a directory")
-        cls._refuse_existing(state_dir)
-        if state_dir.is_dir():
-            os.chmod(state_dir, 0o700)  # before any key is written into it
-        else:
-            state_dir.parent.mkdir(parents=True, exist_ok=True)
-            os.mkdir(state_dir, 0o700)
-        now = _as_utc(clock())
-        crash = crash_hook or _no_crash
-        with state_lock(state_dir, exclusive=True):
-            cls._refuse_existing(state_dir)
-            root = _make_root(settings, now, "active")
-            inter = _make_intermediate(settings, root, now, "active")
-            record = StateRecord(
-                settings.trust_domain, settings.key_algorithm.value, now, 1, now, settings.to_json(),
-                (root.record, inter.record),
-            )
-            raw, signature = _commit(
-                state_dir, base_generation=0, referenced=(), v2_committed=False, new=(root, inter),
-                events=(("activated", "root", root.record.id), ("activated", "intermediate", inter.record.id)),
-                record=record, remove_after=(), crash=crash,
-            )
-        slots = [_Slot(root.record, root.issuer), _Slot(inter.record, inter.issuer)]
-        return cls(state_dir, clock, _Loaded.build(settings, record, raw, signature, slots), crash_hook)
+    @property
+    def signature(self) -> tuple[int, int, int]: ...
 
-    @staticmethod
-    def _refuse_existing(state_dir: Path) -> None:
-        if not state_dir.is_dir():
-            return
-        existing = [name for name in sorted(os.listdir(state_dir)) if is_ca_state_file(name)]
-        if existing:
-            raise CaAlreadyExists(
-                f"{state_dir} already holds CA state ({', '.join(existing)}); refusing to overwrite it"
-            )
 
-    @classmethod
-    def load(cls, state_dir: Path, clock: Clock, *, crash_hook: CrashHook | None = None) -> CertificateAuthority:
-        """Load and cross-check an existing CA; raises CaStateError (naming the file) on any problem.
+StateT = TypeVar("StateT", bound=_CommittedState)
+PlanT = TypeVar("PlanT")
 
-        A format-1 directory is migrated in place to format 2 (see docs/ca-rotation.md).
-        """
-        state_dir = Path(state_dir)
-        if not state_dir.is_dir():
-            raise CaStateError(f"{state_dir}: CA state directory does not exist (run `meshca ca init` first)")
-        with state_lock(state_dir, exclusive=True):
-            raw, data = read_metadata(state_dir)
-            version = data.get("format_version")
-            if version == 1:
-                loaded = _migrate_v1(state_dir, data, _as_utc(clock()), crash_hook or _no_crash)
-            elif version == FORMAT_VERSION:
-                loaded = _read_v2(state_dir, raw, data)
-            else:
-                raise CaStateError(
-                    f"{state_dir / METADATA_FILE}: unsupported format_version {version!r} "
-                    f"(expected {FORMAT_VERSION}, or 1 which is migrated)"
-                )
-        return cls(state_dir, clock, loaded, crash_hook)
+
+class StateDirCa(Generic[StateT, PlanT]):
+    """What the CAs kept in a state directory share (CertificateAuthority here, meshca.vault_ca's
+    VaultIntermediateCa): reloading the commit file, transitions under the exclusive lock, the journal
+    and the settings accessors. A subclass sets the attributes below and implements `_reread` and
+    `_apply_locked`."""
+
+    _metadata_file: ClassVar[str]  # the commit file
+    _dir: Path
+    _clock: Clock
+    _state: StateT
+    _mutex: threading.RLock
 
     def reload_if_changed(self) -> bool:
-        """Re-read ca.json if another process committed a transition; True when the state changed.
+        """Re-read the commit file (ca.json) if another process committed a transition; True when the
+        state changed.
 
         Cheap when nothing changed (one stat). On a damaged state it raises CaStateError and keeps
         the current in-memory state, so a running server goes on issuing.
         """
-        if file_signature(self._dir / METADATA_FILE) == self._state.signature:
+        if file_signature(self._dir / self._metadata_file) == self._state.signature:
             return False
         with self._mutex, state_lock(self._dir, exclusive=False):
             return self._refresh_locked()
 
     def _refresh_locked(self) -> bool:
-        path = self._dir / METADATA_FILE
-        signature = file_signature(path)
-        raw, data = read_metadata(self._dir)
+        signature = file_signature(self._dir / self._metadata_file)
+        raw, data = read_metadata(self._dir, self._metadata_file)
         current = self._state
         if raw == current.raw:
             if signature != current.signature:
                 self._state = replace(current, signature=signature)
             return False
-        if data.get("format_version") != FORMAT_VERSION:
-            raise CaStateError(f"{path}: format_version changed to {data.get('format_version')!r} under a running CA")
-        loaded = _read_v2(self._dir, raw, data)
-        if loaded.settings.trust_domain != current.settings.trust_domain:
-            raise CaStateError(f"{path}: trust domain changed from {current.settings.trust_domain!r}")
-        self._state = loaded
+        self._state = self._reread(current, raw, data)
         return True
 
-    # --- accessors ---------------------------------------------------------------------------
+    def _reread(self, current: StateT, raw: bytes, data: dict[str, Any]) -> StateT:
+        """The state another process committed (`raw`, parsed as `data`), checked against `current`."""
+        raise NotImplementedError
+
+    def _transitions(self, steps: Sequence[Callable[[StateT, datetime], PlanT | None]]) -> list[CaEvent]:
+        with self._mutex, state_lock(self._dir, exclusive=True):
+            self._refresh_locked()
+            now = as_utc(self._clock())
+            events: list[CaEvent] = []
+            for step in steps:
+                plan = step(self._state, now)
+                if plan is not None:
+                    events += self._apply_locked(plan, now)
+            return events
+
+    def _apply_locked(self, plan: PlanT, now: datetime) -> list[CaEvent]:
+        """Commit `plan` (the caller holds the exclusive lock) and adopt the new state."""
+        raise NotImplementedError
 
     @property
     def state_dir(self) -> Path:
@@ -893,6 +930,95 @@ class CertificateAuthority:
     def generation(self) -> int:
         """Increases by one with every committed transition (init and migration commit generation 1)."""
         return self._state.record.generation
+
+    def journal(self) -> list[JournalEntry]:
+        """The committed journal entries (an uncommitted intent beyond the commit file's generation is left out)."""
+        return read_journal(self._dir, self._state.record.generation)
+
+
+class CertificateAuthority(StateDirCa[_Loaded, _Plan]):
+    """An internal CA loaded from (or initialised in) a state directory.
+
+    Construct with `init` (new CA) or `load` (existing CA). Issuing methods are thread-safe, do no
+    I/O and always sign with the active intermediate. Transitions (prepare/activate/rotate/tick)
+    hold an exclusive flock on state_dir/.lock, re-read ca.json first, and commit by replacing
+    ca.json; another process on the same directory sees them through `reload_if_changed`.
+    """
+
+    _metadata_file = METADATA_FILE
+
+    def __init__(self, state_dir: Path, clock: Clock, loaded: _Loaded, crash_hook: CrashHook | None = None) -> None:
+        """Internal: use `init` or `load`."""
+        self._dir = state_dir
+        self._clock = clock
+        self._state = loaded
+        self._crash: CrashHook = crash_hook or no_crash
+        self._mutex = threading.RLock()
+
+    # --- state -------------------------------------------------------------------------------
+
+    @classmethod
+    def init(
+        cls, state_dir: Path, settings: CaSettings, clock: Clock, *, crash_hook: CrashHook | None = None
+    ) -> CertificateAuthority:
+        """Create a new root and intermediate (both active) in `state_dir` (made 0700) and return the CA.
+
+        Raises CaAlreadyExists if any CA state file already exists there; never overwrites.
+        ca.json is written last, so an interrupted init leaves a state `load` refuses.
+        """
+        state_dir = Path(state_dir)
+        create_state_dir(state_dir, CaAlreadyExists)
+        now = as_utc(clock())
+        crash = crash_hook or no_crash
+        with state_lock(state_dir, exclusive=True):
+            refuse_existing(state_dir, CaAlreadyExists)
+            root = _make_root(settings, now, "active")
+            inter = _make_intermediate(settings, root, now, "active")
+            record = StateRecord(
+                settings.trust_domain, settings.key_algorithm.value, now, 1, now, settings.to_json(),
+                (root.record, inter.record),
+            )
+            raw, signature = _commit(
+                state_dir, base_generation=0, referenced=(), v2_committed=False, new=(root, inter),
+                events=(("activated", "root", root.record.id), ("activated", "intermediate", inter.record.id)),
+                record=record, remove_after=(), crash=crash,
+            )
+        slots = [_Slot(root.record, root.issuer), _Slot(inter.record, inter.issuer)]
+        return cls(state_dir, clock, _Loaded.build(settings, record, raw, signature, slots), crash_hook)
+
+    @classmethod
+    def load(cls, state_dir: Path, clock: Clock, *, crash_hook: CrashHook | None = None) -> CertificateAuthority:
+        """Load and cross-check an existing CA; raises CaStateError (naming the file) on any problem.
+
+        A format-1 directory is migrated in place to format 2 (see docs/ca-rotation.md).
+        """
+        state_dir = Path(state_dir)
+        if not state_dir.is_dir():
+            raise CaStateError(f"{state_dir}: CA state directory does not exist (run `meshca ca init` first)")
+        with state_lock(state_dir, exclusive=True):
+            raw, data = read_metadata(state_dir)
+            version = data.get("format_version")
+            if version == 1:
+                loaded = _migrate_v1(state_dir, data, as_utc(clock()), crash_hook or no_crash)
+            elif version == FORMAT_VERSION:
+                loaded = _read_v2(state_dir, raw, data)
+            else:
+                raise CaStateError(
+                    f"{state_dir / METADATA_FILE}: unsupported format_version {version!r} "
+                    f"(expected {FORMAT_VERSION}, or 1 which is migrated)"
+                )
+        return cls(state_dir, clock, loaded, crash_hook)
+
+    def _reread(self, current: _Loaded, raw: bytes, data: dict[str, Any]) -> _Loaded:
+        path = self._dir / METADATA_FILE
+        if data.get("format_version") != FORMAT_VERSION:
+            raise CaStateError(f"{path}: format_version changed to {data.get('format_version')!r} under a running CA")
+        loaded = _read_v2(self._dir, raw, data)
+        if loaded.settings.trust_domain != current.settings.trust_domain:
+            raise CaStateError(f"{path}: trust domain changed from {current.settings.trust_domain!r}")
+        return loaded
+
+    # --- accessors (and StateDirCa's) ------------------------------------------------------------
 
     @property
     def active_intermediate_id(self) -> str:
@@ -923,14 +1049,7 @@ class CertificateAuthority:
             )
             for s in state.slots
         )
-        bundle = tuple(
-            BundleEntry(s.id, s.state, s.subject, s.fingerprint_sha256, s.not_after) for s in slots if s.kind == "root"
-        )
-        return CaStatus(state.settings.trust_domain, state.record.generation, state.signer.id, slots, bundle)
-
-    def journal(self) -> list[JournalEntry]:
-        """The committed journal entries (an uncommitted intent beyond ca.json's generation is left out)."""
-        return read_journal(self._dir, self._state.record.generation)
+        return CaStatus.from_slots(state.settings.trust_domain, state.record.generation, state.signer.id, slots)
 
     # --- transitions -------------------------------------------------------------------------
 
@@ -971,7 +1090,7 @@ class CertificateAuthority:
         """The scheduled policy (see `scheduled_step`), every due step committed; call it periodically."""
         with self._mutex, state_lock(self._dir, exclusive=True):
             self._refresh_locked()
-            at = _as_utc(now if now is not None else self._clock())
+            at = as_utc(now if now is not None else self._clock())
             events: list[CaEvent] = []
             for _ in range(_MAX_TICK_STEPS):
                 step = scheduled_step(self._state.record.slots, self._state.settings, at)
@@ -991,17 +1110,6 @@ class CertificateAuthority:
         else:
             plan = self._plan_prepare_intermediate if step.action == "prepare" else self._plan_activate_intermediate
         return plan(current, now)
-
-    def _transitions(self, steps: Sequence[Callable[[_Loaded, datetime], _Plan | None]]) -> list[CaEvent]:
-        with self._mutex, state_lock(self._dir, exclusive=True):
-            self._refresh_locked()
-            now = _as_utc(self._clock())
-            events: list[CaEvent] = []
-            for step in steps:
-                plan = step(self._state, now)
-                if plan is not None:
-                    events += self._apply_locked(plan, now)
-            return events
 
     def _apply_locked(self, plan: _Plan, now: datetime) -> list[CaEvent]:
         current = self._state
@@ -1138,9 +1246,9 @@ class CertificateAuthority:
         Raises IdentityRejected, InvalidTtl, IssuerExpired.
         """
         state = self._state
-        self._check_identity(spiffe_id)
+        check_identity(spiffe_id, state.settings.trust_domain)
         not_before, not_after = self._validity(state, ttl)
-        serial = _new_serial()
+        serial = new_serial()
         signer = state.signer
         cert_pem, key_pem = signer.issuer.issue_leaf(
             uri=spiffe_id.uri,
@@ -1160,10 +1268,10 @@ class CertificateAuthority:
         exactly `spiffe_id`'s URI. Raises CsrRejected, IdentityRejected, InvalidTtl, IssuerExpired.
         """
         state = self._state
-        self._check_identity(spiffe_id)
-        public_key = self._check_csr(csr_pem, spiffe_id)
+        check_identity(spiffe_id, state.settings.trust_domain)
+        public_key = check_csr(csr_pem, spiffe_id)
         not_before, not_after = self._validity(state, ttl)
-        serial = _new_serial()
+        serial = new_serial()
         signer = state.signer
         cert_pem = signer.issuer.sign_leaf(
             public_key, uri=spiffe_id.uri, not_before=not_before, not_after=not_after, serial_number=serial
@@ -1179,19 +1287,10 @@ class CertificateAuthority:
 
         Same TTL policy as leaves. Raises ValueError for an empty or malformed name list.
         """
-        for name in dns_names:
-            if not isinstance(name, str) or len(name) > 253 or not _DNS_NAME.match(name):
-                raise ValueError(f"{name!r} is not a valid DNS name")
-        for address in ip_addresses:
-            try:
-                ipaddress.ip_address(address)
-            except ValueError:
-                raise ValueError(f"{address!r} is not a valid IP address") from None
-        if not dns_names and not ip_addresses:
-            raise ValueError("a server certificate needs at least one DNS name or IP address")
+        check_server_names(dns_names, ip_addresses)
         state = self._state
         not_before, not_after = self._validity(state, ttl)
-        serial = _new_serial()
+        serial = new_serial()
         signer = state.signer
         cert_pem, key_pem = signer.issuer.issue_server_certificate(
             dns_names=dns_names,
@@ -1206,75 +1305,7 @@ class CertificateAuthority:
         )
 
     def _validity(self, state: _Loaded, ttl: timedelta | None) -> tuple[datetime, datetime]:
-        s = state.settings
         signer = state.signer
-        if ttl is None:
-            ttl = s.leaf_ttl_default
-        elif ttl < s.leaf_ttl_min:
-            raise InvalidTtl(
-                f"TTL {ttl} is below the minimum {s.leaf_ttl_min} "
-                f"(allowed {s.leaf_ttl_min} to {s.leaf_ttl_max}; longer TTLs are capped)"
-            )
-        elif ttl > s.leaf_ttl_max:
-            ttl = s.leaf_ttl_max
-        now = _as_utc(self._clock())
-        not_after = min(now + ttl, signer.not_after)
-        if not_after <= now or now < signer.not_before:
-            raise IssuerExpired(
-                f"the intermediate CA is valid from {signer.not_before.isoformat()} "
-                f"to {signer.not_after.isoformat()}, not at {now.isoformat()}; rotate it"
-            )
-        backdate = s.backdate
-        lifetime = not_after - now
-        if lifetime < backdate * 4:  # a leaf must not be "due for renewal" at birth
-            backdate = timedelta(seconds=int(lifetime.total_seconds()) // 4)
-        return max(now - backdate, signer.not_before), not_after
-
-    def _check_identity(self, spiffe_id: SpiffeId) -> None:
-        if spiffe_id.trust_domain != self._state.settings.trust_domain:
-            raise IdentityRejected(
-                f"SPIFFE ID {spiffe_id} is not in trust domain {self._state.settings.trust_domain!r} served by this CA"
-            )
-        if not spiffe_id.path:
-            raise IdentityRejected(f"SPIFFE ID {spiffe_id} names the trust domain itself, not a workload")
-
-
-    def _check_csr(self, csr_pem: bytes, spiffe_id: SpiffeId) -> crypto.PublicKeyInfo:
-        if len(csr_pem) > MAX_CSR_BYTES:
-            raise CsrRejected(f"CSR is larger than {MAX_CSR_BYTES} bytes", "invalid_argument")
-        try:
-            request = crypto.parse_csr_pem(csr_pem)
-        except CryptoError as e:
-            raise CsrRejected(f"CSR cannot be parsed: {e}", "invalid_argument") from None
-        if not request.signature_valid:
-            raise CsrRejected("CSR signature does not verify with its own public key", "invalid_argument")
-        key = request.public_key
-        if key.kind == "ec":
-            if key.curve not in _ALLOWED_CSR_CURVES:
-                raise CsrRejected(
-                    f"CSR key curve {key.curve} is not supported (use P-256 or P-384)", "invalid_argument"
-                )
-        elif key.kind == "rsa":
-            if not _RSA_MIN_BITS <= key.bits <= _RSA_MAX_BITS:
-                raise CsrRejected(
-                    f"CSR RSA key of {key.bits} bits is not allowed ({_RSA_MIN_BITS} to {_RSA_MAX_BITS})",
-                    "invalid_argument",
-                )
-        else:
-            raise CsrRejected(f"CSR key type {key.kind} is not supported (use EC P-256/P-384 or RSA)", "invalid_argument")
-        if request.requests_ca:
-            raise CsrRejected(
-                "CSR requests basicConstraints CA:true; CA certificates cannot be requested", "invalid_argument"
-            )
-        others = [uri for uri in request.uris if uri != spiffe_id.uri]
-        if others:
-            raise CsrRejected(
-                f"CSR requests identity {', '.join(others)} but the caller is {spiffe_id}", "permission_denied"
-            )
-        extra = [*request.dns_names, *request.ip_addresses, *request.emails, *request.other_names]
-        if extra:
-            raise CsrRejected(
-                f"CSR carries DNS/IP/email/other SANs ({', '.join(extra)}); only the caller's SPIFFE ID URI is allowed",
-                "invalid_argument",
-            )
-        return key
+        return leaf_validity(
+            state.settings, as_utc(self._clock()), signer.not_before, signer.not_after, ttl, issuer="intermediate CA"
+        )

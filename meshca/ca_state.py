@@ -6,14 +6,14 @@ import fcntl
 import json
 import os
 import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from meshca.files import fsync_directory
+from meshca.files import fsync_directory, write_atomic
 
 FORMAT_VERSION = 2
 METADATA_FILE = "ca.json"
@@ -34,6 +34,11 @@ SLOT_KINDS: tuple[SlotKind, ...] = get_args(SlotKind)
 SLOT_STATES: tuple[SlotState, ...] = get_args(SlotState)
 JOURNAL_EVENTS: tuple[JournalEvent, ...] = get_args(JournalEvent)
 SLOT_ID_HEX = 16  # the first 64 bits of the certificate's SHA-256 fingerprint
+_STATE_ORDER: Mapping[str, int] = {"active": 0, "prepared": 1, "old": 2}
+
+CrashPoint = Literal["key_written", "files_written", "journal_written", "committed"]
+CrashHook = Callable[[CrashPoint], None]  # test hook: raise to simulate a crash at that step
+CRASH_POINTS: tuple[CrashPoint, ...] = get_args(CrashPoint)
 
 _SLOT_FILE = re.compile(r"^(root|intermediate)-([0-9a-f]{16})(-key)?\.pem$")
 _TEMP_FILE = re.compile(r"^\..+\.[0-9a-f]{16}\.tmp$")  # meshca.files.write_atomic's temp names
@@ -124,6 +129,21 @@ class SlotRecord:
         )
 
 
+def slot_order(record: SlotRecord) -> tuple[int, int, datetime, str]:
+    """The order of slots in ca.json, status and the bundle: roots first, then active, prepared, old."""
+    return (0 if record.kind == "root" else 1, _STATE_ORDER[record.state], record.not_before, record.id)
+
+
+def check_slot_certificate(
+    record: SlotRecord, fingerprint_sha256: str, validity: tuple[datetime, datetime], cert_path: Path, metadata: Path
+) -> None:
+    """CaStateError unless the certificate in `cert_path` is the one `metadata` records for the slot."""
+    if slot_id(fingerprint_sha256) != record.id:
+        raise CaStateError(f"{cert_path}: certificate fingerprint {fingerprint_sha256} is not slot {record.id}")
+    if validity != (record.not_before, record.not_after):
+        raise CaStateError(f"{metadata}: validity recorded for {record.kind} {record.id} does not match {cert_path}")
+
+
 @dataclass(frozen=True)
 class StateRecord:
     """The content of a format-2 ca.json. `settings` is CaSettings.to_json()."""
@@ -172,9 +192,9 @@ class StateRecord:
         )
 
 
-def read_metadata(state_dir: Path) -> tuple[bytes, dict[str, Any]]:
-    """The raw bytes and the JSON object of ca.json; CaStateError naming the file otherwise."""
-    path = state_dir / METADATA_FILE
+def read_metadata(state_dir: Path, name: str = METADATA_FILE) -> tuple[bytes, dict[str, Any]]:
+    """The raw bytes and the JSON object of the commit file (ca.json); CaStateError naming the file otherwise."""
+    path = state_dir / name
     raw = read_state_file(path)
     try:
         data = json.loads(raw)
@@ -201,6 +221,27 @@ def file_signature(path: Path) -> tuple[int, int, int]:
     except OSError as e:
         raise CaStateError(f"{path}: cannot be read: {e.strerror or e}") from None
     return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def refuse_existing(state_dir: Path, error: type[CaStateError], also: Sequence[str] = ()) -> None:
+    """Raise `error` if `state_dir` holds any CA state file (or one named in `also`)."""
+    if not state_dir.is_dir():
+        return
+    existing = [name for name in sorted(os.listdir(state_dir)) if is_ca_state_file(name) or name in also]
+    if existing:
+        raise error(f"{state_dir} already holds CA state ({', '.join(existing)}); refusing to overwrite it")
+
+
+def create_state_dir(state_dir: Path, error: type[CaStateError], also: Sequence[str] = ()) -> None:
+    """Make `state_dir` 0700 (creating it if needed) for a new CA, after refuse_existing."""
+    if state_dir.exists() and not state_dir.is_dir():
+        raise CaStateError(f"{state_dir}: exists and is not a directory")
+    refuse_existing(state_dir, error, also)
+    if state_dir.is_dir():
+        os.chmod(state_dir, 0o700)  # before any key is written into it
+    else:
+        state_dir.parent.mkdir(parents=True, exist_ok=True)
+        os.mkdir(state_dir, 0o700)
 
 
 @contextmanager
@@ -318,3 +359,58 @@ def append_journal(state_dir: Path, entries: Sequence[JournalEntry], committed_g
         os.close(fd)
     if created:
         fsync_directory(state_dir)
+
+
+# --- the commit ----------------------------------------------------------------------------------
+
+
+def no_crash(point: CrashPoint) -> None:
+    """The CrashHook outside tests: no crash."""
+    return None
+
+
+def commit_transition(
+    state_dir: Path,
+    metadata_file: str,
+    raw: bytes,
+    *,
+    record: StateRecord,
+    base_generation: int,
+    referenced: Iterable[tuple[SlotKind, str]],
+    v2_committed: bool,
+    files: Sequence[tuple[str, bytes, int]],
+    events: Sequence[tuple[JournalEvent, SlotKind, str]],
+    remove_after: Sequence[Path],
+    crash: CrashHook = no_crash,
+) -> tuple[int, int, int]:
+    """The one write path of every transition (caller holds the exclusive lock); returns the
+    commit file's new signature:
+
+    1. remove leftovers of interrupted transitions (files the committed state does not reference);
+    2. write `files` ((name, content, mode): new names, never overwriting), fsync the dir;
+    3. append the journal lines with the new generation, fsync;
+    4. replace the commit file (`metadata_file`: `raw`, `record` serialized) atomically, fsync the dir:
+       THE commit point;
+    5. remove the files of slots the new commit file no longer references (pruned), fsync the dir.
+
+    `crash` is called at each CrashPoint; "key_written" follows the first file, which callers make a key.
+    """
+    remove_files(state_dir, leftover_files(state_dir, referenced, v2_committed=v2_committed))
+    for i, (name, content, mode) in enumerate(files):
+        write_atomic(state_dir / name, content, mode, overwrite=False)
+        if i == 0:
+            crash("key_written")
+    if files:
+        fsync_directory(state_dir)
+    crash("files_written")
+    at = record.committed_at
+    append_journal(
+        state_dir, [JournalEntry(at, event, kind, ident, record.generation) for event, kind, ident in events],
+        base_generation,
+    )
+    crash("journal_written")
+    write_atomic(state_dir / metadata_file, raw, 0o644)
+    fsync_directory(state_dir)
+    crash("committed")
+    remove_files(state_dir, remove_after)
+    return file_signature(state_dir / metadata_file)

@@ -2,62 +2,61 @@
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import logging
-import os
-import re
 import secrets
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal, Protocol, TypeVar
 
 from meshca import crypto
 from meshca.ca import (
-    BundleEntry,
     CaEvent,
     CaSettings,
     CaStatus,
-    CertificateAuthority,
-    IdentityRejected,
-    InvalidTtl,
     IssuedCertificate,
     IssuerExpired,
     RotationRefused,
     ScheduledStep,
     SlotStatus,
+    StateDirCa,
+    as_utc,
+    check_csr,
+    check_identity,
+    check_server_names,
     due_prunes,
+    leaf_validity,
     lifetime_point,
+    new_serial,
     retire_after,
 )
 from meshca.ca_state import (
     FORMAT_VERSION,
     CaError,
     CaStateError,
-    JournalEntry,
     JournalEvent,
     SlotKind,
     SlotRecord,
     SlotState,
     StateRecord,
-    append_journal,
+    check_slot_certificate,
+    commit_transition,
+    create_state_dir,
     file_signature,
-    is_ca_state_file,
-    leftover_files,
-    read_journal,
+    read_metadata,
     read_state_file,
-    remove_files,
+    refuse_existing,
     slot_files,
     slot_id,
+    slot_order,
     state_lock,
 )
 from meshca.clock import Clock
 from meshca.crypto import CertificateInfo, CryptoError, Issuer
-from meshca.files import fsync_directory, write_atomic
 from meshca.identity import SpiffeId
 from meshca.vault import VaultDenied, VaultError, VaultUnavailable
 
@@ -67,9 +66,7 @@ MODE_INTERMEDIATE: VaultMode = "vault-intermediate"
 MODE_LEAF: VaultMode = "vault-leaf"
 INTERMEDIATE_COMMON_NAME = "meshca intermediate CA"
 
-_DNS_NAME = re.compile(r"^(\*\.)?[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
 _MAX_TICK_STEPS = 8
-_STATE_ORDER: Mapping[str, int] = {"active": 0, "prepared": 1, "old": 2}
 
 T = TypeVar("T")
 
@@ -135,75 +132,6 @@ def _vault_call(session: VaultCaller, operation: Callable[[Any], T], path: str) 
         return session.call(operation, path)
     except VaultError as error:
         raise _as_ca_error(error) from None
-
-
-# --- shared policy (pure) -------------------------------------------------------------------------
-
-
-def leaf_validity(
-    settings: CaSettings, now: datetime, issuer_not_before: datetime, issuer_not_after: datetime, ttl: timedelta | None
-) -> tuple[datetime, datetime]:
-    """(notBefore, notAfter) of a leaf, with meshca.ca's TTL policy (see CaSettings): too short → InvalidTtl,
-    too long → clamped, capped at the issuer's notAfter; IssuerExpired outside the issuer's validity."""
-    if ttl is None:
-        ttl = settings.leaf_ttl_default
-    elif ttl < settings.leaf_ttl_min:
-        raise InvalidTtl(
-            f"TTL {ttl} is below the minimum {settings.leaf_ttl_min} "
-            f"(allowed {settings.leaf_ttl_min} to {settings.leaf_ttl_max}; longer TTLs are capped)"
-        )
-    elif ttl > settings.leaf_ttl_max:
-        ttl = settings.leaf_ttl_max
-    not_after = min(now + ttl, issuer_not_after)
-    if not_after <= now or now < issuer_not_before:
-        raise IssuerExpired(
-            f"the issuing CA is valid from {issuer_not_before.isoformat()} "
-            f"to {issuer_not_after.isoformat()}, not at {now.isoformat()}; rotate it"
-        )
-    backdate = settings.backdate
-    lifetime = not_after - now
-    if lifetime < backdate * 4:  # a leaf must not be "due for renewal" at birth
-        backdate = timedelta(seconds=int(lifetime.total_seconds()) // 4)
-    return max(now - backdate, issuer_not_before), not_after
-
-
-def check_identity(spiffe_id: SpiffeId, trust_domain: str) -> None:
-    """IdentityRejected for an identity outside `trust_domain` or naming the trust domain itself."""
-    if spiffe_id.trust_domain != trust_domain:
-        raise IdentityRejected(f"SPIFFE ID {spiffe_id} is not in trust domain {trust_domain!r} served by this CA")
-    if not spiffe_id.path:
-        raise IdentityRejected(f"SPIFFE ID {spiffe_id} names the trust domain itself, not a workload")
-
-
-def check_csr(csr_pem: bytes, spiffe_id: SpiffeId) -> crypto.PublicKeyInfo:
-    """meshca.ca's CSR policy, unchanged (size, parse, signature, key type, CA:true, other identity, extra SANs):
-    raises CsrRejected; returns the CSR's public key."""
-    # The internal CA's check uses no instance state; it is shared here so that both backends refuse alike.
-    return CertificateAuthority._check_csr(None, csr_pem, spiffe_id)  # type: ignore[arg-type]
-
-
-def check_server_names(dns_names: Sequence[str], ip_addresses: Sequence[str]) -> None:
-    """ValueError for an empty or malformed name list (same rules as the internal CA)."""
-    for name in dns_names:
-        if not isinstance(name, str) or len(name) > 253 or not _DNS_NAME.match(name):
-            raise ValueError(f"{name!r} is not a valid DNS name")
-    for address in ip_addresses:
-        try:
-            ipaddress.ip_address(address)
-        except ValueError:
-            raise ValueError(f"{address!r} is not a valid IP address") from None
-    if not dns_names and not ip_addresses:
-        raise ValueError("a server certificate needs at least one DNS name or IP address")
-
-
-def _new_serial() -> int:
-    return secrets.randbits(127) | (1 << 126)
-
-
-def _as_utc(now: datetime) -> datetime:
-    if now.tzinfo is None:
-        raise ValueError("the clock must return timezone-aware datetimes")
-    return now.astimezone(timezone.utc).replace(microsecond=0)
 
 
 def _response_data(response: Any, path: str) -> Mapping[str, Any]:
@@ -297,10 +225,6 @@ class _State:
         return tuple(r.record for r in self.roots) + tuple(i.record for i in self.intermediates)
 
 
-def _order(record: SlotRecord) -> tuple[int, int, datetime, str]:
-    return (0 if record.kind == "root" else 1, _STATE_ORDER[record.state], record.not_before, record.id)
-
-
 def _derive_roots(
     intermediates: Sequence[SlotRecord], known: Mapping[str, tuple[bytes, CertificateInfo]],
     previous: Mapping[str, SlotRecord], now: datetime,
@@ -324,7 +248,7 @@ def _derive_roots(
         prev = previous.get(rid)
         since = prev.since if prev is not None and prev.state == state else now
         out.append(SlotRecord("root", rid, state, None, info.not_before, info.not_after, since, retire))  # type: ignore[arg-type]
-    return tuple(sorted(out, key=_order))
+    return tuple(sorted(out, key=slot_order))
 
 
 def _diff_events(before: Sequence[SlotRecord], after: Sequence[SlotRecord]) -> list[tuple[JournalEvent, SlotKind, str]]:
@@ -368,18 +292,6 @@ def _metadata_bytes(record: StateRecord, mount: str) -> bytes:
     return (json.dumps(data, indent=2) + "\n").encode()
 
 
-def _read_metadata(state_dir: Path) -> tuple[bytes, dict[str, Any]]:
-    path = state_dir / VAULT_METADATA_FILE
-    raw = read_state_file(path)
-    try:
-        data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise CaStateError(f"{path}: not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise CaStateError(f"{path}: must hold a JSON object")
-    return raw, data
-
-
 def is_vault_state_dir(state_dir: Path) -> bool:
     """True when `state_dir` holds a vault-intermediate CA (its vault-ca.json)."""
     return (Path(state_dir) / VAULT_METADATA_FILE).is_file()
@@ -389,8 +301,8 @@ def _build_state(
     settings: CaSettings, mount: str, record: StateRecord, raw: bytes, signature: tuple[int, int, int],
     intermediates: Sequence[_Inter], roots: Sequence[_Root],
 ) -> _State:
-    inters = tuple(sorted(intermediates, key=lambda i: _order(i.record)))
-    ordered_roots = tuple(sorted(roots, key=lambda r: _order(r.record)))
+    inters = tuple(sorted(intermediates, key=lambda i: slot_order(i.record)))
+    ordered_roots = tuple(sorted(roots, key=lambda r: slot_order(r.record)))
     signer = next(i for i in inters if i.record.state == "active")
     bundle = b"".join(r.certificate_pem for r in ordered_roots)
     slots = tuple(r.record for r in ordered_roots) + tuple(i.record for i in inters)
@@ -451,10 +363,7 @@ def _read_state(state_dir: Path, raw: bytes, data: Mapping[str, Any], settings: 
         except CryptoError as e:
             raise CaStateError(f"{cert_path} / {key_name}: {e}") from None
         info = issuer.info
-        if slot_id(info.fingerprint_sha256) != r.id:
-            raise CaStateError(f"{cert_path}: certificate fingerprint {info.fingerprint_sha256} is not slot {r.id}")
-        if (info.not_before, info.not_after) != (r.not_before, r.not_after):
-            raise CaStateError(f"{path}: validity recorded for intermediate {r.id} does not match {cert_path}")
+        check_slot_certificate(r, info.fingerprint_sha256, (info.not_before, info.not_after), cert_path, path)
         if info.uris != (td_uri,) or info.path_length != 0:
             raise CaStateError(f"{cert_path}: an intermediate must name {td_uri} and have pathLenConstraint 0")
         root = roots.get(r.issuer_id or "")
@@ -473,7 +382,7 @@ class _Plan:
     new: tuple[_NewInter, ...]
 
 
-class VaultIntermediateCa:
+class VaultIntermediateCa(StateDirCa[_State, _Plan]):
     """`vault-intermediate`: Vault's PKI mount holds the root; meshca's intermediates are made locally
     (key never leaves the state directory), signed by Vault's `root/sign-intermediate`, and sign every
     leaf locally, so issuance is as fast as the internal CA's and goes on while Vault is down.
@@ -484,6 +393,8 @@ class VaultIntermediateCa:
     journal.jsonl, .lock, intermediate-<id>.pem (+ Vault's non-root CAs), intermediate-<id>-key.pem
     (0600), root-<id>.pem (Vault's root, certificate only). Same crash-safety rules as meshca.ca.
     """
+
+    _metadata_file = VAULT_METADATA_FILE
 
     def __init__(self, state_dir: Path, session: VaultCaller | None, clock: Clock, logger: logging.Logger,
                  state: _State, retry_cap: timedelta = timedelta(seconds=30)) -> None:
@@ -512,18 +423,11 @@ class VaultIntermediateCa:
         """
         state_dir = Path(state_dir)
         log = logger or logging.getLogger("meshca.vault_ca")
-        if state_dir.exists() and not state_dir.is_dir():
-            raise CaStateError(f"{state_dir}: exists and is not a directory")
-        cls._refuse_existing(state_dir)
-        if state_dir.is_dir():
-            os.chmod(state_dir, 0o700)
-        else:
-            state_dir.parent.mkdir(parents=True, exist_ok=True)
-            os.mkdir(state_dir, 0o700)
-        now = _as_utc(clock())
+        create_state_dir(state_dir, CaStateError, (VAULT_METADATA_FILE,))
+        now = as_utc(clock())
         made = _sign_intermediate(session, settings, mount, now, "active", log)
         with state_lock(state_dir, exclusive=True):
-            cls._refuse_existing(state_dir)
+            refuse_existing(state_dir, CaStateError, (VAULT_METADATA_FILE,))
             inter = made.inter
             root_id = inter.record.issuer_id or ""
             root_record = _derive_roots([inter.record], {root_id: (made.root_pem, made.root_info)}, {}, now)
@@ -537,14 +441,6 @@ class VaultIntermediateCa:
         return cls(state_dir, session, clock, log, _build_state(settings, mount, record, raw, signature, [inter], roots),
                    retry_cap)
 
-    @staticmethod
-    def _refuse_existing(state_dir: Path) -> None:
-        if not state_dir.is_dir():
-            return
-        existing = [n for n in sorted(os.listdir(state_dir)) if is_ca_state_file(n) or n == VAULT_METADATA_FILE]
-        if existing:
-            raise CaStateError(f"{state_dir} already holds CA state ({', '.join(existing)}); refusing to overwrite it")
-
     @classmethod
     def load(cls, state_dir: Path, settings: CaSettings | None, session: VaultCaller | None, clock: Clock, *,
              mount: str | None = None, logger: logging.Logger | None = None,
@@ -557,53 +453,20 @@ class VaultIntermediateCa:
                 f"{state_dir}: no {VAULT_METADATA_FILE} (run `meshca ca init` in vault-intermediate mode first)"
             )
         with state_lock(state_dir, exclusive=False):
-            raw, data = _read_metadata(state_dir)
+            raw, data = read_metadata(state_dir, VAULT_METADATA_FILE)
             state = _read_state(state_dir, raw, data, settings, mount)
         return cls(state_dir, session, clock, logger or logging.getLogger("meshca.vault_ca"), state, retry_cap)
 
-    def reload_if_changed(self) -> bool:
-        """Re-read vault-ca.json if another process committed a transition (one stat when nothing changed).
-        On a damaged state raises CaStateError and keeps the in-memory state."""
-        if file_signature(self._dir / VAULT_METADATA_FILE) == self._state.signature:
-            return False
-        with self._mutex, state_lock(self._dir, exclusive=False):
-            return self._refresh_locked()
+    def _reread(self, current: _State, raw: bytes, data: dict[str, Any]) -> _State:
+        return _read_state(self._dir, raw, data, current.settings, current.mount)
 
-    def _refresh_locked(self) -> bool:
-        path = self._dir / VAULT_METADATA_FILE
-        signature = file_signature(path)
-        raw, data = _read_metadata(self._dir)
-        current = self._state
-        if raw == current.raw:
-            if signature != current.signature:
-                self._state = replace(current, signature=signature)
-            return False
-        self._state = _read_state(self._dir, raw, data, current.settings, current.mount)
-        return True
-
-    # --- accessors ---------------------------------------------------------------------------
+    # --- accessors (and StateDirCa's) ------------------------------------------------------------
 
     mode: VaultMode = MODE_INTERMEDIATE
 
     @property
-    def state_dir(self) -> Path:
-        return self._dir
-
-    @property
-    def trust_domain(self) -> str:
-        return self._state.settings.trust_domain
-
-    @property
-    def settings(self) -> CaSettings:
-        return self._state.settings
-
-    @property
     def mount(self) -> str:
         return self._state.mount
-
-    @property
-    def generation(self) -> int:
-        return self._state.record.generation
 
     @property
     def active_intermediate_id(self) -> str:
@@ -633,12 +496,7 @@ class VaultIntermediateCa:
                        i.issuer.info.fingerprint_sha256)
             for i in state.intermediates
         ]
-        bundle = tuple(BundleEntry(s.id, s.state, s.subject, s.fingerprint_sha256, s.not_after)
-                       for s in slots if s.kind == "root")
-        return CaStatus(state.settings.trust_domain, state.record.generation, state.signer.record.id, tuple(slots), bundle)
-
-    def journal(self) -> list[JournalEntry]:
-        return read_journal(self._dir, self._state.record.generation)
+        return CaStatus.from_slots(state.settings.trust_domain, state.record.generation, state.signer.record.id, slots)
 
     # --- transitions -------------------------------------------------------------------------
 
@@ -662,7 +520,7 @@ class VaultIntermediateCa:
         (and pushes a changed bundle) before a Vault failure can hide them."""
         with self._mutex, state_lock(self._dir, exclusive=True):
             self._refresh_locked()
-            at = _as_utc(now if now is not None else self._clock())
+            at = as_utc(now if now is not None else self._clock())
             events: list[CaEvent] = []
             for _ in range(_MAX_TICK_STEPS):
                 current = self._state
@@ -730,17 +588,6 @@ class VaultIntermediateCa:
         following = current.inter("prepared")
         return step.action == "activate" and following is not None and not self._usable(following, current.signer, now)
 
-    def _transitions(self, steps: Sequence[Callable[[_State, datetime], _Plan | None]]) -> list[CaEvent]:
-        with self._mutex, state_lock(self._dir, exclusive=True):
-            self._refresh_locked()
-            now = _as_utc(self._clock())
-            events: list[CaEvent] = []
-            for step in steps:
-                plan = step(self._state, now)
-                if plan is not None:
-                    events += self._apply_locked(plan, now)
-            return events
-
     def _vault(self) -> VaultCaller:
         if self._session is None:
             raise VaultNotConfigured("this CA was loaded without a Vault session; transitions that need Vault are off")
@@ -799,7 +646,7 @@ class VaultIntermediateCa:
         previous = {r.record.id: r.record for r in current.roots}
         inter_records = tuple(i.record for i in plan.intermediates)
         root_records = _derive_roots(inter_records, known, previous, now)
-        slots = root_records + tuple(sorted(inter_records, key=_order))
+        slots = root_records + tuple(sorted(inter_records, key=slot_order))
         generation = current.record.generation + 1
         record = replace(current.record, generation=generation, committed_at=now, slots=slots,
                          key_algorithm=current.settings.key_algorithm.value, settings=current.settings.to_json())
@@ -832,9 +679,9 @@ class VaultIntermediateCa:
         check_identity(spiffe_id, state.settings.trust_domain)
         signer = state.signer
         not_before, not_after = leaf_validity(
-            state.settings, _as_utc(self._clock()), signer.record.not_before, signer.record.not_after, ttl
+            state.settings, as_utc(self._clock()), signer.record.not_before, signer.record.not_after, ttl
         )
-        serial = _new_serial()
+        serial = new_serial()
         cert_pem, key_pem = signer.issuer.issue_leaf(
             uri=spiffe_id.uri, not_before=not_before, not_after=not_after, serial_number=serial,
             key_algorithm=state.settings.leaf_key_algorithm,
@@ -848,9 +695,9 @@ class VaultIntermediateCa:
         public_key = check_csr(csr_pem, spiffe_id)
         signer = state.signer
         not_before, not_after = leaf_validity(
-            state.settings, _as_utc(self._clock()), signer.record.not_before, signer.record.not_after, ttl
+            state.settings, as_utc(self._clock()), signer.record.not_before, signer.record.not_after, ttl
         )
-        serial = _new_serial()
+        serial = new_serial()
         cert_pem = signer.issuer.sign_leaf(
             public_key, uri=spiffe_id.uri, not_before=not_before, not_after=not_after, serial_number=serial
         )
@@ -864,9 +711,9 @@ class VaultIntermediateCa:
         state = self._state
         signer = state.signer
         not_before, not_after = leaf_validity(
-            state.settings, _as_utc(self._clock()), signer.record.not_before, signer.record.not_after, ttl
+            state.settings, as_utc(self._clock()), signer.record.not_before, signer.record.not_after, ttl
         )
-        serial = _new_serial()
+        serial = new_serial()
         cert_pem, key_pem = signer.issuer.issue_server_certificate(
             dns_names=dns_names, ip_addresses=ip_addresses, not_before=not_before, not_after=not_after,
             serial_number=serial, key_algorithm=state.settings.leaf_key_algorithm,
@@ -938,29 +785,23 @@ def _commit(
     state_dir: Path, *, base_generation: int, referenced: Sequence[tuple[SlotKind, str]], new: Sequence[_NewInter],
     events: Sequence[tuple[JournalEvent, SlotKind, str]], record: StateRecord, mount: str, remove_after: Sequence[Path],
 ) -> tuple[bytes, tuple[int, int, int]]:
-    """meshca.ca's write path (caller holds the exclusive lock): remove leftovers, write new files under new
-    names, append the journal, replace vault-ca.json (the commit), remove pruned slots' files."""
-    remove_files(state_dir, leftover_files(state_dir, referenced, v2_committed=False))
-    wrote = False
+    """meshca.ca's write path (commit_transition) to vault-ca.json: each new intermediate's key and chain, and
+    Vault's root certificate when no referenced slot holds it yet."""
+    files: list[tuple[str, bytes, int]] = []
     present = {ident for kind, ident in referenced if kind == "root"}
     for made in new:
         cert_name, key_name = slot_files("intermediate", made.inter.record.id)
-        write_atomic(state_dir / key_name, made.key_pem, 0o600, overwrite=False)
-        write_atomic(state_dir / cert_name, made.inter.chain_pem, 0o644, overwrite=False)
+        files += [(key_name, made.key_pem, 0o600), (cert_name, made.inter.chain_pem, 0o644)]
         root_id = made.inter.record.issuer_id or ""
         if root_id not in present:
-            write_atomic(state_dir / slot_files("root", root_id)[0], made.root_pem, 0o644, overwrite=False)
+            files.append((slot_files("root", root_id)[0], made.root_pem, 0o644))
             present.add(root_id)
-        wrote = True
-    if wrote:
-        fsync_directory(state_dir)
-    append_journal(state_dir, [JournalEntry(record.committed_at, e, k, i, record.generation) for e, k, i in events],
-                   base_generation)
     raw = _metadata_bytes(record, mount)
-    write_atomic(state_dir / VAULT_METADATA_FILE, raw, 0o644)
-    fsync_directory(state_dir)
-    remove_files(state_dir, remove_after)
-    return raw, file_signature(state_dir / VAULT_METADATA_FILE)
+    signature = commit_transition(
+        state_dir, VAULT_METADATA_FILE, raw, record=record, base_generation=base_generation, referenced=referenced,
+        v2_committed=False, files=files, events=events, remove_after=remove_after,
+    )
+    return raw, signature
 
 
 # --- vault-leaf -------------------------------------------------------------------------------------
@@ -1082,7 +923,7 @@ class VaultLeafCa:
         self._chain_path = f"{options.mount}/ca_chain"
         chain = self._parse_chain_text(self._with_retries(self._read_chain_operation, self._chain_path),
                                        self._chain_path)
-        now = _as_utc(clock())
+        now = as_utc(clock())
         roots = tuple(_KnownRoot(p, i, now) for p, i in chain.roots)
         self._view = _LeafView(chain, now, roots, b"".join(r.pem for r in roots), 1)
         self._last_refresh = monotonic()
@@ -1145,9 +986,7 @@ class VaultLeafCa:
             info = crypto.parse_certificate_pem(pem)
             slots.append(SlotStatus("intermediate", slot_id(info.fingerprint_sha256), "active", info.subject, top,
                                     info.not_before, info.not_after, view.since, None, info.fingerprint_sha256))
-        bundle = tuple(BundleEntry(s.id, s.state, s.subject, s.fingerprint_sha256, s.not_after)
-                       for s in slots if s.kind == "root")
-        return CaStatus(self.trust_domain, view.generation, view.issuing_id, tuple(slots), bundle)
+        return CaStatus.from_slots(self.trust_domain, view.generation, view.issuing_id, slots)
 
     # --- Vault's chain -----------------------------------------------------------------------
 
@@ -1167,7 +1006,7 @@ class VaultLeafCa:
     def refresh(self) -> bool:
         """Read Vault's CA chain now (one attempt); True when the issuing CA changed."""
         text = _vault_call(self._session, self._read_chain_operation, self._chain_path)
-        return self._observe(self._parse_chain_text(text, self._chain_path), _as_utc(self._clock()))
+        return self._observe(self._parse_chain_text(text, self._chain_path), as_utc(self._clock()))
 
     def _parse_chain_text(self, text: Any, path: str) -> VaultChain:
         if not isinstance(text, str):
@@ -1261,7 +1100,7 @@ class VaultLeafCa:
             raise VaultAnswerInvalid(self._sign_path, "the answer has no certificate / ca_chain")
         vault_chain = parse_vault_chain([str(c).encode() for c in chain], self._sign_path, issued_pem=certificate.encode())
         self._count("signed")
-        self._observe(vault_chain, _as_utc(self._clock()))
+        self._observe(vault_chain, as_utc(self._clock()))
         return certificate.encode() + (b"" if certificate.endswith("\n") else b"\n"), vault_chain
 
     def _bucket_acquire(self) -> None:
@@ -1277,7 +1116,7 @@ class VaultLeafCa:
 
     def _issue(self, spiffe_id: SpiffeId, csr_pem: bytes, spki_der: bytes, key_pem: bytes | None,
                ttl: timedelta | None) -> IssuedCertificate:
-        now = _as_utc(self._clock())
+        now = as_utc(self._clock())
         try:
             not_after = self._not_after(now, ttl)
         except IssuerExpired:  # the cached issuing CA expired: Vault may have a new one
