@@ -193,7 +193,7 @@ class _Layered(Mapping[str, EncodedResource]):
         return len(self._base) + len(self._top)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: one tracked object per instance, not two (GC cost per push)
 class TypeResources:
     """All resources of one type in a snapshot, with a version that changes iff any of them changes.
 
@@ -204,7 +204,10 @@ class TypeResources:
     resources: Mapping[str, EncodedResource]
     version: str
     history: tuple[tuple[str, frozenset[str]], ...] = field(default=(), repr=False)  # (older version, changed)
-    layers: tuple[TypeResources, TypeResources] | None = field(default=None, repr=False)  # (base, top)
+    # For a layered set (`layered`): the shared part and the part on top (two fields, not a tuple:
+    # one tracked object fewer per composed type).
+    base_part: TypeResources | None = field(default=None, repr=False)
+    top_part: TypeResources | None = field(default=None, repr=False)
 
     @classmethod
     def of(cls, resources: Iterable[EncodedResource], previous: TypeResources | None = None) -> TypeResources:
@@ -226,7 +229,7 @@ class TypeResources:
         if not top.resources:
             return base
         version = f"{base.version}+{top.version}"  # both are content hashes; no need to hash again
-        return cls(_Layered(base.resources, top.resources), version, layers=(base, top))
+        return cls(_Layered(base.resources, top.resources), version, base_part=base, top_part=top)
 
     def changed_since(self, older: TypeResources) -> frozenset[str] | None:
         """Names that differ from `older`, when that is cheap to know; None means compare everything."""
@@ -235,11 +238,12 @@ class TypeResources:
         for version, changed in self.history:
             if version == older.version:
                 return changed
-        if self.layers is not None and older.layers is not None:
-            base_changes = self.layers[0].changed_since(older.layers[0])
+        if self.base_part is not None and older.base_part is not None:
+            assert self.top_part is not None and older.top_part is not None
+            base_changes = self.base_part.changed_since(older.base_part)
             if base_changes is None:
                 return None
-            new_top, old_top = self.layers[1], older.layers[1]
+            new_top, old_top = self.top_part, older.top_part
             top_changes = new_top.changed_since(old_top)
             if top_changes is None:
                 top_changes = _changed_names(old_top.resources, new_top.resources)  # one identity's: small
@@ -317,7 +321,7 @@ def _raise_if(problems: list[str]) -> None:
         raise InconsistentSnapshot(problems)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True, weakref_slot=True)
 class Snapshot:
     """An immutable, consistent set of resources per type; build it with `Snapshot.build`.
 
@@ -441,9 +445,10 @@ class Snapshot:
         )
         types = dict(self.types)
         types[resource_type] = resources
-        snapshot = Snapshot(
-            MappingProxyType(types), (*self.layers, (_Layer(resources.resources.values()), frozenset())), self.base
-        )
+        layers = self.layers
+        if any(resource.references for resource in resources.resources.values()):
+            layers = (*layers, (_Layer(resources.resources.values()), frozenset()))
+        snapshot = Snapshot(MappingProxyType(types), layers, self.base)
         snapshot._check(resources.resources.values(), frozenset())
         return snapshot
 
