@@ -45,6 +45,23 @@ class RegistryTotals:
     send_timeouts: int = 0  # streams closed because the proxy stopped reading responses
 
 
+class _StreamRecord:
+    """A stream's status as the registry updates it in place (every push and ACK): no new objects
+    per update, which at thousands of streams is garbage-collector work; read as ProxyStatus."""
+
+    __slots__ = ("status", "acked", "sent", "last_nack", "nacks")
+
+    def __init__(self, status: ProxyStatus) -> None:
+        self.status = status
+        self.acked: dict[ResourceType, str] = {}
+        self.sent: dict[ResourceType, str] = {}
+        self.last_nack: NackRecord | None = None
+        self.nacks = 0
+
+    def view(self) -> ProxyStatus:
+        return replace(self.status, acked=dict(self.acked), sent=dict(self.sent), last_nack=self.last_nack, nacks=self.nacks)
+
+
 class ProxyRegistry:
     """Thread-safe registry of live streams; values handed out are immutable copies."""
 
@@ -52,7 +69,7 @@ class ProxyRegistry:
         self._clock = clock
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
-        self._streams: dict[int, ProxyStatus] = {}
+        self._streams: dict[int, _StreamRecord] = {}
         self._pushes: dict[ResourceType, int] = dict.fromkeys(ResourceType, 0)
         self._nacks: dict[ResourceType, int] = dict.fromkeys(ResourceType, 0)
         self._send_timeouts = 0
@@ -60,7 +77,9 @@ class ProxyRegistry:
     def open(self, node_id: str, identity: str, snapshot_key: str) -> int:
         with self._lock:
             stream_id = next(self._ids)
-            self._streams[stream_id] = ProxyStatus(stream_id, node_id, identity, snapshot_key, self._clock())
+            self._streams[stream_id] = _StreamRecord(
+                ProxyStatus(stream_id, node_id, identity, snapshot_key, self._clock())
+            )
             return stream_id
 
     def close(self, stream_id: int) -> None:
@@ -74,29 +93,29 @@ class ProxyRegistry:
     def record_sent(self, stream_id: int, resource_type: ResourceType, version: str) -> None:
         with self._lock:
             self._pushes[resource_type] += 1
-            status = self._streams.get(stream_id)
-            if status is not None:
-                self._streams[stream_id] = replace(status, sent={**status.sent, resource_type: version})
+            record = self._streams.get(stream_id)
+            if record is not None:
+                record.sent[resource_type] = version
 
     def record_ack(self, stream_id: int, resource_type: ResourceType, version: str) -> None:
         with self._lock:
-            status = self._streams.get(stream_id)
-            if status is not None:
-                self._streams[stream_id] = replace(status, acked={**status.acked, resource_type: version})
+            record = self._streams.get(stream_id)
+            if record is not None:
+                record.acked[resource_type] = version
 
     def record_nack(
         self, stream_id: int, resource_type: ResourceType, rejected_version: str | None, message: str
     ) -> None:
         with self._lock:
             self._nacks[resource_type] += 1
-            status = self._streams.get(stream_id)
-            if status is not None:
-                record = NackRecord(resource_type, rejected_version, message, self._clock())
-                self._streams[stream_id] = replace(status, last_nack=record, nacks=status.nacks + 1)
+            record = self._streams.get(stream_id)
+            if record is not None:
+                record.last_nack = NackRecord(resource_type, rejected_version, message, self._clock())
+                record.nacks += 1
 
     def snapshot(self) -> list[ProxyStatus]:
         with self._lock:
-            return list(self._streams.values())
+            return [record.view() for record in self._streams.values()]
 
     def totals(self) -> RegistryTotals:
         """Responses sent and NACKs received per type, and send timeouts, since start, surviving stream close."""
