@@ -183,6 +183,10 @@ class MeshPublisher:
         self._secrets = secrets
         self._log = logger
         self._lock = threading.Lock()
+        # Publishing is serialized: a renewal (scheduler thread) and a mesh update (config source)
+        # each read an identity's current secrets and publish; interleaved, the later write could
+        # carry the older certificate.
+        self._publishing = threading.RLock()
         self._shared_view = Snapshot.build([])
         self._overlays: dict[SpiffeId, Overlay] = {}  # each identity's own resources, checked on the shared view
         self._provided: frozenset[Reference] = frozenset()
@@ -202,6 +206,10 @@ class MeshPublisher:
         Raises InconsistentSnapshot naming every dangling reference; nothing changes then (the
         caller, e.g. a config source, counts the rejection with record_rejected).
         """
+        with self._publishing:
+            self._set_mesh(mesh)
+
+    def _set_mesh(self, mesh: MeshResources | Iterable[EncodedResource]) -> None:
         if not isinstance(mesh, MeshResources):
             mesh = MeshResources(tuple(mesh))
         # Each identity's snapshot gets its own secrets on top: check with the names it will have.
@@ -300,15 +308,16 @@ class MeshPublisher:
             self._publish(spiffe_id)
 
     def _publish(self, spiffe_id: SpiffeId) -> None:
-        secrets = [self._secrets.default_secret(spiffe_id), *self._secrets.bundle_secrets()]
-        with self._lock:
-            shared, overlay = self._shared_view, self._overlays.get(spiffe_id)
-            held = self._secret_sets.get(spiffe_id)
-        if held is None or not _same_secrets(held, secrets):
-            held = TypeResources.of(secrets, previous=held)
+        with self._publishing:
+            secrets = [self._secrets.default_secret(spiffe_id), *self._secrets.bundle_secrets()]
             with self._lock:
-                self._secret_sets[spiffe_id] = held
-        self._cache.set_snapshot(self.snapshot_key(spiffe_id), _published(shared, overlay, held))
+                shared, overlay = self._shared_view, self._overlays.get(spiffe_id)
+                held = self._secret_sets.get(spiffe_id)
+            if held is None or not _same_secrets(held, secrets):
+                held = TypeResources.of(secrets, previous=held)
+                with self._lock:
+                    self._secret_sets[spiffe_id] = held
+            self._cache.set_snapshot(self.snapshot_key(spiffe_id), _published(shared, overlay, held))
 
 
 def _published(shared: Snapshot, overlay: Overlay | None, secrets: TypeResources) -> Snapshot:
