@@ -430,3 +430,30 @@ def test_incremental_publish_equals_a_fresh_one_and_versions_follow_content(tmp_
         assert published_content(cache, incremental, spiffe_id) == published_content(fresh_cache, fresh, spiffe_id)
     incremental.set_mesh(build_mesh(parse(), memo))
     assert incremental.mesh_version() == original_version
+
+
+def test_a_mesh_update_after_a_renewal_keeps_the_renewed_certificate(tmp_path: Path) -> None:
+    """set_mesh composes identities lazily from the secrets last published for them: a renewal
+    published in between must be what the next mesh update serves, never the older certificate."""
+    ca = make_ca(tmp_path, TD)
+    log = logging.getLogger("meshca.test.meshbuild")
+    cache = SnapshotCache()
+    secrets = WorkloadSecrets(ca, system_clock, log)
+    publisher = MeshPublisher(cache, secrets, log)
+    memo = ResourceMemo()
+    publisher.set_mesh(build_mesh(parse(), memo))
+    backend = identity("shop", "backend")
+    key = publisher.ensure_identity(backend)
+
+    def served_default() -> bytes:
+        snapshot = cache.get(key)
+        assert snapshot is not None
+        return snapshot.of_type(ResourceType.SECRET).resources["default"].payload
+
+    first = served_default()
+    secrets.renew(backend)
+    publisher.refresh(backend)
+    renewed = served_default()
+    assert renewed != first
+    publisher.set_mesh(build_mesh(edited("\"10.0.0.6:15007\"", "\"10.0.0.7:15007\""), memo))
+    assert served_default() == renewed
