@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Callable
 
 import pytest
 from envoy_data_plane.envoy.config.cluster.v3 import Cluster
@@ -205,3 +206,110 @@ def test_fill_provided_checks_only_the_promised_names() -> None:
         view.fill_provided(ResourceType.SECRET, TypeResources.of([r.tls_certificate_secret("default", b"c", b"k")]))
     with pytest.raises(ValueError, match="not empty"):
         filled.fill_provided(ResourceType.SECRET, both)
+
+
+def test_incremental_checks_accept_and_refuse_exactly_what_full_checks_do() -> None:
+    """Random edits (some leaving dangling references or clashing names): a rebuild from the last
+    accepted state, checking only what changed, must decide like a check of everything."""
+    import random
+
+    rng = random.Random(11)
+    refs = secret_refs()
+
+    def shared_of(state: dict[str, object]) -> list[EncodedResource]:
+        resources: list[EncodedResource] = []
+        for name in sorted(state["clusters"]):  # type: ignore[arg-type]
+            resources.append(r.cluster(r.ClusterSpec(name, upstream_tls=TLS)))
+        for name, port in sorted(state["clas"].items()):  # type: ignore[attr-defined]
+            resources.append(r.cluster_load_assignment(name, [("127.0.0.1", port)]))
+        routes = tuple(r.RouteSpec(f"/{c}", ((c, 1),)) for c in sorted(state["routed"]))  # type: ignore[arg-type]
+        if state["route_config"]:
+            resources.append(r.route_configuration("routes", [r.VirtualHostSpec("all", routes=routes)]))
+        return resources
+
+    built: dict[tuple[object, ...], list[EncodedResource]] = {}
+
+    def own_of(state: dict[str, object]) -> list[EncodedResource]:
+        """The same objects for the same spec, as the mesh builder's memo gives: overlays are reused."""
+        key = (state["listener_route"], state["local"])
+        if key not in built:
+            own = [r.http_listener(r.HttpListenerSpec("inbound", "127.0.0.1", 15006, state["listener_route"], TLS))]  # type: ignore[arg-type]
+            if state["local"]:
+                own += [r.cluster(r.ClusterSpec(state["local"])), r.cluster_load_assignment(state["local"], [])]  # type: ignore[arg-type]
+            built[key] = own
+        return built[key]
+
+    def decide(build: Callable[[], object]) -> bool:
+        try:
+            build()
+        except InconsistentSnapshot:
+            return False
+        return True
+
+    names = [f"c{i}" for i in range(6)]
+    state: dict[str, object] = {
+        "clusters": set(names[:3]),
+        "clas": {n: 1 for n in names[:3]},
+        "routed": set(names[:2]),
+        "route_config": True,
+        "listener_route": "routes",
+        "local": "local",
+    }
+    accepted_shared = Snapshot.build(shared_of(state), provided=refs)
+    accepted_overlay = Overlay.on(accepted_shared, own_of(state), refs)
+    outcomes = {True: 0, False: 0}
+    rechecked = 0
+    for _ in range(300):
+        edit = dict(state)
+        edit["clusters"] = set(state["clusters"])  # type: ignore[arg-type]
+        edit["clas"] = dict(state["clas"])  # type: ignore[arg-type]
+        edit["routed"] = set(state["routed"])  # type: ignore[arg-type]
+        choice, name = rng.randrange(8), rng.choice(names + ["local"])
+        if choice == 0:
+            edit["clusters"] ^= {name}  # type: ignore[operator]
+        elif choice == 1:
+            if name in edit["clas"]:  # type: ignore[operator]
+                del edit["clas"][name]  # type: ignore[attr-defined]
+            else:
+                edit["clas"][name] = 2  # type: ignore[index]
+        elif choice == 2:
+            edit["clas"][name] = rng.randrange(1, 4)  # type: ignore[index]
+        elif choice == 3:
+            edit["routed"] ^= {name}  # type: ignore[operator]
+        elif choice == 4:
+            edit["route_config"] = not state["route_config"]
+        elif choice == 5:
+            edit["listener_route"] = rng.choice(["routes", "elsewhere"])
+        elif choice == 6:
+            edit["local"] = rng.choice(["", "local", "c0"])  # "c0" may clash with the shared cluster
+        else:
+            edit["clusters"] |= {name}  # type: ignore[operator]
+            edit["clas"][name] = 3  # type: ignore[index]
+
+        def full() -> object:
+            return Overlay.on(Snapshot.build(shared_of(edit), provided=refs), own_of(edit), refs)
+
+        def incremental() -> tuple[Snapshot, Overlay]:
+            shared = Snapshot.build(shared_of(edit), previous=accepted_shared, provided=refs)
+            own = own_of(edit)
+            if accepted_overlay.holds(own, refs):
+                nonlocal rechecked
+                rechecked += 1
+                if accepted_overlay.recheck(shared, accepted_shared):
+                    return shared, accepted_overlay
+            return shared, Overlay.on(shared, own, refs)
+
+        expected = decide(full)
+        assert decide(incremental) == expected, edit
+        outcomes[expected] += 1
+        if expected:
+            accepted_shared, accepted_overlay = incremental()
+            state = edit
+            accepted_overlay.compose(accepted_shared).with_type(
+                ResourceType.SECRET,
+                TypeResources.of(
+                    [r.tls_certificate_secret("default", b"c", b"k"), r.validation_context_secret("ROOTCA", b"b")]
+                ),
+            ).check_consistency()
+    assert outcomes[True] > 50 and outcomes[False] > 50  # both kinds of edit were exercised
+    assert rechecked > 100  # and the unchanged overlay was re-checked, not rebuilt
