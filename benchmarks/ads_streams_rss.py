@@ -17,7 +17,7 @@ from pathlib import Path
 
 from benchmarks.common import Child, Profile, Row, failed_row, server_args, settle_rss, stop_all
 from benchmarks.meshgen import Layout
-from benchmarks.streams import require_all_ready, start_loadgens, tls_material
+from benchmarks.streams import require_all_ready, start_loadgens, start_meshca_streams, tls_material
 
 NAME = "ads_streams_rss"
 TARGET = "<= 64 KB/stream"
@@ -56,18 +56,7 @@ def measure_meshca(profile: Profile, streams: int, workdir: Path) -> dict[str, f
     try:
         info = server.ready(timeout=900)
         before = settle_rss(server.pid)
-        gens, summary = start_loadgens(
-            "xds",
-            total=streams,
-            processes=profile.stream_processes,
-            port=info["port"],
-            root=Path(info["root"]),
-            workdir=workdir,
-            streams_per_channel=profile.streams_per_channel,
-            layout=layout,
-            signing_key=info["signing_key"],
-        )
-        require_all_ready(summary, "meshca")
+        gens, summary = start_meshca_streams(info, profile, streams, layout, workdir)
         after = settle_rss(server.pid)
         stats = server.call("stats")
         if stats["streams"] != streams:

@@ -28,6 +28,7 @@ from benchmarks.streams import (
     latency_stats,
     require_all_ready,
     start_loadgens,
+    start_meshca_streams,
     tls_material,
 )
 
@@ -44,18 +45,7 @@ def measure_meshca(profile: Profile, streams: int, workdir: Path, dump: Path) ->
     gens: list[Child] = []
     try:
         info = server.ready(timeout=1800)
-        gens, summary = start_loadgens(
-            "xds",
-            total=streams,
-            processes=profile.stream_processes,
-            port=info["port"],
-            root=Path(info["root"]),
-            workdir=workdir,
-            streams_per_channel=profile.streams_per_channel,
-            layout=layout,
-            signing_key=info["signing_key"],
-        )
-        require_all_ready(summary, "meshca")
+        gens, summary = start_meshca_streams(info, profile, streams, layout, workdir)
         arm(gens, f"type:{EDS}", dump=dump)
         change = server.call("change_endpoint", timeout=1800, service=f"svc-{layout.services // 2}", generation=1)
         result = collect(gens, timeout=300)

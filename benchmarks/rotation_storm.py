@@ -21,7 +21,7 @@ from typing import Any
 
 from benchmarks.common import TRUST_DOMAIN, Child, Profile, Row, failed_row, server_args, stop_all
 from benchmarks.meshgen import Layout
-from benchmarks.streams import arm, collect, latency_stats, require_all_ready, start_loadgens
+from benchmarks.streams import arm, collect, latency_stats, start_meshca_streams
 from meshca.ca import CaSettings, CertificateAuthority
 from meshca.clock import system_clock
 
@@ -63,18 +63,7 @@ def run(profile: Profile, workdir: Path) -> list[Row]:
     gens: list[Child] = []
     try:
         info = server.ready(timeout=900)
-        gens, summary = start_loadgens(
-            "xds",
-            total=streams,
-            processes=profile.stream_processes,
-            port=info["port"],
-            root=Path(info["root"]),
-            workdir=workdir,
-            streams_per_channel=profile.streams_per_channel,
-            layout=layout,
-            signing_key=info["signing_key"],
-        )
-        require_all_ready(summary, "meshca")
+        gens, summary = start_meshca_streams(info, profile, streams, layout, workdir)
         arm(gens, "secret:default")
         rotation = server.call("rotate_intermediate", timeout=300)
         result = collect(gens, timeout=window + 120)

@@ -8,7 +8,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import TRUST_DOMAIN, Child, ChildError, percentile
+from benchmarks.common import TRUST_DOMAIN, Child, ChildError, Profile, percentile
 from benchmarks.meshgen import Layout
 from meshca.app import issue_server_credentials
 from meshca.ca import CaSettings, CertificateAuthority
@@ -99,6 +99,25 @@ def require_all_ready(summary: dict[str, Any], what: str) -> None:
             f"{what}: only {summary['ready']} of {summary['streams']} streams got their initial state "
             f"({summary['closed']} closed; errors: {summary['errors']})"
         )
+
+
+def start_meshca_streams(
+    info: dict[str, Any], profile: Profile, streams: int, layout: Layout, workdir: Path
+) -> tuple[list[Child], dict[str, Any]]:
+    """`streams` ADS streams (one identity each, per `layout`) against a ready meshca_server; all synced."""
+    gens, summary = start_loadgens(
+        "xds",
+        total=streams,
+        processes=profile.stream_processes,
+        port=info["port"],
+        root=Path(info["root"]),
+        workdir=workdir,
+        streams_per_channel=profile.streams_per_channel,
+        layout=layout,
+        signing_key=info["signing_key"],
+    )
+    require_all_ready(summary, "meshca")
+    return gens, summary
 
 
 def arm(children: list[Child], kind: str, dump: Path | None = None) -> None:
