@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
-from meshca.snapshot import EncodedResource, Reference, ResourceType, encode_payload
+from meshca.snapshot import EncodedResource, Reference, ResourceType, encode_payload, length_delimited, varint
 
 if TYPE_CHECKING:
     from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import CommonTlsContext
@@ -23,36 +23,13 @@ ROOT_CA_SECRET = "ROOTCA"
 # when empty). tests/test_resource_encoding.py checks the bytes against envoy-data-plane for many
 # specs; an Envoy accepting them is checked by the e2e tests.
 
-_SMALL_VARINTS = [bytes((i,)) for i in range(128)]
 _UINT32_MAX = 0xFFFFFFFF
-
-
-def _varint(value: int) -> bytes:
-    """A non-negative varint (callers check ranges; uint32 values and lengths only)."""
-    if value < 128:
-        return _SMALL_VARINTS[value]
-    out = bytearray()
-    while value > 127:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-_TAGS = [_varint(number << 3 | 2) for number in range(40)]  # length-delimited (wire type 2) keys
-
-
-def _msg(number: int, payload: bytes) -> bytes:
-    """A length-delimited field: a sub-message (written even when empty) or raw bytes."""
-    size = len(payload)
-    return _TAGS[number] + (_SMALL_VARINTS[size] if size < 128 else _varint(size)) + payload
+_msg = length_delimited  # a sub-message (written even when empty) or raw bytes
 
 
 def _text(number: int, value: str) -> bytes:
     """A string field that is always written (a oneof member or a repeated entry); UTF-8 checked."""
-    data = value.encode()
-    size = len(data)
-    return _TAGS[number] + (_SMALL_VARINTS[size] if size < 128 else _varint(size)) + data
+    return length_delimited(number, value.encode())
 
 
 def _plain_text(number: int, value: str) -> bytes:
@@ -63,7 +40,7 @@ def _plain_text(number: int, value: str) -> bytes:
 def _uint32(value: int, what: str) -> bytes:
     if not 0 <= value <= _UINT32_MAX:
         raise ValueError(f"{what} {value} is outside uint32 (0..{_UINT32_MAX})")
-    return _varint(value)
+    return varint(value)
 
 
 def _any(type_url: str, value: bytes) -> bytes:
@@ -182,7 +159,7 @@ def _duration(value: timedelta) -> bytes:
     if value < _ZERO:
         raise ValueError(f"a negative duration ({value}) is not a valid timeout")
     seconds, micros = divmod(value // _MICROSECOND, 1_000_000)
-    return (b"\x08" + _varint(seconds) if seconds else b"") + (b"\x10" + _varint(micros * 1000) if micros else b"")
+    return (b"\x08" + varint(seconds) if seconds else b"") + (b"\x10" + varint(micros * 1000) if micros else b"")
 
 
 def cluster(spec: ClusterSpec) -> EncodedResource:

@@ -66,21 +66,29 @@ PUSH_ORDER: tuple[ResourceType, ...] = (
 )
 
 
-def _varint(value: int) -> bytes:
+_SMALL_VARINTS = tuple(bytes((i,)) for i in range(128))
+
+
+def varint(value: int) -> bytes:
+    """A non-negative protobuf varint."""
+    if value < 128:
+        return _SMALL_VARINTS[value]
     out = bytearray()
-    while True:
-        bits = value & 0x7F
+    while value > 127:
+        out.append(value & 0x7F | 0x80)
         value >>= 7
-        if value:
-            out.append(bits | 0x80)
-        else:
-            out.append(bits)
-            return bytes(out)
+    out.append(value)
+    return bytes(out)
+
+
+_LENGTH_DELIMITED_KEYS = tuple(varint(number << 3 | 2) for number in range(40))
 
 
 def length_delimited(field_number: int, payload: bytes) -> bytes:
-    """One protobuf length-delimited field (wire type 2)."""
-    return _varint(field_number << 3 | 2) + _varint(len(payload)) + payload
+    """One protobuf length-delimited field (wire type 2): a sub-message, string or bytes, even empty."""
+    key = _LENGTH_DELIMITED_KEYS[field_number] if field_number < 40 else varint(field_number << 3 | 2)
+    size = len(payload)
+    return key + (_SMALL_VARINTS[size] if size < 128 else varint(size)) + payload
 
 
 @dataclass(frozen=True)
@@ -108,7 +116,7 @@ class EncodedResource:
     def __post_init__(self) -> None:
         head = length_delimited(3, self.name.encode()) + length_delimited(1, self.version.encode())
         length = len(head) + len(self.any_field)
-        object.__setattr__(self, "delta_prefix", _varint(2 << 3 | 2) + _varint(length) + head)
+        object.__setattr__(self, "delta_prefix", varint(2 << 3 | 2) + varint(length) + head)
 
 
 def encode_resource(
