@@ -21,10 +21,11 @@ from typing import Any
 from benchmarks.common import TRUST_DOMAIN, child_args, cpu_seconds, emit, rss_kb, serve_commands
 from benchmarks.meshgen import Layout, mesh_config, with_endpoint_change
 from meshca import logs
-from meshca.app import MeshcaApp, issue_server_credentials, tune_gc_for_serving
+from meshca.app import MeshcaApp, issue_server_credentials
 from meshca.ca import CaSettings, CertificateAuthority
 from meshca.clock import system_clock
 from meshca.devtokens import DEV_AUDIENCE, DEV_ISSUER, write_dev_issuer
+from meshca.gcpolicy import tune_gc_for_serving
 from meshca.jwtgate import TrustedIssuer
 from meshca.meshconfig import MeshConfig, load_mesh_config
 from meshca.rotation import RotationSettings

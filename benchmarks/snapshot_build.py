@@ -174,7 +174,7 @@ def run(profile: Profile, workdir: Path) -> list[Row]:
 
 if __name__ == "__main__":
     args = child_args()
-    from meshca.app import tune_gc_for_serving
+    from meshca.gcpolicy import tune_gc_for_serving
 
     tune_gc_for_serving()  # the process that builds and publishes is `meshca serve`, which does this
     emit(measure(args["services"], args["endpoints"], args["change_budget"], args["max_changes"]))

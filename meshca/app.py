@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import ipaddress
 import logging
 from collections.abc import Sequence
@@ -15,6 +14,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from meshca import csr_service
 from meshca.ca import CaError, CertificateAuthority
 from meshca.clock import Clock
+from meshca.gcpolicy import CollectorPause
 from meshca.jwtgate import (
     AuthenticationError,
     IdentityGate,
@@ -89,19 +89,6 @@ def issue_server_credentials(ca: CertificateAuthority, names: Sequence[str], ttl
     return ServerCredentials(issued.chain_pem, issued.private_key_pem)
 
 
-# Young-generation collections every 10,000 allocations (CPython's default: 700) and whole-heap
-# ones 100x rarer (default 10x). A serving process holds a large, long-lived heap (snapshots,
-# thousands of streams) and makes little cyclic garbage, yet with the defaults a mesh update's
-# allocations triggered a full collection: ~200 ms with 1,000 streams, in the middle of the push
-# (docs/performance.md, convergence).
-SERVING_GC_THRESHOLDS = (10_000, 50, 100)
-
-
-def tune_gc_for_serving() -> None:
-    """Set the collector for a long-running server (`meshca serve`; the benchmarks' server does the same)."""
-    gc.set_threshold(*SERVING_GC_THRESHOLDS)
-
-
 class MeshcaApp:
     """One meshca process: gRPC server with ADS/xDS/SDS, the CSR service and health."""
 
@@ -115,7 +102,10 @@ class MeshcaApp:
         rotation: RotationSettings = RotationSettings(),
         vault: VaultSession | None = None,
         xds_send_timeout: timedelta = DEFAULT_SEND_TIMEOUT,
+        collector_pause: CollectorPause | None = None,
     ) -> None:
+        """`collector_pause`: defers CPython's garbage collection while a push is written (default:
+        one on the `gc` module, see meshca.gcpolicy)."""
         self.ca = ca
         self.vault = vault
         self.clock = clock
@@ -141,6 +131,7 @@ class MeshcaApp:
             self.registry,
             logger.getChild("xds"),
             send_timeout=xds_send_timeout,
+            collector_pause=collector_pause if collector_pause is not None else CollectorPause(),
         )
         self.observability = Observability(self.registry, self.secrets, self.publisher, clock, logger.getChild("admin"))
         self.observability.add_collector(

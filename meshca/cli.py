@@ -65,8 +65,9 @@ def cmd_dev_token(args: argparse.Namespace) -> int:
 
 async def _serve(config_path: Path) -> int:
     from meshca import logs
-    from meshca.app import MeshcaApp, ServerCredentials, issue_server_credentials, tune_gc_for_serving
+    from meshca.app import MeshcaApp, ServerCredentials, issue_server_credentials
     from meshca.backends import build_ca_backend
+    from meshca.gcpolicy import tune_gc_for_serving
 
     tune_gc_for_serving()
     log = logs.configure("info")

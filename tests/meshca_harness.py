@@ -17,6 +17,7 @@ from meshca.ca import CaSettings, CertificateAuthority
 from meshca.clock import system_clock
 from meshca.devtokens import DEV_AUDIENCE, DEV_ISSUER, mint_token, write_dev_issuer
 from meshca.envoy_process import EnvoyProcess, free_port
+from meshca.gcpolicy import CollectorPause
 from meshca.jwtgate import TrustedIssuer
 
 TRUST_DOMAIN = "mesh.test"
@@ -49,13 +50,17 @@ def make_ca(directory: Path, trust_domain: str = TRUST_DOMAIN) -> CertificateAut
 
 
 @contextlib.asynccontextmanager
-async def running_meshca(directory: Path, leaf_ttl: timedelta | None = None) -> AsyncIterator[RunningMeshca]:
+async def running_meshca(
+    directory: Path, leaf_ttl: timedelta | None = None, collector_pause: CollectorPause | None = None
+) -> AsyncIterator[RunningMeshca]:
     ca = make_ca(directory)
     issuer_files = write_dev_issuer(directory / "jwt")
     issuer = TrustedIssuer(
         issuer=DEV_ISSUER, audiences=(DEV_AUDIENCE,), trust_domain=TRUST_DOMAIN, jwks_path=issuer_files.jwks
     )
-    app = MeshcaApp(ca, [issuer], system_clock, logging.getLogger("meshca.test"), leaf_ttl=leaf_ttl)
+    app = MeshcaApp(
+        ca, [issuer], system_clock, logging.getLogger("meshca.test"), leaf_ttl=leaf_ttl, collector_pause=collector_pause
+    )
     credentials = issue_server_credentials(ca, ["localhost", "127.0.0.1"], timedelta(hours=1))
     port = await app.start("127.0.0.1", 0, credentials)
     try:

@@ -15,6 +15,7 @@ import grpc
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import DecodeError
 
+from meshca.gcpolicy import CollectorPause
 from meshca.snapshot import ResourceType, Snapshot, SnapshotCache, length_delimited
 from meshca.v1 import xds_wire_pb2
 from meshca.xds.cancel import cancel_rpc
@@ -237,12 +238,21 @@ class _Inbox:
     """What a stream's loop waits for: the next request (bounded, from the reader task) or a newer
     snapshot, through one future per wait (not a task per source and asyncio.wait, as before)."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, pause: CollectorPause | None = None) -> None:
         self.requests: asyncio.Queue[object] = asyncio.Queue(maxsize=limit)
         self._snapshot_changed = False
         self._waiter: asyncio.Future[None] | None = None
+        self._pause = pause
+        self._holding = False
 
     def snapshot_changed(self) -> None:
+        # An idle stream is about to push: no garbage collection until it has handed the response
+        # to gRPC (released one loop iteration after it woke, i.e. after its step). A busy stream
+        # (e.g. stuck in a write to a slow reader) does not hold the pause.
+        waiter = self._waiter
+        if self._pause is not None and not self._holding and waiter is not None and not waiter.done():
+            self._pause.hold()
+            self._holding = True
         self._snapshot_changed = True
         self._wake()
 
@@ -263,11 +273,15 @@ class _Inbox:
             if self._snapshot_changed:
                 self._snapshot_changed = False
                 return None
-            self._waiter = asyncio.get_running_loop().create_future()
+            loop = asyncio.get_running_loop()
+            self._waiter = loop.create_future()
             try:
                 await self._waiter
             finally:
                 self._waiter = None
+                if self._holding:
+                    self._holding = False
+                    loop.call_soon(self._pause.release)  # type: ignore[union-attr]
 
 
 class XdsServer:
@@ -280,9 +294,11 @@ class XdsServer:
         registry: ProxyRegistry,
         logger: logging.Logger,
         send_timeout: timedelta = DEFAULT_SEND_TIMEOUT,
+        collector_pause: CollectorPause | None = None,
     ) -> None:
         """`send_timeout`: how long one response may wait for the proxy to read it (HTTP/2 flow
-        control) before the stream is closed with UNAVAILABLE.
+        control) before the stream is closed with UNAVAILABLE. `collector_pause`: held while a
+        snapshot change is being written to the streams it woke (see meshca.gcpolicy).
         """
         if send_timeout <= timedelta(0):
             raise ValueError(f"send_timeout must be positive, not {send_timeout}")
@@ -291,6 +307,7 @@ class XdsServer:
         self._registry = registry
         self._log = logger
         self._send_timeout = send_timeout
+        self._collector_pause = collector_pause
         self._nonces = itertools.count(1)
         # One watchdog task checks every write in progress, instead of a timer per write (at 10,000
         # streams the per-write timers cost more than the writes' own Python work).
@@ -335,7 +352,7 @@ class XdsServer:
             await context.abort(refused.code, refused.message)
             return
 
-        inbox = _Inbox(limit=64)
+        inbox = _Inbox(limit=64, pause=self._collector_pause)
         reader = asyncio.create_task(self._read(requests, inbox, fixed_type, variant))
         stream_id: int | None = None
         watch = None
