@@ -12,7 +12,11 @@ over streams of (arrival - t0); the row also gives the part after apply returned
 
 Baseline, same run: benchmarks.rawserver holding N bidi streams from the same load-generator
 layout fans out the very bytes one meshca stream received for the change; t0 just before the queues
-are filled.
+are filled. Its clients do not answer. A second raw run, reported in the parameters only
+(`baseline_with_acks_p99_s`), has every client answer with the very ACK one meshca stream sent
+(the EDS ACK names every subscribed cluster) and the raw server read it: the same traffic both
+ways, which shows how much of the gap is the ACKs' cost on this shared 2-core machine rather than
+meshca's own work.
 """
 
 from __future__ import annotations
@@ -69,9 +73,16 @@ def measure_meshca(profile: Profile, streams: int, workdir: Path, dump: Path) ->
         stop_all([*gens, server])
 
 
-def measure_baseline(profile: Profile, streams: int, workdir: Path, payload: Path) -> dict[str, Any]:
+def measure_baseline(
+    profile: Profile, streams: int, workdir: Path, payload: Path, ack: Path | None = None
+) -> dict[str, Any]:
+    """The raw fan-out of `payload`; with `ack`, its clients answer with those bytes and it reads them."""
     tls = tls_material(workdir / "tls")
-    server = Child("rawserver", {"cert": str(tls.cert), "key": str(tls.key)}, workdir / "rawserver.log")
+    server = Child(
+        "rawserver",
+        {"cert": str(tls.cert), "key": str(tls.key), "read_acks": ack is not None},
+        workdir / ("rawserver-acks.log" if ack else "rawserver.log"),
+    )
     gens: list[Child] = []
     try:
         info = server.ready()
@@ -83,6 +94,7 @@ def measure_baseline(profile: Profile, streams: int, workdir: Path, payload: Pat
             root=tls.root,
             workdir=workdir,
             streams_per_channel=profile.streams_per_channel,
+            extra={"ack": str(ack)} if ack is not None else None,
         )
         require_all_ready(summary, "baseline")
         arm(gens, "any")
@@ -110,6 +122,7 @@ def run(profile: Profile, workdir: Path) -> list[Row]:
     try:
         meshca = measure_meshca(profile, streams, workdir, dump)
         baseline = measure_baseline(profile, streams, workdir, dump)
+        with_acks = measure_baseline(profile, streams, workdir / "acks", dump, ack=dump.with_suffix(".ack"))
     except Exception as error:
         return [failed_row(NAME, UNIT, TARGET, error, **parameters)]
     parameters.update(
@@ -122,6 +135,9 @@ def run(profile: Profile, workdir: Path) -> list[Row]:
             "resources_in_change_message": meshca["resources_in_change"],
             "baseline_p50_s": round(baseline["p50_s"], 4),
             "baseline_max_s": round(baseline["max_s"], 4),
+            "baseline_with_acks_p99_s": round(with_acks["p99_s"], 4),
+            "ratio_to_baseline_with_acks": round(meshca["p99_s"] / with_acks["p99_s"], 2),
+            "ack_message_bytes": dump.with_suffix(".ack").stat().st_size,
             "connect_seconds": round(meshca["connect_seconds"], 1),
             "initial_mesh_apply_s": round(meshca["mesh_apply_seconds"], 2),
         }

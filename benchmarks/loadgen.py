@@ -6,7 +6,8 @@
   CDS and LDS (wildcard), EDS and RDS (by name), SDS `default` + `ROOTCA`; every response is ACKed.
   Only the top-level fields of responses are read (version, type, nonce); resources are skipped,
   except the `default` secret's bytes, whose hash tells a rotated certificate.
-- raw: idle bidi streams against benchmarks.rawserver (the baseline).
+- raw: idle bidi streams against benchmarks.rawserver (the baseline); with "ack" (a file), each
+  stream answers every message with those bytes, as an xds stream ACKs.
 - csr: N concurrent clients calling meshca.v1.CertificateService/Sign with pre-generated CSRs.
 - bao: N threads calling OpenBao's `pki/sign/<role>` through hvac with the same CSRs.
 
@@ -265,7 +266,8 @@ class StreamLoad:
                         state.default = digest
                 state.observe(type_url, version, digest, at, len(raw))
                 state.versions[type_url] = version
-                await call.write(ack_bytes(version, names_fields, type_url, nonce))
+                ack = ack_bytes(version, names_fields, type_url, nonce)
+                await call.write(ack)
                 if holding:
                     pending.discard(type_url)
                     if not pending:
@@ -276,6 +278,7 @@ class StreamLoad:
                     self._hit.set()
                     if self.dump_path is not None:
                         Path(self.dump_path).write_bytes(raw)
+                        Path(self.dump_path).with_suffix(".ack").write_bytes(ack)
                         self.hit_resources = len(resources)
                         self.dump_path = None
             code = await call.code()
@@ -294,6 +297,7 @@ class StreamLoad:
     async def _raw_stream(
         self, state: StreamState, channel: grpc.aio.Channel, token: str, gate: asyncio.Semaphore
     ) -> None:
+        ack = Path(self.args["ack"]).read_bytes() if self.args.get("ack") else None  # answer every message
         await gate.acquire()
         holding = True
         try:
@@ -306,6 +310,8 @@ class StreamLoad:
                     break
                 at = time.monotonic()
                 state.observe("", "", None, at, len(raw))
+                if ack is not None:
+                    await call.write(ack)
                 if holding:
                     state.ready = True
                     holding = False

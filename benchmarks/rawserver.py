@@ -3,7 +3,8 @@
     python -m benchmarks.rawserver '{"cert": ..., "key": ...}'
 
 Each stream echoes its first message, then writes whatever is queued for it; `fanout` queues the
-same bytes to every stream — the least any server must do to deliver a change.
+same bytes to every stream — the least any server must do to deliver a change. With
+`"read_acks": true` it also reads (and drops) everything its clients send after that.
 """
 
 from __future__ import annotations
@@ -24,11 +25,20 @@ async def main() -> None:
     args = child_args()
     queues: set[asyncio.Queue[bytes]] = set()
 
+    async def drain(context: grpc.aio.ServicerContext) -> None:
+        """Read what the client sends (its ACKs) and drop it, as meshca must read and handle them."""
+        try:
+            while await context.read() is not grpc.aio.EOF:
+                pass
+        except Exception:  # the stream ended
+            pass
+
     async def hold(request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
         first = await context.read()
         if first is grpc.aio.EOF:
             return
         await context.write(first)
+        reader = asyncio.ensure_future(drain(context)) if args.get("read_acks") else None
         inbox: asyncio.Queue[bytes] = asyncio.Queue()
         queues.add(inbox)
         try:
@@ -36,6 +46,8 @@ async def main() -> None:
                 await context.write(await inbox.get())
         finally:
             queues.discard(inbox)
+            if reader is not None:
+                reader.cancel()
 
     server = grpc.aio.server(
         options=[

@@ -45,8 +45,11 @@ def start_loadgens(
     layout: Layout | None = None,
     signing_key: str | None = None,
     ready_timeout: float = 900.0,
+    extra: dict[str, Any] | None = None,
 ) -> tuple[list[Child], dict[str, Any]]:
-    """Start `processes` load generators holding `total` streams between them; wait until all are ready."""
+    """Start `processes` load generators holding `total` streams between them; wait until all are ready.
+
+    `extra`: more arguments for every load generator (e.g. raw mode's "ack")."""
     processes = max(1, min(processes, total))
     share, extra = divmod(total, processes)
     children: list[Child] = []
@@ -62,6 +65,7 @@ def start_loadgens(
                 "count": count,
                 "streams_per_channel": streams_per_channel,
                 "ready_timeout": ready_timeout,
+                **(extra or {}),
             }
             if layout is not None:
                 args["layout"] = layout.to_json()
