@@ -170,7 +170,12 @@ def _parse_issuer(reader: FieldReader, index: int, item: object, trust_domain: s
         raise reader.error(key, str(error)) from None
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
+# libyaml's parser when PyYAML was built with it (the wheels are): a 1,000-service mesh file parses in
+# ~0.1 s instead of ~1 s, which was most of the time from a file edit to the push.
+_SafeLoaderBase: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+class _UniqueKeyLoader(_SafeLoaderBase):  # type: ignore[misc,valid-type]
     """A safe loader that refuses a key given twice in one mapping (YAML keeps the last silently)."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
