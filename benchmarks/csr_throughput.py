@@ -10,6 +10,11 @@ Baseline, same run, same N: a real `bao server -dev` (OpenBao) set up by meshca.
 process with N threads, each with its own hvac client, calling `pki/sign/meshca` with the same kind
 of CSRs, `uri_sans` set as meshca's vault-leaf backend sets it. meshca and OpenBao are measured in
 alternating rounds.
+
+Also reported (parameters `grpc_floor_*`), in the same rounds: the same N clients making the same
+calls (TLS, one connection each, the same request, response and authorization header sizes) to a
+bare grpc.aio server whose handler returns a fixed answer: what the transport alone allows here,
+i.e. how far the target is within reach of any handler on this machine.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import TRUST_DOMAIN, Child, Profile, Row, cpu_seconds, failed_row, server_args, stop_all
+from benchmarks.streams import tls_material
 from meshca.openbao_process import OpenBaoProcess
 from meshca.vault_setup import setup_pki
 
@@ -45,6 +51,39 @@ def _meshca_round(profile: Profile, workdir: Path, round_no: int) -> dict[str, A
                 "warmup": profile.csr_warmup,
             },
             workdir / f"loadgen-csr-{round_no}.log",
+        )
+        gen.ready()
+        cpu_before = cpu_seconds(server.pid)
+        result = gen.call("run", timeout=profile.csr_seconds + profile.csr_warmup + 300)
+        result["server_cpu_seconds"] = cpu_seconds(server.pid) - cpu_before
+        return result
+    finally:
+        stop_all([gen, server])
+
+
+def _floor_round(profile: Profile, workdir: Path, round_no: int, sizes: dict[str, int]) -> dict[str, Any]:
+    """The same calls against a bare grpc.aio server whose handler does nothing (same TLS, N, sizes)."""
+    tls = tls_material(workdir / f"floor-tls-{round_no}")
+    server = Child(
+        "rawserver",
+        {"cert": str(tls.cert), "key": str(tls.key), "unary_response_bytes": sizes["response_bytes"]},
+        workdir / f"rawserver-{round_no}.log",
+    )
+    gen = None
+    try:
+        info = server.ready()
+        gen = Child(
+            "loadgen",
+            {
+                "mode": "unary",
+                "port": info["port"],
+                "root": str(tls.root),
+                "message_sizes": sizes,
+                "concurrency": profile.csr_concurrency,
+                "seconds": profile.csr_seconds,
+                "warmup": profile.csr_warmup,
+            },
+            workdir / f"loadgen-unary-{round_no}.log",
         )
         gen.ready()
         cpu_before = cpu_seconds(server.pid)
@@ -96,10 +135,12 @@ def run(profile: Profile, workdir: Path) -> list[Row]:
     }
     meshca: list[dict[str, Any]] = []
     bao: list[dict[str, Any]] = []
+    floor: list[dict[str, Any]] = []
     try:
         for round_no in range(rounds):
             meshca.append(_meshca_round(profile, workdir, round_no))
             bao.append(_bao_round(profile, workdir, round_no))
+            floor.append(_floor_round(profile, workdir, round_no, meshca[0]["message_sizes"]))
     except Exception as error:
         return [failed_row(NAME, UNIT, TARGET, error, **parameters)]
 
@@ -108,6 +149,7 @@ def run(profile: Profile, workdir: Path) -> list[Row]:
 
     rate = total(meshca, "completed") / total(meshca, "seconds")
     bao_rate = total(bao, "completed") / total(bao, "seconds")
+    floor_rate = total(floor, "completed") / total(floor, "seconds")
     parameters.update(
         {
             "meshca_rounds": [round(r["rate"]) for r in meshca],
@@ -122,6 +164,13 @@ def run(profile: Profile, workdir: Path) -> list[Row]:
             "openbao_server_cpu_per_cert_us": round(
                 total(bao, "server_cpu_seconds") / max(1, total(bao, "completed_total")) * 1e6
             ),
+            "grpc_floor_calls_per_s": round(floor_rate),
+            "grpc_floor_rounds": [round(r["rate"]) for r in floor],
+            "grpc_floor_to_openbao_ratio": round(floor_rate / bao_rate, 2),
+            "grpc_floor_server_cpu_per_call_us": round(
+                total(floor, "server_cpu_seconds") / max(1, total(floor, "completed_total")) * 1e6
+            ),
+            "grpc_floor_message_sizes": meshca[0]["message_sizes"],
             "meshca_errors": meshca[-1]["errors"],
             "openbao_errors": bao[-1]["errors"],
         }

@@ -1,6 +1,6 @@
 """Load generator, always its own process (several for many streams), driven by JSON-line commands.
 
-    python -m benchmarks.loadgen '{"mode": "xds" | "raw" | "csr" | "bao", ...}'
+    python -m benchmarks.loadgen '{"mode": "xds" | "raw" | "csr" | "unary" | "bao", ...}'
 
 - xds: ADS streams like Envoy sidecars, each with its own identity (a dev token), subscribed to
   CDS and LDS (wildcard), EDS and RDS (by name), SDS `default` + `ROOTCA`; every response is ACKed.
@@ -9,6 +9,8 @@
 - raw: idle bidi streams against benchmarks.rawserver (the baseline); with "ack" (a file), each
   stream answers every message with those bytes, as an xds stream ACKs.
 - csr: N concurrent clients calling meshca.v1.CertificateService/Sign with pre-generated CSRs.
+- unary: the csr clients' calls (same N, TLS, message and header sizes) against benchmarks.rawserver's
+  empty unary handler: the transport's floor.
 - bao: N threads calling OpenBao's `pki/sign/<role>` through hvac with the same CSRs.
 
 Times are `time.monotonic()`, which on Linux is one clock for every process of the machine.
@@ -21,7 +23,7 @@ import hashlib
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,7 @@ from meshca.snapshot import length_delimited
 
 ADS_METHOD = "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources"
 RAW_METHOD = "/bench.Raw/Hold"
+RAW_UNARY_METHOD = "/bench.Raw/Unary"
 
 
 # -- protobuf wire reading (top level only) ------------------------------------------------------
@@ -402,11 +405,39 @@ def _summary(done: list[tuple[float, float]], errors: dict[str, int], start: flo
     }
 
 
+async def _closed_loop(
+    concurrency: int, duration: float, warmup: float, call: Callable[[int, int], Awaitable[object]]
+) -> dict[str, Any]:
+    """`concurrency` clients, each calling `call(client, i)` back to back; counted after `warmup` for `duration`."""
+    done: list[tuple[float, float]] = []
+    errors: dict[str, int] = {}
+    start = time.monotonic() + warmup
+    end = start + duration
+
+    async def client(k: int) -> None:
+        i = k
+        while True:
+            t = time.monotonic()
+            if t >= end:
+                return
+            try:
+                await call(k, i)
+            except grpc.aio.AioRpcError as error:
+                errors[str(error.code())] = errors.get(str(error.code()), 0) + 1
+                continue
+            finished = time.monotonic()
+            done.append((finished, finished - t))
+            i += concurrency
+
+    await asyncio.gather(*(client(k) for k in range(concurrency)))
+    return _summary(done, errors, start, end)
+
+
 async def csr_load(args: dict[str, Any]) -> dict[str, Any]:
     from meshca.devtokens import mint_token
     from meshca.v1 import certificate_pb2, certificate_pb2_grpc
 
-    concurrency, duration, warmup = args["concurrency"], args["seconds"], args["warmup"]
+    concurrency = args["concurrency"]
     csrs = _csr_pool(args.get("pool", 64))
     key = Path(args["signing_key"]).read_bytes()
     now = datetime.now(timezone.utc)
@@ -418,32 +449,45 @@ async def csr_load(args: dict[str, Any]) -> dict[str, Any]:
     check = await stubs[0].Sign(requests[0], metadata=[("authorization", f"Bearer {tokens[0]}")])
     if check.spiffe_id != f"spiffe://{TRUST_DOMAIN}/ns/bench/sa/csr-0" or len(check.certificate_chain) < 2:
         raise RuntimeError(f"unexpected Sign answer: {check}")
-    done: list[tuple[float, float]] = []
-    errors: dict[str, int] = {}
-    start = time.monotonic() + warmup
-    end = start + duration
+    metadata = [[("authorization", f"Bearer {token}")] for token in tokens]
 
-    async def client(k: int) -> None:
-        metadata = [("authorization", f"Bearer {tokens[k]}")]
-        stub = stubs[k]
-        i = k
-        while True:
-            t = time.monotonic()
-            if t >= end:
-                return
-            try:
-                await stub.Sign(requests[i % len(requests)], metadata=metadata)
-            except grpc.aio.AioRpcError as error:
-                errors[str(error.code())] = errors.get(str(error.code()), 0) + 1
-                continue
-            finished = time.monotonic()
-            done.append((finished, finished - t))
-            i += concurrency
+    def sign(k: int, i: int) -> Awaitable[object]:
+        return stubs[k].Sign(requests[i % len(requests)], metadata=metadata[k])
 
-    await asyncio.gather(*(client(k) for k in range(concurrency)))
+    result = await _closed_loop(concurrency, args["seconds"], args["warmup"], sign)
     for channel in channels:
         await channel.close()
-    return _summary(done, errors, start, end)
+    # What one call carries, for the transport floor (benchmarks.csr_throughput, unary mode).
+    result["message_sizes"] = {
+        "request_bytes": requests[0].ByteSize(),
+        "response_bytes": check.ByteSize(),
+        "authorization_bytes": len(metadata[0][0][1]),
+    }
+    return result
+
+
+async def unary_load(args: dict[str, Any]) -> dict[str, Any]:
+    """The CSR load's calls against benchmarks.rawserver's empty unary handler: same N, TLS, sizes."""
+    concurrency, sizes = args["concurrency"], args["message_sizes"]
+    root_pem = Path(args["root"]).read_bytes()
+    channels = [_secure_channel(args["port"], root_pem) for _ in range(concurrency)]
+    calls = [c.unary_unary(RAW_UNARY_METHOD) for c in channels]
+    request = b"q" * sizes["request_bytes"]
+    # A distinct header value per client, as each CSR client has its own token.
+    metadata = [
+        [("authorization", f"{k:08d}".ljust(sizes["authorization_bytes"], "x"))] for k in range(concurrency)
+    ]
+    answer = await calls[0](request, metadata=metadata[0])
+    if len(answer) != sizes["response_bytes"]:
+        raise RuntimeError(f"rawserver answered {len(answer)} bytes, not {sizes['response_bytes']}")
+
+    def call(k: int, i: int) -> Awaitable[object]:
+        return calls[k](request, metadata=metadata[k])
+
+    result = await _closed_loop(concurrency, args["seconds"], args["warmup"], call)
+    for channel in channels:
+        await channel.close()
+    return result
 
 
 def bao_load(args: dict[str, Any]) -> dict[str, Any]:
@@ -523,6 +567,8 @@ async def main() -> None:
         merged = {**args, **cmd}
         if mode == "csr":
             return await csr_load(merged)
+        if mode == "unary":
+            return await unary_load(merged)
         return await asyncio.get_running_loop().run_in_executor(None, bao_load, merged)
 
     await serve_commands({"run": run})

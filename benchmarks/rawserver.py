@@ -4,7 +4,9 @@
 
 Each stream echoes its first message, then writes whatever is queued for it; `fanout` queues the
 same bytes to every stream — the least any server must do to deliver a change. With
-`"read_acks": true` it also reads (and drops) everything its clients send after that.
+`"read_acks": true` it also reads (and drops) everything its clients send after that. `Unary`
+answers any request with `unary_response_bytes` bytes and does nothing else (the CSR benchmark's
+transport floor).
 """
 
 from __future__ import annotations
@@ -57,7 +59,18 @@ async def main() -> None:
             ("grpc.keepalive_permit_without_calls", 1),
         ]
     )
-    handler = grpc.method_handlers_generic_handler("bench.Raw", {"Hold": grpc.stream_stream_rpc_method_handler(hold)})
+    unary_response = b"r" * args.get("unary_response_bytes", 0)
+
+    async def unary(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        return unary_response
+
+    handler = grpc.method_handlers_generic_handler(
+        "bench.Raw",
+        {
+            "Hold": grpc.stream_stream_rpc_method_handler(hold),
+            "Unary": grpc.unary_unary_rpc_method_handler(unary),
+        },
+    )
     server.add_generic_rpc_handlers([handler])
     credentials = grpc.ssl_server_credentials([(Path(args["key"]).read_bytes(), Path(args["cert"]).read_bytes())])
     port = server.add_secure_port("127.0.0.1:0", credentials)
