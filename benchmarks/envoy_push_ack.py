@@ -13,6 +13,10 @@ per type and waits until every stream has ACKed it:
 Sample: from `record_sent` (the response's write completed) to `record_ack` (the ACK processed by
 the stream's loop). Envoy holds a CDS ACK until it has the new cluster's EDS, as it always does.
 
+The rows `envoy_push_to_ack_*` are Envoys on SotW ADS (`api_type: GRPC`, meshca's bootstrap
+default); `envoy_delta_push_to_ack_*` the same rounds, after those Envoys stopped, with N new Envoys
+on delta ADS (`DELTA_GRPC`).
+
 Baseline, same run, same kind of pushes: once the Envoys are stopped, N Python ADS client streams
 (benchmarks.loadgen, one per identity; they ACK at once and apply nothing) go through the same
 rounds — the server + loopback floor. The two phases never overlap, so neither loads the other.
@@ -38,6 +42,8 @@ NAME = "envoy_push_to_ack"
 TARGET = "median <= 5 ms"
 UNIT = "ms (median)"
 TYPES = ("CDS", "EDS", "LDS", "RDS", "SDS")
+VARIANTS = {"sotw": "GRPC", "delta": "DELTA_GRPC"}  # Envoy's ADS api_type
+ROW_PREFIX = {"sotw": NAME, "delta": "envoy_delta_push_to_ack"}
 
 
 class MeshFile:
@@ -145,21 +151,15 @@ def _envoy_update_p50(envoys: list[EnvoyProcess]) -> dict[str, float | None]:
     return {t: round(statistics.median(v), 2) if v else None for t, v in per_type.items()}
 
 
-def measure(profile: Profile, workdir: Path) -> dict[str, Any]:
-    """Phase 1: N Envoys alone. Phase 2: the Envoys stopped, N Python clients alone, same kind of pushes."""
+def _envoy_phase(
+    server: Child, info: dict[str, Any], mesh: MeshFile, api_type: str, first_round: int, profile: Profile, workdir: Path
+) -> dict[str, Any]:
+    """N Envoys speaking `api_type` (GRPC: SotW, DELTA_GRPC: delta) through the rounds, then stopped."""
     count = profile.envoys
-    mesh = MeshFile(workdir / "mesh.yaml", count)
-    server = Child(
-        "meshca_server",
-        server_args(workdir=str(workdir / "meshca"), mesh_file=str(mesh.path), instrument=True),
-        workdir / "meshca.log",
-    )
+    key = Path(info["signing_key"]).read_bytes()
+    now = datetime.now(timezone.utc)
     envoys: list[EnvoyProcess] = []
-    gens: list[Child] = []
     try:
-        info = server.ready()
-        key = Path(info["signing_key"]).read_bytes()
-        now = datetime.now(timezone.utc)
         for i in range(count):
             token = mint_token(key, namespace=NAMESPACE, service_account=f"svc-{i}", now=now)
             settings = BootstrapSettings(
@@ -171,20 +171,42 @@ def measure(profile: Profile, workdir: Path) -> dict[str, Any]:
                 meshca_server_name="localhost",
                 token=token,
                 admin_port=free_port(),
+                api_type=api_type,
             )
-            envoys.append(EnvoyProcess(build_bootstrap(settings), workdir=workdir / f"envoy-{i}").start())
+            envoys.append(EnvoyProcess(build_bootstrap(settings), workdir=workdir / f"envoy-{api_type}-{i}").start())
         for envoy in envoys:
             envoy.wait_ready(60)
         _wait_synced(server, count, TYPES, timeout=60)
-        envoy_samples = _rounds(server, mesh, count, 1, profile.envoy_rounds)
-        nacks = server.call("registry")["nacks"]
-        envoy_own = _envoy_update_p50(envoys)
+        nacks_before = server.call("registry")["nacks"]
+        samples = _rounds(server, mesh, count, first_round, profile.envoy_rounds)
+        nacks = server.call("registry")["nacks"] - nacks_before
+        own = _envoy_update_p50(envoys)
+    finally:
         for envoy in envoys:
             envoy.stop()
-        deadline = time.monotonic() + 30
-        while server.call("registry")["streams"] and time.monotonic() < deadline:
-            time.sleep(0.05)
+    deadline = time.monotonic() + 30
+    while server.call("registry")["streams"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return {"samples": _by_type(samples), "nacks": nacks, "envoy_own_update_p50_ms": own}
 
+
+def measure(profile: Profile, workdir: Path) -> dict[str, Any]:
+    """Phase 1: N Envoys alone, SotW then delta. Phase 2: the Envoys stopped, N Python clients alone."""
+    count = profile.envoys
+    rounds = profile.envoy_rounds
+    mesh = MeshFile(workdir / "mesh.yaml", count)
+    server = Child(
+        "meshca_server",
+        server_args(workdir=str(workdir / "meshca"), mesh_file=str(mesh.path), instrument=True),
+        workdir / "meshca.log",
+    )
+    gens: list[Child] = []
+    try:
+        info = server.ready()
+        phases = {
+            variant: _envoy_phase(server, info, mesh, api_type, 1 + n * rounds, profile, workdir)
+            for n, (variant, api_type) in enumerate(VARIANTS.items())
+        }
         gens, summary = start_loadgens(
             "xds",
             total=count,
@@ -198,18 +220,10 @@ def measure(profile: Profile, workdir: Path) -> dict[str, Any]:
         )
         require_all_ready(summary, "python clients")
         _wait_synced(server, count, TYPES, timeout=60)
-        python_samples = _rounds(server, mesh, count, profile.envoy_rounds + 1, profile.envoy_rounds)
+        python_samples = _rounds(server, mesh, count, 1 + len(VARIANTS) * rounds, rounds)
     finally:
-        stop_all(gens)
-        for envoy in envoys:
-            envoy.stop()
-        server.stop()
-    return {
-        "envoy": _by_type(envoy_samples),
-        "python": _by_type(python_samples),
-        "nacks": nacks,
-        "envoy_own_update_p50_ms": envoy_own,
-    }
+        stop_all([*gens, server])
+    return {"envoy": phases, "python": _by_type(python_samples)}
 
 
 def run(profile: Profile, workdir: Path) -> list[Row]:
@@ -217,37 +231,40 @@ def run(profile: Profile, workdir: Path) -> list[Row]:
         "envoys": profile.envoys,
         "rounds": profile.envoy_rounds,
         "measured": "server-side, ProxyRegistry.record_sent -> record_ack (instance wrapped by the harness)",
-        "bootstrap": "meshca.bootstrap, ADS GRPC over TLS, set_node_on_first_message_only",
+        "bootstrap": "meshca.bootstrap, ADS over TLS, set_node_on_first_message_only",
     }
+    names = [(variant, t, f"{prefix}_{t.lower()}") for variant, prefix in ROW_PREFIX.items() for t in TYPES]
     try:
         result = measure(profile, workdir)
     except Exception as error:
-        return [failed_row(f"{NAME}_{t.lower()}", UNIT, TARGET, error, **parameters) for t in TYPES]
+        return [failed_row(name, UNIT, TARGET, error, **parameters) for _, _, name in names]
     rows = []
-    for t in TYPES:
-        envoy = result["envoy"][t]
+    for variant, t, name in names:
+        phase = result["envoy"][variant]
+        envoy = phase["samples"][t]
         python = result["python"][t]
+        row_parameters = {**parameters, "api_type": VARIANTS[variant]}
         if not envoy:
-            problem = f"no {t} push was ACKed by an Envoy"
-            rows.append(failed_row(f"{NAME}_{t.lower()}", UNIT, TARGET, problem, **parameters))
+            problem = f"no {t} push was ACKed by an Envoy ({variant})"
+            rows.append(failed_row(name, UNIT, TARGET, problem, **row_parameters))
             continue
         median = statistics.median(envoy)
         rows.append(
             Row(
-                f"{NAME}_{t.lower()}",
+                name,
                 median,
                 UNIT,
-                "Python ADS clients (ACK at once), same rounds",
+                "Python ADS clients (SotW, ACK at once), same rounds",
                 statistics.median(python) if python else None,
                 TARGET,
-                median <= 5.0 and result["nacks"] == 0,
+                median <= 5.0 and phase["nacks"] == 0,
                 {
-                    **parameters,
+                    **row_parameters,
                     "samples": len(envoy),
                     "p90_ms": round(sorted(envoy)[int(0.9 * (len(envoy) - 1))], 2),
                     "max_ms": round(max(envoy), 2),
-                    "nacks": result["nacks"],
-                    "envoy_own_update_duration_p50_ms": result["envoy_own_update_p50_ms"].get(t),
+                    "nacks": phase["nacks"],
+                    "envoy_own_update_duration_p50_ms": phase["envoy_own_update_p50_ms"].get(t),
                 },
             )
         )
