@@ -32,33 +32,41 @@ TARGET = ">= 5x OpenBao pki/sign"
 UNIT = "certs/s"
 
 
+def _drive(
+    profile: Profile, workdir: Path, round_no: int, mode: str, server_pid: int, args: dict[str, Any]
+) -> dict[str, Any]:
+    """One load-generator run of `mode` (N clients, warm-up, timed seconds) with the server's CPU seconds."""
+    gen = Child(
+        "loadgen",
+        {
+            "mode": mode,
+            **args,
+            "concurrency": profile.csr_concurrency,
+            "seconds": profile.csr_seconds,
+            "warmup": profile.csr_warmup,
+        },
+        workdir / f"loadgen-{mode}-{round_no}.log",
+    )
+    try:
+        gen.ready()
+        cpu_before = cpu_seconds(server_pid)
+        result = gen.call("run", timeout=profile.csr_seconds + profile.csr_warmup + 300)
+        result["server_cpu_seconds"] = cpu_seconds(server_pid) - cpu_before
+        return result
+    finally:
+        stop_all([gen])
+
+
 def _meshca_round(profile: Profile, workdir: Path, round_no: int) -> dict[str, Any]:
     server = Child(
         "meshca_server", server_args(workdir=str(workdir / f"meshca-{round_no}")), workdir / f"meshca-{round_no}.log"
     )
-    gen = None
     try:
         info = server.ready()
-        gen = Child(
-            "loadgen",
-            {
-                "mode": "csr",
-                "port": info["port"],
-                "root": info["root"],
-                "signing_key": info["signing_key"],
-                "concurrency": profile.csr_concurrency,
-                "seconds": profile.csr_seconds,
-                "warmup": profile.csr_warmup,
-            },
-            workdir / f"loadgen-csr-{round_no}.log",
-        )
-        gen.ready()
-        cpu_before = cpu_seconds(server.pid)
-        result = gen.call("run", timeout=profile.csr_seconds + profile.csr_warmup + 300)
-        result["server_cpu_seconds"] = cpu_seconds(server.pid) - cpu_before
-        return result
+        args = {"port": info["port"], "root": info["root"], "signing_key": info["signing_key"]}
+        return _drive(profile, workdir, round_no, "csr", server.pid, args)
     finally:
-        stop_all([gen, server])
+        stop_all([server])
 
 
 def _floor_round(profile: Profile, workdir: Path, round_no: int, sizes: dict[str, int]) -> dict[str, Any]:
@@ -69,58 +77,20 @@ def _floor_round(profile: Profile, workdir: Path, round_no: int, sizes: dict[str
         {"cert": str(tls.cert), "key": str(tls.key), "unary_response_bytes": sizes["response_bytes"]},
         workdir / f"rawserver-{round_no}.log",
     )
-    gen = None
     try:
         info = server.ready()
-        gen = Child(
-            "loadgen",
-            {
-                "mode": "unary",
-                "port": info["port"],
-                "root": str(tls.root),
-                "message_sizes": sizes,
-                "concurrency": profile.csr_concurrency,
-                "seconds": profile.csr_seconds,
-                "warmup": profile.csr_warmup,
-            },
-            workdir / f"loadgen-unary-{round_no}.log",
-        )
-        gen.ready()
-        cpu_before = cpu_seconds(server.pid)
-        result = gen.call("run", timeout=profile.csr_seconds + profile.csr_warmup + 300)
-        result["server_cpu_seconds"] = cpu_seconds(server.pid) - cpu_before
-        return result
+        args = {"port": info["port"], "root": str(tls.root), "message_sizes": sizes}
+        return _drive(profile, workdir, round_no, "unary", server.pid, args)
     finally:
-        stop_all([gen, server])
+        stop_all([server])
 
 
 def _bao_round(profile: Profile, workdir: Path, round_no: int) -> dict[str, Any]:
-    gen = None
     with OpenBaoProcess(workdir=workdir / f"openbao-{round_no}") as bao:
         setup_pki(bao.root_client(), trust_domain=TRUST_DOMAIN, mode="vault-leaf")
-        try:
-            gen = Child(
-                "loadgen",
-                {
-                    "mode": "bao",
-                    "address": bao.address,
-                    "token": bao.root_token,
-                    "mount": "pki",
-                    "role": "meshca",
-                    "concurrency": profile.csr_concurrency,
-                    "seconds": profile.csr_seconds,
-                    "warmup": profile.csr_warmup,
-                },
-                workdir / f"loadgen-bao-{round_no}.log",
-            )
-            gen.ready()
-            assert bao.pid is not None
-            cpu_before = cpu_seconds(bao.pid)
-            result = gen.call("run", timeout=profile.csr_seconds + profile.csr_warmup + 300)
-            result["server_cpu_seconds"] = cpu_seconds(bao.pid) - cpu_before
-            return result
-        finally:
-            stop_all([gen])
+        assert bao.pid is not None
+        args = {"address": bao.address, "token": bao.root_token, "mount": "pki", "role": "meshca"}
+        return _drive(profile, workdir, round_no, "bao", bao.pid, args)
 
 
 def run(profile: Profile, workdir: Path) -> list[Row]:
