@@ -26,7 +26,7 @@ from meshca.jwtgate import (
 )
 from meshca.meshbuild import ResourceMemo, build_mesh
 from meshca.meshconfig import MeshConfig
-from meshca.observability import Observability, RotationCollector, VaultCollector
+from meshca.observability import GcPauseCollector, Observability, RotationCollector, VaultCollector
 from meshca.rotation import ApschedulerJobs, CaWatcher, LeafRotator, RotationSettings
 from meshca.snapshot import InconsistentSnapshot, SnapshotCache
 from meshca.vault import VaultSession
@@ -125,18 +125,20 @@ class MeshcaApp:
         )
         self.secrets.set_issue_listener(self.rotator.on_issued)
         self.ca_watcher = CaWatcher(ca, self.publisher, self.rotator, rotation, clock, logger.getChild("ca"))
+        self.collector_pause = collector_pause if collector_pause is not None else CollectorPause()
         self.xds = XdsServer(
             self.cache,
             JwtStreamGate(self.identity_gate, self.publisher),
             self.registry,
             logger.getChild("xds"),
             send_timeout=xds_send_timeout,
-            collector_pause=collector_pause if collector_pause is not None else CollectorPause(),
+            collector_pause=self.collector_pause,
         )
         self.observability = Observability(self.registry, self.secrets, self.publisher, clock, logger.getChild("admin"))
         self.observability.add_collector(
             RotationCollector(ca, self.secrets, self.rotator, self.ca_watcher, clock)
         )
+        self.observability.add_collector(GcPauseCollector(self.collector_pause))
         if vault is not None:
             self.observability.add_collector(VaultCollector(vault, clock))
         self.health = health.HealthServicer()

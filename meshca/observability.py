@@ -391,6 +391,35 @@ class VaultCollector(Collector):
         yield CounterMetricFamily("meshca_vault_renewals", "Vault token renewals.", value=status.renewals_total)
 
 
+class PauseSource(Protocol):
+    """What metrics read from the xDS server's meshca.gcpolicy.CollectorPause."""
+
+    @property
+    def pauses(self) -> int: ...
+
+    @property
+    def expired(self) -> int: ...
+
+
+class GcPauseCollector(Collector):
+    """How often garbage collection was deferred for a push, and how often a deferral hit its bound."""
+
+    def __init__(self, pause: PauseSource) -> None:
+        self._pause = pause
+
+    def collect(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(
+            "meshca_gc_push_pauses",
+            "Pushes during which automatic garbage collection was deferred until every woken stream had written.",
+            value=self._pause.pauses,
+        )
+        yield CounterMetricFamily(
+            "meshca_gc_push_pauses_expired",
+            "Deferrals ended by their bound (10 s) before every woken stream had written.",
+            value=self._pause.expired,
+        )
+
+
 class Observability:
     """A per-app CollectorRegistry with meshca's collector, plus the admin HTTP server that exposes it."""
 

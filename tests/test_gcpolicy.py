@@ -8,10 +8,19 @@ from pathlib import Path
 
 import pytest
 from meshca_harness import running_meshca
+from prometheus_client.parser import text_string_to_metric_families
 from test_xds_server import CDS, mesh, open_stream
 
 from meshca.gcpolicy import CollectorPause
 from meshca.snapshot import ResourceType
+
+
+def metric(text: bytes, name: str) -> float:
+    for family in text_string_to_metric_families(text.decode()):
+        for sample in family.samples:
+            if sample.name == name:
+                return sample.value
+    raise AssertionError(f"{name} not exported")
 
 
 class RecordingCollector:
@@ -99,6 +108,7 @@ async def test_a_push_to_idle_streams_is_written_in_one_pause(tmp_path: Path) ->
                 break
             await asyncio.sleep(0.01)
         collector.calls.clear()
+        pauses_before = metric(meshca.app.observability.metrics_text(), "meshca_gc_push_pauses_total")
 
         meshca.app.publisher.set_mesh(mesh({"backend": 8080, "payments": 8081}))
         for client in clients:
@@ -110,5 +120,8 @@ async def test_a_push_to_idle_streams_is_written_in_one_pause(tmp_path: Path) ->
             await asyncio.sleep(0.01)
         assert collector.calls == ["disable", "enable"]  # one pause for the three streams
         assert pause.holds == 0 and pause.expired == 0
+        metrics = meshca.app.observability.metrics_text()
+        assert metric(metrics, "meshca_gc_push_pauses_total") == pauses_before + 1
+        assert metric(metrics, "meshca_gc_push_pauses_expired_total") == 0
         for client in clients:
             client.close()
