@@ -17,7 +17,7 @@ from pathlib import Path
 
 from benchmarks.common import Child, Profile, Row, failed_row, server_args, settle_rss, stop_all
 from benchmarks.meshgen import Layout
-from benchmarks.streams import require_all_ready, start_loadgens, start_meshca_streams, tls_material
+from benchmarks.streams import start_meshca_streams, start_raw_streams, tls_material
 
 NAME = "ads_streams_rss"
 TARGET = "<= 64 KB/stream"
@@ -30,16 +30,7 @@ def measure_baseline(profile: Profile, streams: int, workdir: Path) -> dict[str,
     try:
         info = server.ready()
         before = settle_rss(server.pid)
-        gens, summary = start_loadgens(
-            "raw",
-            total=streams,
-            processes=profile.stream_processes,
-            port=info["port"],
-            root=tls.root,
-            workdir=workdir,
-            streams_per_channel=profile.streams_per_channel,
-        )
-        require_all_ready(summary, "baseline")
+        gens = start_raw_streams(info["port"], tls.root, profile, streams, workdir)
         after = settle_rss(server.pid)
         held = server.call("stats")["streams"]
         return {"per_stream_kb": (after - before) / streams, "before_kb": before, "after_kb": after, "held": held}

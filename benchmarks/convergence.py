@@ -30,9 +30,8 @@ from benchmarks.streams import (
     arm,
     collect,
     latency_stats,
-    require_all_ready,
-    start_loadgens,
     start_meshca_streams,
+    start_raw_streams,
     tls_material,
 )
 
@@ -81,22 +80,13 @@ def measure_baseline(
     server = Child(
         "rawserver",
         {"cert": str(tls.cert), "key": str(tls.key), "read_acks": ack is not None},
-        workdir / ("rawserver-acks.log" if ack else "rawserver.log"),
+        workdir / "rawserver.log",
     )
     gens: list[Child] = []
     try:
         info = server.ready()
-        gens, summary = start_loadgens(
-            "raw",
-            total=streams,
-            processes=profile.stream_processes,
-            port=info["port"],
-            root=tls.root,
-            workdir=workdir,
-            streams_per_channel=profile.streams_per_channel,
-            extra={"ack": str(ack)} if ack is not None else None,
-        )
-        require_all_ready(summary, "baseline")
+        extra = {"ack": str(ack)} if ack is not None else None
+        gens = start_raw_streams(info["port"], tls.root, profile, streams, workdir, extra)
         arm(gens, "any")
         fan = server.call("fanout", payload=str(payload))
         result = collect(gens, timeout=300)

@@ -124,6 +124,29 @@ def start_meshca_streams(
     return gens, summary
 
 
+def start_raw_streams(
+    port: int,
+    root: Path,
+    profile: Profile,
+    streams: int,
+    workdir: Path,
+    extra: dict[str, Any] | None = None,
+) -> list[Child]:
+    """`streams` bidi streams against a ready benchmarks.rawserver, same layout as meshca's; all ready."""
+    gens, summary = start_loadgens(
+        "raw",
+        total=streams,
+        processes=profile.stream_processes,
+        port=port,
+        root=root,
+        workdir=workdir,
+        streams_per_channel=profile.streams_per_channel,
+        extra=extra,
+    )
+    require_all_ready(summary, "baseline")
+    return gens
+
+
 def arm(children: list[Child], kind: str, dump: Path | None = None) -> None:
     for index, child in enumerate(children):
         args: dict[str, Any] = {"kind": kind}
