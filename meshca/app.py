@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 from collections.abc import Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -15,6 +17,7 @@ from meshca import csr_service
 from meshca.ca import CaError, CertificateAuthority
 from meshca.clock import Clock
 from meshca.gcpolicy import CollectorPause
+from meshca.identity import SpiffeId
 from meshca.jwtgate import (
     AuthenticationError,
     IdentityGate,
@@ -27,6 +30,7 @@ from meshca.jwtgate import (
 from meshca.meshbuild import ResourceMemo, build_mesh
 from meshca.meshconfig import MeshConfig
 from meshca.observability import GcPauseCollector, Observability, RotationCollector, VaultCollector
+from meshca.retention import IdentityRetention
 from meshca.rotation import ApschedulerJobs, CaWatcher, LeafRotator, RotationSettings
 from meshca.snapshot import InconsistentSnapshot, SnapshotCache
 from meshca.vault import VaultSession
@@ -41,13 +45,27 @@ from meshca.xds.server import (
 )
 from meshca.xds.status import ProxyRegistry
 
+DEFAULT_IDENTITY_GRACE = timedelta(minutes=10)
+
 
 class JwtStreamGate:
-    """The xDS server's StreamGate: identity from the verified JWT, node bound to it, secrets ready."""
+    """The xDS server's StreamGate: identity from the verified JWT, node bound to it, secrets ready.
 
-    def __init__(self, identity_gate: IdentityGate, publisher: MeshPublisher) -> None:
+    A certificate that must be issued is issued on `ca_executor`, never on the event loop: a CA call
+    may wait seconds on Vault, and every other stream would wait with it.
+    """
+
+    def __init__(
+        self,
+        identity_gate: IdentityGate,
+        publisher: MeshPublisher,
+        retention: IdentityRetention,
+        ca_executor: Executor | None = None,
+    ) -> None:
         self._identity_gate = identity_gate
         self._publisher = publisher
+        self._retention = retention
+        self._ca_executor = ca_executor
 
     def authenticate(self, metadata: Sequence[tuple[str, str | bytes]]) -> VerifiedIdentity:
         try:
@@ -61,13 +79,26 @@ class JwtStreamGate:
             check_node_binding(principal, node.id, node.metadata)
         except NodeBindingError as error:
             raise StreamRefused(grpc.StatusCode.PERMISSION_DENIED, str(error)) from None
+        spiffe_id = principal.spiffe_id
+        self._retention.opened(spiffe_id)  # before the lookup: an identity being forgotten is kept or re-issued
         try:
-            key = self._publisher.ensure_identity(principal.spiffe_id)
+            key = self._publisher.current_key(spiffe_id)
+            if key is None:
+                loop = asyncio.get_running_loop()
+                key = await loop.run_in_executor(self._ca_executor, self._publisher.ensure_identity, spiffe_id)
         except ForeignTrustDomain as error:
+            self._retention.closed(spiffe_id)
             raise StreamRefused(grpc.StatusCode.PERMISSION_DENIED, str(error)) from None
         except CaError as error:  # e.g. the intermediate expired: say so rather than fail obscurely
+            self._retention.closed(spiffe_id)
             raise StreamRefused(grpc.StatusCode.UNAVAILABLE, f"cannot issue a certificate now: {error}") from None
-        return Admission(key, principal.spiffe_id.uri)
+        except BaseException:
+            self._retention.closed(spiffe_id)
+            raise
+        return Admission(key, spiffe_id.uri)
+
+    def release(self, admission: Admission) -> None:
+        self._retention.closed(SpiffeId.parse(admission.identity))
 
 
 @dataclass(frozen=True)
@@ -103,9 +134,11 @@ class MeshcaApp:
         vault: VaultSession | None = None,
         xds_send_timeout: timedelta = DEFAULT_SEND_TIMEOUT,
         collector_pause: CollectorPause | None = None,
+        identity_grace: timedelta = DEFAULT_IDENTITY_GRACE,
     ) -> None:
         """`collector_pause`: defers CPython's garbage collection while a push is written (default:
-        one on the `gc` module, see meshca.gcpolicy)."""
+        one on the `gc` module, see meshca.gcpolicy). `identity_grace`: how long an identity's
+        certificate is kept (and renewed) after its last stream closed."""
         self.ca = ca
         self.vault = vault
         self.clock = clock
@@ -124,11 +157,17 @@ class MeshcaApp:
             self.secrets, self.publisher, self.jobs, rotation.policy, clock, logger.getChild("rotation")
         )
         self.secrets.set_issue_listener(self.rotator.on_issued)
+        # Forgetting runs on the scheduler's one worker, so it never overlaps a renewal.
+        self.retention = IdentityRetention(
+            (self.rotator, self.secrets, self.publisher), self.jobs, identity_grace, clock, logger.getChild("sds")
+        )
+        # CA calls (issuing, signing CSRs) run here, off the event loop: Vault may take seconds.
+        self.ca_executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="meshca-ca")
         self.ca_watcher = CaWatcher(ca, self.publisher, self.rotator, rotation, clock, logger.getChild("ca"))
         self.collector_pause = collector_pause if collector_pause is not None else CollectorPause()
         self.xds = XdsServer(
             self.cache,
-            JwtStreamGate(self.identity_gate, self.publisher),
+            JwtStreamGate(self.identity_gate, self.publisher, self.retention, self.ca_executor),
             self.registry,
             logger.getChild("xds"),
             send_timeout=xds_send_timeout,
@@ -179,7 +218,9 @@ class MeshcaApp:
             ]
         )
         self.xds.add_to_server(server)
-        csr_service.add_to_server(server, csr_service.CertificateServicer(self.identity_gate, self.ca))
+        csr_service.add_to_server(
+            server, csr_service.CertificateServicer(self.identity_gate, self.ca, ca_executor=self.ca_executor)
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         address = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
         if credentials is None:
@@ -210,4 +251,5 @@ class MeshcaApp:
             self._server = None
             self.observability.stop()
             self.jobs.shutdown()
+            self.ca_executor.shutdown(wait=False, cancel_futures=True)
             self.log.info("meshca stopped")

@@ -65,6 +65,7 @@ class ServeSettings:
     admin_address: str
     log_level: str
     xds_send_timeout: timedelta = timedelta(seconds=30)  # a proxy not reading a response this long is closed
+    identity_grace: timedelta = timedelta(minutes=10)  # an identity without streams this long is forgotten
 
 
 class FieldReader:
@@ -242,7 +243,7 @@ def _parse_rotation(reader: FieldReader) -> RotationSettings:
 def parse_serve_settings(path: Path, data: Mapping[str, Any], trust_domain: str) -> ServeSettings:
     reader = FieldReader(path, data)
     reader.check_known(
-        {"state_dir", "listen", "issuers", "tls", "server_names", "leaf_ttl", "rotation", "mesh", "metrics_port", "admin_address", "ca", "log_level", "xds_send_timeout"}
+        {"state_dir", "listen", "issuers", "tls", "server_names", "leaf_ttl", "rotation", "mesh", "metrics_port", "admin_address", "ca", "log_level", "xds_send_timeout", "identity_grace"}
     )
     host, port = _parse_listen(reader)
     issuers_raw = reader.get("issuers", list)
@@ -265,6 +266,9 @@ def parse_serve_settings(path: Path, data: Mapping[str, Any], trust_domain: str)
         send_timeout = timedelta(seconds=30)
     if send_timeout < timedelta(seconds=1):
         raise reader.error("xds_send_timeout", f"{send_timeout.total_seconds():g}s is too short (at least 1s)")
+    identity_grace = reader.duration("identity_grace", required=False)
+    if identity_grace is None:
+        identity_grace = timedelta(minutes=10)
     return ServeSettings(
         state_dir=(path.parent / reader.get("state_dir", str)).resolve(),
         listen_host=host,
@@ -279,4 +283,5 @@ def parse_serve_settings(path: Path, data: Mapping[str, Any], trust_domain: str)
         admin_address=reader.get("admin_address", str, "127.0.0.1"),
         log_level=log_level,
         xds_send_timeout=send_timeout,
+        identity_grace=identity_grace,
     )

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Sequence
+from concurrent.futures import Executor
 from datetime import timedelta
 from typing import Protocol
 
@@ -51,9 +53,18 @@ _CSR_STATUS = {
 class CertificateServicer(certificate_pb2_grpc.CertificateServiceServicer):
     """meshca.v1.CertificateService/Sign: the SAN is the authenticated identity, never the CSR's."""
 
-    def __init__(self, authenticator: Authenticator, signer: CsrSigner, logger: logging.Logger | None = None) -> None:
+    def __init__(
+        self,
+        authenticator: Authenticator,
+        signer: CsrSigner,
+        logger: logging.Logger | None = None,
+        ca_executor: Executor | None = None,
+    ) -> None:
+        """`ca_executor`: where signing runs (default: the loop's default executor), never on the loop
+        itself: a Vault-backed signer may wait seconds on Vault."""
         self._authenticator = authenticator
         self._signer = signer
+        self._ca_executor = ca_executor
         self._log = logger or logging.getLogger(__name__)
         self._chain_tail: tuple[bytes, tuple[str, ...]] = (b"", ())
 
@@ -93,7 +104,9 @@ class CertificateServicer(certificate_pb2_grpc.CertificateServiceServicer):
 
         spiffe_id = identity.spiffe_id
         try:
-            issued = self._signer.sign_csr(request.csr_pem.encode("utf-8"), spiffe_id, ttl)
+            issued = await asyncio.get_running_loop().run_in_executor(
+                self._ca_executor, self._signer.sign_csr, request.csr_pem.encode("utf-8"), spiffe_id, ttl
+            )
         except CsrRejected as e:
             self._log.info("Sign refused for %s: %s", spiffe_id, e.reason)
             await context.abort(_CSR_STATUS[e.kind], e.reason)

@@ -54,6 +54,15 @@ def hard_zone_start(not_before: datetime, not_after: datetime, policy: RenewalPo
     return not_after - (not_after - not_before) * policy.hard_zone
 
 
+def lifetime_start(not_before: datetime, issued_at: datetime, not_after: datetime) -> datetime:
+    """Where a leaf's lifetime starts for renewal: when it was issued, not its backdated notBefore.
+
+    Vault backdates notBefore by `not_before_duration` (60 s from `meshca vault setup`): for a 20 s
+    leaf, half of notBefore..notAfter is already past when it arrives.
+    """
+    return min(max(not_before, issued_at), not_after)
+
+
 def should_renew(
     now: datetime, not_before: datetime, not_after: datetime, policy: RenewalPolicy, jitter_sample: float
 ) -> bool:
@@ -86,6 +95,7 @@ class LeafInfo(Protocol):
     serial_number: int
     not_before: datetime
     not_after: datetime
+    issued_at: datetime
 
 
 class Republisher(Protocol):
@@ -146,8 +156,13 @@ class LeafRotator:
         return f"renew:{spiffe_id.uri}"
 
     def on_issued(self, leaf: LeafInfo) -> datetime:
-        """Track a newly issued leaf and schedule its renewal; returns when it will be renewed."""
-        when = renewal_time(leaf.not_before, leaf.not_after, self._policy, self._rng.uniform(-1, 1))
+        """Track a newly issued leaf and schedule its renewal; returns when it will be renewed.
+
+        The renewal is never scheduled in the past: a leaf already due is renewed at once.
+        """
+        start = lifetime_start(leaf.not_before, leaf.issued_at, leaf.not_after)
+        when = renewal_time(start, leaf.not_after, self._policy, self._rng.uniform(-1, 1))
+        when = max(when, self._clock())
         with self._lock:
             self._tracked[leaf.spiffe_id] = leaf
         self._scheduler.schedule(self.job_id(leaf.spiffe_id), when, lambda: self.renew(leaf.spiffe_id))
@@ -200,7 +215,12 @@ class LeafRotator:
 
 
 class ApschedulerJobs:
-    """JobScheduler on apscheduler 3.x's BackgroundScheduler (one worker: renewals never overlap)."""
+    """JobScheduler on apscheduler 3.x's BackgroundScheduler (one worker: renewals never overlap).
+
+    A job that schedules its own id while it runs (a renewal scheduling the next one, or its retry)
+    is added when it returns: added earlier, apscheduler would find the id still running, skip the
+    new run ("maximum number of running instances reached") and drop a one-shot job for good.
+    """
 
     def __init__(self, logger: logging.Logger) -> None:
         from apscheduler.executors.pool import ThreadPoolExecutor
@@ -212,6 +232,9 @@ class ApschedulerJobs:
             timezone="UTC",
         )
         self._log = logger
+        self._lock = threading.Lock()
+        self._running: set[str] = set()
+        self._deferred: dict[str, tuple[datetime, Callable[[], None]]] = {}
 
     def start(self) -> None:
         self._scheduler.start()
@@ -221,7 +244,28 @@ class ApschedulerJobs:
             self._scheduler.shutdown(wait=False)
 
     def schedule(self, job_id: str, when: datetime, action: Callable[[], None]) -> None:
-        self._scheduler.add_job(action, "date", run_date=when, id=job_id, replace_existing=True)
+        with self._lock:
+            if job_id in self._running:
+                self._deferred[job_id] = (when, action)
+            else:
+                self._add(job_id, when, action)
+
+    def _add(self, job_id: str, when: datetime, action: Callable[[], None]) -> None:
+        self._scheduler.add_job(
+            self._run, "date", run_date=when, id=job_id, args=(job_id, action), replace_existing=True
+        )
+
+    def _run(self, job_id: str, action: Callable[[], None]) -> None:
+        with self._lock:
+            self._running.add(job_id)
+        try:
+            action()
+        finally:
+            with self._lock:
+                self._running.discard(job_id)
+                deferred = self._deferred.pop(job_id, None)
+                if deferred is not None:
+                    self._add(job_id, *deferred)
 
     def every(self, job_id: str, seconds: float, action: Callable[[], None]) -> None:
         self._scheduler.add_job(action, "interval", seconds=seconds, id=job_id, replace_existing=True)
@@ -229,10 +273,17 @@ class ApschedulerJobs:
     def cancel(self, job_id: str) -> None:
         from apscheduler.jobstores.base import JobLookupError
 
-        try:
-            self._scheduler.remove_job(job_id)
-        except JobLookupError:
-            pass
+        with self._lock:
+            self._deferred.pop(job_id, None)
+            try:
+                self._scheduler.remove_job(job_id)
+            except JobLookupError:
+                pass
+
+    def job_ids(self) -> list[str]:
+        """The ids of the jobs waiting to run (and of those deferred until their running self returns)."""
+        with self._lock:
+            return sorted({job.id for job in self._scheduler.get_jobs()} | set(self._deferred))
 
 
 class RotatingCa(Protocol):

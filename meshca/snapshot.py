@@ -606,6 +606,11 @@ class SnapshotCache:
         with self._lock:
             return list(self._snapshots)
 
+    def remove(self, key: str) -> bool:
+        """Drop the key's snapshot (its node group is gone); streams still watching it keep what they have."""
+        with self._lock:
+            return self._snapshots.pop(key, None) is not None
+
     def watch(self, key: str, on_change: Callable[[], object] | None = None) -> SnapshotWatch:
         """Call `on_change` (default: set the watch's event) on the caller's loop whenever `key` gets a
         new snapshot; close the watch when done."""

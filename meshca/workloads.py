@@ -64,6 +64,7 @@ class WorkloadCertificate:
     serial_number: int
     not_before: datetime
     not_after: datetime
+    issued_at: datetime  # when meshca got it: notBefore may be backdated (Vault: by 60 s)
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,11 @@ class _Issued:
 
 
 class WorkloadSecrets:
-    """Issues an identity's certificate on first request and reuses it until it must be renewed."""
+    """Issues an identity's certificate on first request and reuses it until it must be renewed.
+
+    The CA is called without holding the table's lock (a slow Vault delays only the identity being
+    issued); issuances of one identity are serialized so that it is issued once, not once per caller.
+    """
 
     def __init__(
         self,
@@ -93,6 +98,7 @@ class WorkloadSecrets:
         self._on_issued: Callable[[WorkloadCertificate], object] | None = None
         self._lock = threading.Lock()
         self._issued: dict[SpiffeId, _Issued] = {}
+        self._issuing: dict[SpiffeId, threading.Lock] = {}
         self._issued_total = 0
         self._bundle: tuple[bytes, list[EncodedResource]] = (b"", [])
 
@@ -113,17 +119,38 @@ class WorkloadSecrets:
         """Called (outside the lock) after every issuance: the rotation scheduler tracks leaves so."""
         self._on_issued = listener
 
+    def held_secret(self, spiffe_id: SpiffeId) -> EncodedResource | None:
+        """The identity's `default` secret if the held certificate may still be handed out (no CA call)."""
+        with self._lock:
+            return self._usable_locked(spiffe_id)
+
+    def _usable_locked(self, spiffe_id: SpiffeId) -> EncodedResource | None:
+        current = self._issued.get(spiffe_id)
+        if current is None:
+            return None
+        info = current.info
+        start = min(max(info.not_before, info.issued_at), info.not_after)
+        if self._clock() < start + (info.not_after - start) * self._reuse_until:
+            return current.secret
+        return None
+
     def default_secret(self, spiffe_id: SpiffeId) -> EncodedResource:
-        """The identity's `default` secret: the held certificate, or a new one if none is usable."""
+        """The identity's `default` secret: the held certificate, or a new one if none is usable.
+
+        May call the CA: callers on an event loop run it in a thread unless `held_secret` answered.
+        """
         self._check_trust_domain(spiffe_id)
         with self._lock:
-            current = self._issued.get(spiffe_id)
-            if current is not None:
-                info = current.info
-                reuse_limit = info.not_before + (info.not_after - info.not_before) * self._reuse_until
-                if self._clock() < reuse_limit:
-                    return current.secret
-            issued = self._issue_locked(spiffe_id)
+            secret = self._usable_locked(spiffe_id)
+            if secret is not None:
+                return secret
+            issuing = self._issuing.setdefault(spiffe_id, threading.Lock())
+        with issuing:
+            with self._lock:
+                secret = self._usable_locked(spiffe_id)  # issued by the caller we waited for
+            if secret is not None:
+                return secret
+            issued = self._issue(spiffe_id)
         self._issued_event(issued.info)
         return issued.secret
 
@@ -131,9 +158,17 @@ class WorkloadSecrets:
         """Issue a new certificate for the identity now (rotation); the caller republishes."""
         self._check_trust_domain(spiffe_id)
         with self._lock:
-            issued = self._issue_locked(spiffe_id)
+            issuing = self._issuing.setdefault(spiffe_id, threading.Lock())
+        with issuing:
+            issued = self._issue(spiffe_id)
         self._issued_event(issued.info)
         return issued.info
+
+    def forget(self, spiffe_id: SpiffeId) -> bool:
+        """Drop the identity's certificate and key (its last stream is gone); True if one was held."""
+        with self._lock:
+            self._issuing.pop(spiffe_id, None)
+            return self._issued.pop(spiffe_id, None) is not None
 
     def _check_trust_domain(self, spiffe_id: SpiffeId) -> None:
         if spiffe_id.trust_domain != self._issuer.trust_domain:
@@ -142,13 +177,15 @@ class WorkloadSecrets:
                 f"this CA issues for {self._issuer.trust_domain!r}"
             )
 
-    def _issue_locked(self, spiffe_id: SpiffeId) -> _Issued:
+    def _issue(self, spiffe_id: SpiffeId) -> _Issued:
+        """Call the CA (the caller holds the identity's issuing lock, not the table's)."""
         leaf = self._issuer.issue_workload(spiffe_id, self._leaf_ttl)
         assert leaf.private_key_pem is not None, "issue_workload returns the generated key"
-        info = WorkloadCertificate(spiffe_id, leaf.serial_number, leaf.not_before, leaf.not_after)
+        info = WorkloadCertificate(spiffe_id, leaf.serial_number, leaf.not_before, leaf.not_after, self._clock())
         issued = _Issued(info, tls_certificate_secret(DEFAULT_CERT_SECRET, leaf.chain_pem, leaf.private_key_pem))
-        self._issued[spiffe_id] = issued
-        self._issued_total += 1
+        with self._lock:
+            self._issued[spiffe_id] = issued
+            self._issued_total += 1
         return issued
 
     def _issued_event(self, info: WorkloadCertificate) -> None:
@@ -275,8 +312,36 @@ class MeshPublisher:
         with self._lock:
             return self._rejected
 
+    def current_key(self, spiffe_id: SpiffeId) -> str | None:
+        """The identity's key if its published snapshot already carries a usable certificate (no CA
+        call, nothing published); None when `ensure_identity` has work to do."""
+        key = self.snapshot_key(spiffe_id)
+        with self._lock:
+            known = spiffe_id in self._identities
+        secret = self._secrets.held_secret(spiffe_id) if known else None
+        if secret is None:
+            return None
+        published = self._cache.get(key)
+        if published is None or published.of_type(ResourceType.SECRET).resources.get(DEFAULT_CERT_SECRET) is not secret:
+            return None
+        return key
+
+    def forget(self, spiffe_id: SpiffeId) -> None:
+        """Stop publishing for the identity and drop its snapshot (no stream of it is left)."""
+        with self._publishing:
+            with self._lock:
+                self._identities.discard(spiffe_id)
+                self._secret_sets.pop(spiffe_id, None)
+            self._cache.remove(self.snapshot_key(spiffe_id))
+
+    def identities(self) -> int:
+        with self._lock:
+            return len(self._identities)
+
     def ensure_identity(self, spiffe_id: SpiffeId) -> str:
-        """Make sure this identity has a certificate and a published snapshot; return its key."""
+        """Make sure this identity has a certificate and a published snapshot; return its key.
+
+        May call the CA (see WorkloadSecrets.default_secret)."""
         key = self.snapshot_key(spiffe_id)
         with self._lock:
             known = spiffe_id in self._identities

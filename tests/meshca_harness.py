@@ -51,15 +51,25 @@ def make_ca(directory: Path, trust_domain: str = TRUST_DOMAIN) -> CertificateAut
 
 @contextlib.asynccontextmanager
 async def running_meshca(
-    directory: Path, leaf_ttl: timedelta | None = None, collector_pause: CollectorPause | None = None
+    directory: Path,
+    leaf_ttl: timedelta | None = None,
+    collector_pause: CollectorPause | None = None,
+    **app_options: object,
 ) -> AsyncIterator[RunningMeshca]:
+    """`app_options`: further MeshcaApp keyword arguments (e.g. identity_grace)."""
     ca = make_ca(directory)
     issuer_files = write_dev_issuer(directory / "jwt")
     issuer = TrustedIssuer(
         issuer=DEV_ISSUER, audiences=(DEV_AUDIENCE,), trust_domain=TRUST_DOMAIN, jwks_path=issuer_files.jwks
     )
     app = MeshcaApp(
-        ca, [issuer], system_clock, logging.getLogger("meshca.test"), leaf_ttl=leaf_ttl, collector_pause=collector_pause
+        ca,
+        [issuer],
+        system_clock,
+        logging.getLogger("meshca.test"),
+        leaf_ttl=leaf_ttl,
+        collector_pause=collector_pause,
+        **app_options,  # type: ignore[arg-type]
     )
     credentials = issue_server_credentials(ca, ["localhost", "127.0.0.1"], timedelta(hours=1))
     port = await app.start("127.0.0.1", 0, credentials)

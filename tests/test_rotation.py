@@ -261,3 +261,90 @@ def test_ca_watcher_survives_a_failing_transition(tmp_path: Path) -> None:
     watcher = CaWatcher(BrokenCa(), rig.publisher, rig.rotator, RotationSettings(), rig.clock, logging.getLogger("t"))
     watcher.check()
     assert watcher.failures() == 1
+
+
+class BackdatingIssuer:
+    """Stands in for Vault's sign/<role>: notBefore backdated by 60 s (`not_before_duration` from
+    `meshca vault setup`) however short the leaf; the internal CA backdates by at most a quarter."""
+
+    def __init__(self, ca: CertificateAuthority, clock: FakeClock) -> None:
+        self.ca = ca
+        self.clock = clock
+        self.trust_domain = ca.trust_domain
+
+    def issue_workload(self, spiffe_id: SpiffeId, ttl: timedelta | None = None):  # type: ignore[no-untyped-def]
+        from dataclasses import replace
+
+        leaf = self.ca.issue_workload(spiffe_id, ttl)
+        return replace(leaf, not_before=self.clock() - timedelta(seconds=60))
+
+    def trust_bundle_pem(self) -> bytes:
+        return self.ca.trust_bundle_pem()
+
+
+def test_short_backdated_leaves_renew_from_their_issue_time_and_keep_renewing(tmp_path: Path) -> None:
+    clock = FakeClock(T0)
+    ca = CertificateAuthority.init(
+        tmp_path / "ca", CaSettings(trust_domain="mesh.test", leaf_ttl_min=timedelta(seconds=10)), clock
+    )
+    log = logging.getLogger("test.rotation")
+    secrets = WorkloadSecrets(BackdatingIssuer(ca, clock), clock, log, leaf_ttl=timedelta(seconds=20))
+    publisher = MeshPublisher(SnapshotCache(), secrets, log)
+    scheduler = FakeScheduler(clock)
+    rotator = LeafRotator(secrets, publisher, scheduler, POLICY, clock, log, random.Random(3))
+    secrets.set_issue_listener(rotator.on_issued)
+    carol = SpiffeId.for_service_account("mesh.test", "shop", "carol")
+    publisher.ensure_identity(carol)
+    (when, _), = scheduler.jobs.values()
+    # half of the 20 s from issuance ± 10%, not half of notBefore..notAfter (80 s, 20 s in the past)
+    assert T0 + timedelta(seconds=8) <= when <= T0 + timedelta(seconds=12)
+    # a stream reopening in the first 90% of the real lifetime gets the held certificate back
+    clock.now = T0 + timedelta(seconds=15)
+    assert secrets.held_secret(carol) is not None
+    clock.now = T0
+    renewed_at = []
+    for _ in range(10):
+        (when, _), = scheduler.jobs.values()
+        assert when >= clock.now  # never scheduled into the past
+        scheduler.advance_to(when)
+        renewed_at.append(clock.now)
+    assert rotator.counters().leaf_rotations == 10
+    assert renewed_at[-1] - T0 < timedelta(seconds=10 * 12 + 1)
+    assert secrets.certificates()[0].not_after > clock.now
+
+
+def test_a_renewal_already_due_is_scheduled_now_not_in_the_past(tmp_path: Path) -> None:
+    rig = Rig(tmp_path)
+    dave = SpiffeId.for_service_account("mesh.test", "shop", "dave")
+    rig.publisher.ensure_identity(dave)
+    leaf = rig.secrets.certificates()[0]
+    rig.clock.now = leaf.not_after - timedelta(seconds=1)  # e.g. the process was suspended
+    assert rig.rotator.on_issued(leaf) == rig.clock.now
+
+
+def test_apscheduler_jobs_run_a_job_that_reschedules_itself_while_it_runs() -> None:
+    import threading
+    import time
+
+    from meshca.rotation import ApschedulerJobs
+
+    jobs = ApschedulerJobs(logging.getLogger("test.jobs"))
+    runs: list[float] = []
+    done = threading.Event()
+
+    def renew() -> None:
+        runs.append(time.monotonic())
+        if len(runs) < 3:
+            # what a renewal does through on_issued: the same id, due now (or already past)
+            jobs.schedule("renew:x", datetime.now(UTC) - timedelta(seconds=1), renew)
+            time.sleep(0.2)  # then it republishes: still running when the scheduler looks again
+        else:
+            done.set()
+
+    jobs.start()
+    try:
+        jobs.schedule("renew:x", datetime.now(UTC), renew)
+        assert done.wait(5), f"the job ran {len(runs)} time(s); a re-added run was dropped"
+        assert jobs.job_ids() == []
+    finally:
+        jobs.shutdown()

@@ -83,6 +83,10 @@ class StreamGate(Protocol):
         """Bind the node of the first request to the principal; raise StreamRefused."""
         ...
 
+    def release(self, admission: Admission) -> None:
+        """The admitted stream has ended (go-control-plane's OnStreamClosed)."""
+        ...
+
 
 def frame_response(response: XdsResponse) -> bytes:
     """Serialize a DiscoveryResponse by concatenating pre-encoded resources (nothing re-encoded)."""
@@ -355,6 +359,7 @@ class XdsServer:
         inbox = _Inbox(limit=64, pause=self._collector_pause)
         reader = asyncio.create_task(self._read(requests, inbox, fixed_type, variant))
         stream_id: int | None = None
+        admission: Admission | None = None
         watch = None
         try:
             first = await inbox.requests.get()
@@ -423,6 +428,8 @@ class XdsServer:
             if stream_id is not None:
                 self._registry.close(stream_id)
                 self._log.info("xds stream closed: stream=%d", stream_id)
+            if admission is not None:
+                self._gate.release(admission)
 
     def _close_stalled(self, stream_id: int, node_id: str, context: grpc.aio.ServicerContext) -> None:
         seconds = self._send_timeout.total_seconds()
