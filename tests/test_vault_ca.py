@@ -601,6 +601,19 @@ async def test_csr_api_vault_down_or_sealed_is_unavailable(resumed: Vault, clock
         assert await sign_via_api(stub, csr) == (grpc.StatusCode.OK, "")
 
 
+async def test_csr_api_vault_stopped_is_unavailable(clock: FakeClock) -> None:
+    with OpenBaoProcess() as bao:  # a server of this test's own: stopping it ends it
+        setup_pki(bao.root_client(), trust_domain=TD, mode="vault-leaf", max_leaf_ttl=MAX_LEAF)
+        session = VaultSession(VaultSettings(address=bao.address, auth=TokenAuth(token=bao.root_token), timeout=0.5),
+                               system_clock, LOG.getChild("session"))
+        ca = VaultLeafCa(SETTINGS, session, clock, LOG, VaultLeafOptions(retry_deadline=timedelta(milliseconds=300)))
+        csr = crypto.build_csr_pem(crypto.generate_private_key_pem())
+        async with csr_api(ca) as stub:
+            assert await sign_via_api(stub, csr) == (grpc.StatusCode.OK, "")
+            bao.stop()
+            assert (await sign_via_api(stub, csr))[0] == grpc.StatusCode.UNAVAILABLE
+
+
 def test_leaf_paused_vault_fails_fast_then_recovers(resumed: Vault, clock: FakeClock) -> None:
     options = VaultLeafOptions(retry_initial=timedelta(milliseconds=100), retry_cap=timedelta(milliseconds=400),
                                retry_deadline=timedelta(seconds=1))
