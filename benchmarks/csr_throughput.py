@@ -6,7 +6,7 @@ calling meshca.v1.CertificateService/Sign with CSRs (ECDSA P-256) generated befo
 starts, so key generation is not measured. Every call is authenticated and the CSR checked.
 
 Baseline, same run, same N: a real `bao server -dev` (OpenBao) set up by meshca.vault_setup
-(`setup_pki`, vault-leaf role: URI SANs in the trust domain, EC P-256, no_store) and a load-generator
+(`setup_pki`, vault-leaf role: URI SANs in the trust domain, basicConstraints CA:FALSE, no_store) and a load-generator
 process with N threads, each with its own hvac client, calling `pki/sign/meshca` with the same kind
 of CSRs, `uri_sans` set as meshca's vault-leaf backend sets it. meshca and OpenBao are measured in
 alternating rounds.

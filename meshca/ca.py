@@ -65,7 +65,7 @@ _RSA_MAX_BITS = 8192
 _DNS_NAME = re.compile(r"^(\*\.)?[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
 _MAX_TICK_STEPS = 8
 
-CsrRejectionKind = Literal["invalid_argument", "permission_denied"]
+CsrRejectionKind = Literal["invalid_argument", "permission_denied", "failed_precondition"]
 
 
 class CaAlreadyExists(CaStateError):
@@ -93,7 +93,8 @@ class RotationRefused(CaError):
 
 
 class CsrRejected(CaError):
-    """A CSR this CA refuses to sign; `kind` maps to the gRPC status (INVALID_ARGUMENT / PERMISSION_DENIED)."""
+    """A CSR this CA refuses to sign; `kind` maps to the gRPC status (INVALID_ARGUMENT / PERMISSION_DENIED /
+    FAILED_PRECONDITION: a signing backend such as Vault refuses what meshca's own checks allowed)."""
 
     def __init__(self, reason: str, kind: CsrRejectionKind) -> None:
         super().__init__(reason)

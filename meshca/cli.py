@@ -209,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--duration", help="with --check: send traffic for this long (e.g. 60s) instead of --requests")
     demo.add_argument(
         "--ca",
-        choices=["internal", "vault"],
+        choices=["internal", "vault", "vault-leaf"],
         default="internal",
         help="vault: the root lives in OpenBao/Vault (VAULT_ADDR+VAULT_TOKEN, or a dev server the demo starts)",
     )

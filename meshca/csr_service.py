@@ -47,6 +47,7 @@ class CsrSigner(Protocol):
 _CSR_STATUS = {
     "invalid_argument": grpc.StatusCode.INVALID_ARGUMENT,
     "permission_denied": grpc.StatusCode.PERMISSION_DENIED,
+    "failed_precondition": grpc.StatusCode.FAILED_PRECONDITION,
 }
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Literal, TextIO
 
 import yaml
 from cryptography import x509
@@ -54,7 +54,19 @@ class DemoSettings:
     cert_ttl: timedelta | None = None  # short leaves (e.g. 20 s) to watch rotation happen
     duration: timedelta | None = None  # with --check: send traffic for this long instead of N requests
     rotate_intermediate_at: timedelta | None = None  # force an intermediate rotation this far in
-    ca: str = "internal"  # or "vault": leaves chain to a root held by OpenBao/Vault (vault-intermediate)
+    ca: str = "internal"  # or "vault" (Vault signs meshca's intermediate) or "vault-leaf" (Vault signs every leaf)
+
+    def __post_init__(self) -> None:
+        if self.ca == "vault-leaf" and self.rotate_intermediate_at is not None:
+            raise ValueError("--rotate-intermediate-at: with --ca vault-leaf Vault signs every leaf; "
+                             "meshca has no intermediate to rotate")
+
+    @property
+    def vault_mode(self) -> Literal["vault-intermediate", "vault-leaf"] | None:
+        """The CA mode of meshca's settings for a Vault demo, None for the internal CA."""
+        if self.ca == "vault-leaf":
+            return "vault-leaf"
+        return "vault-intermediate" if self.ca == "vault" else None
 
 
 @dataclass(frozen=True)
@@ -327,8 +339,8 @@ class Demo:
             # re-issue after a CA change within a fraction of a leaf's life; look for CA changes often
             extra["rotation"] = {"reissue_window": f"{max(ttl / 5, 1)}s", "ca_check_interval": "0.5s"}
             ca_settings = CaSettings(trust_domain=TRUST_DOMAIN, leaf_ttl_min=min(self.settings.cert_ttl, timedelta(minutes=5)))
-        if self.settings.ca == "vault":
-            extra.update(self._vault_settings())
+        if self.settings.vault_mode is not None:
+            extra.update(self._vault_settings(self.settings.vault_mode))
         material = create_dev_material(
             self.workdir / "dev",
             TRUST_DOMAIN,
@@ -369,7 +381,7 @@ class Demo:
             self.say(f"started Envoy sidecar for {workload.name} (admin 127.0.0.1:{envoy.admin_port})")
         self._wait_converged()
 
-    def _vault_settings(self) -> dict[str, Any]:
+    def _vault_settings(self, mode: Literal["vault-intermediate", "vault-leaf"]) -> dict[str, Any]:
         """Use VAULT_ADDR/VAULT_TOKEN when given, else start an OpenBao dev server; set up PKI and AppRole."""
         import hvac
 
@@ -387,16 +399,22 @@ class Demo:
             address, token = self.openbao.address, self.openbao.root_token
             self.say(f"started an OpenBao dev server at {address} (no VAULT_ADDR given)")
         client = hvac.Client(url=address, token=token)
-        setup_pki(client, trust_domain=TRUST_DOMAIN, mode="vault-intermediate")
+        setup_pki(client, trust_domain=TRUST_DOMAIN, mode=mode)
         credentials = setup_approle(client, policies=("meshca",))
         secret_file = self.workdir / "approle-secret-id"
         write_atomic(secret_file, credentials.secret_id.encode(), 0o600)
         self.vault_address = address
-        self.say("Vault PKI ready: root in Vault's `pki` mount; meshca logs in with AppRole (least-privilege policy)")
+        signs = (
+            "Vault signs every workload certificate (role pki/roles/meshca)"
+            if mode == "vault-leaf"
+            else "Vault signed meshca's intermediate, which signs the workload certificates"
+        )
+        self.say(f"Vault PKI ready: root in Vault's `pki` mount; {signs}; meshca logs in with AppRole "
+                 "(least-privilege policy)")
         return {
             "state_dir": str(self.workdir / "vault-ca"),
             "ca": {
-                "mode": "vault-intermediate",
+                "mode": mode,
                 "trust_domain": TRUST_DOMAIN,
                 **({"leaf_ttl_min": "10s"} if self.settings.cert_ttl else {}),
                 "vault": {
@@ -425,12 +443,21 @@ class Demo:
                 return False
             return True
 
+        def leaf_ca_false(chain: list[x509.Certificate]) -> bool:  # the SPIFFE X509-SVID spec: cA=false
+            try:
+                return chain[0].extensions.get_extension_for_class(x509.BasicConstraints).value.ca is False
+            except x509.ExtensionNotFound:
+                return False
+
         chains = [envoy_chain(envoy) for envoy in self.envoys.values()]
         return {
+            "mode": self.settings.vault_mode,
             "vault_address": self.vault_address,
             "root_subject": root.subject.rfc4514_string(),
             "root_fingerprint_sha256": crypto.parse_certificate_pem(root_pem).fingerprint_sha256,
             "chains_verify_to_vault_root": bool(chains) and all(chain and verifies(chain) for chain in chains),
+            "leaves_basic_constraints_ca_false": bool(chains) and all(chain and leaf_ca_false(chain) for chain in chains),
+            "leaf_issuers": sorted({chain[0].issuer.rfc4514_string() for chain in chains if chain}),
         }
 
     @property
@@ -457,7 +484,7 @@ class Demo:
         """Run `meshca ca ...` against the demo's CA state, as an operator would."""
         where = (
             ["--config", str(self.material.serve_config)]
-            if self.settings.ca == "vault"
+            if self.settings.vault_mode is not None
             else ["--state-dir", str(self.material.state_dir)]
         )
         result = subprocess.run(
@@ -606,10 +633,12 @@ class Demo:
             "workloads": report,
         }
         vault_ok = True
-        if self.settings.ca == "vault":
+        if self.settings.vault_mode is not None:
             summary["vault"] = self.vault_root_report()
-            vault_ok = summary["vault"]["chains_verify_to_vault_root"]
-            self.say(f"workload chains verify to Vault's root {summary['vault']['root_subject']}: {vault_ok}")
+            vault_ok = summary["vault"]["chains_verify_to_vault_root"] and summary["vault"]["leaves_basic_constraints_ca_false"]
+            self.say(f"workload chains verify to Vault's root {summary['vault']['root_subject']}: "
+                     f"{summary['vault']['chains_verify_to_vault_root']}; "
+                     f"leaves have basicConstraints CA:FALSE: {summary['vault']['leaves_basic_constraints_ca_false']}")
         return (0 if ok == self.settings.requests and failed == 0 and denied and vault_ok else 1), summary
 
     def run_forever(self, stop: threading.Event) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import secrets
 import threading
 import time
@@ -18,6 +19,7 @@ from meshca.ca import (
     CaEvent,
     CaSettings,
     CaStatus,
+    CsrRejected,
     IssuedCertificate,
     IssuerExpired,
     RotationRefused,
@@ -116,6 +118,22 @@ class CaVaultUnavailable(VaultUnavailable, CaError):
 
 class CaVaultDenied(VaultDenied, CaError):
     """Vault refused meshca's token (403/401) even after logging in again."""
+
+
+class VaultRefused(VaultCaError, CsrRejected):
+    """vault-leaf: Vault refused, for good, a signing request that meshca's own checks allowed (e.g. its role
+    forbids the key type or the identity, or the role is missing): FAILED_PRECONDITION at the CSR API, not
+    retried. str() is meshca's words for the caller, without Vault's path or address; `path`, `status` and
+    `vault_reason` are for the log."""
+
+    def __init__(self, reason: str, path: str, status: int | None, vault_reason: str) -> None:
+        super().__init__(reason, "failed_precondition")
+        self.path = path
+        self.status = status
+        self.vault_reason = vault_reason
+
+
+_URL = re.compile(r"https?://\S+")
 
 
 def _as_ca_error(error: VaultError) -> VaultError:
@@ -1122,7 +1140,10 @@ class VaultLeafCa:
         except IssuerExpired:  # the cached issuing CA expired: Vault may have a new one
             self.refresh()
             not_after = self._not_after(now, ttl)
-        cert_pem, chain = self.vault_sign(csr_pem, spiffe_id.uri, not_after - now)
+        try:
+            cert_pem, chain = self.vault_sign(csr_pem, spiffe_id.uri, not_after - now)
+        except CaVaultError as error:  # not VaultUnavailable (retryable) nor VaultDenied (token/policy)
+            raise self._refused(error, spiffe_id) from None
         try:
             info = crypto.parse_certificate_pem(cert_pem)
         except CryptoError as e:
@@ -1141,10 +1162,26 @@ class VaultLeafCa:
         return IssuedCertificate(spiffe_id, cert_pem, cert_pem + chain.carry_pem, key_pem, info.serial_number,
                                  info.not_before, info.not_after)
 
+    def _refused(self, error: CaVaultError, spiffe_id: SpiffeId) -> VaultRefused:
+        """A refusal from Vault as meshca tells it to a caller; the log keeps Vault's path and status."""
+        self._log.warning(
+            "%s: Vault refused to sign for %s (HTTP %s): %s; meshca's own checks passed, so the Vault role "
+            "and meshca's settings disagree (see docs/vault.md)", error.path, spiffe_id, error.status, error.reason,
+        )
+        if error.status is None:  # no answer from Vault: the request could not be made (the reason names the URL)
+            cause = "the request to Vault could not be made"
+        else:
+            mount = re.escape(self._options.mount)
+            cause = re.sub(rf"[\"']?\b{mount}/[^\s\"']*[\"']?", "its signing path", _URL.sub("Vault", error.reason))
+        return VaultRefused(
+            f"Vault refused to sign this certificate: {cause} (the CA's Vault role does not allow what meshca "
+            f"allowed; retrying will not help)", error.path, error.status, error.reason,
+        )
+
     def issue_workload(self, spiffe_id: SpiffeId, ttl: timedelta | None = None) -> IssuedCertificate:
         """A new local key (settings.leaf_key_algorithm, P-256 by default), a CSR with only the URI SAN, signed
-        by Vault. Raises IdentityRejected, InvalidTtl, IssuerExpired, RateLimited, VaultError (VaultUnavailable
-        after `retry_deadline`), VaultAnswerInvalid."""
+        by Vault. Raises IdentityRejected, InvalidTtl, IssuerExpired, RateLimited, VaultRefused (Vault refused
+        for good), VaultUnavailable (after `retry_deadline`), VaultDenied, VaultAnswerInvalid."""
         check_identity(spiffe_id, self._settings.trust_domain)
         key_pem = crypto.generate_private_key_pem(self._settings.leaf_key_algorithm)
         csr_pem = crypto.build_csr_pem(key_pem, uris=[spiffe_id.uri])

@@ -159,7 +159,9 @@ def policy_text(mode: Mode, *, mount: str = "pki", role: str = "meshca") -> str:
 
 def role_parameters(trust_domain: str, max_leaf_ttl: timedelta) -> dict[str, Any]:
     """The PKI role for workload leaves: URI SANs only inside the trust domain and only as requested in
-    `uri_sans` (never copied from the CSR), EC P-256, not stored."""
+    `uri_sans` (never copied from the CSR), basicConstraints CA:FALSE (the SPIFFE X509-SVID spec requires
+    it), not stored. Any key type: meshca's own CSR policy (meshca.ca.check_csr: EC P-256/P-384, RSA
+    2048-8192) decides before Vault is asked, and Vault still refuses RSA below 2048 bits."""
     ttl = _seconds(max_leaf_ttl)
     return {
         "allowed_uri_sans": [f"spiffe://{trust_domain}/*"],
@@ -175,8 +177,9 @@ def role_parameters(trust_domain: str, max_leaf_ttl: timedelta) -> dict[str, Any
         "use_csr_sans": False,  # the SAN comes from meshca's verified identity (uri_sans), never from the CSR
         "no_store": True,
         "generate_lease": False,
-        "key_type": "ec",
-        "key_bits": 256,
+        "key_type": "any",
+        "key_bits": 0,
+        "basic_constraints_valid_for_non_ca": True,
         "server_flag": True,
         "client_flag": True,
         "code_signing_flag": False,

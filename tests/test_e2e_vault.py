@@ -85,3 +85,26 @@ def test_demo_check_with_vault_exits_zero() -> None:
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["requests_failed"] == 0 and summary["vault"]["chains_verify_to_vault_root"] is True
     assert len(summary["vault"]["root_fingerprint_sha256"]) == 64
+    assert summary["vault"]["mode"] == "vault-intermediate" and summary["vault"]["leaves_basic_constraints_ca_false"]
+    assert summary["vault"]["leaf_issuers"] != [summary["vault"]["root_subject"]]  # meshca's intermediate signs
+
+
+def test_demo_check_with_vault_leaf_exits_zero() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "meshca.cli", "demo", "--check", "--ca", "vault-leaf", "--requests", "5"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    vault = summary["vault"]
+    assert summary["requests_failed"] == 0 and summary["denied_as_expected"] is True
+    assert vault["mode"] == "vault-leaf" and vault["chains_verify_to_vault_root"] is True
+    assert vault["leaf_issuers"] == [vault["root_subject"]]  # Vault's root signed every sidecar's leaf itself
+    assert vault["leaves_basic_constraints_ca_false"] is True  # the SPIFFE X509-SVID spec: cA=false
+
+
+def test_demo_vault_leaf_refuses_an_intermediate_rotation_it_cannot_do() -> None:
+    with pytest.raises(ValueError, match="no intermediate to rotate"):
+        DemoSettings(check=True, ca="vault-leaf", duration=timedelta(seconds=30), rotate_intermediate_at=timedelta(seconds=5))

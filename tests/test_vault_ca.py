@@ -7,15 +7,19 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 from cryptography import x509
 from cryptography.x509.verification import VerificationError
 from test_ca import ED25519_CSR, tamper_signature, verify_client_chain
+from test_csr_service import FakeTokenAuthenticator
 
 from meshca import crypto
 from meshca.ca import (
@@ -29,9 +33,12 @@ from meshca.ca import (
 )
 from meshca.ca_state import JOURNAL_FILE, CaError, CaStateError, SlotRecord, read_journal, slot_files
 from meshca.clock import system_clock
+from meshca.crypto import KeyAlgorithm
+from meshca.csr_service import CertificateServicer, add_to_server
 from meshca.identity import SpiffeId
 from meshca.openbao_process import OpenBaoProcess, free_port_pair
 from meshca.rotation import CaWatcher, RotationSettings
+from meshca.v1 import certificate_pb2, certificate_pb2_grpc
 from meshca.vault import TokenAuth, VaultDenied, VaultError, VaultSession, VaultSettings, VaultUnavailable
 from meshca.vault_ca import (
     VAULT_METADATA_FILE,
@@ -42,10 +49,11 @@ from meshca.vault_ca import (
     VaultLeafCa,
     VaultLeafOptions,
     VaultNotConfigured,
+    VaultRefused,
     is_vault_state_dir,
     vault_scheduled_step,
 )
-from meshca.vault_setup import setup_pki
+from meshca.vault_setup import policy_text, role_parameters, setup_pki
 
 TD = "vault.example"
 WORKLOAD = SpiffeId.for_service_account(TD, "shop", "frontend")
@@ -124,10 +132,17 @@ class Vault:
             # use_csr_sans=false: Vault takes the SAN from `uri_sans` (meshca's verified identity), never the CSR.
             assert self.root.read(f"{mount}/roles/meshca")["data"]["use_csr_sans"] is False
 
-    def session(self, mount: str, mode: str, timeout: float = 1.0, address: str | None = None) -> VaultSession:
+    def session(self, mount: str, mode: str, timeout: float = 1.0, address: str | None = None,
+                token: str | None = None) -> VaultSession:
         settings = VaultSettings(address=address or self.bao.address,
-                                 auth=TokenAuth(token=self.tokens[f"{mount}/{mode}"]), timeout=timeout)
+                                 auth=TokenAuth(token=token or self.tokens[f"{mount}/{mode}"]), timeout=timeout)
         return VaultSession(settings, system_clock, LOG.getChild("session"))
+
+    def leaf_token(self, mount: str, role: str) -> str:
+        """A token holding meshca's vault-leaf policy for another role of `mount`."""
+        policy = f"meshca-{mount}-{role}"
+        self.root.sys.create_or_update_acl_policy(policy, policy_text("vault-leaf", mount=mount, role=role))
+        return str(self.root.auth.token.create(policies=[policy], ttl="2h")["auth"]["client_token"])
 
     def root_pem(self, mount: str) -> bytes:
         chain = self.root.secrets.pki.read_ca_certificate_chain(mount_point=mount).encode()
@@ -475,6 +490,130 @@ def test_vault_role_itself_refuses_an_identity_outside_the_trust_domain(leaf_ca:
         leaf_ca.issue_workload(SpiffeId.for_service_account("evil.example", "a", "b"))
 
 
+def basic_constraints(pem: bytes) -> x509.Extension[x509.BasicConstraints]:
+    return x509.load_pem_x509_certificate(pem).extensions.get_extension_for_class(x509.BasicConstraints)
+
+
+def test_leaf_certificates_carry_basic_constraints_ca_false(leaf_ca: VaultLeafCa) -> None:
+    # The SPIFFE X509-SVID spec: a leaf SVID has basicConstraints cA=false (the role's
+    # basic_constraints_valid_for_non_ca, written by `meshca vault setup`), as the internal CA's leaves have.
+    key = crypto.generate_private_key_pem()
+    for issued in (leaf_ca.issue_workload(WORKLOAD), leaf_ca.sign_csr(crypto.build_csr_pem(key), WORKLOAD)):
+        extension = basic_constraints(issued.certificate_pem)
+        assert extension.critical and extension.value.ca is False and extension.value.path_length is None
+
+
+def test_leaf_signs_the_rsa_and_p384_csrs_meshcas_policy_accepts(vault: Vault, leaf_ca: VaultLeafCa,
+                                                                 clock: FakeClock) -> None:
+    for algorithm in (KeyAlgorithm.RSA_2048, KeyAlgorithm.EC_P384):
+        key = crypto.generate_private_key_pem(algorithm)
+        signed = leaf_ca.sign_csr(crypto.build_csr_pem(key), WORKLOAD, timedelta(minutes=2))
+        verify(leaf_ca.trust_bundle_pem(), signed.chain_pem, clock.now)
+        assert crypto.parse_certificate_pem(signed.certificate_pem).public_key.spki_der == \
+            crypto.private_key_info(key).spki_der
+    rsa_leaves = VaultLeafCa(replace(SETTINGS, leaf_key_algorithm=KeyAlgorithm.RSA_2048),
+                             vault.session("pki", "vault-leaf"), clock, LOG)
+    key_info = crypto.parse_certificate_pem(rsa_leaves.issue_workload(WORKLOAD).certificate_pem).public_key
+    assert (key_info.kind, key_info.bits) == ("rsa", 2048)
+
+
+def test_leaf_vault_refusal_is_told_in_meshcas_words_without_vaults_path_or_address(
+    vault: Vault, clock: FakeClock
+) -> None:
+    chain = vault.root_pem("pki").decode()
+    double = ScriptedVaultDouble([], chain)
+    ca = VaultLeafCa(SETTINGS, double, clock, LOG)
+    answers = [  # (what Vault, or the way to it, said; what the caller may read)
+        (VaultError("POST", "pki/sign/meshca", 'no handler for route "pki/sign/meshca". route entry not found.', 404),
+         "no handler for route its signing path. route entry not found."),
+        (VaultError("POST", "pki/sign/meshca", "unknown role: meshca", 400), "unknown role: meshca"),
+        (VaultError("POST", "pki/sign/meshca", "Vault at http://10.0.0.9:8200 unreachable: InvalidURL", None),
+         "the request to Vault could not be made"),
+    ]
+    for error, cause in answers:
+        double.errors = [error]
+        with pytest.raises(VaultRefused) as refused:
+            ca.issue_workload(WORKLOAD)
+        assert refused.value.kind == "failed_precondition" and cause in str(refused.value)
+        assert "pki/" not in str(refused.value) and "http" not in str(refused.value)
+        assert (refused.value.path, refused.value.status) == ("pki/sign/meshca", error.status)
+
+
+@asynccontextmanager
+async def csr_api(ca: VaultLeafCa) -> AsyncIterator[certificate_pb2_grpc.CertificateServiceStub]:
+    """meshca's CSR gRPC API on loopback with `ca`; the bearer token "workload" proves WORKLOAD."""
+    server = grpc.aio.server()
+    add_to_server(server, CertificateServicer(FakeTokenAuthenticator({"workload": WORKLOAD}), ca, LOG))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        yield certificate_pb2_grpc.CertificateServiceStub(channel)
+    finally:
+        await channel.close()
+        await server.stop(None)
+
+
+async def sign_via_api(stub: certificate_pb2_grpc.CertificateServiceStub, csr_pem: bytes) -> tuple[grpc.StatusCode, str]:
+    try:
+        await stub.Sign(certificate_pb2.SignRequest(csr_pem=csr_pem.decode()),
+                        metadata=(("authorization", "Bearer workload"),))
+    except grpc.aio.AioRpcError as error:
+        return error.code(), error.details() or ""
+    return grpc.StatusCode.OK, ""
+
+
+async def test_csr_api_vault_refusal_is_failed_precondition_not_unavailable(
+    vault: Vault, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A role as an earlier `meshca vault setup` wrote it (EC keys only) refuses the RSA CSR that meshca's policy allows.
+    vault.root.write_data("pki/roles/ec-only", data={**role_parameters(TD, MAX_LEAF), "key_type": "ec", "key_bits": 256})
+    token = vault.leaf_token("pki", "ec-only")
+    ca = VaultLeafCa(SETTINGS, vault.session("pki", "vault-leaf", token=token), clock, LOG,
+                     VaultLeafOptions(role="ec-only"))
+    caplog.set_level(logging.WARNING)
+    async with csr_api(ca) as stub:
+        code, details = await sign_via_api(stub, crypto.build_csr_pem(crypto.generate_private_key_pem(KeyAlgorithm.RSA_2048)))
+        assert code == grpc.StatusCode.FAILED_PRECONDITION, (code, details)
+        assert "Vault refused to sign" in details and "role requires keys of type ec" in details
+        for leak in ("pki/", vault.bao.address, "127.0.0.1", token):
+            assert leak not in details
+        assert await sign_via_api(stub, crypto.build_csr_pem(crypto.generate_private_key_pem())) == (grpc.StatusCode.OK, "")
+    assert ca.stats().retries == 0  # a refusal is not retried
+    assert "pki/sign/ec-only" in caplog.text and token not in caplog.text  # the operator's log names the path
+
+
+async def test_csr_api_vault_down_or_sealed_is_unavailable(resumed: Vault, clock: FakeClock) -> None:
+    ca = VaultLeafCa(SETTINGS, resumed.session("pki", "vault-leaf", timeout=0.5), clock, LOG,
+                     VaultLeafOptions(retry_deadline=timedelta(milliseconds=600)))
+    csr = crypto.build_csr_pem(crypto.generate_private_key_pem())
+    async with csr_api(ca) as stub:
+        resumed.bao.pause()
+        try:
+            assert (await sign_via_api(stub, csr))[0] == grpc.StatusCode.UNAVAILABLE
+        finally:
+            resumed.bao.resume()
+        resumed.bao.seal()
+        try:
+            assert (await sign_via_api(stub, csr))[0] == grpc.StatusCode.UNAVAILABLE
+        finally:
+            resumed.bao.unseal()
+        assert await sign_via_api(stub, csr) == (grpc.StatusCode.OK, "")
+
+
+async def test_csr_api_vault_stopped_is_unavailable(clock: FakeClock) -> None:
+    with OpenBaoProcess() as bao:  # a server of this test's own: stopping it ends it
+        setup_pki(bao.root_client(), trust_domain=TD, mode="vault-leaf", max_leaf_ttl=MAX_LEAF)
+        session = VaultSession(VaultSettings(address=bao.address, auth=TokenAuth(token=bao.root_token), timeout=0.5),
+                               system_clock, LOG.getChild("session"))
+        ca = VaultLeafCa(SETTINGS, session, clock, LOG, VaultLeafOptions(retry_deadline=timedelta(milliseconds=300)))
+        csr = crypto.build_csr_pem(crypto.generate_private_key_pem())
+        async with csr_api(ca) as stub:
+            assert await sign_via_api(stub, csr) == (grpc.StatusCode.OK, "")
+            bao.stop()
+            assert (await sign_via_api(stub, csr))[0] == grpc.StatusCode.UNAVAILABLE
+
+
 def test_leaf_paused_vault_fails_fast_then_recovers(resumed: Vault, clock: FakeClock) -> None:
     options = VaultLeafOptions(retry_initial=timedelta(milliseconds=100), retry_cap=timedelta(milliseconds=400),
                                retry_deadline=timedelta(seconds=1))
@@ -537,10 +676,10 @@ def test_leaf_retries_unavailable_with_capped_backoff_but_not_refusals(vault: Va
         ca.issue_workload(WORKLOAD)
     assert fake.slept == pytest.approx([0.1, 0.2, 0.4, 0.4, 0.4])  # doubled, capped, stopped at the deadline
     assert fake.now - 1000.0 <= 2.0 + 0.05
-    for error in (VaultDenied("POST", "pki/sign/meshca", "permission denied", 403),
-                  VaultError("POST", "pki/sign/meshca", "bad request", 400)):
+    for error, raised_as in ((VaultDenied("POST", "pki/sign/meshca", "permission denied", 403), VaultDenied),
+                             (VaultError("POST", "pki/sign/meshca", "bad request", 400), VaultRefused)):
         double.errors, fake.slept = [error], []
-        with pytest.raises(type(error)) as raised:
+        with pytest.raises(raised_as) as raised:
             ca.issue_workload(WORKLOAD)
         assert fake.slept == [] and isinstance(raised.value, CaError)
 

@@ -213,12 +213,20 @@ def test_setup_pki_is_idempotent(root: hvac.Client) -> None:
     role = root.read("pki/roles/meshca")["data"]
     assert role["allowed_uri_sans"] == [f"spiffe://{TD}/*"]
     assert (role["no_store"], role["allow_any_name"], role["enforce_hostnames"], role["require_cn"]) == (True, False, False, False)
-    assert (role["key_type"], role["key_bits"], role["server_flag"], role["client_flag"]) == ("ec", 256, True, True)
+    # any key type (meshca's CSR policy decides: EC P-256/P-384, RSA 2048-8192); leaves carry CA:FALSE (SPIFFE)
+    assert (role["key_type"], role["key_bits"], role["server_flag"], role["client_flag"]) == ("any", 0, True, True)
+    assert role["basic_constraints_valid_for_non_ca"] is True
     assert (role["use_csr_common_name"], role["use_csr_sans"], role["allowed_uri_sans_template"]) == (False, False, False)
     assert role["max_ttl"] == 7200
     changed = setup_pki(root, trust_domain=TD, mode="vault-leaf", max_leaf_ttl=timedelta(hours=3))
     assert [a.outcome for a in changed.actions] == ["unchanged", "unchanged", "updated", "unchanged"]
     setup_pki(root, trust_domain=TD, mode="vault-leaf", max_leaf_ttl=timedelta(hours=2))
+    # a role written by an earlier meshca (EC only, no basicConstraints) is brought up to date by running setup again
+    root.write_data("pki/roles/meshca", data={"key_type": "ec", "key_bits": 256, "basic_constraints_valid_for_non_ca": False})
+    upgraded = setup_pki(root, trust_domain=TD, mode="vault-leaf", max_leaf_ttl=timedelta(hours=2))
+    assert [a.outcome for a in upgraded.actions] == ["unchanged", "unchanged", "updated", "unchanged"]
+    role = root.read("pki/roles/meshca")["data"]
+    assert (role["key_type"], role["basic_constraints_valid_for_non_ca"]) == ("any", True)
 
 
 def test_policy_allows_signing_and_nothing_more(root: hvac.Client, bao: OpenBaoProcess) -> None:
