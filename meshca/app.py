@@ -61,8 +61,10 @@ class JwtStreamGate:
         publisher: MeshPublisher,
         retention: IdentityRetention,
         ca_executor: Executor | None = None,
+        logger: logging.Logger | None = None,
     ) -> None:
         self._identity_gate = identity_gate
+        self._log = logger or logging.getLogger(__name__)
         self._publisher = publisher
         self._retention = retention
         self._ca_executor = ca_executor
@@ -89,9 +91,10 @@ class JwtStreamGate:
         except ForeignTrustDomain as error:
             self._retention.closed(spiffe_id)
             raise StreamRefused(grpc.StatusCode.PERMISSION_DENIED, str(error)) from None
-        except CaError as error:  # e.g. the intermediate expired: say so rather than fail obscurely
+        except CaError as error:  # e.g. the intermediate expired or Vault is down: the log says which
             self._retention.closed(spiffe_id)
-            raise StreamRefused(grpc.StatusCode.UNAVAILABLE, f"cannot issue a certificate now: {error}") from None
+            self._log.error("cannot issue a certificate for %s: %s", spiffe_id, error)
+            raise StreamRefused(grpc.StatusCode.UNAVAILABLE, "cannot issue a certificate now; retry later") from None
         except BaseException:
             self._retention.closed(spiffe_id)
             raise
@@ -167,7 +170,7 @@ class MeshcaApp:
         self.collector_pause = collector_pause if collector_pause is not None else CollectorPause()
         self.xds = XdsServer(
             self.cache,
-            JwtStreamGate(self.identity_gate, self.publisher, self.retention, self.ca_executor),
+            JwtStreamGate(self.identity_gate, self.publisher, self.retention, self.ca_executor, logger.getChild("gate")),
             self.registry,
             logger.getChild("xds"),
             send_timeout=xds_send_timeout,

@@ -121,7 +121,8 @@ class CertificateServicer(certificate_pb2_grpc.CertificateServiceServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the CA cannot issue certificates right now")
         except CaError as e:  # a backend outage (e.g. Vault down or rate limited): retryable
             self._log.error("Sign failed for %s: %s", spiffe_id, e)
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"the CA cannot issue certificates right now: {e}")
+            # The detail (a Vault path and address) is for the operator's log, not for the caller.
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the CA cannot issue certificates right now; retry later")
 
         self._log.info(
             "issued certificate serial %x to %s, expires %s", issued.serial_number, spiffe_id, issued.not_after.isoformat()

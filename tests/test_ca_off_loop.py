@@ -90,6 +90,8 @@ async def test_a_csr_waiting_on_a_stopped_vault_does_not_stall_other_streams(bao
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await sign
         assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        details = refused.value.details() or ""
+        assert "right now" in details and bao.address not in details and "pki/" not in details
         bao.resume()
         try:  # the first issuance either got through after the resume or was refused as retryable
             await asyncio.wait_for(first_issue, 20)
