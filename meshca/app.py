@@ -221,8 +221,9 @@ class MeshcaApp:
             ]
         )
         self.xds.add_to_server(server)
+        csr_executor = self.ca_executor if self.ca.signs_remotely else None
         csr_service.add_to_server(
-            server, csr_service.CertificateServicer(self.identity_gate, self.ca, ca_executor=self.ca_executor)
+            server, csr_service.CertificateServicer(self.identity_gate, self.ca, ca_executor=csr_executor)
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         address = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"

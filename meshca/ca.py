@@ -873,6 +873,11 @@ class StateDirCa(Generic[StateT, PlanT]):
     _state: StateT
     _mutex: threading.RLock
 
+    @property
+    def signs_remotely(self) -> bool:
+        """False: leaves are signed here, in memory (CPU only; no reason to leave the event loop)."""
+        return False
+
     def reload_if_changed(self) -> bool:
         """Re-read the commit file (ca.json) if another process committed a transition; True when the
         state changed.

@@ -61,8 +61,9 @@ class CertificateServicer(certificate_pb2_grpc.CertificateServiceServicer):
         logger: logging.Logger | None = None,
         ca_executor: Executor | None = None,
     ) -> None:
-        """`ca_executor`: where signing runs (default: the loop's default executor), never on the loop
-        itself: a Vault-backed signer may wait seconds on Vault."""
+        """`ca_executor`: where signing runs when the signer may block (a Vault-backed signer may wait
+        seconds on Vault, and the event loop with every other call would wait with it); None signs on
+        the loop (an in-memory CA: a thread hop would only cost)."""
         self._authenticator = authenticator
         self._signer = signer
         self._ca_executor = ca_executor
@@ -105,9 +106,13 @@ class CertificateServicer(certificate_pb2_grpc.CertificateServiceServicer):
 
         spiffe_id = identity.spiffe_id
         try:
-            issued = await asyncio.get_running_loop().run_in_executor(
-                self._ca_executor, self._signer.sign_csr, request.csr_pem.encode("utf-8"), spiffe_id, ttl
-            )
+            csr_pem = request.csr_pem.encode("utf-8")
+            if self._ca_executor is None:
+                issued = self._signer.sign_csr(csr_pem, spiffe_id, ttl)
+            else:
+                issued = await asyncio.get_running_loop().run_in_executor(
+                    self._ca_executor, self._signer.sign_csr, csr_pem, spiffe_id, ttl
+                )
         except CsrRejected as e:
             self._log.info("Sign refused for %s: %s", spiffe_id, e.reason)
             await context.abort(_CSR_STATUS[e.kind], e.reason)

@@ -923,6 +923,11 @@ class VaultLeafCa:
 
     mode: VaultMode = MODE_LEAF
 
+    @property
+    def signs_remotely(self) -> bool:
+        """True: every leaf is a Vault call, which may wait seconds (callers keep it off the event loop)."""
+        return True
+
     def __init__(self, settings: CaSettings, session: VaultCaller, clock: Clock, logger: logging.Logger,
                  options: VaultLeafOptions = VaultLeafOptions(), *, monotonic: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], None] = time.sleep) -> None:
