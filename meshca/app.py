@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -32,6 +32,7 @@ from meshca.snapshot import InconsistentSnapshot, SnapshotCache
 from meshca.vault import VaultSession
 from meshca.workloads import ForeignTrustDomain, MeshPublisher, WorkloadSecrets
 from meshca.xds.server import (
+    DEFAULT_MAX_STREAM_AGE,
     DEFAULT_SEND_TIMEOUT,
     MAX_REQUEST_BYTES,
     Admission,
@@ -43,11 +44,16 @@ from meshca.xds.status import ProxyRegistry
 
 
 class JwtStreamGate:
-    """The xDS server's StreamGate: identity from the verified JWT, node bound to it, secrets ready."""
+    """The xDS server's StreamGate: identity from the verified JWT, node bound to it, secrets ready;
+    the stream's deadline is the token's expiry plus its issuer's leeway."""
 
-    def __init__(self, identity_gate: IdentityGate, publisher: MeshPublisher) -> None:
+    def __init__(
+        self, identity_gate: IdentityGate, publisher: MeshPublisher, leeways: Mapping[str, timedelta] | None = None
+    ) -> None:
+        """`leeways`: per issuer, how long after `exp` a token is still accepted (as the verifier does)."""
         self._identity_gate = identity_gate
         self._publisher = publisher
+        self._leeways = dict(leeways or {})
 
     def authenticate(self, metadata: Sequence[tuple[str, str | bytes]]) -> VerifiedIdentity:
         try:
@@ -67,7 +73,14 @@ class JwtStreamGate:
             raise StreamRefused(grpc.StatusCode.PERMISSION_DENIED, str(error)) from None
         except CaError as error:  # e.g. the intermediate expired: say so rather than fail obscurely
             raise StreamRefused(grpc.StatusCode.UNAVAILABLE, f"cannot issue a certificate now: {error}") from None
-        return Admission(key, principal.spiffe_id.uri)
+        deadline = principal.expires_at + self._leeways.get(principal.issuer, timedelta(0))
+        expired = principal.expires_at.isoformat(timespec="seconds")
+        return Admission(
+            key,
+            principal.spiffe_id.uri,
+            deadline=deadline,
+            deadline_message=f"token expired at {expired}; reconnect with a fresh token",
+        )
 
 
 @dataclass(frozen=True)
@@ -103,9 +116,11 @@ class MeshcaApp:
         vault: VaultSession | None = None,
         xds_send_timeout: timedelta = DEFAULT_SEND_TIMEOUT,
         collector_pause: CollectorPause | None = None,
+        xds_max_stream_age: timedelta | None = DEFAULT_MAX_STREAM_AGE,
     ) -> None:
         """`collector_pause`: defers CPython's garbage collection while a push is written (default:
-        one on the `gc` module, see meshca.gcpolicy)."""
+        one on the `gc` module, see meshca.gcpolicy). `xds_max_stream_age`: streams are closed with
+        UNAVAILABLE after about this long (±10%), so proxies reconnect (None: never)."""
         self.ca = ca
         self.vault = vault
         self.clock = clock
@@ -128,11 +143,13 @@ class MeshcaApp:
         self.collector_pause = collector_pause if collector_pause is not None else CollectorPause()
         self.xds = XdsServer(
             self.cache,
-            JwtStreamGate(self.identity_gate, self.publisher),
+            JwtStreamGate(self.identity_gate, self.publisher, {i.issuer: i.leeway for i in issuers}),
             self.registry,
             logger.getChild("xds"),
             send_timeout=xds_send_timeout,
             collector_pause=self.collector_pause,
+            max_stream_age=xds_max_stream_age,
+            clock=clock,
         )
         self.observability = Observability(self.registry, self.secrets, self.publisher, clock, logger.getChild("admin"))
         self.observability.add_collector(
@@ -204,8 +221,11 @@ class MeshcaApp:
         return bound
 
     async def stop(self, grace: float = 5.0) -> None:
+        """Stop serving: xDS streams end at once with UNAVAILABLE (proxies reconnect elsewhere); other
+        calls get up to `grace` seconds."""
         if self._server is not None:
             self.health.enter_graceful_shutdown()
+            self.xds.shutdown()
             await self._server.stop(grace)
             self._server = None
             self.observability.stop()

@@ -93,6 +93,7 @@ async def _serve(config_path: Path) -> int:
         settings.rotation,
         backend.vault,
         xds_send_timeout=settings.xds_send_timeout,
+        xds_max_stream_age=settings.xds_max_stream_age,
     )
     if settings.server_tls is not None:
         credentials = ServerCredentials(

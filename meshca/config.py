@@ -65,6 +65,7 @@ class ServeSettings:
     admin_address: str
     log_level: str
     xds_send_timeout: timedelta = timedelta(seconds=30)  # a proxy not reading a response this long is closed
+    xds_max_stream_age: timedelta = timedelta(minutes=30)  # streams are closed after this (±10%) to reconnect
 
 
 class FieldReader:
@@ -242,7 +243,8 @@ def _parse_rotation(reader: FieldReader) -> RotationSettings:
 def parse_serve_settings(path: Path, data: Mapping[str, Any], trust_domain: str) -> ServeSettings:
     reader = FieldReader(path, data)
     reader.check_known(
-        {"state_dir", "listen", "issuers", "tls", "server_names", "leaf_ttl", "rotation", "mesh", "metrics_port", "admin_address", "ca", "log_level", "xds_send_timeout"}
+        {"state_dir", "listen", "issuers", "tls", "server_names", "leaf_ttl", "rotation", "mesh", "metrics_port", "admin_address", "ca", "log_level", "xds_send_timeout",
+         "xds_max_stream_age"}
     )
     host, port = _parse_listen(reader)
     issuers_raw = reader.get("issuers", list)
@@ -265,6 +267,11 @@ def parse_serve_settings(path: Path, data: Mapping[str, Any], trust_domain: str)
         send_timeout = timedelta(seconds=30)
     if send_timeout < timedelta(seconds=1):
         raise reader.error("xds_send_timeout", f"{send_timeout.total_seconds():g}s is too short (at least 1s)")
+    max_stream_age = reader.duration("xds_max_stream_age", required=False)
+    if max_stream_age is None:
+        max_stream_age = timedelta(minutes=30)
+    if max_stream_age < timedelta(seconds=1):
+        raise reader.error("xds_max_stream_age", f"{max_stream_age.total_seconds():g}s is too short (at least 1s)")
     return ServeSettings(
         state_dir=(path.parent / reader.get("state_dir", str)).resolve(),
         listen_host=host,
@@ -279,4 +286,5 @@ def parse_serve_settings(path: Path, data: Mapping[str, Any], trust_domain: str)
         admin_address=reader.get("admin_address", str, "127.0.0.1"),
         log_level=log_level,
         xds_send_timeout=send_timeout,
+        xds_max_stream_age=max_stream_age,
     )
