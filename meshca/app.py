@@ -73,7 +73,10 @@ class JwtStreamGate:
             raise StreamRefused(grpc.StatusCode.PERMISSION_DENIED, str(error)) from None
         except CaError as error:  # e.g. the intermediate expired: say so rather than fail obscurely
             raise StreamRefused(grpc.StatusCode.UNAVAILABLE, f"cannot issue a certificate now: {error}") from None
-        deadline = principal.expires_at + self._leeways.get(principal.issuer, timedelta(0))
+        try:
+            deadline = principal.expires_at + self._leeways.get(principal.issuer, timedelta(0))
+        except OverflowError:  # exp near year 9999
+            deadline = principal.expires_at
         expired = principal.expires_at.isoformat(timespec="seconds")
         return Admission(
             key,

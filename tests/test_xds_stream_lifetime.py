@@ -112,3 +112,13 @@ async def test_stop_ends_every_stream_at_once_with_unavailable_and_no_traceback(
     assert all("shutting down" in details for _, details in statuses), statuses
     bad = [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
     assert bad == []
+
+
+async def test_first_request_after_the_token_expired_is_refused(tmp_path: Path) -> None:
+    async with running_meshca(tmp_path, leeway=timedelta(0)) as meshca:
+        token, exp = short_token(meshca, timedelta(seconds=1))
+        client = XdsClient(meshca.channel(), token)  # authenticated at open, while the token is valid
+        await asyncio.sleep(exp + 0.2 - time.time())
+        await client.send(SDS, ["default"], node_id="frontend-1")
+        with pytest.raises(EOFError, match="token expired at"):
+            await client.recv()  # no certificate first

@@ -425,6 +425,12 @@ class XdsServer:
                 self._log_refusal(context, refused, node.id)
                 await context.abort(refused.code, refused.message)
                 return
+            if admission.deadline is not None and admission.deadline <= self._clock():
+                # e.g. the first request came after the token expired: nothing is served on it
+                refused = StreamRefused(grpc.StatusCode.UNAUTHENTICATED, admission.deadline_message)
+                self._log_refusal(context, refused, node.id)
+                await context.abort(refused.code, refused.message)
+                return
 
             allowed = [fixed_type] if fixed_type is not None else list(ResourceType)
             protocol = variant.new_stream(allowed, lambda: str(next(self._nonces)))
