@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
@@ -36,6 +36,7 @@ from meshca.snapshot import InconsistentSnapshot, SnapshotCache
 from meshca.vault import VaultSession
 from meshca.workloads import ForeignTrustDomain, MeshPublisher, WorkloadSecrets
 from meshca.xds.server import (
+    DEFAULT_MAX_STREAM_AGE,
     DEFAULT_SEND_TIMEOUT,
     MAX_REQUEST_BYTES,
     Admission,
@@ -49,7 +50,8 @@ DEFAULT_IDENTITY_GRACE = timedelta(minutes=10)
 
 
 class JwtStreamGate:
-    """The xDS server's StreamGate: identity from the verified JWT, node bound to it, secrets ready.
+    """The xDS server's StreamGate: identity from the verified JWT, node bound to it, secrets ready;
+    the stream's deadline is the token's expiry plus its issuer's leeway.
 
     A certificate that must be issued is issued on `ca_executor`, never on the event loop: a CA call
     may wait seconds on Vault, and every other stream would wait with it.
@@ -60,14 +62,17 @@ class JwtStreamGate:
         identity_gate: IdentityGate,
         publisher: MeshPublisher,
         retention: IdentityRetention,
+        leeways: Mapping[str, timedelta] | None = None,
         ca_executor: Executor | None = None,
         logger: logging.Logger | None = None,
     ) -> None:
+        """`leeways`: per issuer, how long after `exp` a token is still accepted (as the verifier does)."""
         self._identity_gate = identity_gate
         self._log = logger or logging.getLogger(__name__)
         self._publisher = publisher
         self._retention = retention
         self._ca_executor = ca_executor
+        self._leeways = dict(leeways or {})
 
     def authenticate(self, metadata: Sequence[tuple[str, str | bytes]]) -> VerifiedIdentity:
         try:
@@ -98,7 +103,17 @@ class JwtStreamGate:
         except BaseException:
             self._retention.closed(spiffe_id)
             raise
-        return Admission(key, spiffe_id.uri)
+        try:
+            deadline = principal.expires_at + self._leeways.get(principal.issuer, timedelta(0))
+        except OverflowError:  # exp near year 9999
+            deadline = principal.expires_at
+        expired = principal.expires_at.isoformat(timespec="seconds")
+        return Admission(
+            key,
+            spiffe_id.uri,
+            deadline=deadline,
+            deadline_message=f"token expired at {expired}; reconnect with a fresh token",
+        )
 
     def release(self, admission: Admission) -> None:
         self._retention.closed(SpiffeId.parse(admission.identity))
@@ -138,10 +153,12 @@ class MeshcaApp:
         xds_send_timeout: timedelta = DEFAULT_SEND_TIMEOUT,
         collector_pause: CollectorPause | None = None,
         identity_grace: timedelta = DEFAULT_IDENTITY_GRACE,
+        xds_max_stream_age: timedelta | None = DEFAULT_MAX_STREAM_AGE,
     ) -> None:
         """`collector_pause`: defers CPython's garbage collection while a push is written (default:
         one on the `gc` module, see meshca.gcpolicy). `identity_grace`: how long an identity's
-        certificate is kept (and renewed) after its last stream closed."""
+        certificate is kept (and renewed) after its last stream closed. `xds_max_stream_age`: streams
+        are closed with UNAVAILABLE after about this long (±10%), so proxies reconnect (None: never)."""
         self.ca = ca
         self.vault = vault
         self.clock = clock
@@ -170,11 +187,20 @@ class MeshcaApp:
         self.collector_pause = collector_pause if collector_pause is not None else CollectorPause()
         self.xds = XdsServer(
             self.cache,
-            JwtStreamGate(self.identity_gate, self.publisher, self.retention, self.ca_executor, logger.getChild("gate")),
+            JwtStreamGate(
+                self.identity_gate,
+                self.publisher,
+                self.retention,
+                {i.issuer: i.leeway for i in issuers},
+                self.ca_executor,
+                logger.getChild("gate"),
+            ),
             self.registry,
             logger.getChild("xds"),
             send_timeout=xds_send_timeout,
             collector_pause=self.collector_pause,
+            max_stream_age=xds_max_stream_age,
+            clock=clock,
         )
         self.observability = Observability(self.registry, self.secrets, self.publisher, clock, logger.getChild("admin"))
         self.observability.add_collector(
@@ -249,8 +275,11 @@ class MeshcaApp:
         return bound
 
     async def stop(self, grace: float = 5.0) -> None:
+        """Stop serving: xDS streams end at once with UNAVAILABLE (proxies reconnect elsewhere); other
+        calls get up to `grace` seconds."""
         if self._server is not None:
             self.health.enter_graceful_shutdown()
+            self.xds.shutdown()
             await self._server.stop(grace)
             self._server = None
             self.observability.stop()

@@ -94,6 +94,7 @@ async def _serve(config_path: Path) -> int:
         backend.vault,
         xds_send_timeout=settings.xds_send_timeout,
         identity_grace=settings.identity_grace,
+        xds_max_stream_age=settings.xds_max_stream_age,
     )
     if settings.server_tls is not None:
         credentials = ServerCredentials(

@@ -66,6 +66,7 @@ class ServeSettings:
     log_level: str
     xds_send_timeout: timedelta = timedelta(seconds=30)  # a proxy not reading a response this long is closed
     identity_grace: timedelta = timedelta(minutes=10)  # an identity without streams this long is forgotten
+    xds_max_stream_age: timedelta = timedelta(minutes=30)  # streams are closed after this (±10%) to reconnect
 
 
 class FieldReader:
@@ -243,7 +244,8 @@ def _parse_rotation(reader: FieldReader) -> RotationSettings:
 def parse_serve_settings(path: Path, data: Mapping[str, Any], trust_domain: str) -> ServeSettings:
     reader = FieldReader(path, data)
     reader.check_known(
-        {"state_dir", "listen", "issuers", "tls", "server_names", "leaf_ttl", "rotation", "mesh", "metrics_port", "admin_address", "ca", "log_level", "xds_send_timeout", "identity_grace"}
+        {"state_dir", "listen", "issuers", "tls", "server_names", "leaf_ttl", "rotation", "mesh", "metrics_port", "admin_address", "ca", "log_level", "xds_send_timeout",
+         "xds_max_stream_age", "identity_grace"}
     )
     host, port = _parse_listen(reader)
     issuers_raw = reader.get("issuers", list)
@@ -269,6 +271,11 @@ def parse_serve_settings(path: Path, data: Mapping[str, Any], trust_domain: str)
     identity_grace = reader.duration("identity_grace", required=False)
     if identity_grace is None:
         identity_grace = timedelta(minutes=10)
+    max_stream_age = reader.duration("xds_max_stream_age", required=False)
+    if max_stream_age is None:
+        max_stream_age = timedelta(minutes=30)
+    if max_stream_age < timedelta(seconds=1):
+        raise reader.error("xds_max_stream_age", f"{max_stream_age.total_seconds():g}s is too short (at least 1s)")
     return ServeSettings(
         state_dir=(path.parent / reader.get("state_dir", str)).resolve(),
         listen_host=host,
@@ -284,4 +291,5 @@ def parse_serve_settings(path: Path, data: Mapping[str, Any], trust_domain: str)
         log_level=log_level,
         xds_send_timeout=send_timeout,
         identity_grace=identity_grace,
+        xds_max_stream_age=max_stream_age,
     )

@@ -19,6 +19,7 @@ from meshca.devtokens import DEV_AUDIENCE, DEV_ISSUER, mint_token, write_dev_iss
 from meshca.envoy_process import EnvoyProcess, free_port
 from meshca.gcpolicy import CollectorPause
 from meshca.jwtgate import TrustedIssuer
+from meshca.xds.server import DEFAULT_MAX_STREAM_AGE
 
 TRUST_DOMAIN = "mesh.test"
 
@@ -54,13 +55,20 @@ async def running_meshca(
     directory: Path,
     leaf_ttl: timedelta | None = None,
     collector_pause: CollectorPause | None = None,
+    *,
+    leeway: timedelta = timedelta(seconds=30),
+    xds_max_stream_age: timedelta | None = DEFAULT_MAX_STREAM_AGE,
     **app_options: object,
 ) -> AsyncIterator[RunningMeshca]:
     """`app_options`: further MeshcaApp keyword arguments (e.g. identity_grace)."""
     ca = make_ca(directory)
     issuer_files = write_dev_issuer(directory / "jwt")
     issuer = TrustedIssuer(
-        issuer=DEV_ISSUER, audiences=(DEV_AUDIENCE,), trust_domain=TRUST_DOMAIN, jwks_path=issuer_files.jwks
+        issuer=DEV_ISSUER,
+        audiences=(DEV_AUDIENCE,),
+        trust_domain=TRUST_DOMAIN,
+        jwks_path=issuer_files.jwks,
+        leeway=leeway,
     )
     app = MeshcaApp(
         ca,
@@ -69,6 +77,7 @@ async def running_meshca(
         logging.getLogger("meshca.test"),
         leaf_ttl=leaf_ttl,
         collector_pause=collector_pause,
+        xds_max_stream_age=xds_max_stream_age,
         **app_options,  # type: ignore[arg-type]
     )
     credentials = issue_server_credentials(ca, ["localhost", "127.0.0.1"], timedelta(hours=1))

@@ -33,6 +33,9 @@ def test_good_settings(tmp_path: Path) -> None:
     assert settings.xds_send_timeout == timedelta(seconds=30)  # the default
     tuned = load_serve_settings(write(tmp_path, GOOD + "xds_send_timeout: 2m\n"), "mesh.test")
     assert tuned.xds_send_timeout == timedelta(minutes=2)
+    assert settings.xds_max_stream_age == timedelta(minutes=30)  # the default
+    aged = load_serve_settings(write(tmp_path, GOOD + "xds_max_stream_age: 5m\n"), "mesh.test")
+    assert aged.xds_max_stream_age == timedelta(minutes=5)
     assert settings.state_dir == (tmp_path / "ca").resolve()
     assert settings.issuers[0].trust_domain == "mesh.test"
     assert settings.issuers[0].jwks_path == (tmp_path / "jwks.json").resolve()
@@ -50,6 +53,7 @@ def test_good_settings(tmp_path: Path) -> None:
         (("state_dir: ca", "state_dir: [1]"), "state_dir", "must be str"),
         (("leaf_ttl: 30m", "leaf_ttl: 30m\nxds_send_timeout: 0s"), "xds_send_timeout", "too short"),
         (("leaf_ttl: 30m", "leaf_ttl: 30m\nxds_send_timeout: later"), "xds_send_timeout", "not a duration"),
+        (("leaf_ttl: 30m", "leaf_ttl: 30m\nxds_max_stream_age: 500ms"), "xds_max_stream_age", "too short"),
     ],
 )
 def test_errors_name_file_field_and_reason(tmp_path: Path, edit: tuple[str, str], field: str, reason: str) -> None:

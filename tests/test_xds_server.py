@@ -12,7 +12,7 @@ from cryptography import x509
 from envoy_data_plane.envoy.config.cluster.v3 import Cluster
 from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import Secret
 from meshca_harness import TRUST_DOMAIN, RunningMeshca, running_meshca
-from xds_client import XdsClient
+from xds_client import DeltaXdsClient, XdsClient
 
 from meshca import resources as r
 from meshca.devtokens import mint_token
@@ -250,3 +250,16 @@ async def test_per_type_service_refuses_another_type(meshca: RunningMeshca) -> N
     await client.send(LDS, node_id="n")
     code, details = await client.status()
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "CDS" in details
+
+
+@pytest.mark.parametrize("client_type", [XdsClient, DeltaXdsClient])
+async def test_client_reports_the_servers_refusal_even_after_writing_on_the_refused_stream(
+    meshca: RunningMeshca, client_type: type[XdsClient]
+) -> None:
+    # grpc/grpc#36066: a write after the server's status made grpc.aio report its own INTERNAL
+    for _ in range(20):
+        client = client_type(meshca.channel(), "not.a.jwt")
+        for _ in range(4):
+            await client.send(CDS, node_id="n")
+        code, details = await client.status()
+        assert (code, "malformed" in details) == (grpc.StatusCode.UNAUTHENTICATED, True)

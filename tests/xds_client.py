@@ -19,14 +19,24 @@ from envoy_data_plane.google.rpc import Status
 from meshca.xds.server import ADS_METHOD, DELTA_ADS_METHOD
 
 ROOTCA_AND_DEFAULT = ("default", "ROOTCA")
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
+_CORE_INTERNAL = "Internal error from Core"
 
 
 class XdsClient:
-    """One xDS stream; `send` builds a DiscoveryRequest, `recv` parses the next DiscoveryResponse."""
+    """One xDS stream; `send` builds a DiscoveryRequest, `recv` parses the next DiscoveryResponse.
+
+    The status is the server's, even when a write raced the server ending the stream: grpc.aio then
+    sets its own INTERNAL "Internal error from Core" over (or before) the server's status
+    (grpc/grpc#36066). Each status the call is given is seen by a done callback, which keeps the
+    first that is not that one; writes are skipped once the stream has ended.
+    """
 
     def __init__(self, channel: grpc.aio.Channel, token: str | None, method: str = ADS_METHOD) -> None:
         metadata = [("authorization", f"Bearer {token}")] if token is not None else []
         self.call = channel.stream_stream(method)(metadata=metadata)
+        self._final: asyncio.Future[tuple[grpc.StatusCode, str]] = asyncio.get_running_loop().create_future()
+        self.call.add_done_callback(self._on_status)
         # grpc.aio cancels the whole RPC when a pending read() is cancelled, so one task reads
         # and timeouts apply to this queue instead.
         self._inbox: asyncio.Queue[bytes | None] = asyncio.Queue()
@@ -42,6 +52,16 @@ class XdsClient:
         except grpc.aio.AioRpcError:
             pass
         await self._inbox.put(None)
+
+    def _on_status(self, call: grpc.aio.Call) -> None:
+        # Called each time grpc.aio sets the call's status; read it now, before it can be overwritten.
+        status = getattr(getattr(call, "_cython_call", None), "_status", None)
+        if status is None or self._final.done():
+            return
+        code = _CODES.get(status.code(), grpc.StatusCode.UNKNOWN)
+        if code is grpc.StatusCode.INTERNAL and status.details() == _CORE_INTERNAL:
+            return  # grpc.aio's own, for a failed write: the server's status comes (or came) separately
+        self._final.set_result((code, status.details()))
 
     async def send(
         self,
@@ -65,15 +85,18 @@ class XdsClient:
         await self.send_raw(bytes(request))
 
     async def send_raw(self, payload: bytes) -> None:
+        if self.call.done():
+            return  # the server already closed the stream (e.g. refused it): status() tells why
         try:
             await self.call.write(payload)
-        except grpc.aio.AioRpcError:
-            pass  # the server already closed the stream (e.g. refused it): status() tells why
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            pass  # it closed the stream meanwhile
 
     async def recv(self, timeout: float = 5.0) -> DiscoveryResponse:
         raw = await asyncio.wait_for(self._inbox.get(), timeout)
         if raw is None:
-            raise EOFError(f"stream ended: {await self.call.code()} {await self.call.details()}")
+            code, details = await asyncio.wait_for(asyncio.shield(self._final), timeout)
+            raise EOFError(f"stream ended: {code} {details}")
         return DiscoveryResponse.parse(raw)
 
     async def silent_for(self, seconds: float) -> bool:
@@ -91,7 +114,7 @@ class XdsClient:
         """Wait for the stream to end; its status code and details."""
         while await asyncio.wait_for(self._inbox.get(), timeout) is not None:
             pass
-        return await self.call.code(), await self.call.details()
+        return await asyncio.wait_for(asyncio.shield(self._final), timeout)
 
     def close(self) -> None:
         self.call.cancel()
@@ -132,12 +155,13 @@ class DeltaXdsClient(XdsClient):
             request.node = _node(node_id, node_metadata)
         if error is not None:
             request.error_detail = Status(code=13, message=error)
-        await self.call.write(bytes(request))
+        await self.send_raw(bytes(request))
 
     async def recv(self, timeout: float = 5.0) -> DeltaDiscoveryResponse:  # type: ignore[override]
         raw = await asyncio.wait_for(self._inbox.get(), timeout)
         if raw is None:
-            raise EOFError(f"stream ended: {await self.call.code()} {await self.call.details()}")
+            code, details = await asyncio.wait_for(asyncio.shield(self._final), timeout)
+            raise EOFError(f"stream ended: {code} {details}")
         return DeltaDiscoveryResponse.parse(raw)
 
     async def ack(self, response: DeltaDiscoveryResponse) -> None:  # type: ignore[override]

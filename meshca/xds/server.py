@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import random
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from types import MappingProxyType
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -15,7 +16,9 @@ import grpc
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import DecodeError
 
+from meshca.clock import Clock, system_clock
 from meshca.gcpolicy import CollectorPause
+from meshca.logs import RepeatLimiter, client_text
 from meshca.snapshot import ResourceType, Snapshot, SnapshotCache, length_delimited
 from meshca.v1 import xds_wire_pb2
 from meshca.xds.cancel import cancel_rpc
@@ -44,6 +47,9 @@ DELTA_PER_TYPE_METHODS: Mapping[ResourceType, str] = MappingProxyType(
 
 MAX_REQUEST_BYTES = 4 * 1024 * 1024
 DEFAULT_SEND_TIMEOUT = timedelta(seconds=30)
+DEFAULT_MAX_STREAM_AGE = timedelta(minutes=30)
+MAX_STREAM_AGE_JITTER = 0.1  # each stream's age limit is drawn from ±10% around the setting
+SHUTDOWN_MESSAGE = "meshca is shutting down; reconnect"
 _CONTROL_PLANE = length_delimited(6, length_delimited(1, b"meshca"))
 _DELTA_CONTROL_PLANE = length_delimited(7, length_delimited(1, b"meshca"))
 
@@ -70,6 +76,10 @@ class Admission:
 
     snapshot_key: str
     identity: str
+    # When the stream's credentials end (None: never): it is then closed with UNAUTHENTICATED and
+    # `deadline_message`, so the proxy reconnects with fresh ones.
+    deadline: datetime | None = None
+    deadline_message: str = "credentials expired; reconnect with fresh ones"
 
 
 class StreamGate(Protocol):
@@ -120,7 +130,7 @@ def _resource_type(type_url: str, fixed_type: ResourceType | None) -> ResourceTy
     if fixed_type is None:
         return ResourceType.from_type_url(type_url)
     if type_url and type_url != fixed_type.type_url:
-        raise MalformedRequest(f"type_url {type_url!r} sent on the {fixed_type.short_name} service")
+        raise MalformedRequest(f"type_url '{client_text(type_url)}' sent on the {fixed_type.short_name} service")
     return fixed_type
 
 
@@ -229,6 +239,14 @@ _END = object()
 
 
 @dataclass(frozen=True)
+class _Close:
+    """The server ends the stream: token expired, maximum age reached, or shutting down."""
+
+    code: grpc.StatusCode
+    message: str
+
+
+@dataclass(frozen=True)
 class _PendingWrite:
     """A response write in progress, as the write watchdog sees it."""
 
@@ -248,6 +266,13 @@ class _Inbox:
         self._waiter: asyncio.Future[None] | None = None
         self._pause = pause
         self._holding = False
+        self._close: _Close | None = None
+
+    def close(self, code: grpc.StatusCode, message: str) -> None:
+        """End the stream with this status at its next step (before any request or push still waiting)."""
+        if self._close is None:
+            self._close = _Close(code, message)
+            self._wake()
 
     def snapshot_changed(self) -> None:
         # An idle stream is about to push: no garbage collection until it has handed the response
@@ -270,8 +295,10 @@ class _Inbox:
             waiter.set_result(None)
 
     async def next(self) -> object | None:
-        """The next request, or None when the watched snapshot changed first."""
+        """The next request, _Close when the stream is to end, or None when the watched snapshot changed."""
         while True:
+            if self._close is not None:
+                return self._close
             if not self.requests.empty():
                 return self.requests.get_nowait()
             if self._snapshot_changed:
@@ -299,19 +326,35 @@ class XdsServer:
         logger: logging.Logger,
         send_timeout: timedelta = DEFAULT_SEND_TIMEOUT,
         collector_pause: CollectorPause | None = None,
+        max_stream_age: timedelta | None = DEFAULT_MAX_STREAM_AGE,
+        clock: Clock = system_clock,
+        rng: random.Random | None = None,
+        repeat_window: float = 10.0,
     ) -> None:
         """`send_timeout`: how long one response may wait for the proxy to read it (HTTP/2 flow
         control) before the stream is closed with UNAVAILABLE. `collector_pause`: held while a
         snapshot change is being written to the streams it woke (see meshca.gcpolicy).
+        `max_stream_age`: a stream is closed with UNAVAILABLE after this (±10% jitter, drawn from
+        `rng`), so proxies reconnect and spread over replicas (None: never). `clock` turns an
+        Admission's deadline into a delay. `repeat_window`: the same refusal from the same peer is
+        logged once per this many seconds, then counted.
         """
         if send_timeout <= timedelta(0):
             raise ValueError(f"send_timeout must be positive, not {send_timeout}")
+        if max_stream_age is not None and max_stream_age <= timedelta(0):
+            raise ValueError(f"max_stream_age must be positive, not {max_stream_age}")
         self._cache = cache
         self._gate = gate
         self._registry = registry
         self._log = logger
         self._send_timeout = send_timeout
         self._collector_pause = collector_pause
+        self._max_stream_age = max_stream_age
+        self._clock = clock
+        self._rng = rng if rng is not None else random.Random()
+        self._repeats = RepeatLimiter(logger, repeat_window)
+        self._streams: set[_Inbox] = set()  # every stream being served, admitted or not
+        self._shutting_down = False
         self._nonces = itertools.count(1)
         # One watchdog task checks every write in progress, instead of a timer per write (at 10,000
         # streams the per-write timers cost more than the writes' own Python work).
@@ -349,21 +392,30 @@ class XdsServer:
         fixed_type: ResourceType | None,
         variant: _Variant,
     ) -> None:
+        if self._shutting_down:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTDOWN_MESSAGE)
+            return
         try:
             principal = self._gate.authenticate(context.invocation_metadata() or ())
         except StreamRefused as refused:
-            self._log.warning("xds stream refused: %s", refused.message, extra={"peer": context.peer()})
+            self._log_refusal(context, refused)
             await context.abort(refused.code, refused.message)
             return
 
         inbox = _Inbox(limit=64, pause=self._collector_pause)
+        self._streams.add(inbox)
         reader = asyncio.create_task(self._read(requests, inbox, fixed_type, variant))
         stream_id: int | None = None
         admission: Admission | None = None
         watch = None
+        timer: asyncio.TimerHandle | None = None
+        closed_by: _Close | None = None
         try:
-            first = await inbox.requests.get()
+            first = await inbox.next()
             if first is _END:
+                return
+            if isinstance(first, _Close):
+                await context.abort(first.code, first.message)
                 return
             if isinstance(first, MalformedRequest):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(first))
@@ -375,9 +427,13 @@ class XdsServer:
             try:
                 admission = await self._gate.admit(principal, node)
             except StreamRefused as refused:
-                self._log.warning(
-                    "xds stream refused for node %s: %s", node.id, refused.message, extra={"peer": context.peer()}
-                )
+                self._log_refusal(context, refused, node.id)
+                await context.abort(refused.code, refused.message)
+                return
+            if admission.deadline is not None and admission.deadline <= self._clock():
+                # e.g. the first request came after the token expired: nothing is served on it
+                refused = StreamRefused(grpc.StatusCode.UNAUTHENTICATED, admission.deadline_message)
+                self._log_refusal(context, refused, node.id)
                 await context.abort(refused.code, refused.message)
                 return
 
@@ -386,11 +442,12 @@ class XdsServer:
             stream_id = self._registry.open(node.id, admission.identity, admission.snapshot_key)
             self._log.info(
                 "xds stream opened: node=%s identity=%s stream=%d protocol=%s",
-                node.id,
+                client_text(node.id),
                 admission.identity,
                 stream_id,
                 variant.name,
             )
+            timer = self._schedule_end(inbox, admission)
             watch = self._cache.watch(admission.snapshot_key, inbox.snapshot_changed)
             # Requests are answered from the snapshot last handed to the protocol; a newer one is
             # taken through the watch, so that its changes go out in push order for every type.
@@ -398,6 +455,10 @@ class XdsServer:
             pending: object = first
             while True:
                 outcome: Outcome[Any] | None = None
+                if isinstance(pending, _Close):
+                    closed_by = pending
+                    await context.abort(pending.code, pending.message)
+                    return
                 if pending is not None:
                     item, pending = pending, None
                     if item is _END:
@@ -409,7 +470,8 @@ class XdsServer:
                     if later_node is not None and later_node.id and later_node.id != node.id:
                         await context.abort(
                             grpc.StatusCode.PERMISSION_DENIED,
-                            f"node.id changed on an open stream from {node.id!r} to {later_node.id!r}",
+                            f"node.id changed on an open stream from '{client_text(node.id)}' "
+                            f"to '{client_text(later_node.id)}'",
                         )
                         return
                     if request is not None:
@@ -422,14 +484,66 @@ class XdsServer:
                     await self._apply(stream_id, node.id, outcome, context, variant.frame)
                 pending = await inbox.next()
         finally:
+            self._streams.discard(inbox)
             reader.cancel()
+            if timer is not None:
+                timer.cancel()
             if watch is not None:
                 watch.close()
             if stream_id is not None:
                 self._registry.close(stream_id)
-                self._log.info("xds stream closed: stream=%d", stream_id)
+                if closed_by is None:
+                    self._log.info("xds stream closed: stream=%d", stream_id)
+                else:
+                    self._log.info(
+                        "xds stream closed: stream=%d by meshca (%s: %s)", stream_id, closed_by.code.name, closed_by.message
+                    )
             if admission is not None:
                 self._gate.release(admission)
+
+    def _schedule_end(self, inbox: _Inbox, admission: Admission) -> asyncio.TimerHandle | None:
+        """One timer per stream, for whichever comes first: its credentials' deadline or its maximum age."""
+        ends: list[tuple[float, grpc.StatusCode, str]] = []
+        if self._max_stream_age is not None:
+            age = self._max_stream_age.total_seconds() * self._rng.uniform(
+                1 - MAX_STREAM_AGE_JITTER, 1 + MAX_STREAM_AGE_JITTER
+            )
+            ends.append((age, grpc.StatusCode.UNAVAILABLE, f"maximum stream age reached ({age:.0f} s); reconnect"))
+        if admission.deadline is not None:
+            delay = (admission.deadline - self._clock()).total_seconds()
+            ends.append((delay, grpc.StatusCode.UNAUTHENTICATED, admission.deadline_message))
+        if not ends:
+            return None
+        delay, code, message = min(ends, key=lambda end: end[0])
+        return asyncio.get_running_loop().call_later(max(delay, 0.0), inbox.close, code, message)
+
+    def _log_refusal(self, context: grpc.aio.ServicerContext, refused: StreamRefused, node_id: str | None = None) -> None:
+        peer = client_text(context.peer() or "unknown")
+        host = peer.rsplit(":", 1)[0]  # one kind per address, whatever the client's port
+        node = f" for node {client_text(node_id)}" if node_id is not None else ""
+        self._repeats.log(
+            logging.WARNING,
+            f"xds streams refused with {refused.code.name} from {host}",
+            "xds stream refused%s: %s",
+            node,
+            client_text(refused.message),
+            extra={"peer": peer},
+        )
+
+    def shutdown(self) -> None:
+        """End every stream now with UNAVAILABLE, so proxies reconnect (to another replica); refuse new ones.
+
+        A stream waiting for a request or a snapshot ends at its next step; one stuck writing to a
+        proxy that does not read is cancelled with that status, as the write watchdog does.
+        """
+        self._shutting_down = True
+        for inbox in list(self._streams):
+            inbox.close(grpc.StatusCode.UNAVAILABLE, SHUTDOWN_MESSAGE)
+        for stream_id, write in list(self._pending_writes.items()):
+            del self._pending_writes[stream_id]
+            cancel_rpc(write.context, grpc.StatusCode.UNAVAILABLE, SHUTDOWN_MESSAGE)
+            write.task.cancel()
+        self._repeats.flush()
 
     def _close_stalled(self, stream_id: int, node_id: str, context: grpc.aio.ServicerContext) -> None:
         seconds = self._send_timeout.total_seconds()
@@ -438,7 +552,7 @@ class XdsServer:
         if cancel_rpc(context, grpc.StatusCode.UNAVAILABLE, details):
             self._log.warning(
                 "xds stream closed with UNAVAILABLE: node %s did not read a response for %g s (stream=%d)",
-                node_id,
+                client_text(node_id),
                 seconds,
                 stream_id,
             )
@@ -446,7 +560,7 @@ class XdsServer:
             self._log.warning(
                 "xds stream dropped: node %s did not read a response for %g s (stream=%d); this grpcio cannot "
                 "cancel the call, so its HTTP/2 stream stays open, without status, until the peer disconnects",
-                node_id,
+                client_text(node_id),
                 seconds,
                 stream_id,
             )
@@ -493,13 +607,17 @@ class XdsServer:
         if outcome.nack is not None:
             nack = outcome.nack
             self._registry.record_nack(stream_id, nack.type, nack.rejected_version, nack.error_message)
-            self._log.warning(
+            # A client may NACK the same response again and again: one line per window and kind.
+            node = client_text(node_id)
+            self._repeats.log(
+                logging.WARNING,
+                f"NACKs from node {node} for {nack.type.short_name} (stream={stream_id})",
                 "NACK from node %s for %s version %s (code %d): %s",
-                node_id,
+                node,
                 nack.type.short_name,
                 nack.rejected_version,
                 nack.error_code,
-                nack.error_message,
+                client_text(nack.error_message),
             )
         for response in outcome.responses:
             await self._send(stream_id, node_id, context, frame(response))
