@@ -510,9 +510,21 @@ def _workload_identity(payload: Mapping[str, Any], sub: str, issuer: TrustedIssu
         ns, sa, pod_name = _kubernetes_claim(k8s)
         if legacy is not None and legacy != (ns, sa):
             raise AuthenticationError(
-                f"malformed token: 'sub' names {legacy[0]}/{legacy[1]} but {_K8S_CLAIM} names {ns}/{sa}"
+                f"identity claims disagree: 'sub' names {legacy[0]}/{legacy[1]} but {_K8S_CLAIM!r} names {ns}/{sa}"
             )
-        return _service_account_id(issuer, ns, sa), pod_name
+        derived = _service_account_id(issuer, ns, sa)
+        if sub.lower().startswith("spiffe://"):
+            # A SPIFFE `sub` beside the claim is a second identity assertion: it must be the same one.
+            try:
+                agrees = SpiffeId.parse(sub) == derived
+            except InvalidSpiffeId:
+                agrees = False
+            if not agrees:
+                raise AuthenticationError(
+                    f"identity claims disagree: 'sub' is the SPIFFE ID {_quote(sub)} but {_K8S_CLAIM!r} "
+                    f"names {ns}/{sa}, which is {derived.uri}"
+                )
+        return derived, pod_name
     if legacy is not None:
         return _service_account_id(issuer, *legacy), None
 

@@ -21,6 +21,7 @@ from meshca.crypto import (
     public_jwk,
     public_key_pem,
 )
+from meshca.devtokens import mint_spiffe_token, mint_token
 from meshca.identity import SpiffeId
 from meshca.jwtgate import (
     AuthenticationError,
@@ -128,6 +129,37 @@ def test_legacy_sub_only_token(key: bytes, verifier: TokenVerifier) -> None:
 def test_sub_disagreeing_with_kubernetes_claim_is_refused(key: bytes, verifier: TokenVerifier) -> None:
     msg = reason(lambda: verifier.verify(sign(key, k8s_claims(sub="system:serviceaccount:kube-system:admin"))))
     assert "kube-system/admin" in msg and "shop/web" in msg
+
+
+@pytest.mark.parametrize(
+    "sub",
+    [
+        "spiffe://evil.example/ns/shop/sa/web",  # another trust domain
+        f"spiffe://{TD}/ns/kube-system/sa/admin",  # another namespace and service account
+        f"spiffe://{TD}/ns/shop/sa/admin",  # another service account
+        f"spiffe://{TD}/billing/worker",  # not a service-account ID at all
+        "spiffe://",  # not a valid SPIFFE ID
+    ],
+)
+def test_spiffe_sub_disagreeing_with_kubernetes_claim_is_refused(key: bytes, verifier: TokenVerifier, sub: str) -> None:
+    token = sign(key, k8s_claims(sub=sub))
+    msg = reason(lambda: verifier.verify(token))
+    assert "identity claims disagree" in msg and "'sub'" in msg and "'kubernetes.io'" in msg
+    assert f"spiffe://{TD}/ns/shop/sa/web" in msg
+    assert all(part not in msg for part in token.split("."))
+
+
+def test_claims_that_agree_are_accepted(key: bytes, verifier: TokenVerifier) -> None:
+    spiffe_sub = verifier.verify(sign(key, k8s_claims(sub=f"spiffe://{TD}/ns/shop/sa/web")))
+    legacy_sub = verifier.verify(sign(key, k8s_claims()))
+    assert spiffe_sub.spiffe_id == legacy_sub.spiffe_id == SpiffeId(TD, "/ns/shop/sa/web")
+
+
+def test_dev_tokens_meshca_mints_are_accepted(key: bytes, verifier: TokenVerifier) -> None:
+    pod = mint_token(key, namespace="shop", service_account="web", pod_name="web-1", issuer=ISS, audience=AUD, now=NOW)
+    assert verifier.verify(pod).spiffe_id == SpiffeId(TD, "/ns/shop/sa/web")
+    spiffe = mint_spiffe_token(key, spiffe_id=SpiffeId(TD, "/billing/worker"), issuer=ISS, audience=AUD, now=NOW)
+    assert verifier.verify(spiffe).spiffe_id == SpiffeId(TD, "/billing/worker")
 
 
 def test_spiffe_subject_token(key: bytes, verifier: TokenVerifier) -> None:
