@@ -11,7 +11,8 @@ from typing import Any
 
 import yaml
 
-from meshca.jwtgate import TrustedIssuer
+from meshca.clock import system_clock
+from meshca.jwtgate import KeySourceError, TrustedIssuer, check_issuer_keys
 from meshca.rotation import RenewalPolicy, RotationSettings
 
 
@@ -155,7 +156,7 @@ def _parse_issuer(reader: FieldReader, index: int, item: object, trust_domain: s
         public_keys.append(path.read_bytes())
     leeway = sub.duration("leeway", required=False)
     try:
-        return TrustedIssuer(
+        issuer = TrustedIssuer(
             issuer=sub.get("issuer", str),
             audiences=tuple(str(a) for a in audiences),
             trust_domain=sub.get("trust_domain", str, trust_domain),
@@ -164,10 +165,18 @@ def _parse_issuer(reader: FieldReader, index: int, item: object, trust_domain: s
             algorithms=tuple(sub.get("algorithms", list, ["ES256", "ES384", "RS256", "PS256", "EdDSA"])),
             **({"leeway": leeway} if leeway is not None else {}),
         )
+        check_issuer_keys(issuer, system_clock)  # a broken JWKS at start is fatal: no last good keys yet
+    except KeySourceError as error:
+        raise sub.error(_KEY_SOURCE_FIELDS[error.source], error.reason) from None
     except ValueError as error:
         if isinstance(error, ConfigError):
             raise
         raise reader.error(key, str(error)) from None
+    return issuer
+
+
+# The settings-file key of each TrustedIssuer key source.
+_KEY_SOURCE_FIELDS = {"jwks_path": "jwks"}
 
 
 # libyaml's parser when PyYAML was built with it (the wheels are): a 1,000-service mesh file parses in

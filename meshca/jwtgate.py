@@ -42,6 +42,16 @@ class NodeBindingError(Exception):
     """The xDS node claims something its token does not allow (gRPC PERMISSION_DENIED)."""
 
 
+class KeySourceError(ValueError):
+    """An issuer's key source is unusable at start; `source` names the TrustedIssuer field (e.g. jwks_path)."""
+
+    def __init__(self, issuer: str, source: str, reason: str) -> None:
+        self.issuer = issuer
+        self.source = source
+        self.reason = reason
+        super().__init__(f"issuer {issuer!r}: {reason}")
+
+
 @dataclass(frozen=True)
 class TrustedIssuer:
     """One JWT issuer meshca trusts, its keys, and the trust domain its identities live in."""
@@ -160,7 +170,10 @@ def _prepare_static_keys(issuer: TrustedIssuer, algs: Mapping[str, Any]) -> tupl
 
 
 def _parse_jwks(issuer: TrustedIssuer, data: bytes, logger: logging.Logger) -> tuple[_Key, ...]:
-    doc = json.loads(data)
+    try:
+        doc = json.loads(data)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"not JSON ({e})") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("keys"), list):
         raise ValueError("not a JWKS document (expected an object with a 'keys' list)")
     keys: list[_Key] = []
@@ -238,9 +251,10 @@ class TokenVerifier:
             entry = _IssuerKeys(issuer, _prepare_static_keys(issuer, self._algs))
             self._issuers[issuer.issuer] = entry
             if issuer.jwks_path is not None:
-                self._refresh_jwks(entry)
-                if entry.jwks.error is not None:
-                    self._log.warning("issuer %s: %s", issuer.issuer, entry.jwks.error)
+                # At start there are no last good keys to fall back on: a broken file is fatal, not a warning.
+                error = self._refresh_jwks(entry).error
+                if error is not None:
+                    raise KeySourceError(issuer.issuer, "jwks_path", error)
 
     # -- keys ---------------------------------------------------------------------------------
 
@@ -262,7 +276,7 @@ class TokenVerifier:
                 keys = _parse_jwks(entry.issuer, path.read_bytes(), self._log)
             except (OSError, ValueError) as e:
                 # Keep the last good keys; the failed file is retried on the next verification.
-                reason = f"JWKS {path} unusable: {e}"
+                reason = f"JWKS {path} unreadable: {e.strerror}" if isinstance(e, OSError) else f"JWKS {path} unusable: {e}"
                 if entry.jwks.keys and entry.jwks.error != reason:
                     self._log.warning("issuer %s: %s; keeping the previous keys", entry.issuer.issuer, reason)
                 entry.jwks = _JwksState(entry.jwks.signature, entry.jwks.keys, reason, signature)
@@ -474,6 +488,12 @@ class TokenVerifier:
             pod_name=pod_name,
             expires_at=expires_at,
         )
+
+
+def check_issuer_keys(issuer: TrustedIssuer, clock: Clock) -> None:
+    """Load an issuer's keys as a TokenVerifier does at start; KeySourceError names a broken JWKS and why."""
+    quiet = logging.Logger("meshca.jwt.check", logging.CRITICAL + 1)  # the real verifier logs skipped keys
+    TokenVerifier([issuer], clock, logger=quiet, cache_size=0)
 
 
 def _b64url_decode(segment: str) -> bytes:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
 from meshca.config import ConfigError, load_serve_settings, parse_duration
+from meshca.crypto import KeyAlgorithm, generate_private_key_pem, public_jwk, public_key_pem
 
 GOOD = """
 state_dir: ca
@@ -20,8 +24,17 @@ leaf_ttl: 30m
 """
 
 
+JWKS = json.dumps({"keys": [public_jwk(public_key_pem(generate_private_key_pem(KeyAlgorithm.EC_P256)), "k1")]})
+
+
+def meshca(*args: str) -> subprocess.CompletedProcess[str]:
+    script = Path(sys.executable).parent / "meshca"
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "meshca.cli"]
+    return subprocess.run([*command, *args], capture_output=True, text=True, timeout=20)
+
+
 def write(tmp_path: Path, text: str) -> Path:
-    (tmp_path / "jwks.json").write_text('{"keys": []}')
+    (tmp_path / "jwks.json").write_text(JWKS)
     path = tmp_path / "meshca.yaml"
     path.write_text(text)
     return path
@@ -74,3 +87,44 @@ def test_durations() -> None:
     assert parse_duration(5) == timedelta(seconds=5)
     with pytest.raises(ValueError):
         parse_duration(True)
+
+
+def break_jwks(jwks: Path, content: str | None) -> None:
+    """Make a JWKS file unusable: missing (None), unreadable ("directory"), or the given text."""
+    jwks.unlink()
+    if content == "directory":
+        jwks.mkdir()  # unreadable even for root, unlike a mode-0 file
+    elif content is not None:
+        jwks.write_text(content)
+
+
+BROKEN_JWKS = [
+    (None, "does not exist"),
+    ("directory", "Is a directory"),
+    ('{"keys": 5}', "not a JWKS document"),
+    ("{not json", "not JSON"),
+]
+
+
+@pytest.mark.parametrize("content, cause", BROKEN_JWKS)
+def test_unusable_jwks_is_an_error_at_load(tmp_path: Path, content: str | None, cause: str) -> None:
+    path = write(tmp_path, GOOD)
+    break_jwks(tmp_path / "jwks.json", content)
+    with pytest.raises(ConfigError) as error:
+        load_serve_settings(path, "mesh.test")
+    assert error.value.field == "issuers[0].jwks"
+    assert cause in error.value.reason and str((tmp_path / "jwks.json").resolve()) in error.value.reason
+    assert str(error.value).startswith(f"{path}: issuers[0].jwks: ") and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("content, cause", BROKEN_JWKS)
+def test_serve_with_unusable_jwks_exits_2_with_one_line(tmp_path: Path, content: str | None, cause: str) -> None:
+    directory = tmp_path / "dev"
+    assert meshca("dev", "init", "--dir", str(directory)).returncode == 0
+    break_jwks(directory / "jwks.json", content)
+    result = meshca("serve", "--config", str(directory / "meshca.yaml"))
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"meshca: error: {directory / 'meshca.yaml'}: issuers[0].jwks: ")
+    assert cause in lines[0] and "jwks.json" in lines[0]

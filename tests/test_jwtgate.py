@@ -26,6 +26,7 @@ from meshca.identity import SpiffeId
 from meshca.jwtgate import (
     AuthenticationError,
     IdentityGate,
+    KeySourceError,
     NodeBindingError,
     TokenVerifier,
     TrustedIssuer,
@@ -383,19 +384,45 @@ def test_broken_jwks_rewrite_keeps_last_good_keys(tmp_path: Path, key: bytes, cl
     assert v.verify(token).issuer == ISS
 
 
-def test_missing_jwks_file_gives_a_clear_reason(tmp_path: Path, key: bytes, clock: FakeClock) -> None:
-    jwks = tmp_path / "absent.json"
-    v = TokenVerifier([TrustedIssuer(issuer=ISS, audiences=(AUD,), trust_domain=TD, jwks_path=jwks)], clock)
-    token = sign(key, k8s_claims(), headers={"kid": "k1"})
-    assert "absent.json" in reason(lambda: v.verify(token))
+@pytest.mark.parametrize(
+    "content, cause",
+    [
+        (None, "No such file or directory"),
+        ("directory", "Is a directory"),  # unreadable (a mode-0 file is readable by root, a directory never)
+        ('{"keys": 5}', "not a JWKS document"),
+        ("keys: [a]", "not JSON"),
+        ('{"keys": []}', "no key usable"),
+    ],
+)
+def test_unusable_jwks_file_at_start_is_fatal(tmp_path: Path, clock: FakeClock, content: str | None, cause: str) -> None:
+    jwks = tmp_path / "jwks.json"
+    if content == "directory":
+        jwks.mkdir()
+    elif content is not None:
+        jwks.write_text(content)
+    issuer = TrustedIssuer(issuer=ISS, audiences=(AUD,), trust_domain=TD, jwks_path=jwks)
+    with pytest.raises(KeySourceError) as error:
+        TokenVerifier([issuer], clock)
+    assert error.value.source == "jwks_path" and error.value.issuer == ISS
+    assert str(jwks) in error.value.reason and cause in error.value.reason
+    assert "\n" not in str(error.value)
+
+
+def test_jwks_file_removed_while_serving_keeps_last_good_keys(tmp_path: Path, key: bytes, clock: FakeClock) -> None:
+    jwks = tmp_path / "jwks.json"
     write_jwks(jwks, [(key, "k1")])
-    assert v.verify(token).issuer == ISS
+    v = TokenVerifier([TrustedIssuer(issuer=ISS, audiences=(AUD,), trust_domain=TD, jwks_path=jwks)], clock)
+    jwks.unlink()
+    assert v.verify(sign(key, k8s_claims(), headers={"kid": "k1"})).issuer == ISS
+    jwks.write_text('{"keys": 5}')
+    assert v.verify(sign(key, k8s_claims(sa="api"), headers={"kid": "k1"})).issuer == ISS
 
 
-def test_symmetric_jwk_in_jwks_is_never_used(tmp_path: Path, clock: FakeClock) -> None:
+def test_symmetric_jwk_in_jwks_is_never_used(tmp_path: Path, key: bytes, clock: FakeClock) -> None:
     jwks = tmp_path / "jwks.json"
     secret = b"0123456789abcdef0123456789abcdef"
-    jwks.write_text(json.dumps({"keys": [{"kty": "oct", "kid": "s", "k": b64url(secret)}]}))
+    oct_key = {"kty": "oct", "kid": "s", "k": b64url(secret)}
+    jwks.write_text(json.dumps({"keys": [oct_key, public_jwk(public_key_pem(key), "a")]}))
     v = TokenVerifier(
         [TrustedIssuer(issuer=ISS, audiences=(AUD,), trust_domain=TD, jwks_path=jwks, algorithms=("ES256",))], clock
     )
