@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 from datetime import timedelta
 from pathlib import Path
 
+import jwt
 import pytest
 
-from meshca.config import ConfigError, load_serve_settings, parse_duration
+from meshca.backends import build_ca_backend
+from meshca.clock import system_clock
+from meshca.config import ConfigError, format_duration, load_serve_settings, parse_duration
 from meshca.crypto import KeyAlgorithm, generate_private_key_pem, public_jwk, public_key_pem
 
 GOOD = """
@@ -85,8 +89,74 @@ def test_durations() -> None:
     assert parse_duration("90s") == timedelta(seconds=90)
     assert parse_duration("1h") == timedelta(hours=1)
     assert parse_duration(5) == timedelta(seconds=5)
-    with pytest.raises(ValueError):
-        parse_duration(True)
+    assert parse_duration("1") == parse_duration(" 1 ") == timedelta(seconds=1)  # a number of seconds, as text
+    assert parse_duration("2.5") == timedelta(seconds=2.5)
+    for bad in (True, "-1", "1 minute", "", "1e3"):
+        with pytest.raises(ValueError):
+            parse_duration(bad)
+
+
+@pytest.mark.parametrize(
+    "value, text",
+    [
+        (timedelta(minutes=5), "5m"),
+        (timedelta(seconds=10), "10s"),
+        (timedelta(days=90), "90d"),
+        (timedelta(hours=1, minutes=30), "1h30m"),
+        (timedelta(minutes=3, seconds=10, microseconds=22016), "3m10.022s"),
+        (timedelta(milliseconds=500), "500ms"),
+        (timedelta(0), "0s"),
+        (timedelta(seconds=-90), "-1m30s"),
+    ],
+)
+def test_format_duration_reads_like_settings(value: timedelta, text: str) -> None:
+    assert format_duration(value) == text
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        # the file and the field once, not "<file>: listen: <file>: listen: ..."
+        (("listen: 127.0.0.1:15010", "listen: 5"), "listen: must be str, got int"),
+        (("leaf_ttl: 30m", "leaf_ttl: 30m\nrotation:\n  renew_at: 1.5"), "rotation.renew_at: 1.5 must be between 0 and 1"),
+        (("leaf_ttl: 30m", "leaf_ttl: 30m\nrotation:\n  jitter: 0.9"), "rotation.jitter: 0.9 must be >= 0"),
+        (("leaf_ttl: 30m", "leaf_ttl: 30m\nrotation:\n  renew_at: 0.8\n  hard_zone: 0.3"), "rotation.hard_zone: 0.3"),
+        (("leaf_ttl: 30m", "leaf_ttl: 30m\nrotation:\n  renew_at: soon"), "rotation.renew_at: must be int or float"),
+        (("leaf_ttl: 30m", "leaf_ttl: 30m\nxds_send_timeout: 500ms"), "xds_send_timeout: 500ms is too short"),
+        (("listen: 127.0.0.1:15010", "listen: [unclosed"), "invalid YAML at line 4, column 8: did not find expected ',' or ']' (while parsing a flow sequence at line 3, column 9)"),
+        (("leaf_ttl: 30m", "leaf_ttl: 30m\nleaf_ttl: 1h"), "invalid YAML at line 9, column 1: key 'leaf_ttl' is given twice"),
+    ],
+)
+def test_messages_are_one_line_naming_file_and_field_once(tmp_path: Path, edit: tuple[str, str], message: str) -> None:
+    path = write(tmp_path, GOOD.replace(*edit))
+    with pytest.raises(ConfigError) as error:
+        load_serve_settings(path, "mesh.test")
+    text = str(error.value)
+    assert text.startswith(f"{path}: {message}"), text
+    assert text.count(str(path)) == 1 and "\n" not in text and "<unicode string>" not in text
+
+
+def test_serve_names_durations_as_durations(tmp_path: Path) -> None:
+    directory = tmp_path / "dev"
+    assert meshca("dev", "init", "--dir", str(directory)).returncode == 0
+    config = directory / "meshca.yaml"
+    config.write_text(config.read_text().replace("leaf_ttl: 1h", "leaf_ttl: 1m"))
+    result = meshca("serve", "--config", str(config))
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        f"meshca: error: {config}: leaf_ttl: 1m is outside the CA's leaf TTL bounds [5m, 90d] (set at `meshca ca init`)"
+    )
+
+
+def test_dev_token_ttl_in_seconds(tmp_path: Path) -> None:
+    directory = tmp_path / "dev"
+    assert meshca("dev", "init", "--dir", str(directory)).returncode == 0
+    token = meshca("dev", "token", "--dir", str(directory), "--ns", "a", "--sa", "b", "--ttl", "90")
+    assert token.returncode == 0, token.stderr
+    claims = jwt.decode(token.stdout.strip(), options={"verify_signature": False})
+    assert claims["exp"] - claims["iat"] == 90
+    bad = meshca("dev", "token", "--dir", str(directory), "--ns", "a", "--sa", "b", "--ttl", "soon")
+    assert bad.returncode == 2 and bad.stderr.startswith("meshca: error: --ttl: 'soon' is not a duration")
 
 
 def break_jwks(jwks: Path, content: str | None) -> None:
@@ -128,3 +198,15 @@ def test_serve_with_unusable_jwks_exits_2_with_one_line(tmp_path: Path, content:
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith(f"meshca: error: {directory / 'meshca.yaml'}: issuers[0].jwks: ")
     assert cause in lines[0] and "jwks.json" in lines[0]
+
+
+def test_ca_leaf_ttl_min_below_the_floor_is_named_with_durations(tmp_path: Path) -> None:
+    (tmp_path / "vault-token").write_text("not-a-real-token")
+    path = write(
+        tmp_path,
+        GOOD + "ca:\n  mode: vault-leaf\n  trust_domain: mesh.test\n  leaf_ttl_min: 5s\n"
+        "  vault:\n    address: https://127.0.0.1:1\n    auth: {method: token, token_file: vault-token}\n",
+    )
+    with pytest.raises(ConfigError) as error:
+        build_ca_backend(path, system_clock, logging.getLogger("test"))
+    assert str(error.value) == f"{path}: ca.leaf_ttl_min: 5s is below meshca's floor of 10s"
