@@ -210,4 +210,5 @@ class MeshcaApp:
             self._server = None
             self.observability.stop()
             self.jobs.shutdown()
+            self.identity_gate.close()
             self.log.info("meshca stopped")

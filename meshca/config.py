@@ -161,7 +161,10 @@ def _parse_issuer(reader: FieldReader, index: int, item: object, trust_domain: s
     if not isinstance(item, Mapping):
         raise reader.error(key, "must be a mapping")
     sub = reader.child(key, item)
-    sub.check_known({"issuer", "audiences", "jwks", "public_keys", "algorithms", "trust_domain", "leeway"})
+    sub.check_known(
+        {"issuer", "audiences", "jwks", "jwks_uri", "jwks_ca", "jwks_token", "jwks_refresh", "public_keys", "algorithms",
+         "trust_domain", "leeway"}
+    )
     audiences = sub.get("audiences", list)
     public_keys = []
     for i, name in enumerate(sub.get("public_keys", list, [])):
@@ -172,6 +175,23 @@ def _parse_issuer(reader: FieldReader, index: int, item: object, trust_domain: s
             raise sub.error(f"public_keys[{i}]", f"file {str(path)!r} does not exist")
         public_keys.append(path.read_bytes())
     leeway = sub.duration("leeway", required=False)
+    remote: dict[str, Any] = {"jwks_uri": sub.get("jwks_uri", str, None)}
+    if remote["jwks_uri"] is not None:
+        if "jwks" in item:
+            raise sub.error("jwks_uri", "give jwks (a file) or jwks_uri, not both")
+        if not remote["jwks_uri"].startswith("https://"):
+            raise sub.error("jwks_uri", f"{remote['jwks_uri']!r} is not an https:// URL")
+        remote["jwks_ca_path"] = sub.file("jwks_ca", required=False)
+        remote["jwks_token_path"] = sub.file("jwks_token", required=False)
+        refresh = sub.duration("jwks_refresh", required=False)
+        if refresh is not None:
+            if refresh < timedelta(seconds=10):
+                raise sub.error("jwks_refresh", f"{format_duration(refresh)} is too short (at least 10s)")
+            remote["jwks_refresh"] = refresh
+    else:
+        for name in ("jwks_ca", "jwks_token", "jwks_refresh"):
+            if name in item:
+                raise sub.error(name, "needs jwks_uri")
     try:
         issuer = TrustedIssuer(
             issuer=sub.get("issuer", str),
@@ -181,6 +201,7 @@ def _parse_issuer(reader: FieldReader, index: int, item: object, trust_domain: s
             jwks_path=sub.file("jwks", required=False),
             algorithms=tuple(sub.get("algorithms", list, ["ES256", "ES384", "RS256", "PS256", "EdDSA"])),
             **({"leeway": leeway} if leeway is not None else {}),
+            **remote,
         )
         check_issuer_keys(issuer, system_clock)  # a broken JWKS at start is fatal: no last good keys yet
     except KeySourceError as error:
@@ -193,7 +214,7 @@ def _parse_issuer(reader: FieldReader, index: int, item: object, trust_domain: s
 
 
 # The settings-file key of each TrustedIssuer key source.
-_KEY_SOURCE_FIELDS = {"jwks_path": "jwks"}
+_KEY_SOURCE_FIELDS = {"jwks_path": "jwks", "jwks_uri": "jwks_uri"}
 
 
 # libyaml's parser when PyYAML was built with it (the wheels are): a 1,000-service mesh file parses in

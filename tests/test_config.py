@@ -6,11 +6,13 @@ import json
 import logging
 import subprocess
 import sys
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
 import jwt
 import pytest
+from jwks_server import JwksServer
 
 from meshca.backends import build_ca_backend
 from meshca.clock import system_clock
@@ -210,3 +212,74 @@ def test_ca_leaf_ttl_min_below_the_floor_is_named_with_durations(tmp_path: Path)
     with pytest.raises(ConfigError) as error:
         build_ca_backend(path, system_clock, logging.getLogger("test"))
     assert str(error.value) == f"{path}: ca.leaf_ttl_min: 5s is below meshca's floor of 10s"
+
+
+@pytest.fixture
+def jwks_server(tmp_path: Path) -> Iterator[JwksServer]:
+    server = JwksServer(tmp_path / "jwks-server")
+    server.document = JWKS.encode()
+    yield server
+    server.stop()
+
+
+def remote_config(server: JwksServer, extra: str = "", ca: str | None = None) -> str:
+    ca_line = f"    jwks_ca: {ca or server.ca_file}\n"
+    return GOOD.replace("    jwks: jwks.json\n", f"    jwks_uri: {server.url}\n{ca_line}{extra}")
+
+
+def test_jwks_uri_settings(tmp_path: Path, jwks_server: JwksServer) -> None:
+    (tmp_path / "token").write_text("t")
+    path = write(tmp_path, remote_config(jwks_server, "    jwks_token: token\n    jwks_refresh: 1m\n"))
+    (issuer,) = load_serve_settings(path, "mesh.test").issuers
+    assert issuer.jwks_uri == jwks_server.url and issuer.jwks_path is None
+    assert issuer.jwks_ca_path == jwks_server.ca_file and issuer.jwks_token_path == (tmp_path / "token").resolve()
+    assert issuer.jwks_refresh == timedelta(minutes=1)
+    default = load_serve_settings(write(tmp_path, remote_config(jwks_server)), "mesh.test").issuers[0]
+    assert default.jwks_refresh == timedelta(minutes=5)
+
+
+@pytest.mark.parametrize(
+    "fault, field, reason",
+    [
+        ("short-refresh", "jwks_refresh", "5s is too short (at least 10s)"),
+        ("missing-ca", "jwks_ca", "does not exist"),
+        ("both", "jwks_uri", "not both"),
+        ("down", "jwks_uri", "Connection refused"),
+        ("http", "jwks_uri", "is not an https:// URL"),
+    ],
+)
+def test_jwks_uri_errors_at_load(tmp_path: Path, jwks_server: JwksServer, fault: str, field: str, reason: str) -> None:
+    text = {
+        "short-refresh": remote_config(jwks_server, "    jwks_refresh: 5s\n"),
+        "missing-ca": remote_config(jwks_server, ca="missing.pem"),
+        "both": remote_config(jwks_server, "    jwks: jwks.json\n"),
+        "down": remote_config(jwks_server),
+        "http": remote_config(jwks_server).replace("https://", "http://"),
+    }[fault]
+    if fault == "down":
+        jwks_server.stop()
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as error:
+        load_serve_settings(path, "mesh.test")
+    assert str(error.value).startswith(f"{path}: issuers[0].{field}: ") and reason in error.value.reason, error.value
+
+
+def test_jwks_fields_need_jwks_uri(tmp_path: Path) -> None:
+    path = write(tmp_path, GOOD.replace("    jwks: jwks.json\n", "    jwks: jwks.json\n    jwks_refresh: 1m\n"))
+    with pytest.raises(ConfigError, match=r"issuers\[0\]\.jwks_refresh: needs jwks_uri"):
+        load_serve_settings(path, "mesh.test")
+
+
+def test_serve_with_unreachable_jwks_uri_exits_2_with_one_line(tmp_path: Path, jwks_server: JwksServer) -> None:
+    directory = tmp_path / "dev"
+    assert meshca("dev", "init", "--dir", str(directory)).returncode == 0
+    config = directory / "meshca.yaml"
+    config.write_text(
+        config.read_text().replace("  jwks: jwks.json\n", f"  jwks_uri: {jwks_server.url}\n  jwks_ca: {jwks_server.ca_file}\n")
+    )
+    jwks_server.stop()
+    result = meshca("serve", "--config", str(config))
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == (
+        f"meshca: error: {config}: issuers[0].jwks_uri: JWKS {jwks_server.url} unusable: cannot fetch: Connection refused"
+    )
