@@ -406,7 +406,9 @@ class TokenVerifier:
                 return None
             first = entry.document_digest is None
             entry.document_digest = digest
-        if not first:
+        if first:
+            self._log.info("issuer %s: JWKS %s fetched (%d keys)", issuer.issuer, issuer.jwks_uri, len(keys))
+        else:
             self._log.info("issuer %s: JWKS %s changed (%d keys)", issuer.issuer, issuer.jwks_uri, len(keys))
             self._drop_cache()  # after the new keys are in place: see _remember
         return None
