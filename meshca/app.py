@@ -285,4 +285,5 @@ class MeshcaApp:
             self.observability.stop()
             self.jobs.shutdown()
             self.ca_executor.shutdown(wait=False, cancel_futures=True)
+            self.identity_gate.close()
             self.log.info("meshca stopped")

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from meshca.ca import CaSettings, CertificateAuthority
+from meshca.ca import LEAF_TTL_FLOOR, CaSettings, CertificateAuthority
 from meshca.clock import Clock
-from meshca.config import FieldReader, read_yaml_mapping
+from meshca.config import FieldReader, format_duration, read_yaml_mapping
 from meshca.vault import VaultSession, parse_vault_settings
 from meshca.vault_ca import VaultIntermediateCa, VaultLeafCa, VaultLeafOptions, is_vault_state_dir
 
@@ -49,6 +49,10 @@ def build_ca_backend(config_path: Path, clock: Clock, logger: logging.Logger) ->
 
     def ca_settings() -> CaSettings:
         leaf_ttl_min = ca_reader.duration("leaf_ttl_min", required=False)
+        if leaf_ttl_min is not None and leaf_ttl_min < LEAF_TTL_FLOOR:
+            raise ca_reader.error(
+                "leaf_ttl_min", f"{format_duration(leaf_ttl_min)} is below meshca's floor of {format_duration(LEAF_TTL_FLOOR)}"
+            )
         extra = {"leaf_ttl_min": leaf_ttl_min} if leaf_ttl_min is not None else {}
         try:
             return CaSettings(trust_domain=ca_reader.get("trust_domain", str), **extra)

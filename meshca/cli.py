@@ -15,6 +15,7 @@ from meshca.ca import CaError, CaSettings, CertificateAuthority
 from meshca.clock import system_clock
 from meshca.config import (
     ConfigError,
+    format_duration,
     load_serve_settings,
     parse_duration,
 )
@@ -48,12 +49,16 @@ def cmd_dev_token(args: argparse.Namespace) -> int:
     key_path = Path(args.dir) / SIGNING_KEY_FILE
     if not key_path.exists():
         raise CliError(f"{key_path} does not exist; run `meshca dev init --dir {args.dir}` first")
+    try:
+        ttl = parse_duration(args.ttl)
+    except ValueError as error:
+        raise CliError(f"--ttl: {error}") from None
     token = mint_token(
         key_path.read_bytes(),
         namespace=args.ns,
         service_account=args.sa,
         node_id=args.node_id,
-        ttl=parse_duration(args.ttl),
+        ttl=ttl,
         now=system_clock(),
     )
     if args.out:
@@ -80,8 +85,9 @@ async def _serve(config_path: Path) -> int:
         raise ConfigError(
             config_path,
             "leaf_ttl",
-            f"{settings.leaf_ttl} is outside the CA's leaf TTL bounds "
-            f"[{ca.settings.leaf_ttl_min}, {ca.settings.leaf_ttl_max}] (set at `meshca ca init`)",
+            f"{format_duration(settings.leaf_ttl)} is outside the CA's leaf TTL bounds "
+            f"[{format_duration(ca.settings.leaf_ttl_min)}, {format_duration(ca.settings.leaf_ttl_max)}] "
+            "(set at `meshca ca init`)",
         )
     log = logs.configure(settings.log_level)
     app = MeshcaApp(

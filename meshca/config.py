@@ -11,7 +11,8 @@ from typing import Any
 
 import yaml
 
-from meshca.jwtgate import TrustedIssuer
+from meshca.clock import system_clock
+from meshca.jwtgate import KeySourceError, TrustedIssuer, check_issuer_keys
 from meshca.rotation import RenewalPolicy, RotationSettings
 
 
@@ -26,20 +27,36 @@ class ConfigError(ValueError):
         super().__init__(location + reason)
 
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 def parse_duration(text: object) -> timedelta:
-    """'90s', '5m', '1h', '30d' or a number of seconds."""
+    """'90s', '5m', '1h', '30d', '500ms' or a number of seconds (also as text: '90', from a command line)."""
     if isinstance(text, bool):
         raise ValueError(f"{text!r} is not a duration")
     if isinstance(text, (int, float)):
         return timedelta(seconds=text)
     match = _DURATION.match(str(text))
     if not match:
-        raise ValueError(f"{text!r} is not a duration like '90s', '5m', '1h' or '30d'")
-    return timedelta(seconds=float(match.group(1)) * _UNITS[match.group(2)])
+        raise ValueError(f"{text!r} is not a duration like '90s', '5m', '1h', '30d' or a number of seconds")
+    return timedelta(seconds=float(match.group(1)) * _UNITS[match.group(2) or "s"])
+
+
+def format_duration(value: timedelta) -> str:
+    """A duration the way settings write it: '5m', '1h30m', '90d', '2.5s', '500ms' (not '0:05:00')."""
+    if value < timedelta(0):
+        return "-" + format_duration(-value)
+    if timedelta(0) < value < timedelta(seconds=1):
+        return f"{value.total_seconds() * 1000:.6g}ms"
+    days, rest = value.days, value.seconds
+    hours, rest = divmod(rest, 3600)
+    minutes, seconds = divmod(rest, 60)
+    parts = [f"{n}{unit}" for n, unit in ((days, "d"), (hours, "h"), (minutes, "m")) if n]
+    fraction = seconds + value.microseconds / 1e6
+    if fraction or not parts:
+        parts.append(f"{round(fraction, 3):g}s")
+    return "".join(parts)
 
 
 @dataclass(frozen=True)
@@ -134,8 +151,9 @@ def parse_host_port(text: object) -> tuple[str, int]:
 
 
 def _parse_listen(reader: FieldReader) -> tuple[str, int]:
+    value = reader.get("listen", str, "127.0.0.1:15010")
     try:
-        return parse_host_port(reader.get("listen", str, "127.0.0.1:15010"))
+        return parse_host_port(value)
     except ValueError as error:
         raise reader.error("listen", str(error)) from None
 
@@ -145,7 +163,10 @@ def _parse_issuer(reader: FieldReader, index: int, item: object, trust_domain: s
     if not isinstance(item, Mapping):
         raise reader.error(key, "must be a mapping")
     sub = reader.child(key, item)
-    sub.check_known({"issuer", "audiences", "jwks", "public_keys", "algorithms", "trust_domain", "leeway"})
+    sub.check_known(
+        {"issuer", "audiences", "jwks", "jwks_uri", "jwks_ca", "jwks_token", "jwks_refresh", "public_keys", "algorithms",
+         "trust_domain", "leeway"}
+    )
     audiences = sub.get("audiences", list)
     public_keys = []
     for i, name in enumerate(sub.get("public_keys", list, [])):
@@ -156,8 +177,25 @@ def _parse_issuer(reader: FieldReader, index: int, item: object, trust_domain: s
             raise sub.error(f"public_keys[{i}]", f"file {str(path)!r} does not exist")
         public_keys.append(path.read_bytes())
     leeway = sub.duration("leeway", required=False)
+    remote: dict[str, Any] = {"jwks_uri": sub.get("jwks_uri", str, None)}
+    if remote["jwks_uri"] is not None:
+        if "jwks" in item:
+            raise sub.error("jwks_uri", "give jwks (a file) or jwks_uri, not both")
+        if not remote["jwks_uri"].startswith("https://"):
+            raise sub.error("jwks_uri", f"{remote['jwks_uri']!r} is not an https:// URL")
+        remote["jwks_ca_path"] = sub.file("jwks_ca", required=False)
+        remote["jwks_token_path"] = sub.file("jwks_token", required=False)
+        refresh = sub.duration("jwks_refresh", required=False)
+        if refresh is not None:
+            if refresh < timedelta(seconds=10):
+                raise sub.error("jwks_refresh", f"{format_duration(refresh)} is too short (at least 10s)")
+            remote["jwks_refresh"] = refresh
+    else:
+        for name in ("jwks_ca", "jwks_token", "jwks_refresh"):
+            if name in item:
+                raise sub.error(name, "needs jwks_uri")
     try:
-        return TrustedIssuer(
+        issuer = TrustedIssuer(
             issuer=sub.get("issuer", str),
             audiences=tuple(str(a) for a in audiences),
             trust_domain=sub.get("trust_domain", str, trust_domain),
@@ -165,11 +203,20 @@ def _parse_issuer(reader: FieldReader, index: int, item: object, trust_domain: s
             jwks_path=sub.file("jwks", required=False),
             algorithms=tuple(sub.get("algorithms", list, ["ES256", "ES384", "RS256", "PS256", "EdDSA"])),
             **({"leeway": leeway} if leeway is not None else {}),
+            **remote,
         )
+        check_issuer_keys(issuer, system_clock)  # a broken JWKS at start is fatal: no last good keys yet
+    except KeySourceError as error:
+        raise sub.error(_KEY_SOURCE_FIELDS[error.source], error.reason) from None
     except ValueError as error:
         if isinstance(error, ConfigError):
             raise
         raise reader.error(key, str(error)) from None
+    return issuer
+
+
+# The settings-file key of each TrustedIssuer key source.
+_KEY_SOURCE_FIELDS = {"jwks_path": "jwks", "jwks_uri": "jwks_uri"}
 
 
 # libyaml's parser when PyYAML was built with it (the wheels are): a 1,000-service mesh file parses in
@@ -192,13 +239,32 @@ class _UniqueKeyLoader(_SafeLoaderBase):  # type: ignore[misc,valid-type]
         return super().construct_mapping(node, deep=deep)
 
 
+def _yaml_error_line(error: yaml.YAMLError) -> str:
+    """One line for a YAML error: where, what, and in which construct; ConfigError names the file (str(error)
+    would say `<unicode string>` over several lines)."""
+    if not isinstance(error, yaml.MarkedYAMLError):
+        return f"invalid YAML: {' '.join(str(error).split())}"
+    where = ""
+    if error.problem_mark is not None:
+        where = f" at line {error.problem_mark.line + 1}, column {error.problem_mark.column + 1}"
+    text = f"invalid YAML{where}: {error.problem or error.context or 'cannot parse'}"
+    if error.context and error.problem:
+        text += f" ({error.context}"
+        if error.context_mark is not None:
+            text += f" at line {error.context_mark.line + 1}, column {error.context_mark.column + 1}"
+        text += ")"
+    return " ".join(text.split())
+
+
 def read_yaml_mapping(path: Path) -> Mapping[str, Any]:
     try:
-        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except OSError as error:
         raise ConfigError(path, "", f"cannot read: {error.strerror}") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(path, "", f"not UTF-8 text (byte {error.start})") from None
     except yaml.YAMLError as error:
-        raise ConfigError(path, "", f"invalid YAML: {error}") from None
+        raise ConfigError(path, "", _yaml_error_line(error)) from None
     if not isinstance(data, Mapping):
         raise ConfigError(path, "", "must be a YAML mapping")
     return data
@@ -222,12 +288,20 @@ def _parse_rotation(reader: FieldReader) -> RotationSettings:
     sub = reader.child("rotation", data)
     sub.check_known({"renew_at", "jitter", "hard_zone", "reissue_window", "reissue_rate", "ca_check_interval"})
     defaults = RotationSettings()
-    try:
-        policy = RenewalPolicy(
-            fraction=float(sub.get("renew_at", (int, float), defaults.policy.fraction)),
-            jitter=float(sub.get("jitter", (int, float), defaults.policy.jitter)),
-            hard_zone=float(sub.get("hard_zone", (int, float), defaults.policy.hard_zone)),
+    fraction = float(sub.get("renew_at", (int, float), defaults.policy.fraction))
+    jitter = float(sub.get("jitter", (int, float), defaults.policy.jitter))
+    hard_zone = float(sub.get("hard_zone", (int, float), defaults.policy.hard_zone))
+    # RenewalPolicy's own checks, here to name the field a user has to change.
+    if not 0 < fraction < 1:
+        raise sub.error("renew_at", f"{fraction:g} must be between 0 and 1 (a fraction of the certificate's lifetime)")
+    if not 0 <= jitter < min(fraction, 1 - fraction):
+        raise sub.error(
+            "jitter", f"{jitter:g} must be >= 0 and below {min(fraction, 1 - fraction):g} (renew_at {fraction:g})"
         )
+    if not 0 < hard_zone < 1 - fraction:
+        raise sub.error("hard_zone", f"{hard_zone:g} must be > 0 and below {1 - fraction:g} (after renew_at {fraction:g})")
+    try:
+        policy = RenewalPolicy(fraction=fraction, jitter=jitter, hard_zone=hard_zone)
     except ValueError as error:
         raise reader.error("rotation", str(error)) from None
     rate = float(sub.get("reissue_rate", (int, float), defaults.reissue_rate))
@@ -267,7 +341,7 @@ def parse_serve_settings(path: Path, data: Mapping[str, Any], trust_domain: str)
     if send_timeout is None:
         send_timeout = timedelta(seconds=30)
     if send_timeout < timedelta(seconds=1):
-        raise reader.error("xds_send_timeout", f"{send_timeout.total_seconds():g}s is too short (at least 1s)")
+        raise reader.error("xds_send_timeout", f"{format_duration(send_timeout)} is too short (at least 1s)")
     identity_grace = reader.duration("identity_grace", required=False)
     if identity_grace is None:
         identity_grace = timedelta(minutes=10)
@@ -275,7 +349,7 @@ def parse_serve_settings(path: Path, data: Mapping[str, Any], trust_domain: str)
     if max_stream_age is None:
         max_stream_age = timedelta(minutes=30)
     if max_stream_age < timedelta(seconds=1):
-        raise reader.error("xds_max_stream_age", f"{max_stream_age.total_seconds():g}s is too short (at least 1s)")
+        raise reader.error("xds_max_stream_age", f"{format_duration(max_stream_age)} is too short (at least 1s)")
     return ServeSettings(
         state_dir=(path.parent / reader.get("state_dir", str)).resolve(),
         listen_host=host,

@@ -8,7 +8,11 @@ import json
 import logging
 import math
 import os
+import ssl
 import threading
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -31,6 +35,10 @@ _REQUIRED_CLAIMS: tuple[str, ...] = ("exp", "iss", "aud", "sub")
 MAX_TOKEN_BYTES = 16 * 1024
 DEFAULT_CACHE_SIZE = 10_000
 _LEGACY_SA_PREFIX = "system:serviceaccount:"
+MAX_JWKS_BYTES = 1024 * 1024
+JWKS_FETCH_TIMEOUT = 10.0  # seconds for one HTTPS fetch of a jwks_uri
+# An unknown kid asks for an early fetch, and a failed fetch is retried, at most this often.
+JWKS_REFETCH_MIN = timedelta(seconds=30)
 _K8S_CLAIM = "kubernetes.io"
 
 
@@ -40,6 +48,16 @@ class AuthenticationError(Exception):
 
 class NodeBindingError(Exception):
     """The xDS node claims something its token does not allow (gRPC PERMISSION_DENIED)."""
+
+
+class KeySourceError(ValueError):
+    """An issuer's key source is unusable at start; `source` names the TrustedIssuer field (e.g. jwks_path)."""
+
+    def __init__(self, issuer: str, source: str, reason: str) -> None:
+        self.issuer = issuer
+        self.source = source
+        self.reason = reason
+        super().__init__(f"issuer {issuer!r}: {reason}")
 
 
 @dataclass(frozen=True)
@@ -54,6 +72,10 @@ class TrustedIssuer:
     algorithms: tuple[str, ...] = ("ES256", "ES384", "RS256", "PS256", "EdDSA")
     leeway: timedelta = timedelta(seconds=30)
     allow_spiffe_subject: bool = True
+    jwks_uri: str | None = None  # an https:// URL serving the issuer's JWKS (e.g. Kubernetes' /openid/v1/jwks)
+    jwks_ca_path: Path | None = None  # CA bundle that verifies jwks_uri's server; None: the system trust store
+    jwks_token_path: Path | None = None  # a bearer token file sent with each fetch (re-read every time)
+    jwks_refresh: timedelta = timedelta(minutes=5)
 
     def __post_init__(self) -> None:
         # Accept lists from config loaders, store tuples so the value stays immutable.
@@ -61,8 +83,9 @@ class TrustedIssuer:
             value = getattr(self, name)
             if isinstance(value, list):
                 object.__setattr__(self, name, tuple(value))
-        if isinstance(self.jwks_path, str):
-            object.__setattr__(self, "jwks_path", Path(self.jwks_path))
+        for name in ("jwks_path", "jwks_ca_path", "jwks_token_path"):
+            if isinstance(getattr(self, name), str):
+                object.__setattr__(self, name, Path(getattr(self, name)))
         if not isinstance(self.issuer, str) or not self.issuer:
             raise ValueError("issuer must be a non-empty string")
         if isinstance(self.audiences, str) or not self.audiences:
@@ -84,8 +107,18 @@ class TrustedIssuer:
                     f"issuer {self.issuer!r}: algorithm {alg!r} is {kind} and not accepted; "
                     f"use one of {sorted(ASYMMETRIC_ALGORITHMS)}"
                 )
-        if not self.public_keys_pem and self.jwks_path is None:
-            raise ValueError(f"issuer {self.issuer!r}: configure public_keys_pem and/or jwks_path")
+        if not self.public_keys_pem and self.jwks_path is None and self.jwks_uri is None:
+            raise ValueError(f"issuer {self.issuer!r}: configure public_keys_pem, jwks_path or jwks_uri")
+        if self.jwks_uri is not None:
+            if self.jwks_path is not None:
+                raise ValueError(f"issuer {self.issuer!r}: configure jwks_path or jwks_uri, not both")
+            url = urllib.parse.urlsplit(self.jwks_uri) if isinstance(self.jwks_uri, str) else None
+            if url is None or url.scheme != "https" or not url.hostname or url.username or url.fragment:
+                raise ValueError(f"issuer {self.issuer!r}: jwks_uri {_quote(self.jwks_uri)} is not an https:// URL")
+            if self.jwks_refresh <= timedelta(0):
+                raise ValueError(f"issuer {self.issuer!r}: jwks_refresh must be positive")
+        elif self.jwks_ca_path is not None or self.jwks_token_path is not None:
+            raise ValueError(f"issuer {self.issuer!r}: jwks_ca_path and jwks_token_path need a jwks_uri")
         for i, pem in enumerate(self.public_keys_pem):
             if not isinstance(pem, bytes):
                 raise ValueError(f"issuer {self.issuer!r}: public_keys_pem[{i}] must be PEM bytes")
@@ -136,6 +169,12 @@ class _IssuerKeys:
     static: tuple[_Key, ...]
     jwks: _JwksState = field(default_factory=lambda: _JwksState(None, ()))
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # jwks_uri only (clock timestamps): when the next periodic fetch is due, when the last one started,
+    # whether a token's unknown kid asked for an early one, and the sha256 of the document now in use.
+    next_fetch: float = -math.inf
+    last_attempt: float = -math.inf
+    kid_wanted: bool = False
+    document_digest: bytes | None = None
 
 
 def _algorithm_objects() -> dict[str, Any]:
@@ -160,7 +199,10 @@ def _prepare_static_keys(issuer: TrustedIssuer, algs: Mapping[str, Any]) -> tupl
 
 
 def _parse_jwks(issuer: TrustedIssuer, data: bytes, logger: logging.Logger) -> tuple[_Key, ...]:
-    doc = json.loads(data)
+    try:
+        doc = json.loads(data)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"not JSON ({e})") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("keys"), list):
         raise ValueError("not a JWKS document (expected an object with a 'keys' list)")
     keys: list[_Key] = []
@@ -195,6 +237,54 @@ def _parse_jwks(issuer: TrustedIssuer, data: bytes, logger: logging.Logger) -> t
     return tuple(keys)
 
 
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """A JWKS is fetched from exactly the configured URL: a redirect is an error, never followed."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+def fetch_jwks(issuer: TrustedIssuer, timeout: float = JWKS_FETCH_TIMEOUT) -> bytes:
+    """GET the issuer's jwks_uri over verified HTTPS (blocking: never call it on the event loop).
+
+    ValueError says why not, in one line; the bearer token is never part of it.
+    """
+    assert issuer.jwks_uri is not None
+    try:
+        cafile = str(issuer.jwks_ca_path) if issuer.jwks_ca_path is not None else None
+        context = ssl.create_default_context(cafile=cafile)
+    except (OSError, ssl.SSLError) as e:
+        raise ValueError(f"jwks_ca {issuer.jwks_ca_path} unusable: {e.strerror or e}") from None
+    headers = {"Accept": "application/json", "User-Agent": "meshca"}
+    if issuer.jwks_token_path is not None:
+        try:
+            token = issuer.jwks_token_path.read_text().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            cause = e.strerror if isinstance(e, OSError) else "not text"
+            raise ValueError(f"jwks_token {issuer.jwks_token_path} unreadable: {cause}") from None
+        headers["Authorization"] = f"Bearer {token}"
+    opener = urllib.request.build_opener(urllib.request.HTTPSHandler(context=context), _NoRedirects())
+    try:
+        with opener.open(urllib.request.Request(issuer.jwks_uri, headers=headers), timeout=timeout) as response:
+            data: bytes = response.read(MAX_JWKS_BYTES + 1)
+    except urllib.error.HTTPError as e:
+        raise ValueError(f"HTTP {e.code} {e.reason}") from None
+    except urllib.error.URLError as e:
+        reason = e.reason
+        if isinstance(reason, ssl.SSLCertVerificationError):
+            text = f"TLS certificate verify failed: {reason.verify_message or reason.reason}"
+        elif isinstance(reason, OSError) and reason.strerror:
+            text = reason.strerror
+        else:
+            text = str(reason)
+        raise ValueError(f"cannot fetch: {text}") from None
+    except (TimeoutError, OSError) as e:
+        raise ValueError(f"cannot fetch: {e.strerror or 'timed out'}") from None
+    if len(data) > MAX_JWKS_BYTES:
+        raise ValueError(f"larger than {MAX_JWKS_BYTES} bytes")
+    return data
+
+
 def _quote(value: object, limit: int = 120) -> str:
     """A bounded repr of an attacker-controlled value for an error message."""
     text = repr(value)
@@ -220,7 +310,12 @@ class TokenVerifier:
         *,
         logger: logging.Logger | None = None,
         cache_size: int = DEFAULT_CACHE_SIZE,
+        refresh_in_background: bool = True,
+        poll_interval: float = 1.0,
     ) -> None:
+        """Issuers with a jwks_uri are fetched now (a failure raises KeySourceError) and then, with
+        `refresh_in_background`, by a daemon thread that looks every `poll_interval` s whether a fetch is
+        due (see refresh_remote_keys); verification only ever reads the keys it fetched. close() stops it."""
         if cache_size < 0:
             raise ValueError("cache_size must be >= 0")
         self._clock = clock
@@ -238,9 +333,91 @@ class TokenVerifier:
             entry = _IssuerKeys(issuer, _prepare_static_keys(issuer, self._algs))
             self._issuers[issuer.issuer] = entry
             if issuer.jwks_path is not None:
-                self._refresh_jwks(entry)
-                if entry.jwks.error is not None:
-                    self._log.warning("issuer %s: %s", issuer.issuer, entry.jwks.error)
+                # At start there are no last good keys to fall back on: a broken file is fatal, not a warning.
+                error = self._refresh_jwks(entry).error
+                if error is not None:
+                    raise KeySourceError(issuer.issuer, "jwks_path", error)
+            if issuer.jwks_uri is not None:
+                error = self._fetch_remote(entry)
+                if error is not None:
+                    raise KeySourceError(issuer.issuer, "jwks_uri", error)
+        self._remote = [entry for entry in self._issuers.values() if entry.issuer.jwks_uri is not None]
+        self._wake = threading.Event()
+        self._closed = threading.Event()
+        self._refresher: threading.Thread | None = None
+        if self._remote and refresh_in_background:
+            self._refresher = threading.Thread(
+                target=self._refresh_loop, args=(poll_interval,), name="meshca-jwks", daemon=True
+            )
+            self._refresher.start()
+
+    def close(self) -> None:
+        """Stop the background JWKS refresh (if any); verification keeps the keys it has."""
+        self._closed.set()
+        self._wake.set()
+        if self._refresher is not None and self._refresher is not threading.current_thread():
+            self._refresher.join(timeout=JWKS_FETCH_TIMEOUT + 1)
+
+    # -- keys fetched from a jwks_uri ------------------------------------------------------------
+
+    def _refresh_loop(self, poll_interval: float) -> None:
+        while not self._closed.is_set():
+            try:
+                self.refresh_remote_keys()
+            except Exception:  # the refresher must outlive any surprise; the keys stay as they were
+                self._log.exception("JWKS refresh failed unexpectedly")
+            self._wake.wait(poll_interval)
+            self._wake.clear()
+
+    def refresh_remote_keys(self) -> None:
+        """Fetch every jwks_uri that is due: every jwks_refresh, after a failure every JWKS_REFETCH_MIN,
+        or early when a token named an unknown kid (at most once per JWKS_REFETCH_MIN). Blocking."""
+        for entry in self._remote:
+            now = self._clock().timestamp()
+            early = entry.kid_wanted and now - entry.last_attempt >= JWKS_REFETCH_MIN.total_seconds()
+            if now >= entry.next_fetch or early:
+                self._fetch_remote(entry)
+
+    def _fetch_remote(self, entry: _IssuerKeys) -> str | None:
+        """Fetch and parse one jwks_uri; keep the last good keys on failure and return the reason."""
+        issuer = entry.issuer
+        now = self._clock().timestamp()
+        entry.last_attempt = now
+        entry.kid_wanted = False
+        try:
+            data = fetch_jwks(issuer)
+            keys = _parse_jwks(issuer, data, self._log)
+        except ValueError as e:
+            reason = f"JWKS {issuer.jwks_uri} unusable: {e}"
+            entry.next_fetch = now + min(issuer.jwks_refresh, JWKS_REFETCH_MIN).total_seconds()
+            with entry.lock:
+                if entry.jwks.keys and entry.jwks.error != reason:
+                    self._log.warning("issuer %s: %s; keeping the previous keys", issuer.issuer, reason)
+                entry.jwks = _JwksState(None, entry.jwks.keys, reason)
+            return reason
+        entry.next_fetch = now + issuer.jwks_refresh.total_seconds()
+        digest = hashlib.sha256(data).digest()
+        with entry.lock:
+            recovered = entry.jwks.error is not None and entry.jwks.keys
+            entry.jwks = _JwksState(None, keys)
+            if digest == entry.document_digest:
+                if recovered:
+                    self._log.info("issuer %s: JWKS %s fetched again", issuer.issuer, issuer.jwks_uri)
+                return None
+            first = entry.document_digest is None
+            entry.document_digest = digest
+        if first:
+            self._log.info("issuer %s: JWKS %s fetched (%d keys)", issuer.issuer, issuer.jwks_uri, len(keys))
+        else:
+            self._log.info("issuer %s: JWKS %s changed (%d keys)", issuer.issuer, issuer.jwks_uri, len(keys))
+            self._drop_cache()  # after the new keys are in place: see _remember
+        return None
+
+    def _want_remote_keys(self, entry: _IssuerKeys) -> None:
+        """A token named a kid we do not have: the keys may have rotated, so ask the refresher to fetch."""
+        if not entry.kid_wanted:
+            entry.kid_wanted = True
+            self._wake.set()
 
     # -- keys ---------------------------------------------------------------------------------
 
@@ -262,7 +439,7 @@ class TokenVerifier:
                 keys = _parse_jwks(entry.issuer, path.read_bytes(), self._log)
             except (OSError, ValueError) as e:
                 # Keep the last good keys; the failed file is retried on the next verification.
-                reason = f"JWKS {path} unusable: {e}"
+                reason = f"JWKS {path} unreadable: {e.strerror}" if isinstance(e, OSError) else f"JWKS {path} unusable: {e}"
                 if entry.jwks.keys and entry.jwks.error != reason:
                     self._log.warning("issuer %s: %s; keeping the previous keys", entry.issuer.issuer, reason)
                 entry.jwks = _JwksState(entry.jwks.signature, entry.jwks.keys, reason, signature)
@@ -286,9 +463,14 @@ class TokenVerifier:
         if entry.issuer.jwks_path is not None:
             state = self._refresh_jwks(entry)
             jwks_keys, jwks_error = state.keys, state.error
+        elif entry.issuer.jwks_uri is not None:
+            state = entry.jwks  # never fetched here: verification runs on the event loop
+            jwks_keys, jwks_error = state.keys, state.error
         static = [k for k in entry.static if k.algorithm == alg]
         if kid is not None:
             by_kid = [k for k in jwks_keys if k.kid == kid and k.algorithm == alg]
+            if not by_kid and entry.issuer.jwks_uri is not None and not any(k.kid == kid for k in jwks_keys):
+                self._want_remote_keys(entry)
             keys = by_kid or static
         else:
             keys = static + [k for k in jwks_keys if k.algorithm == alg]
@@ -476,6 +658,12 @@ class TokenVerifier:
         )
 
 
+def check_issuer_keys(issuer: TrustedIssuer, clock: Clock) -> None:
+    """Load an issuer's keys as a TokenVerifier does at start; KeySourceError names a broken JWKS and why."""
+    quiet = logging.Logger("meshca.jwt.check", logging.CRITICAL + 1)  # the real verifier logs skipped keys
+    TokenVerifier([issuer], clock, logger=quiet, cache_size=0, refresh_in_background=False)
+
+
 def _b64url_decode(segment: str) -> bytes:
     return base64.b64decode(segment + "=" * (-len(segment) % 4), altchars=b"-_", validate=True)
 
@@ -510,9 +698,21 @@ def _workload_identity(payload: Mapping[str, Any], sub: str, issuer: TrustedIssu
         ns, sa, pod_name = _kubernetes_claim(k8s)
         if legacy is not None and legacy != (ns, sa):
             raise AuthenticationError(
-                f"malformed token: 'sub' names {legacy[0]}/{legacy[1]} but {_K8S_CLAIM} names {ns}/{sa}"
+                f"identity claims disagree: 'sub' names {legacy[0]}/{legacy[1]} but {_K8S_CLAIM!r} names {ns}/{sa}"
             )
-        return _service_account_id(issuer, ns, sa), pod_name
+        derived = _service_account_id(issuer, ns, sa)
+        if sub.lower().startswith("spiffe://"):
+            # A SPIFFE `sub` beside the claim is a second identity assertion: it must be the same one.
+            try:
+                agrees = SpiffeId.parse(sub) == derived
+            except InvalidSpiffeId:
+                agrees = False
+            if not agrees:
+                raise AuthenticationError(
+                    f"identity claims disagree: 'sub' is the SPIFFE ID {_quote(sub)} but {_K8S_CLAIM!r} "
+                    f"names {ns}/{sa}, which is {derived.uri}"
+                )
+        return derived, pod_name
     if legacy is not None:
         return _service_account_id(issuer, *legacy), None
 
@@ -576,6 +776,10 @@ class IdentityGate:
 
     def __init__(self, verifier: TokenVerifier) -> None:
         self._verifier = verifier
+
+    def close(self) -> None:
+        """Stop the verifier's background work (the JWKS refresher)."""
+        self._verifier.close()
 
     def authenticate(self, metadata: Sequence[tuple[str, str | bytes]]) -> VerifiedIdentity:
         values = [value for key, value in metadata if key.lower() == "authorization"]

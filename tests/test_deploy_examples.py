@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import configparser
+import json
 import subprocess
 import threading
 from collections.abc import Iterator, Mapping
@@ -16,6 +17,7 @@ import yaml
 
 from meshca.bootstrap import BootstrapSettings, build_bootstrap, render_yaml
 from meshca.config import parse_serve_settings
+from meshca.crypto import KeyAlgorithm, generate_private_key_pem, public_jwk, public_key_pem
 from meshca.envoy_process import find_envoy
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
@@ -119,6 +121,9 @@ def test_meshca_manifest_objects() -> None:
     assert all(d["metadata"].get("namespace", "meshca-system") == "meshca-system" for d in docs)
 
 
+JWKS = json.dumps({"keys": [public_jwk(public_key_pem(generate_private_key_pem(KeyAlgorithm.EC_P256)), "k1")]})
+
+
 def test_embedded_serve_config_parses(tmp_path: Path) -> None:
     """The ConfigMap's meshca.yaml goes through meshca's own parser, with every file it names present."""
     config_map = find_doc(meshca_docs(), "ConfigMap", "meshca-config")
@@ -128,7 +133,7 @@ def test_embedded_serve_config_parses(tmp_path: Path) -> None:
         for name in [issuer.get("jwks"), *issuer.get("public_keys", [])]:
             if name:
                 Path(name).parent.mkdir(parents=True, exist_ok=True)
-                Path(name).write_text('{"keys": []}')
+                Path(name).write_text(JWKS)  # at start a JWKS must hold a usable key
     mesh_file = Path(data["mesh"])
     mesh_file.parent.mkdir(parents=True, exist_ok=True)
     mesh_file.write_text(config_map["data"]["mesh.yaml"])

@@ -7,13 +7,15 @@ import hashlib
 import hmac
 import json
 import os
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
 import jwt
 import pytest
+from jwks_server import JwksServer
 
 from meshca.crypto import (
     KeyAlgorithm,
@@ -21,10 +23,13 @@ from meshca.crypto import (
     public_jwk,
     public_key_pem,
 )
+from meshca.devtokens import mint_spiffe_token, mint_token
 from meshca.identity import SpiffeId
 from meshca.jwtgate import (
+    JWKS_REFETCH_MIN,
     AuthenticationError,
     IdentityGate,
+    KeySourceError,
     NodeBindingError,
     TokenVerifier,
     TrustedIssuer,
@@ -128,6 +133,37 @@ def test_legacy_sub_only_token(key: bytes, verifier: TokenVerifier) -> None:
 def test_sub_disagreeing_with_kubernetes_claim_is_refused(key: bytes, verifier: TokenVerifier) -> None:
     msg = reason(lambda: verifier.verify(sign(key, k8s_claims(sub="system:serviceaccount:kube-system:admin"))))
     assert "kube-system/admin" in msg and "shop/web" in msg
+
+
+@pytest.mark.parametrize(
+    "sub",
+    [
+        "spiffe://evil.example/ns/shop/sa/web",  # another trust domain
+        f"spiffe://{TD}/ns/kube-system/sa/admin",  # another namespace and service account
+        f"spiffe://{TD}/ns/shop/sa/admin",  # another service account
+        f"spiffe://{TD}/billing/worker",  # not a service-account ID at all
+        "spiffe://",  # not a valid SPIFFE ID
+    ],
+)
+def test_spiffe_sub_disagreeing_with_kubernetes_claim_is_refused(key: bytes, verifier: TokenVerifier, sub: str) -> None:
+    token = sign(key, k8s_claims(sub=sub))
+    msg = reason(lambda: verifier.verify(token))
+    assert "identity claims disagree" in msg and "'sub'" in msg and "'kubernetes.io'" in msg
+    assert f"spiffe://{TD}/ns/shop/sa/web" in msg
+    assert all(part not in msg for part in token.split("."))
+
+
+def test_claims_that_agree_are_accepted(key: bytes, verifier: TokenVerifier) -> None:
+    spiffe_sub = verifier.verify(sign(key, k8s_claims(sub=f"spiffe://{TD}/ns/shop/sa/web")))
+    legacy_sub = verifier.verify(sign(key, k8s_claims()))
+    assert spiffe_sub.spiffe_id == legacy_sub.spiffe_id == SpiffeId(TD, "/ns/shop/sa/web")
+
+
+def test_dev_tokens_meshca_mints_are_accepted(key: bytes, verifier: TokenVerifier) -> None:
+    pod = mint_token(key, namespace="shop", service_account="web", pod_name="web-1", issuer=ISS, audience=AUD, now=NOW)
+    assert verifier.verify(pod).spiffe_id == SpiffeId(TD, "/ns/shop/sa/web")
+    spiffe = mint_spiffe_token(key, spiffe_id=SpiffeId(TD, "/billing/worker"), issuer=ISS, audience=AUD, now=NOW)
+    assert verifier.verify(spiffe).spiffe_id == SpiffeId(TD, "/billing/worker")
 
 
 def test_spiffe_subject_token(key: bytes, verifier: TokenVerifier) -> None:
@@ -351,19 +387,45 @@ def test_broken_jwks_rewrite_keeps_last_good_keys(tmp_path: Path, key: bytes, cl
     assert v.verify(token).issuer == ISS
 
 
-def test_missing_jwks_file_gives_a_clear_reason(tmp_path: Path, key: bytes, clock: FakeClock) -> None:
-    jwks = tmp_path / "absent.json"
-    v = TokenVerifier([TrustedIssuer(issuer=ISS, audiences=(AUD,), trust_domain=TD, jwks_path=jwks)], clock)
-    token = sign(key, k8s_claims(), headers={"kid": "k1"})
-    assert "absent.json" in reason(lambda: v.verify(token))
+@pytest.mark.parametrize(
+    "content, cause",
+    [
+        (None, "No such file or directory"),
+        ("directory", "Is a directory"),  # unreadable (a mode-0 file is readable by root, a directory never)
+        ('{"keys": 5}', "not a JWKS document"),
+        ("keys: [a]", "not JSON"),
+        ('{"keys": []}', "no key usable"),
+    ],
+)
+def test_unusable_jwks_file_at_start_is_fatal(tmp_path: Path, clock: FakeClock, content: str | None, cause: str) -> None:
+    jwks = tmp_path / "jwks.json"
+    if content == "directory":
+        jwks.mkdir()
+    elif content is not None:
+        jwks.write_text(content)
+    issuer = TrustedIssuer(issuer=ISS, audiences=(AUD,), trust_domain=TD, jwks_path=jwks)
+    with pytest.raises(KeySourceError) as error:
+        TokenVerifier([issuer], clock)
+    assert error.value.source == "jwks_path" and error.value.issuer == ISS
+    assert str(jwks) in error.value.reason and cause in error.value.reason
+    assert "\n" not in str(error.value)
+
+
+def test_jwks_file_removed_while_serving_keeps_last_good_keys(tmp_path: Path, key: bytes, clock: FakeClock) -> None:
+    jwks = tmp_path / "jwks.json"
     write_jwks(jwks, [(key, "k1")])
-    assert v.verify(token).issuer == ISS
+    v = TokenVerifier([TrustedIssuer(issuer=ISS, audiences=(AUD,), trust_domain=TD, jwks_path=jwks)], clock)
+    jwks.unlink()
+    assert v.verify(sign(key, k8s_claims(), headers={"kid": "k1"})).issuer == ISS
+    jwks.write_text('{"keys": 5}')
+    assert v.verify(sign(key, k8s_claims(sa="api"), headers={"kid": "k1"})).issuer == ISS
 
 
-def test_symmetric_jwk_in_jwks_is_never_used(tmp_path: Path, clock: FakeClock) -> None:
+def test_symmetric_jwk_in_jwks_is_never_used(tmp_path: Path, key: bytes, clock: FakeClock) -> None:
     jwks = tmp_path / "jwks.json"
     secret = b"0123456789abcdef0123456789abcdef"
-    jwks.write_text(json.dumps({"keys": [{"kty": "oct", "kid": "s", "k": b64url(secret)}]}))
+    oct_key = {"kty": "oct", "kid": "s", "k": b64url(secret)}
+    jwks.write_text(json.dumps({"keys": [oct_key, public_jwk(public_key_pem(key), "a")]}))
     v = TokenVerifier(
         [TrustedIssuer(issuer=ISS, audiences=(AUD,), trust_domain=TD, jwks_path=jwks, algorithms=("ES256",))], clock
     )
@@ -636,3 +698,165 @@ def test_cache_size_zero_disables_the_cache(key: bytes, clock: FakeClock, monkey
     assert len(calls) == 2 and v.cached_tokens == 0
     with pytest.raises(ValueError, match="cache_size"):
         TokenVerifier([issuer_for(public_key_pem(key))], clock, cache_size=-1)
+
+
+# -- JWKS fetched from a jwks_uri ------------------------------------------------------------------
+
+
+@pytest.fixture
+def jwks_server(tmp_path: Path) -> Iterator[JwksServer]:
+    server = JwksServer(tmp_path / "jwks-server")
+    yield server
+    server.stop()
+
+
+def remote_issuer(server: JwksServer, **kw: Any) -> TrustedIssuer:
+    return TrustedIssuer(
+        issuer=ISS, audiences=(AUD,), trust_domain=TD, jwks_uri=server.url, jwks_ca_path=server.ca_file, **kw
+    )
+
+
+def eventually(check: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "not within the timeout"
+        time.sleep(0.02)
+
+
+def verifies(v: TokenVerifier, token: str) -> bool:
+    try:
+        v.verify(token)
+    except AuthenticationError:
+        return False
+    return True
+
+
+def test_jwks_uri_keys_verify_and_rotation_at_the_server_is_picked_up(
+    jwks_server: JwksServer, key: bytes, other_key: bytes, clock: FakeClock
+) -> None:
+    jwks_server.set_keys([(key, "k1")])
+    v = TokenVerifier([remote_issuer(jwks_server)], clock, poll_interval=0.02)
+    try:
+        old = sign(key, k8s_claims(), headers={"kid": "k1"})
+        assert v.verify(old).spiffe_id == SpiffeId(TD, "/ns/shop/sa/web")
+        # The server rotates: k2 is added. A token signed with k2 is refused until the refresher
+        # fetches; its unknown kid asks for that fetch (no more than once per JWKS_REFETCH_MIN).
+        jwks_server.set_keys([(key, "k1"), (other_key, "k2")])
+        new = sign(other_key, k8s_claims(sa="api"), headers={"kid": "k2"})
+        clock.now += JWKS_REFETCH_MIN
+        assert "'k2'" in reason(lambda: v.verify(new))
+        eventually(lambda: verifies(v, new))
+        hits = jwks_server.hits
+        assert "'k3'" in reason(lambda: v.verify(sign(other_key, k8s_claims(), headers={"kid": "k3"})))
+        time.sleep(0.2)
+        assert jwks_server.hits == hits  # just fetched: an unknown kid does not fetch again so soon
+        # k1 is retired at the server: the periodic refresh (jwks_refresh, 5 min) drops it.
+        jwks_server.set_keys([(other_key, "k2")])
+        clock.now += timedelta(minutes=5)
+        eventually(lambda: not verifies(v, old))
+        assert "'k1'" in reason(lambda: v.verify(old))
+        assert v.verify(new).issuer == ISS
+    finally:
+        v.close()
+
+
+def test_jwks_uri_down_or_broken_keeps_the_last_good_keys(
+    jwks_server: JwksServer, key: bytes, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    jwks_server.set_keys([(key, "k1")])
+    v = TokenVerifier([remote_issuer(jwks_server)], clock, refresh_in_background=False)
+    good = jwks_server.document
+    for n, (status, document) in enumerate([(200, b'{"keys": 5}'), (200, b"<html>"), (503, good), (None, good)]):
+        if status is None:
+            jwks_server.stop()
+        jwks_server.status, jwks_server.document = status or 200, document
+        clock.now += timedelta(minutes=5)
+        v.refresh_remote_keys()
+        # a token not seen before: verified with the keys kept, not served from the cache
+        assert v.verify(sign(key, k8s_claims(sa=f"sa{n}"), headers={"kid": "k1"})).issuer == ISS
+    warnings = [r.getMessage() for r in caplog.records if "keeping the previous keys" in r.getMessage()]
+    assert len(warnings) == 4
+    assert "not a JWKS document" in warnings[0] and "not JSON" in warnings[1]
+    assert "HTTP 503" in warnings[2] and "Connection refused" in warnings[3]
+    assert all(jwks_server.url in w for w in warnings)
+
+
+def test_verification_never_waits_for_a_jwks_fetch(jwks_server: JwksServer, key: bytes, clock: FakeClock) -> None:
+    jwks_server.set_keys([(key, "k1")])
+    v = TokenVerifier([remote_issuer(jwks_server)], clock, poll_interval=0.02)
+    try:
+        jwks_server.delay = 1.0  # every fetch from now on takes a second
+        clock.now += JWKS_REFETCH_MIN
+        started = time.monotonic()
+        assert "'k9'" in reason(lambda: v.verify(sign(key, k8s_claims(), headers={"kid": "k9"})))
+        eventually(lambda: jwks_server.hits == 2)  # the refresher's fetch is under way
+        assert v.verify(sign(key, k8s_claims(sa="api"), headers={"kid": "k1"})).issuer == ISS
+        assert time.monotonic() - started < 0.5
+    finally:
+        jwks_server.delay = 0.0
+        v.close()
+
+
+@pytest.mark.parametrize(
+    "fault, cause",
+    [
+        ("down", "Connection refused"),
+        ("untrusted", "certificate verify failed"),
+        ("404", "HTTP 404"),
+        ("redirect", "HTTP 302"),
+        ("not-json", "not JSON"),
+        ("no-keys", "no key usable"),
+    ],
+)
+def test_jwks_uri_first_fetch_failure_is_fatal(
+    jwks_server: JwksServer, key: bytes, clock: FakeClock, fault: str, cause: str
+) -> None:
+    jwks_server.set_keys([(key, "k1")])
+    issuer = remote_issuer(jwks_server)
+    if fault == "down":
+        jwks_server.stop()
+    elif fault == "untrusted":
+        issuer = TrustedIssuer(issuer=ISS, audiences=(AUD,), trust_domain=TD, jwks_uri=jwks_server.url)
+    elif fault == "404":
+        jwks_server.status = 404
+    elif fault == "redirect":
+        jwks_server.status, jwks_server.headers = 302, {"Location": "http://127.0.0.1:1/jwks"}
+    elif fault == "not-json":
+        jwks_server.document = b"keys"
+    else:
+        jwks_server.document = b'{"keys": []}'
+    with pytest.raises(KeySourceError) as error:
+        TokenVerifier([issuer], clock)
+    assert error.value.source == "jwks_uri"
+    assert jwks_server.url in error.value.reason and cause in error.value.reason
+    assert "\n" not in str(error.value)
+
+
+def test_jwks_uri_fetch_sends_the_bearer_token_file_and_never_shows_it(
+    jwks_server: JwksServer, key: bytes, tmp_path: Path, clock: FakeClock
+) -> None:
+    token_file = tmp_path / "sa-token"
+    token_file.write_text("sa-token-secret-value\n")
+    jwks_server.set_keys([(key, "k1")])
+    v = TokenVerifier([remote_issuer(jwks_server, jwks_token_path=token_file)], clock, refresh_in_background=False)
+    assert jwks_server.authorizations == ["Bearer sa-token-secret-value"]
+    assert v.verify(sign(key, k8s_claims(), headers={"kid": "k1"})).issuer == ISS
+    jwks_server.status = 401
+    with pytest.raises(KeySourceError) as error:
+        TokenVerifier([remote_issuer(jwks_server, jwks_token_path=token_file)], clock)
+    assert "HTTP 401" in str(error.value) and "sa-token-secret-value" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        ({"jwks_uri": "http://issuer.test/jwks"}, "not an https:// URL"),
+        ({"jwks_uri": "https:///jwks"}, "not an https:// URL"),
+        ({"jwks_uri": "https://issuer.test/jwks", "jwks_path": Path("jwks.json")}, "not both"),
+        ({"jwks_ca_path": Path("ca.pem"), "public_keys_pem": (b"x",)}, "need a jwks_uri"),
+        ({"jwks_uri": "https://issuer.test/jwks", "jwks_refresh": timedelta(0)}, "jwks_refresh"),
+    ],
+)
+def test_jwks_uri_settings_are_checked(kw: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        TrustedIssuer(issuer=ISS, audiences=(AUD,), trust_domain=TD, **kw)
