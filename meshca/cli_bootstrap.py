@@ -241,7 +241,12 @@ def add_bootstrap_parser(subparsers: argparse._SubParsersAction[argparse.Argumen
         metavar="KEY=VALUE",
         help="node metadata (repeatable), e.g. NAMESPACE=shop SERVICE_ACCOUNT=web",
     )
-    parser.add_argument("--api-type", default="GRPC", choices=API_TYPES, help="ADS flavour (default GRPC)")
+    parser.add_argument(
+        "--api-type",
+        default="DELTA_GRPC",
+        choices=API_TYPES,
+        help="ADS flavour: DELTA_GRPC (incremental, the default) or GRPC (state of the world)",
+    )
     parser.add_argument("--out", metavar="FILE", help="write here (atomically) instead of stdout")
     parser.set_defaults(handler=cmd_bootstrap)
     return parser

@@ -78,6 +78,7 @@ def test_token_file_bootstrap_validates_with_envoy(
     assert TOKEN not in out.read_text()
     assert doc["node"] == {"id": "web-7d9f.shop", "cluster": "web", "metadata": {}}
     assert doc["admin"]["address"]["socket_address"] == {"address": "127.0.0.1", "port_value": 15000}
+    assert doc["dynamic_resources"]["ads_config"]["api_type"] == "DELTA_GRPC"  # the default
 
 
 def test_inline_token_bootstrap_validates_and_is_private(
@@ -90,7 +91,8 @@ def test_inline_token_bootstrap_validates_and_is_private(
     result = envoy_validate(out)
     assert result.returncode == 0, result.stdout + result.stderr
     service = yaml.safe_load(out.read_text())["dynamic_resources"]["ads_config"]["grpc_services"][0]
-    assert service["envoy_grpc"] == {"cluster_name": XDS_CLUSTER_NAME}
+    assert service["envoy_grpc"]["cluster_name"] == XDS_CLUSTER_NAME
+    assert service["envoy_grpc"]["retry_policy"]["retry_back_off"] == {"base_interval": "0.25s", "max_interval": "5s"}
     assert service["initial_metadata"] == [{"key": "authorization", "value": f"Bearer {TOKEN}"}]
     assert [p.name for p in tmp_path.iterdir()] == ["envoy.yaml"]  # no temp file left behind
 
@@ -108,7 +110,7 @@ def test_envoy_validation_is_meaningful(ca_pem: Path, tmp_path: Path, capsys: py
 def test_stdout_by_default_with_all_options(ca_pem: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, stdout, stderr = run(
         capsys, *base_args(ca_pem), "--token", TOKEN, "--meshca", "[::1]:15099", "--server-name", "cp.example",
-        "--admin-port", "0", "--admin-address", "::1", "--api-type", "DELTA_GRPC",
+        "--admin-port", "0", "--admin-address", "::1", "--api-type", "GRPC",
         "--metadata", "NAMESPACE=shop", "--metadata", "SPIFFE_ID=spiffe://td/ns/shop/sa/web", "--metadata", "EMPTY=",
     )
     assert (code, stderr) == (0, "")
@@ -116,7 +118,7 @@ def test_stdout_by_default_with_all_options(ca_pem: Path, tmp_path: Path, capsys
     doc = yaml.safe_load(stdout)
     assert doc["node"]["metadata"] == {"NAMESPACE": "shop", "SPIFFE_ID": "spiffe://td/ns/shop/sa/web", "EMPTY": ""}
     assert doc["admin"]["address"]["socket_address"] == {"address": "::1", "port_value": 0}
-    assert doc["dynamic_resources"]["ads_config"]["api_type"] == "DELTA_GRPC"
+    assert doc["dynamic_resources"]["ads_config"]["api_type"] == "GRPC"  # SotW on request
     cluster = doc["static_resources"]["clusters"][0]
     assert cluster["type"] == "STATIC"
     endpoint = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
