@@ -4,7 +4,6 @@ a working `meshca status`."""
 from __future__ import annotations
 
 import re
-import shlex
 import shutil
 import subprocess
 import sys
@@ -58,7 +57,7 @@ def test_dev_init_writes_a_mesh_and_an_admin_port(tmp_path: Path) -> None:
 
 
 class Shell:
-    """Runs the walkthrough's commands in one directory with the fixed ports swapped for free ones."""
+    """Runs the walkthrough's commands with bash in one directory, the fixed ports swapped for free ones."""
 
     def __init__(self, cwd: Path) -> None:
         self.cwd = cwd
@@ -68,27 +67,26 @@ class Shell:
     def swap_ports(self, text: str) -> str:
         return re.sub(r"(?<![\d.])(\d{4,5})(?!\d)", lambda m: str(self.ports.get(int(m[1]), m[1])), text)
 
-    def argv(self, command: str) -> list[str]:
-        argv = shlex.split(self.swap_ports(command))
-        if argv[0].startswith(".venv/bin/"):
-            argv[0] = str(VENV_BIN / argv[0].removeprefix(".venv/bin/"))
-        elif argv[0] == "python3":
-            argv[0] = sys.executable
-        if argv[:2] == [str(VENV_BIN / "meshca"), "bootstrap"]:
-            argv += ["--meshca", f"127.0.0.1:{self.ports[15010]}"]  # the default is the fixed 15010
-        if argv[:2] == [str(VENV_BIN / "meshca"), "status"]:
-            argv += ["--admin", f"http://127.0.0.1:{self.ports[15011]}"]  # the default is the fixed 15011
-        return argv
+    def script(self, command: str) -> str:
+        command = self.swap_ports(command)
+        if command.startswith(".venv/bin/meshca bootstrap"):
+            command += f" --meshca 127.0.0.1:{self.ports[15010]}"  # the default is the fixed 15010
+        if command == ".venv/bin/meshca status":
+            command += f" --admin http://127.0.0.1:{self.ports[15011]}"  # the default is the fixed 15011
+        command = re.sub(r"^\.venv/bin/", f"{VENV_BIN}/", command)
+        command = re.sub(r"^python3 ", f"{sys.executable} ", command)
+        return "exec " + command  # exec: the process started is the command itself (terminate reaches it)
 
     def start(self, command: str) -> None:
-        log = (self.cwd / f"background-{len(self.background)}.log").open("wb")
-        self.background.append(subprocess.Popen(self.argv(command), cwd=self.cwd, stdout=log, stderr=subprocess.STDOUT))
+        self.background.append(subprocess.Popen(["bash", "-c", self.script(command)], cwd=self.cwd))
 
     def run(self, command: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(self.argv(command), cwd=self.cwd, capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(
+            ["bash", "-c", self.script(command)], cwd=self.cwd, capture_output=True, text=True, timeout=timeout
+        )
 
     def logs(self) -> str:
-        return "\n".join(p.read_text(errors="replace")[-1500:] for p in sorted(self.cwd.glob("background-*.log")))
+        return "\n".join(f"{p.name}:\n" + p.read_text(errors="replace")[-1500:] for p in sorted(self.cwd.glob("*.log")))
 
     def stop(self) -> None:
         for process in reversed(self.background):
