@@ -23,7 +23,8 @@ _DESCRIPTION = """\
 Write an Envoy bootstrap for one node: a static TLS cluster to meshca and ADS for everything
 else (listeners, clusters, routes, endpoints and secrets). The node authenticates with a JWT,
 either inline (--token) or re-read from a file on every new xDS stream (--token-file, the right
-choice for rotating Kubernetes projected service-account tokens). See docs/bootstrap.md.
+choice for rotating Kubernetes projected service-account tokens). Delta ADS by default. With
+--check, connect to meshca as the node would and say in one line what fails. See docs/bootstrap.md.
 """
 
 
