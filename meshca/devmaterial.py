@@ -16,7 +16,34 @@ from meshca.devtokens import DEV_AUDIENCE, DEV_ISSUER, write_dev_issuer
 from meshca.files import write_atomic
 
 SERVE_CONFIG_FILE = "meshca.yaml"
+SAMPLE_MESH_FILE = "mesh.yaml"
 SERVER_NAMES = ("localhost", "meshca.local", "127.0.0.1")
+DEV_METRICS_PORT = 15011  # `meshca status`'s default admin port
+
+# The README's walkthrough: frontend's sidecar takes plain HTTP on 15001 and calls backend over mTLS;
+# backend's sidecar accepts only frontend's identity on 15006 and forwards to an app on 8080.
+_SAMPLE_MESH = """\
+# A sample mesh for `meshca serve` (docs/configuration.md): frontend calls backend over mTLS.
+trust_domain: {trust_domain}
+services:
+  backend:
+    namespace: shop
+    service_account: backend
+    inbound:
+      port: 15006                # backend's sidecar: mTLS, callers' SPIFFE IDs checked against allow
+      app: 127.0.0.1:8080        # ...forwarded to the app, e.g. python3 -m http.server 8080 --bind 127.0.0.1
+      listen_address: 127.0.0.1
+    allow:
+      - spiffe://{trust_domain}/ns/shop/sa/frontend
+  frontend:
+    namespace: shop
+    service_account: frontend
+    outbound:
+      port: 15001                # frontend's sidecar: plain HTTP on 127.0.0.1:15001 for the frontend app
+routes:
+  - prefix: /
+    to: backend
+"""
 
 
 class DevMaterialExists(FileExistsError):
@@ -42,8 +69,14 @@ def create_dev_material(
     listen: str = "127.0.0.1:15010",
     extra_settings: dict[str, Any] | None = None,
     ca_settings: CaSettings | None = None,
+    sample_mesh: bool = False,
+    metrics_port: int | None = None,
 ) -> DevMaterial:
-    """Write everything `meshca serve` needs for local development into `directory`."""
+    """Write everything `meshca serve` needs for local development into `directory`.
+
+    `sample_mesh` adds mesh.yaml (two services, frontend -> backend) and the `mesh:` setting; `metrics_port`
+    the admin endpoint that `meshca status` reads. `meshca dev init` sets both.
+    """
     from meshca.app import issue_server_credentials
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -59,12 +92,17 @@ def create_dev_material(
     write_atomic(directory / "server.pem", server.certificate_chain_pem, 0o644)
     write_atomic(directory / "server-key.pem", server.private_key_pem, 0o600)
     write_atomic(directory / "root.pem", ca.trust_bundle_pem(), 0o644)
+    if sample_mesh:
+        mesh_text = _SAMPLE_MESH.format(trust_domain=trust_domain)
+        write_atomic(directory / SAMPLE_MESH_FILE, mesh_text.encode(), 0o644)
     config: dict[str, Any] = {
         "state_dir": "ca",
         "listen": listen,
         "tls": {"certificate_chain": "server.pem", "private_key": "server-key.pem"},
         "issuers": [{"issuer": DEV_ISSUER, "audiences": [DEV_AUDIENCE], "jwks": issuer_files.jwks.name}],
         "leaf_ttl": "1h",
+        **({"mesh": SAMPLE_MESH_FILE} if sample_mesh else {}),
+        **({"metrics_port": metrics_port} if metrics_port is not None else {}),
         "log_level": "info",
         **(extra_settings or {}),
     }

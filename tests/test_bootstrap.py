@@ -37,15 +37,15 @@ HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 def example_settings() -> BootstrapSettings:
     """The placeholder settings deploy/envoy/sidecar-bootstrap.example.yaml is rendered from."""
     return BootstrapSettings(
-        node_id="sidecar~10.0.0.7~web-7d9f8c6b5-abcde.shop~shop.svc.cluster.local",
+        node_id="web-7d9f8c6b5-abcde.shop",  # <pod>.<namespace>: the binding of a pod-bound token
         cluster="web",
         meshca_address="meshca.meshca-system.svc.cluster.local",
-        meshca_port=15012,
-        meshca_ca_path=Path("/etc/meshca/ca.pem"),
+        meshca_port=15010,
+        meshca_ca_path=Path("/etc/meshca/root.pem"),
         meshca_server_name="meshca.meshca-system.svc",
-        token_path=Path("/var/run/secrets/tokens/meshca-token"),
+        token_path=Path("/var/run/secrets/meshca/meshca-token"),
         admin_port=15000,
-        node_metadata={"namespace": "shop", "service_account": "web"},
+        node_metadata={"NAMESPACE": "shop", "SERVICE_ACCOUNT": "web"},
     )
 
 
@@ -63,11 +63,14 @@ def settings(ca: Path, port: int = 1, **kw: Any) -> BootstrapSettings:
 def test_token_variant_uses_envoy_grpc_with_bearer_metadata() -> None:
     b = build_bootstrap(settings(Path("/ca.pem"), token="a.b.c", node_metadata={"ns": "shop"}))
     ads = b["dynamic_resources"]["ads_config"]
-    assert ads["api_type"] == "GRPC"
+    assert ads["api_type"] == "DELTA_GRPC"  # the default
     assert ads["transport_api_version"] == "V3"
     assert ads["set_node_on_first_message_only"] is True
     (svc,) = ads["grpc_services"]
-    assert svc["envoy_grpc"] == {"cluster_name": XDS_CLUSTER_NAME}
+    assert svc["envoy_grpc"] == {
+        "cluster_name": XDS_CLUSTER_NAME,
+        "retry_policy": {"retry_back_off": {"base_interval": "0.25s", "max_interval": "5s"}},
+    }
     assert svc["initial_metadata"] == [{"key": "authorization", "value": "Bearer a.b.c"}]
     assert "google_grpc" not in svc
     assert b["node"] == {"id": "node-1", "cluster": "web", "metadata": {"ns": "shop"}}
@@ -96,6 +99,7 @@ def test_token_path_variant_uses_google_grpc_file_based_metadata() -> None:
     assert plugin["typed_config"]["header_key"] == "authorization"
     assert plugin["typed_config"]["header_prefix"] == "Bearer "
     assert g["channel_args"]["args"]["grpc.ssl_target_name_override"] == {"string_value": "cp.example"}
+    assert g["channel_args"]["args"]["grpc.max_reconnect_backoff_ms"] == {"int_value": 5000}
     assert b["dynamic_resources"]["cds_config"]["initial_fetch_timeout"] == "0.5s"
 
 
@@ -149,6 +153,15 @@ def test_settings_are_frozen() -> None:
 def test_render_yaml_round_trips() -> None:
     s = settings(Path("/ca.pem"), token="t", node_metadata={"a": "b"})
     assert yaml.safe_load(render_yaml(s)) == build_bootstrap(s)
+
+
+@pytest.mark.parametrize("node_id", ["y", "no", "123", "0x1f", "1e5", "on", "~", "null"])
+def test_string_values_stay_strings(node_id: str) -> None:
+    s = settings(Path("/ca.pem"), token="t", node_id=node_id, cluster=node_id, node_metadata={"k": node_id})
+    text = render_yaml(s)
+    assert f'id: "{node_id}"' in text  # quoted: Envoy's yaml-cpp reads a plain y / no / 1e5 as bool or number
+    doc = yaml.safe_load(text)
+    assert doc["node"] == {"id": node_id, "cluster": node_id, "metadata": {"k": node_id}}
 
 
 def test_example_file_is_current() -> None:
@@ -273,6 +286,17 @@ def test_envoy_accepts_bootstrap(variant: str, pki: Pki, tmp_path: Path) -> None
         assert envoy.server_state() in ("PRE_INITIALIZING", "INITIALIZING")  # waiting for CDS
         assert envoy.stats()["control_plane.connected_state"] == 0
         assert envoy.running(), envoy.log_tail()
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("node_id", ["y", "no", "123"])
+def test_envoy_keeps_node_id_a_string(node_id: str, pki: Pki, tmp_path: Path) -> None:
+    s = settings(pki.ca, port=free_port(), token="x.y.z", node_id=node_id, node_metadata={"k": node_id})
+    with EnvoyProcess(render_yaml(s), workdir=tmp_path / "envoy") as envoy:
+        envoy.wait_ready(10, live=False)
+        node = bootstrap_of(envoy.config_dump())["node"]
+    assert node["id"] == node_id
+    assert node["metadata"] == {"k": node_id}
 
 
 @pytest.mark.e2e

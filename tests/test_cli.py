@@ -77,6 +77,7 @@ async def test_serve_issues_secrets_logs_json_and_stops_on_sigterm(tmp_path: Pat
     config = yaml.safe_load(config_path.read_text())
     port = free_port()
     config["listen"] = f"127.0.0.1:{port}"
+    config["metrics_port"] = free_port()  # dev init writes the fixed 15011
     config_path.write_text(yaml.safe_dump(config))
     token = run("dev", "token", "--dir", str(directory), "--ns", "shop", "--sa", "frontend").stdout.strip()
     stderr_path = tmp_path / "serve.log"

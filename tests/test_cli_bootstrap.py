@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import socket
 import stat
 import subprocess
+import sys
+from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +18,10 @@ import yaml
 
 from meshca.bootstrap import FILE_BASED_METADATA, XDS_CLUSTER_NAME
 from meshca.cli_bootstrap import add_bootstrap_parser
-from meshca.envoy_process import find_envoy
+from meshca.clock import system_clock
+from meshca.devmaterial import DevMaterial, create_dev_material
+from meshca.devtokens import mint_token
+from meshca.envoy_process import find_envoy, free_port, wait_until
 
 TOKEN = "eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln"
 
@@ -78,6 +85,7 @@ def test_token_file_bootstrap_validates_with_envoy(
     assert TOKEN not in out.read_text()
     assert doc["node"] == {"id": "web-7d9f.shop", "cluster": "web", "metadata": {}}
     assert doc["admin"]["address"]["socket_address"] == {"address": "127.0.0.1", "port_value": 15000}
+    assert doc["dynamic_resources"]["ads_config"]["api_type"] == "DELTA_GRPC"  # the default
 
 
 def test_inline_token_bootstrap_validates_and_is_private(
@@ -90,7 +98,8 @@ def test_inline_token_bootstrap_validates_and_is_private(
     result = envoy_validate(out)
     assert result.returncode == 0, result.stdout + result.stderr
     service = yaml.safe_load(out.read_text())["dynamic_resources"]["ads_config"]["grpc_services"][0]
-    assert service["envoy_grpc"] == {"cluster_name": XDS_CLUSTER_NAME}
+    assert service["envoy_grpc"]["cluster_name"] == XDS_CLUSTER_NAME
+    assert service["envoy_grpc"]["retry_policy"]["retry_back_off"] == {"base_interval": "0.25s", "max_interval": "5s"}
     assert service["initial_metadata"] == [{"key": "authorization", "value": f"Bearer {TOKEN}"}]
     assert [p.name for p in tmp_path.iterdir()] == ["envoy.yaml"]  # no temp file left behind
 
@@ -108,7 +117,7 @@ def test_envoy_validation_is_meaningful(ca_pem: Path, tmp_path: Path, capsys: py
 def test_stdout_by_default_with_all_options(ca_pem: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, stdout, stderr = run(
         capsys, *base_args(ca_pem), "--token", TOKEN, "--meshca", "[::1]:15099", "--server-name", "cp.example",
-        "--admin-port", "0", "--admin-address", "::1", "--api-type", "DELTA_GRPC",
+        "--admin-port", "0", "--admin-address", "::1", "--api-type", "GRPC",
         "--metadata", "NAMESPACE=shop", "--metadata", "SPIFFE_ID=spiffe://td/ns/shop/sa/web", "--metadata", "EMPTY=",
     )
     assert (code, stderr) == (0, "")
@@ -116,7 +125,7 @@ def test_stdout_by_default_with_all_options(ca_pem: Path, tmp_path: Path, capsys
     doc = yaml.safe_load(stdout)
     assert doc["node"]["metadata"] == {"NAMESPACE": "shop", "SPIFFE_ID": "spiffe://td/ns/shop/sa/web", "EMPTY": ""}
     assert doc["admin"]["address"]["socket_address"] == {"address": "::1", "port_value": 0}
-    assert doc["dynamic_resources"]["ads_config"]["api_type"] == "DELTA_GRPC"
+    assert doc["dynamic_resources"]["ads_config"]["api_type"] == "GRPC"  # SotW on request
     cluster = doc["static_resources"]["clusters"][0]
     assert cluster["type"] == "STATIC"
     endpoint = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
@@ -261,3 +270,113 @@ def test_handler_is_set_and_help_mentions_token_file() -> None:
     assert callable(args.handler)
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     assert "re-read by Envoy on every new stream" in " ".join(sub.choices["bootstrap"].format_help().split())
+
+
+@pytest.mark.parametrize("content", ["key", "cert+key"])
+def test_private_key_as_ca_is_refused(
+    content: str, ca_pem: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    key = (ca_pem.parent / "root-key.pem").read_bytes()
+    bad = tmp_path / "ca.pem"
+    bad.write_bytes(key if content == "key" else ca_pem.read_bytes() + key)
+    code, stdout, stderr = run(capsys, *base_args(bad), "--token", TOKEN)
+    assert (code, stdout) == (2, "")
+    assert stderr == f"meshca: error: --ca: {str(bad)!r} holds a private key; pass meshca's root certificate " \
+                     "bundle (root.pem), and keep that key out of the nodes' reach\n"
+    assert "PRIVATE" not in stderr.replace("private key", "")  # nothing of the key is echoed
+
+
+def test_ca_without_a_certificate_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "ca.pem"
+    bad.write_text("hello\n")
+    code, _, stderr = run(capsys, *base_args(bad), "--token", TOKEN)
+    assert code == 2 and "holds no PEM certificate" in stderr
+
+
+# -- --check against a real meshca ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def serving(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[DevMaterial, int]]:
+    """A real `meshca serve` (dev material) on a free port."""
+    d = tmp_path_factory.mktemp("meshca")
+    port = free_port()
+    material = create_dev_material(d, "mesh.local", system_clock, listen=f"127.0.0.1:{port}")
+    log = (d / "meshca.log").open("wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "meshca.cli", "serve", "--config", str(material.serve_config)],
+        stdout=log, stderr=subprocess.STDOUT,
+    )
+    try:
+        def listening() -> bool:
+            assert process.poll() is None, (d / "meshca.log").read_text()[-2000:]
+            with socket.socket() as sock:
+                return sock.connect_ex(("127.0.0.1", port)) == 0
+
+        wait_until(listening, 30, 0.05, "meshca listening")
+        yield material, port
+    finally:
+        process.kill()
+        process.wait()
+        log.close()
+
+
+def check_args(material: DevMaterial, port: int, token: str, node_id: str = "web-1") -> list[str]:
+    return ["--node-id", node_id, "--cluster", "web", "--ca", str(material.root_bundle), "--server-name",
+            "localhost", "--meshca", f"127.0.0.1:{port}", "--token", token, "--check"]
+
+
+def dev_token(material: DevMaterial, node_id: str = "web-1", **kw: Any) -> str:
+    return mint_token(material.signing_key.read_bytes(), namespace="shop", service_account="web", node_id=node_id,
+                      now=kw.pop("now", system_clock()), **kw)
+
+
+@pytest.mark.parametrize("api_type", ["DELTA_GRPC", "GRPC"])
+def test_check_ok(api_type: str, serving: tuple[DevMaterial, int], capsys: pytest.CaptureFixture[str]) -> None:
+    material, port = serving
+    code, stdout, stderr = run(capsys, *check_args(material, port, dev_token(material)), "--api-type", api_type)
+    assert (code, stderr) == (0, "")
+    assert stdout == f"meshca: check ok: meshca at 127.0.0.1:{port} verified as 'localhost' and admitted node " \
+                     f"'web-1' ({api_type})\n"
+
+
+def test_check_writes_out_then_checks(
+    serving: tuple[DevMaterial, int], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    material, port = serving
+    out = tmp_path / "b.yaml"
+    code, stdout, _ = run(capsys, *check_args(material, port, dev_token(material)), "--out", str(out))
+    assert code == 0 and stdout.startswith("meshca: check ok") and out.exists()
+
+
+def test_check_names_each_failure(
+    serving: tuple[DevMaterial, int], ca_pem: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    material, port = serving
+    token = dev_token(material)
+
+    def check(*argv: str) -> str:
+        code, stdout, stderr = run(capsys, *argv)
+        assert code == 1 and stderr == "", (code, stdout, stderr)
+        assert len(stdout.splitlines()) == 1 and stdout.startswith("meshca: check failed: ")
+        assert token not in stdout
+        return stdout
+
+    args = check_args(material, port, token)
+    wrong_ca = list(args)
+    wrong_ca[wrong_ca.index("--ca") + 1] = str(ca_pem)
+    assert "does not verify against --ca" in check(*wrong_ca)
+    wrong_name = list(args)
+    wrong_name[wrong_name.index("--server-name") + 1] = "meshca.example.com"
+    assert "is not valid for server name 'meshca.example.com'" in check(*wrong_name)
+    expired = dev_token(material, now=system_clock() - timedelta(hours=3))
+    assert "token refused by meshca (UNAUTHENTICATED): token expired" in check(*check_args(material, port, expired))
+    other_node = check(*check_args(material, port, token, node_id="web-2"))
+    assert "node binding refused by meshca (PERMISSION_DENIED)" in other_node and "web-2" in other_node
+    unreachable = check(*check_args(material, (closed := free_port()), token))
+    assert f"cannot reach meshca at 127.0.0.1:{closed}" in unreachable
+    newline = tmp_path / "token"
+    newline.write_text(token + "\n")
+    file_args = [a for a in args if a not in ("--token", token)] + ["--token-file", str(newline)]
+    code, stdout, stderr = run(capsys, *file_args)
+    assert code == 1 and "ends with a newline" in stdout and "every xDS stream fails with code 13" in stdout

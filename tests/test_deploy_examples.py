@@ -299,7 +299,8 @@ def first_requests(pki: Path) -> Iterator[tuple[int, list[bytes], threading.Even
 
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
     server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
-        ADS_SERVICE, {"StreamAggregatedResources": grpc.stream_stream_rpc_method_handler(handle)})])
+        ADS_SERVICE, {"StreamAggregatedResources": grpc.stream_stream_rpc_method_handler(handle),
+                      "DeltaAggregatedResources": grpc.stream_stream_rpc_method_handler(handle)})])
     creds = grpc.ssl_server_credentials([((pki / "server.key").read_bytes(), (pki / "server.pem").read_bytes())])
     port = server.add_secure_port("127.0.0.1:0", creds)
     server.start()

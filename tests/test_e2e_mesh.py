@@ -21,10 +21,11 @@ from meshca.envoy_process import EnvoyProcess, free_port, wait_until
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo]:
+@pytest.fixture(scope="module", params=["DELTA_GRPC", "GRPC"])
+def demo(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo]:
+    """The demo's mesh with its sidecars on delta ADS (the default) and on state of the world."""
     workdir = tmp_path_factory.mktemp("mesh")
-    running = Demo(DemoSettings(check=True, workdir=workdir), sys.stdout, system_clock)
+    running = Demo(DemoSettings(check=True, workdir=workdir, api_type=request.param), sys.stdout, system_clock)
     try:
         running.start()
         yield running

