@@ -459,11 +459,17 @@ class Observability:
 # --- `meshca status` --------------------------------------------------------------------------
 
 
+def short_version(version: str) -> str:
+    """Each part of a layered version shortened ("<shared>+<identity's own>"): the first part alone is
+    the same for every proxy, the rest is what tells them apart."""
+    return "+".join(part[:_SHORT_VERSION] for part in version.split("+"))
+
+
 def _cell(entry: Mapping[str, Any], short_name: str, last_nack: Mapping[str, Any] | None) -> str:
     sent, acked = entry.get("sent"), entry.get("acked")
     if sent is None and acked is None:
         return "-"
-    shown = acked[:_SHORT_VERSION] if acked else "-"
+    shown = short_version(acked) if acked else "-"
     if acked == sent:
         state = "SYNCED"
     elif last_nack is not None and last_nack.get("type") == short_name:

@@ -401,3 +401,15 @@ async def test_rotation_metrics_show_ca_and_leaf_expiry_and_rotation_counts(tmp_
         text = app.observability.metrics_text().decode()
         assert "meshca_ca_rotations_total 1.0" in text
         assert 'state="old"' in text  # the retired intermediate is still listed until pruned
+
+
+def test_status_versions_tell_proxies_apart_by_their_own_part() -> None:
+    shared, own_a, own_b = "a" * 16, "b" * 16, "c" * 16
+    proxies = [
+        {"node_id": node, "identity": f"spiffe://mesh.test/ns/default/sa/{node}",
+         "types": {"SDS": {"sent": f"{shared}+{own}", "acked": f"{shared}+{own}"}}}
+        for node, own in (("node-a", own_a), ("node-b", own_b))
+    ]
+    lines = format_status(proxies).splitlines()
+    assert "SYNCED (aaaaaaaa+bbbbbbbb)" in row_line(lines, "node-a")
+    assert "SYNCED (aaaaaaaa+cccccccc)" in row_line(lines, "node-b")
