@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -18,7 +19,8 @@ from meshca.config import (
     load_serve_settings,
     parse_duration,
 )
-from meshca.files import write_atomic
+from meshca.files import describe_os_error, write_atomic
+from meshca.listen import ListenError
 
 
 class CliError(Exception):
@@ -63,6 +65,13 @@ def cmd_dev_token(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_setting_file(config_path: Path, field: str, path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as error:
+        raise ConfigError(config_path, field, f"cannot read {path}: {error.strerror or error}") from None
+
+
 async def _serve(config_path: Path) -> int:
     from meshca import logs
     from meshca.app import MeshcaApp, ServerCredentials, issue_server_credentials
@@ -96,7 +105,8 @@ async def _serve(config_path: Path) -> int:
     )
     if settings.server_tls is not None:
         credentials = ServerCredentials(
-            settings.server_tls.certificate_chain.read_bytes(), settings.server_tls.private_key.read_bytes()
+            _read_setting_file(config_path, "tls.certificate_chain", settings.server_tls.certificate_chain),
+            _read_setting_file(config_path, "tls.private_key", settings.server_tls.private_key),
         )
     else:
         credentials = issue_server_credentials(ca, settings.server_names, timedelta(days=30))
@@ -230,9 +240,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return int(args.handler(args))
-    except (CliError, ConfigError, CaError, FileExistsError, ValueError) as error:  # incl. InconsistentSnapshot
+        status = int(args.handler(args))
+        sys.stdout.flush()  # a closed pipe shows here, not as a traceback at exit
+        return status
+    except BrokenPipeError:  # `meshca dev token | head -c 10`: the reader left; say nothing
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except (CliError, ConfigError, CaError, FileExistsError, ValueError, ListenError) as error:  # incl. InconsistentSnapshot
         print(f"meshca: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        print(f"meshca: error: {describe_os_error(error)}", file=sys.stderr)
         return 2
 
 

@@ -21,6 +21,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from meshca.clock import Clock
+from meshca.listen import listen_error
 from meshca.snapshot import ResourceType
 from meshca.xds.status import ProxyStatus, RegistryTotals
 
@@ -229,7 +230,10 @@ class AdminServer:
         """Bind (loopback unless told otherwise) and serve; returns the bound port (useful with port 0)."""
         if self._server is not None:
             raise RuntimeError("admin server already started")
-        server = _AdminHTTPServer((host, port), self._routes)
+        try:
+            server = _AdminHTTPServer((host, port), self._routes)
+        except OSError as error:
+            raise listen_error("metrics_port", host, port, error) from None
         thread = threading.Thread(
             target=server.serve_forever, kwargs={"poll_interval": 0.1}, name="meshca-admin", daemon=True
         )
