@@ -13,7 +13,7 @@ from pathlib import Path
 
 from meshca import crypto
 from meshca.ca import CaError, CaSettings, CertificateAuthority
-from meshca.clock import system_clock
+from meshca.clock import format_duration, system_clock
 from meshca.config import (
     ConfigError,
     load_serve_settings,
@@ -89,8 +89,9 @@ async def _serve(config_path: Path) -> int:
         raise ConfigError(
             config_path,
             "leaf_ttl",
-            f"{settings.leaf_ttl} is outside the CA's leaf TTL bounds "
-            f"[{ca.settings.leaf_ttl_min}, {ca.settings.leaf_ttl_max}] (set at `meshca ca init`)",
+            f"{format_duration(settings.leaf_ttl)} is outside the CA's leaf TTL bounds "
+            f"[{format_duration(ca.settings.leaf_ttl_min)}, {format_duration(ca.settings.leaf_ttl_max)}] "
+            "(set at `meshca ca init`)",
         )
     log = logs.configure(settings.log_level)
     app = MeshcaApp(
@@ -246,7 +247,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `meshca dev token | head -c 10`: the reader left; say nothing
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
-    except (CliError, ConfigError, CaError, FileExistsError, ValueError, ListenError) as error:  # incl. InconsistentSnapshot
+    # ValueError includes InconsistentSnapshot
+    except (CliError, ConfigError, CaError, FileExistsError, ValueError, ListenError) as error:
         print(f"meshca: error: {error}", file=sys.stderr)
         return 2
     except OSError as error:
