@@ -300,10 +300,12 @@ def check_state_dir_mode(state_dir: Path) -> None:
     """CaStateError if group or others may write into `state_dir` (they could replace ca.json or a key).
 
     Others may read it (0755): the certificates and ca.json are public, every key is checked by
-    check_key_file.
+    read_key_file. A directory on a read-only mount (a Kubernetes Secret volume: 1777 root) is
+    writable by nobody, whatever its mode.
     """
-    mode = stat.S_IMODE(os.stat(state_dir).st_mode)
-    if mode & 0o022:
+    st = os.stat(state_dir)
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o022 and not os.statvfs(state_dir).f_flag & os.ST_RDONLY:
         raise CaStateError(
             f"state directory {state_dir} is writable by group or others (mode {mode:04o}); "
             f"run `chmod go-w {state_dir}` (meshca creates it 0700)"
@@ -311,15 +313,19 @@ def check_state_dir_mode(state_dir: Path) -> None:
 
 
 def read_key_file(path: Path) -> bytes:
-    """A CA private key's PEM; CaStateError if group or others may read or write it (like ssh's
-    "UNPROTECTED PRIVATE KEY FILE")."""
+    """A CA private key's PEM; CaStateError if other users may read or change it (like ssh's
+    "UNPROTECTED PRIVATE KEY FILE"). As PostgreSQL allows for its key, a key owned by root may be
+    readable by its group (0440/0640 root:meshca: a root-managed key, e.g. a Kubernetes Secret
+    volume with fsGroup)."""
     try:
-        mode = stat.S_IMODE(os.stat(path).st_mode)
+        st = os.stat(path)
     except FileNotFoundError:
         raise CaStateError(f"{path}: file is missing (partial or damaged CA state)") from None
     except OSError as e:
         raise CaStateError(f"{path}: cannot be read: {e.strerror or e}") from None
-    if mode & 0o077:
+    mode = stat.S_IMODE(st.st_mode)
+    shared_by_root = st.st_uid == 0 and mode & 0o077 == 0o040
+    if mode & 0o077 and not shared_by_root:
         raise CaStateError(
             f"{path}: CA private key has mode {mode:04o}, open to other users; run `chmod 600 {path}`"
         )

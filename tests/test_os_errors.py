@@ -20,6 +20,7 @@ import pytest
 from meshca.ca import CaSettings, CertificateAuthority
 from meshca.ca_state import LOCK_FILE
 from meshca.cli import build_parser, main
+from meshca.clock import system_clock
 from meshca.files import write_atomic
 from meshca.rotation import CaWatcher, RotationSettings
 
@@ -247,3 +248,39 @@ def test_dev_token_into_a_closed_pipe_is_silent(tmp_path: Path) -> None:
         os.close(write_end)
     assert result.stderr == ""
     assert result.returncode != 0
+
+
+def _can_mount_read_only() -> bool:
+    if not ROOT or shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(["unshare", "-m", "--propagation", "private", "true"], capture_output=True)
+    return probe.returncode == 0
+
+
+def meshca_on_read_only_mount(directory: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`meshca ARGS` in a private mount namespace where `directory` is a read-only bind mount (EROFS, as
+    a read-only volume: it binds root too)."""
+    script = 'mount --bind -o ro "$0" "$0" && exec "$@"'
+    return subprocess.run(
+        ["unshare", "-m", "--propagation", "private", "sh", "-c", script, str(directory), *meshca_command(), *args],
+        capture_output=True, text=True, timeout=60,
+    )
+
+
+@pytest.mark.skipif(not _can_mount_read_only(), reason="needs root and mount namespaces for a read-only mount")
+@pytest.mark.parametrize("keep_lock", [True, False], ids=["lock-file", "no-lock-file"])
+def test_ca_status_and_rotate_on_a_read_only_file_system(tmp_path: Path, keep_lock: bool) -> None:
+    state = tmp_path / "ca"
+    CertificateAuthority.init(state, CaSettings("ro.test"), system_clock)
+    if not keep_lock:
+        (state / LOCK_FILE).unlink()
+    state.chmod(0o1777)  # like a Kubernetes Secret volume: the mode does not matter on a read-only mount
+    before = {p.name: p.read_bytes() for p in state.iterdir()}
+    status = meshca_on_read_only_mount(state, "ca", "status", "--state-dir", str(state))
+    assert status.returncode == 0, status.stderr
+    assert "trust domain ro.test" in status.stdout and status.stderr == ""
+    rotate = meshca_on_read_only_mount(state, "ca", "rotate", "--intermediate", "--state-dir", str(state))
+    assert rotate.returncode == 2
+    (line,) = rotate.stderr.splitlines()
+    assert line.startswith(f"meshca: error: {state}") and "Read-only file system" in line and "[Errno" not in line
+    assert {p.name: p.read_bytes() for p in state.iterdir()} == before

@@ -38,6 +38,8 @@ def contents(path: Path) -> dict[str, bytes]:
 @pytest.mark.parametrize("mode", [0o644, 0o640, 0o604], ids=oct)
 def test_a_ca_key_readable_by_others_is_refused_naming_file_mode_and_fix(state: Path, mode: int) -> None:
     key = next(state.glob("intermediate-*-key.pem"))
+    if ROOT:
+        os.chown(key, OTHER_UID, OTHER_UID)  # the service user's key (a root-owned one may be group-readable)
     key.chmod(mode)
     with pytest.raises(CaStateError) as info:
         CertificateAuthority.load(state, system_clock)
@@ -107,3 +109,16 @@ def test_ca_init_into_a_directory_owned_by_another_user_is_refused(tmp_path: Pat
         f"meshca: error: state directory {empty} is owned by uid {OTHER_UID}; {_owner_hint()}"
     ]
     assert list(empty.iterdir()) == [] and (empty.stat().st_mode & 0o777) == 0o755
+
+
+@pytest.mark.skipif(not ROOT, reason="needs root to make root-owned keys shared with a group")
+def test_a_root_owned_key_may_be_readable_by_its_group_only(state: Path) -> None:
+    """Like PostgreSQL's rule: 0440 root:meshca is a root-managed key (a Kubernetes Secret volume with fsGroup)."""
+    key = next(state.glob("intermediate-*-key.pem"))
+    os.chown(key, 0, OTHER_UID)
+    key.chmod(0o440)
+    CertificateAuthority.load(state, system_clock)
+    for mode in (0o444, 0o460):
+        key.chmod(mode)
+        with pytest.raises(CaStateError, match=f"mode {mode:04o}, open to other users"):
+            CertificateAuthority.load(state, system_clock)
