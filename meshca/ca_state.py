@@ -16,7 +16,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from meshca.files import fsync_directory, write_atomic
+from meshca.files import fsync_directory, named, write_atomic
 
 FORMAT_VERSION = 2
 METADATA_FILE = "ca.json"
@@ -432,6 +432,8 @@ def append_journal(state_dir: Path, entries: Sequence[JournalEntry], committed_g
         while view:
             view = view[os.write(fd, view) :]
         os.fsync(fd)
+    except OSError as error:  # e.g. a full disk: say which file
+        raise named(error, path) from None
     finally:
         os.close(fd)
     if created:

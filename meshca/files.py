@@ -47,8 +47,17 @@ def fsync_directory(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
+    except OSError as error:
+        raise named(error, directory) from None
     finally:
         os.close(fd)
+
+
+def named(error: OSError, path: Path) -> OSError:
+    """`error` naming `path` when it names no file (os.write and os.fsync errors do not)."""
+    if error.filename is not None:
+        return error
+    return OSError(error.errno, error.strerror, str(path))
 
 
 def describe_os_error(error: OSError) -> str:

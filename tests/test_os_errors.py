@@ -284,3 +284,23 @@ def test_ca_status_and_rotate_on_a_read_only_file_system(tmp_path: Path, keep_lo
     (line,) = rotate.stderr.splitlines()
     assert line.startswith(f"meshca: error: {state}") and "Read-only file system" in line and "[Errno" not in line
     assert {p.name: p.read_bytes() for p in state.iterdir()} == before
+
+
+@pytest.mark.skipif(not _can_mount_read_only(), reason="needs root and mount namespaces for a small tmpfs")
+def test_a_ca_change_on_a_full_disk_names_the_file_it_could_not_write(tmp_path: Path) -> None:
+    """A real full disk: a 1 MiB tmpfs in a private mount namespace, filled up before `ca rotate`."""
+    command = " ".join(f"'{part}'" for part in meshca_command())
+    script = (
+        'mount -t tmpfs -o size=1m tmpfs "$0" && '
+        f'{command} ca init --state-dir "$0/ca" --trust-domain full.test >/dev/null && '
+        '{ dd if=/dev/zero of="$0/filler" bs=4k 2>/dev/null; true; } && '
+        f'exec {command} ca rotate --intermediate --state-dir "$0/ca"'
+    )
+    result = subprocess.run(
+        ["unshare", "-m", "--propagation", "private", "sh", "-c", script, str(tmp_path)],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 2
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(f"meshca: error: {tmp_path}/ca/intermediate-")
+    assert line.endswith(": No space left on device") and "[Errno" not in line
