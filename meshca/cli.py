@@ -20,7 +20,7 @@ from meshca.config import (
     parse_duration,
 )
 from meshca.files import describe_os_error, write_atomic
-from meshca.listen import ListenError
+from meshca.listen import ListenError, check_bindable
 
 
 class CliError(Exception):
@@ -94,6 +94,10 @@ async def _serve(config_path: Path) -> int:
             "(set at `meshca ca init`)",
         )
     log = logs.configure(settings.log_level)
+    # a taken port fails now, before the mesh is loaded and logged (MeshcaApp.start checks again when it binds)
+    check_bindable("listen", settings.listen_host, settings.listen_port)
+    if settings.metrics_port is not None:
+        check_bindable("metrics_port", settings.admin_address, settings.metrics_port)
     app = MeshcaApp(
         ca,
         settings.issuers,

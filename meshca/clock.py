@@ -13,19 +13,21 @@ def system_clock() -> datetime:
     return datetime.now(timezone.utc)
 
 
-def format_duration(duration: timedelta) -> str:
-    """A duration for people: '3m10s', '20s', '1h', '2d3h', '1.5s', '250ms' (not '0:03:10.022016')."""
-    seconds = duration.total_seconds()
-    if seconds < 0:
-        return "-" + format_duration(-duration)
-    if seconds < 1:
-        return f"{round(seconds * 1000)}ms" if seconds else "0s"
-    if seconds < 60:
-        return f"{round(seconds, 1):g}s"
-    rest = round(seconds)
-    parts = []
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
-        count, rest = divmod(rest, size)
-        if count:
-            parts.append(f"{count}{unit}")
+def format_duration(value: timedelta) -> str:
+    """A duration the way settings write it: '5m', '1h30m', '90d', '2.5s', '500ms' (not '0:05:00').
+
+    The same as meshca.config.format_duration on main; modules that config imports (rotation, ca)
+    cannot import config, so this one is the one to keep.
+    """
+    if value < timedelta(0):
+        return "-" + format_duration(-value)
+    if timedelta(0) < value < timedelta(seconds=1):
+        return f"{value.total_seconds() * 1000:.6g}ms"
+    days, rest = value.days, value.seconds
+    hours, rest = divmod(rest, 3600)
+    minutes, seconds = divmod(rest, 60)
+    parts = [f"{n}{unit}" for n, unit in ((days, "d"), (hours, "h"), (minutes, "m")) if n]
+    fraction = seconds + value.microseconds / 1e6
+    if fraction or not parts:
+        parts.append(f"{round(fraction, 3):g}s")
     return "".join(parts)

@@ -62,7 +62,8 @@ def test_debug_still_shows_the_scheduler(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("duration", "shown"),
     [
-        (timedelta(minutes=3, seconds=10.022016), "3m10s"),
+        (timedelta(minutes=3, seconds=10.022016), "3m10.022s"),
+        (timedelta(minutes=3, seconds=10), "3m10s"),
         (timedelta(seconds=20), "20s"),
         (timedelta(hours=1), "1h"),
         (timedelta(days=90), "90d"),
@@ -70,7 +71,7 @@ def test_debug_still_shows_the_scheduler(tmp_path: Path) -> None:
         (timedelta(seconds=1.5), "1.5s"),
         (timedelta(milliseconds=250), "250ms"),
         (timedelta(0), "0s"),
-        (timedelta(seconds=-30), "-30s"),
+        (timedelta(seconds=-90), "-1m30s"),
     ],
 )
 def test_durations_are_shown_for_people(duration: timedelta, shown: str) -> None:
