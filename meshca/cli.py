@@ -182,7 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"meshca {_version()}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", help=argparse.SUPPRESS)
+    commands = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", help=argparse.SUPPRESS, prog="meshca"
+    )
 
     ca = commands.add_parser("ca", help="certificate authority").add_subparsers(dest="ca_command", required=True)
     ca_init = ca.add_parser("init", help="create a new root and intermediate in a state directory")

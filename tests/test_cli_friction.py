@@ -95,3 +95,9 @@ def test_status_admin_and_config_exclude_each_other(capsys: pytest.CaptureFixtur
     with pytest.raises(SystemExit):
         build_parser().parse_args(["status", "--admin", "127.0.0.1:1", "--config", "x.yaml"])
     assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_subcommand_usage_names_the_command(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["ca", "rotate", "--help"])
+    assert capsys.readouterr().out.startswith("usage: meshca ca rotate [-h]")
