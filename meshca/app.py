@@ -27,6 +27,7 @@ from meshca.jwtgate import (
     VerifiedIdentity,
     check_node_binding,
 )
+from meshca.listen import ListenError, check_bindable, format_address
 from meshca.meshbuild import ResourceMemo, build_mesh
 from meshca.meshconfig import MeshConfig
 from meshca.observability import GcPauseCollector, Observability, RotationCollector, VaultCollector
@@ -233,17 +234,24 @@ class MeshcaApp:
         credentials: ServerCredentials | None,
         admin_port: int | None = None,
         admin_address: str = "127.0.0.1",
+        *,
+        share_port: bool = False,
     ) -> int:
         """Bind and start serving; `credentials=None` serves plaintext (tests only). Returns the port.
 
         With `admin_port`, /metrics, /status and /healthz are served over HTTP on `admin_address`.
+        A port already taken raises ListenError (naming `listen` or `metrics_port`) before anything
+        starts; `share_port` lets several processes listen on the same port on purpose (SO_REUSEPORT).
         """
+        if not share_port:
+            check_bindable("listen", host, port)
         server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
                 ("grpc.keepalive_time_ms", 30_000),
                 ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
                 ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.so_reuseport", int(share_port)),
             ]
         )
         self.xds.add_to_server(server)
@@ -252,23 +260,32 @@ class MeshcaApp:
             server, csr_service.CertificateServicer(self.identity_gate, self.ca, ca_executor=csr_executor)
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        address = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
-        if credentials is None:
-            bound = server.add_insecure_port(address)
-        else:
-            server_credentials = grpc.ssl_server_credentials(
-                [(credentials.private_key_pem, credentials.certificate_chain_pem)]
-            )
-            bound = server.add_secure_port(address, server_credentials)
+        address = format_address(host, port)
+        try:
+            if credentials is None:
+                bound = server.add_insecure_port(address)
+            else:
+                server_credentials = grpc.ssl_server_credentials(
+                    [(credentials.private_key_pem, credentials.certificate_chain_pem)]
+                )
+                bound = server.add_secure_port(address, server_credentials)
+        except RuntimeError:  # grpc raises "Failed to bind" (older versions return 0)
+            bound = 0
+        if not bound:
+            await server.stop(None)
+            raise ListenError(f"listen: cannot listen on {address}")
+        if admin_port is not None:
+            try:
+                self.observability.start(admin_address, admin_port)
+            except ListenError:
+                await server.stop(None)
+                raise
         await server.start()
         self._server = server
         self.jobs.every("ca-watch", self.rotation.ca_check_interval.total_seconds(), self.ca_watcher.check)
         if self.vault is not None:
             self.jobs.every("vault-token", 2.0, self.vault.maintain)
         self.jobs.start()
-        if admin_port is not None:
-            bound_admin = self.observability.start(admin_address, admin_port)
-            self.log.info("admin (metrics, status) on http://%s:%d", admin_address, bound_admin)
         self.port = bound
         self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         self.log.info("meshca serving on %s:%d (tls=%s)", host, bound, credentials is not None)

@@ -32,12 +32,14 @@ from meshca.ca_state import (
     SlotState,
     StateRecord,
     check_slot_certificate,
+    check_state_dir_mode,
     commit_transition,
     create_state_dir,
     file_signature,
     no_crash,
     parse_time,
     read_journal,
+    read_key_file,
     read_metadata,
     read_state_file,
     refuse_existing,
@@ -47,7 +49,7 @@ from meshca.ca_state import (
     state_lock,
 )
 from meshca.ca_state import CrashPoint as CrashPoint  # re-exported, as CRASH_POINTS
-from meshca.clock import Clock
+from meshca.clock import Clock, format_duration
 from meshca.crypto import CryptoError, DistinguishedName, Issuer, KeyAlgorithm
 from meshca.identity import InvalidSpiffeId, SpiffeId
 
@@ -141,20 +143,25 @@ class CaSettings:
             raise InvalidSettings(str(e)) from None
         for name in ("root_ttl", "intermediate_ttl", "leaf_ttl_default", "leaf_ttl_min", "leaf_ttl_max"):
             if getattr(self, name) <= timedelta(0):
-                raise InvalidSettings(f"{name} must be positive, got {getattr(self, name)}")
+                raise InvalidSettings(f"{name} must be positive, got {format_duration(getattr(self, name))}")
         if self.intermediate_ttl > self.root_ttl:
-            raise InvalidSettings(f"intermediate_ttl {self.intermediate_ttl} exceeds root_ttl {self.root_ttl}")
+            raise InvalidSettings(
+                f"intermediate_ttl {format_duration(self.intermediate_ttl)} exceeds root_ttl {format_duration(self.root_ttl)}"
+            )
         if self.leaf_ttl_min < LEAF_TTL_FLOOR:
-            raise InvalidSettings(f"leaf_ttl_min must be at least {LEAF_TTL_FLOOR}, got {self.leaf_ttl_min}")
+            raise InvalidSettings(
+                f"leaf_ttl_min must be at least {format_duration(LEAF_TTL_FLOOR)}, "
+                f"got {format_duration(self.leaf_ttl_min)}"
+            )
         if not self.leaf_ttl_min <= self.leaf_ttl_default <= self.leaf_ttl_max:
             raise InvalidSettings(
-                f"leaf TTLs must satisfy min <= default <= max, got min {self.leaf_ttl_min}, "
-                f"default {self.leaf_ttl_default}, max {self.leaf_ttl_max}"
+                f"leaf TTLs must satisfy min <= default <= max, got min {format_duration(self.leaf_ttl_min)}, "
+                f"default {format_duration(self.leaf_ttl_default)}, max {format_duration(self.leaf_ttl_max)}"
             )
         if not timedelta(0) <= self.backdate <= timedelta(hours=1):
-            raise InvalidSettings(f"backdate must be between 0 and 1 h, got {self.backdate}")
+            raise InvalidSettings(f"backdate must be between 0 and 1h, got {format_duration(self.backdate)}")
         if not timedelta(0) <= self.reload_grace <= timedelta(hours=1):
-            raise InvalidSettings(f"reload_grace must be between 0 and 1 h, got {self.reload_grace}")
+            raise InvalidSettings(f"reload_grace must be between 0 and 1h, got {format_duration(self.reload_grace)}")
         for kind in ("intermediate", "root"):
             prepare, activate = getattr(self, f"{kind}_prepare_at"), getattr(self, f"{kind}_activate_at")
             if not (isinstance(prepare, (int, float)) and isinstance(activate, (int, float))):
@@ -465,8 +472,9 @@ def leaf_validity(
         ttl = settings.leaf_ttl_default
     elif ttl < settings.leaf_ttl_min:
         raise InvalidTtl(
-            f"TTL {ttl} is below the minimum {settings.leaf_ttl_min} "
-            f"(allowed {settings.leaf_ttl_min} to {settings.leaf_ttl_max}; longer TTLs are capped)"
+            f"TTL {format_duration(ttl)} is below the minimum {format_duration(settings.leaf_ttl_min)} "
+            f"(allowed {format_duration(settings.leaf_ttl_min)} to {format_duration(settings.leaf_ttl_max)}; "
+            "longer TTLs are capped)"
         )
     elif ttl > settings.leaf_ttl_max:
         ttl = settings.leaf_ttl_max
@@ -678,7 +686,7 @@ def _make_intermediate(settings: CaSettings, root: _Slot | _NewSlot, now: dateti
 
 def _load_issuer(state_dir: Path, cert_file: str, key_file: str) -> tuple[Issuer, bytes, bytes]:
     cert_pem = read_state_file(state_dir / cert_file)
-    key_pem = read_state_file(state_dir / key_file)
+    key_pem = read_key_file(state_dir / key_file)
     try:
         crypto.parse_certificate_pem(cert_pem)
     except CryptoError as e:
@@ -1001,19 +1009,23 @@ class CertificateAuthority(StateDirCa[_Loaded, _Plan]):
         state_dir = Path(state_dir)
         if not state_dir.is_dir():
             raise CaStateError(f"{state_dir}: CA state directory does not exist (run `meshca ca init` first)")
-        with state_lock(state_dir, exclusive=True):
-            raw, data = read_metadata(state_dir)
-            version = data.get("format_version")
-            if version == 1:
-                loaded = _migrate_v1(state_dir, data, as_utc(clock()), crash_hook or no_crash)
-            elif version == FORMAT_VERSION:
-                loaded = _read_v2(state_dir, raw, data)
-            else:
-                raise CaStateError(
-                    f"{state_dir / METADATA_FILE}: unsupported format_version {version!r} "
-                    f"(expected {FORMAT_VERSION}, or 1 which is migrated)"
-                )
-        return cls(state_dir, clock, loaded, crash_hook)
+        check_state_dir_mode(state_dir)
+        # a shared lock (reading needs no write access); a format-1 state is migrated under the exclusive one
+        for exclusive in (False, True):
+            with state_lock(state_dir, exclusive=exclusive):
+                raw, data = read_metadata(state_dir)
+                version = data.get("format_version")
+                if version == FORMAT_VERSION:
+                    return cls(state_dir, clock, _read_v2(state_dir, raw, data), crash_hook)
+                if version != 1:
+                    raise CaStateError(
+                        f"{state_dir / METADATA_FILE}: unsupported format_version {version!r} "
+                        f"(expected {FORMAT_VERSION}, or 1 which is migrated)"
+                    )
+                if exclusive:
+                    loaded = _migrate_v1(state_dir, data, as_utc(clock()), crash_hook or no_crash)
+                    return cls(state_dir, clock, loaded, crash_hook)
+        raise AssertionError("unreachable")
 
     def _reread(self, current: _Loaded, raw: bytes, data: dict[str, Any]) -> _Loaded:
         path = self._dir / METADATA_FILE
@@ -1093,7 +1105,13 @@ class CertificateAuthority(StateDirCa[_Loaded, _Plan]):
         return self._transitions(steps)
 
     def tick(self, now: datetime | None = None) -> list[CaEvent]:
-        """The scheduled policy (see `scheduled_step`), every due step committed; call it periodically."""
+        """The scheduled policy (see `scheduled_step`), every due step committed; call it periodically.
+
+        When nothing is due (almost every call) it takes no lock and writes nothing."""
+        self.reload_if_changed()
+        due_at = as_utc(now if now is not None else self._clock())
+        if scheduled_step(self._state.record.slots, self._state.settings, due_at) is None:
+            return []
         with self._mutex, state_lock(self._dir, exclusive=True):
             self._refresh_locked()
             at = as_utc(now if now is not None else self._clock())

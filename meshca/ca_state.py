@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
+import pwd
 import re
+import stat
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -13,7 +16,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from meshca.files import fsync_directory, write_atomic
+from meshca.files import fsync_directory, named, write_atomic
 
 FORMAT_VERSION = 2
 METADATA_FILE = "ca.json"
@@ -238,6 +241,7 @@ def create_state_dir(state_dir: Path, error: type[CaStateError], also: Sequence[
         raise CaStateError(f"{state_dir}: exists and is not a directory")
     refuse_existing(state_dir, error, also)
     if state_dir.is_dir():
+        check_owner(state_dir)
         os.chmod(state_dir, 0o700)  # before any key is written into it
     else:
         state_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -246,13 +250,86 @@ def create_state_dir(state_dir: Path, error: type[CaStateError], also: Sequence[
 
 @contextmanager
 def state_lock(state_dir: Path, *, exclusive: bool) -> Iterator[None]:
-    """flock on state_dir/.lock: exclusive for transitions, shared for reads (released on close)."""
-    fd = os.open(state_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+    """flock on state_dir/.lock: exclusive for transitions, shared for reads (released on close).
+
+    An exclusive lock is a CA change: refused unless this user owns the state directory (check_owner).
+    The lock file is opened read-only (flock needs no write access) and created only when missing, so
+    reading works on a read-only state directory; a reader that can neither open nor create it (a
+    read-only directory that never had one) reads without the lock.
+    """
+    path = state_dir / LOCK_FILE
+    if exclusive:
+        check_owner(state_dir)
+    flags = getattr(os, "O_CLOEXEC", 0)
+    try:
+        try:
+            fd = os.open(path, os.O_RDONLY | flags)
+        except FileNotFoundError:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | flags, 0o600)
+    except OSError as error:
+        if not exclusive and error.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            yield
+            return
+        raise CaStateError(f"{path}: cannot open the CA state lock: {error.strerror or error}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
         yield
     finally:
         os.close(fd)
+
+
+def check_owner(state_dir: Path) -> None:
+    """CaStateError unless this process's user owns `state_dir`: a CA change by anyone else (root
+    included) would leave files the owner, the user `meshca serve` runs as, cannot read."""
+    try:
+        owner = os.stat(state_dir).st_uid
+    except OSError as error:
+        raise CaStateError(f"{state_dir}: cannot be read: {error.strerror or error}") from None
+    if owner == os.geteuid():
+        return
+    try:
+        name = pwd.getpwuid(owner).pw_name
+    except KeyError:
+        name = f"#{owner}"  # sudo's syntax for a numeric uid
+    raise CaStateError(
+        f"state directory {state_dir} is owned by uid {owner}; run this as that user (e.g. sudo -u {name} meshca ...)"
+    )
+
+
+def check_state_dir_mode(state_dir: Path) -> None:
+    """CaStateError if group or others may write into `state_dir` (they could replace ca.json or a key).
+
+    Others may read it (0755): the certificates and ca.json are public, every key is checked by
+    read_key_file. A directory on a read-only mount (a Kubernetes Secret volume: 1777 root) is
+    writable by nobody, whatever its mode.
+    """
+    st = os.stat(state_dir)
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o022 and not os.statvfs(state_dir).f_flag & os.ST_RDONLY:
+        raise CaStateError(
+            f"state directory {state_dir} is writable by group or others (mode {mode:04o}); "
+            f"run `chmod go-w {state_dir}` (meshca creates it 0700)"
+        )
+
+
+def read_key_file(path: Path) -> bytes:
+    """A CA private key's PEM; CaStateError if other users may read or change it (like ssh's
+    "UNPROTECTED PRIVATE KEY FILE"). As PostgreSQL allows for its key, a key owned by root may be
+    readable by its group (0440/0640 root:meshca: a root-managed key, e.g. a Kubernetes Secret
+    volume with fsGroup)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise CaStateError(f"{path}: file is missing (partial or damaged CA state)") from None
+    except OSError as e:
+        raise CaStateError(f"{path}: cannot be read: {e.strerror or e}") from None
+    mode = stat.S_IMODE(st.st_mode)
+    shared_by_root = st.st_uid == 0 and mode & 0o077 == 0o040
+    if mode & 0o077 and not shared_by_root:
+        raise CaStateError(
+            f"{path}: CA private key has mode {mode:04o}, open to other users; run `chmod 600 {path}`"
+        )
+    return read_state_file(path)
 
 
 def leftover_files(state_dir: Path, referenced: Iterable[tuple[SlotKind, str]], *, v2_committed: bool) -> list[Path]:
@@ -355,6 +432,8 @@ def append_journal(state_dir: Path, entries: Sequence[JournalEntry], committed_g
         while view:
             view = view[os.write(fd, view) :]
         os.fsync(fd)
+    except OSError as error:  # e.g. a full disk: say which file
+        raise named(error, path) from None
     finally:
         os.close(fd)
     if created:

@@ -1,9 +1,10 @@
-"""The `meshca` command line: ca init, dev init, dev token, serve."""
+"""The `meshca` command line: every command, and how errors are shown (one line, exit status 2)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -12,14 +13,15 @@ from pathlib import Path
 
 from meshca import crypto
 from meshca.ca import CaError, CaSettings, CertificateAuthority
-from meshca.clock import system_clock
+from meshca.clock import format_duration, system_clock
 from meshca.config import (
     ConfigError,
     format_duration,
     load_serve_settings,
     parse_duration,
 )
-from meshca.files import write_atomic
+from meshca.files import describe_os_error, write_atomic
+from meshca.listen import ListenError, check_bindable
 
 
 class CliError(Exception):
@@ -73,6 +75,13 @@ def cmd_dev_token(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_setting_file(config_path: Path, field: str, path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as error:
+        raise ConfigError(config_path, field, f"cannot read {path}: {error.strerror or error}") from None
+
+
 async def _serve(config_path: Path) -> int:
     from meshca import logs
     from meshca.app import MeshcaApp, ServerCredentials, issue_server_credentials
@@ -95,6 +104,10 @@ async def _serve(config_path: Path) -> int:
             "(set at `meshca ca init`)",
         )
     log = logs.configure(settings.log_level)
+    # a taken port fails now, before the mesh is loaded and logged (MeshcaApp.start checks again when it binds)
+    check_bindable("listen", settings.listen_host, settings.listen_port)
+    if settings.metrics_port is not None:
+        check_bindable("metrics_port", settings.admin_address, settings.metrics_port)
     app = MeshcaApp(
         ca,
         settings.issuers,
@@ -109,7 +122,8 @@ async def _serve(config_path: Path) -> int:
     )
     if settings.server_tls is not None:
         credentials = ServerCredentials(
-            settings.server_tls.certificate_chain.read_bytes(), settings.server_tls.private_key.read_bytes()
+            _read_setting_file(config_path, "tls.certificate_chain", settings.server_tls.certificate_chain),
+            _read_setting_file(config_path, "tls.private_key", settings.server_tls.private_key),
         )
     else:
         credentials = issue_server_credentials(ca, settings.server_names, timedelta(days=30))
@@ -173,15 +187,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="meshca", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(
+        prog="meshca",
+        usage="meshca [-h] [--version] COMMAND ...",
+        description="Secrets and certificates for Envoy meshes: CA, JWT identity gate, xDS/SDS server.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"meshca {_version()}")
+    commands = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", help=argparse.SUPPRESS, prog="meshca"
+    )
 
     ca = commands.add_parser("ca", help="certificate authority").add_subparsers(dest="ca_command", required=True)
     ca_init = ca.add_parser("init", help="create a new root and intermediate in a state directory")
-    ca_init.add_argument("--state-dir", required=True)
-    ca_init.add_argument("--trust-domain", required=True)
+    ca_init.add_argument("--state-dir", required=True, help="directory for the CA's keys and state (created 0700)")
+    ca_init.add_argument("--trust-domain", required=True, help="SPIFFE trust domain, e.g. mesh.example.com")
     ca_init.add_argument(
-        "--key-algorithm", default=crypto.KeyAlgorithm.EC_P256.value, choices=[k.value for k in crypto.KeyAlgorithm]
+        "--key-algorithm",
+        default=crypto.KeyAlgorithm.EC_P256.value,
+        choices=[k.value for k in crypto.KeyAlgorithm],
+        help=f"CA key type (default {crypto.KeyAlgorithm.EC_P256.value})",
     )
     ca_init.set_defaults(handler=cmd_ca_init)
     from meshca.cli_ca import add_ca_parsers
@@ -192,23 +217,23 @@ def build_parser() -> argparse.ArgumentParser:
         dest="dev_command", required=True
     )
     dev_init = dev.add_parser("init", help="fill a directory with a dev CA, server TLS and a JWT issuer")
-    dev_init.add_argument("--dir", default="certs-dev")
-    dev_init.add_argument("--trust-domain", default="mesh.local")
+    dev_init.add_argument("--dir", default="certs-dev", help="directory to fill (default certs-dev)")
+    dev_init.add_argument("--trust-domain", default="mesh.local", help="SPIFFE trust domain (default mesh.local)")
     dev_init.add_argument("--force", action="store_true", help="replace existing dev material")
     dev_init.set_defaults(handler=cmd_dev_init)
     dev_token = dev.add_parser("token", help="print a dev JWT for a Kubernetes-style identity")
-    dev_token.add_argument("--dir", default="certs-dev")
+    dev_token.add_argument("--dir", default="certs-dev", help="the `meshca dev init` directory (default certs-dev)")
     dev_token.add_argument("--ns", required=True, help="namespace")
     dev_token.add_argument("--sa", required=True, help="service account")
     dev_token.add_argument("--node-id", help="bind the token to this Envoy node.id")
-    dev_token.add_argument("--ttl", default="1h")
+    dev_token.add_argument("--ttl", default="1h", help="token lifetime, e.g. 10m, 1h or seconds (default 1h)")
     dev_token.add_argument(
         "--out", help="write the token to this file (mode 0600, no trailing newline: Envoy sends the file verbatim)"
     )
     dev_token.set_defaults(handler=cmd_dev_token)
 
     serve = commands.add_parser("serve", help="run the CA, identity gate and xDS/SDS server")
-    serve.add_argument("--config", required=True)
+    serve.add_argument("--config", required=True, metavar="FILE", help="settings file (docs/configuration.md)")
     serve.set_defaults(handler=cmd_serve)
 
     demo = commands.add_parser(
@@ -237,15 +262,50 @@ def build_parser() -> argparse.ArgumentParser:
     add_bootstrap_parser(commands)
     add_status_parser(commands)
     add_vault_parser(commands)
+    parser.epilog = "commands:\n" + "\n".join(
+        f"  {name:<14} {help_text}" for name, help_text in command_list(parser)
+    ) + "\n\n`meshca COMMAND --help` describes each one."
     return parser
+
+
+def command_list(parser: argparse.ArgumentParser, prefix: str = "") -> list[tuple[str, str]]:
+    """(command, one-line help) for every command that runs something, e.g. ("ca rotate", "...")."""
+    found = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            helps = {choice.dest: choice.help or "" for choice in action._choices_actions}
+            for name, sub in action.choices.items():
+                if any(isinstance(a, argparse._SubParsersAction) for a in sub._actions):
+                    found += command_list(sub, f"{prefix}{name} ")
+                else:
+                    found.append((f"{prefix}{name}", helps[name]))
+    return found
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("meshca")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return int(args.handler(args))
-    except (CliError, ConfigError, CaError, FileExistsError, ValueError) as error:  # incl. InconsistentSnapshot
+        status = int(args.handler(args))
+        sys.stdout.flush()  # a closed pipe shows here, not as a traceback at exit
+        return status
+    except BrokenPipeError:  # `meshca dev token | head -c 10`: the reader left; say nothing
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    # ValueError includes InconsistentSnapshot
+    except (CliError, ConfigError, CaError, FileExistsError, ValueError, ListenError) as error:
         print(f"meshca: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        print(f"meshca: error: {describe_os_error(error)}", file=sys.stderr)
         return 2
 
 

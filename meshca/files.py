@@ -15,7 +15,10 @@ def write_atomic(path: Path, data: bytes, mode: int, *, overwrite: bool = True) 
     concurrent writer is never clobbered.
     """
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), mode)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), mode)
+    except OSError as error:
+        raise OSError(error.errno, error.strerror, str(path)) from None
     try:
         try:
             view = memoryview(data)
@@ -29,6 +32,11 @@ def write_atomic(path: Path, data: bytes, mode: int, *, overwrite: bool = True) 
         else:
             os.link(tmp, path)
             os.unlink(tmp)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        if error.filename in (None, str(tmp), tmp):  # name the file the caller asked for, not the temp one
+            raise OSError(error.errno, error.strerror, str(path)) from None  # same subclass (FileExistsError, ...)
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -39,5 +47,22 @@ def fsync_directory(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
+    except OSError as error:
+        raise named(error, directory) from None
     finally:
         os.close(fd)
+
+
+def named(error: OSError, path: Path) -> OSError:
+    """`error` naming `path` when it names no file (os.write and os.fsync errors do not)."""
+    if error.filename is not None:
+        return error
+    return OSError(error.errno, error.strerror, str(path))
+
+
+def describe_os_error(error: OSError) -> str:
+    """One line for an OS error: the file it concerns (when known) and the cause, without "[Errno N]"."""
+    cause = error.strerror or str(error)
+    if error.filename is not None:
+        return f"{os.fsdecode(error.filename)}: {cause}"
+    return cause

@@ -29,11 +29,15 @@ class JsonLineFormatter(logging.Formatter):
 
 
 def configure(level: str) -> logging.Logger:
+    """Log JSON lines at `level`. Info shows events, not ticks: apscheduler's lines about every job run
+    (two a second for the CA check) only show at debug."""
     handler = logging.StreamHandler()
     handler.setFormatter(JsonLineFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    debug = logging.getLevelName(level.upper()) == logging.DEBUG
+    logging.getLogger("apscheduler").setLevel(logging.NOTSET if debug else logging.WARNING)
     return logging.getLogger("meshca")
 
 

@@ -13,6 +13,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
@@ -21,6 +22,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from meshca.clock import Clock
+from meshca.listen import format_address, listen_error
 from meshca.snapshot import ResourceType
 from meshca.xds.status import ProxyStatus, RegistryTotals
 
@@ -229,7 +231,10 @@ class AdminServer:
         """Bind (loopback unless told otherwise) and serve; returns the bound port (useful with port 0)."""
         if self._server is not None:
             raise RuntimeError("admin server already started")
-        server = _AdminHTTPServer((host, port), self._routes)
+        try:
+            server = _AdminHTTPServer((host, port), self._routes)
+        except OSError as error:
+            raise listen_error("metrics_port", host, port, error) from None
         thread = threading.Thread(
             target=server.serve_forever, kwargs={"poll_interval": 0.1}, name="meshca-admin", daemon=True
         )
@@ -518,8 +523,30 @@ def fetch_status(admin_url: str, timeout: float = 5.0) -> list[dict[str, Any]]:
         return json.loads(response.read())
 
 
+def admin_url(text: str) -> str:
+    """`--admin`: a URL, or host:port meaning http://host:port."""
+    text = text.strip()
+    return text if "://" in text else f"http://{text}"
+
+
+def admin_url_from_config(path: Path) -> str:
+    """The admin endpoint a `meshca serve` config file sets up (metrics_port on admin_address)."""
+    from meshca.config import ConfigError, FieldReader, read_yaml_mapping
+
+    reader = FieldReader(path, read_yaml_mapping(path))
+    port = reader.get("metrics_port", int, None)
+    if port is None:
+        raise ConfigError(path, "metrics_port", "is not set, so `meshca serve` with this file has no admin endpoint")
+    host = reader.get("admin_address", str, DEFAULT_ADMIN_HOST)
+    if host in ("0.0.0.0", ""):
+        host = "127.0.0.1"  # listening on every address: ask on loopback
+    elif host == "::":
+        host = "::1"
+    return f"http://{format_address(host, port)}"
+
+
 def cmd_status(args: argparse.Namespace) -> int:
-    admin = args.admin
+    admin = admin_url_from_config(Path(args.config)) if args.config else admin_url(args.admin)
     try:
         proxies = fetch_status(admin)
     except urllib.error.HTTPError as error:
@@ -543,9 +570,18 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def add_status_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Add `meshca status [--admin URL] [--json]` to the CLI's subparsers."""
+    """Add `meshca status [--admin URL | --config FILE] [--json]` to the CLI's subparsers."""
     status = subparsers.add_parser("status", help="show each connected proxy's sync state (like proxy-status)")
-    status.add_argument("--admin", default=DEFAULT_ADMIN_URL, help=f"meshca admin URL (default {DEFAULT_ADMIN_URL})")
+    where = status.add_mutually_exclusive_group()
+    where.add_argument(
+        "--admin",
+        default=DEFAULT_ADMIN_URL,
+        metavar="URL|HOST:PORT",
+        help=f"meshca admin endpoint (default {DEFAULT_ADMIN_URL})",
+    )
+    where.add_argument(
+        "--config", metavar="FILE", help="a `meshca serve` config file: use its metrics_port and admin_address"
+    )
     status.add_argument("--json", action="store_true", help="print the raw /status JSON")
     status.set_defaults(handler=cmd_status)
     return status

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Protocol
 
-from meshca.clock import Clock
+from meshca.clock import Clock, format_duration
+from meshca.files import describe_os_error
 from meshca.identity import SpiffeId
 
 
@@ -307,8 +308,9 @@ class CaWatcher:
     """Runs the CA's scheduled transitions and notices `meshca ca rotate` from another process.
 
     A new trust bundle is pushed to every stream first; a new signing intermediate then triggers
-    a spread-out re-issue of every workload certificate. A failing transition is logged and
-    counted; the current CA keeps issuing.
+    a spread-out re-issue of every workload certificate. A failing check is logged once and
+    counted, and the next ones are skipped for a doubling delay (up to `max_backoff`); the current
+    CA keeps issuing.
     """
 
     def __init__(
@@ -319,6 +321,7 @@ class CaWatcher:
         settings: RotationSettings,
         clock: Clock,
         logger: logging.Logger,
+        max_backoff: timedelta = timedelta(seconds=60),
     ) -> None:
         self._ca = ca
         self._publisher = publisher
@@ -331,16 +334,33 @@ class CaWatcher:
         self._intermediate = ca.active_intermediate_id
         self._ca_rotations = 0
         self._failures = 0
+        self._max_backoff = max_backoff
+        self._failed_in_row = 0
+        self._retry_at: datetime | None = None
 
     def check(self) -> None:
         with self._lock:
+            now = self._clock()
+            if self._retry_at is not None and now < self._retry_at:
+                return
             try:
                 self._ca.reload_if_changed()
-                events = self._ca.tick(self._clock())
+                events = self._ca.tick(now)
             except Exception as error:  # a failed transition must not stop issuance
                 self._failures += 1
-                self._log.error("CA transition failed; the current CA keeps issuing: %s", error)
+                self._failed_in_row += 1
+                base = max(self._settings.ca_check_interval, timedelta(seconds=1))
+                delay = min(base * 2 ** min(self._failed_in_row - 1, 30), self._max_backoff)
+                self._retry_at = now + delay
+                reason = describe_os_error(error) if isinstance(error, OSError) else str(error)
+                self._log.error(
+                    "CA check failed (%d in a row); the current CA keeps issuing; next try in %s: %s",
+                    self._failed_in_row, format_duration(delay), reason,
+                )
                 return
+            if self._failed_in_row:
+                self._log.info("CA check works again after %d failed attempts", self._failed_in_row)
+                self._failed_in_row, self._retry_at = 0, None
             for event in events:
                 self._log.info("CA event: %s", event)
             bundle = self._ca.trust_bundle_pem()

@@ -46,9 +46,11 @@ from meshca.ca_state import (
     SlotState,
     StateRecord,
     check_slot_certificate,
+    check_state_dir_mode,
     commit_transition,
     create_state_dir,
     file_signature,
+    read_key_file,
     read_metadata,
     read_state_file,
     refuse_existing,
@@ -375,7 +377,7 @@ def _read_state(state_dir: Path, raw: bytes, data: Mapping[str, Any], settings: 
         cert_name, key_name = slot_files("intermediate", r.id)
         cert_path = state_dir / cert_name
         chain_pem = read_state_file(cert_path)
-        key_pem = read_state_file(state_dir / key_name)
+        key_pem = read_key_file(state_dir / key_name)
         try:
             issuer = Issuer(chain_pem, key_pem)
         except CryptoError as e:
@@ -470,6 +472,7 @@ class VaultIntermediateCa(StateDirCa[_State, _Plan]):
             raise CaStateError(
                 f"{state_dir}: no {VAULT_METADATA_FILE} (run `meshca ca init` in vault-intermediate mode first)"
             )
+        check_state_dir_mode(state_dir)
         with state_lock(state_dir, exclusive=False):
             raw, data = read_metadata(state_dir, VAULT_METADATA_FILE)
             state = _read_state(state_dir, raw, data, settings, mount)
@@ -535,7 +538,11 @@ class VaultIntermediateCa(StateDirCa[_State, _Plan]):
         useless prepared intermediate) needs Vault: when Vault is down that step raises VaultUnavailable, the
         active intermediate keeps signing and the next tick tries again. A step that needs Vault is left to
         the next tick when this one already committed something, so the caller always sees those events
-        (and pushes a changed bundle) before a Vault failure can hide them."""
+        (and pushes a changed bundle) before a Vault failure can hide them. Nothing due: no lock, no write."""
+        self.reload_if_changed()
+        due_at = as_utc(now if now is not None else self._clock())
+        if vault_scheduled_step(self._state.record.slots, self._state.settings, due_at) is None:
+            return []
         with self._mutex, state_lock(self._dir, exclusive=True):
             self._refresh_locked()
             at = as_utc(now if now is not None else self._clock())

@@ -542,8 +542,8 @@ def add_vault_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPar
     setup.set_defaults(handler=cmd_vault_setup)
 
     policy = commands.add_parser("policy", help="print the least-privilege policy for a mode (no Vault needed)")
-    policy.add_argument("--mode", required=True, choices=MODES)
-    policy.add_argument("--mount", default="pki")
-    policy.add_argument("--role", default="meshca")
+    policy.add_argument("--mode", required=True, choices=MODES, help="how meshca uses Vault (see docs/vault.md)")
+    policy.add_argument("--mount", default="pki", help="PKI mount path (default pki)")
+    policy.add_argument("--role", default="meshca", help="PKI role for leaves (default meshca)")
     policy.set_defaults(handler=cmd_vault_policy)
     return vault

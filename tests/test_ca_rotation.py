@@ -576,7 +576,7 @@ def test_short_leaves_down_to_ten_seconds_with_a_quarter_backdate(tmp_path: Path
 @pytest.mark.parametrize(
     ("changes", "fragment"),
     [
-        ({"leaf_ttl_min": timedelta(seconds=5)}, "at least 0:00:10"),
+        ({"leaf_ttl_min": timedelta(seconds=5)}, "at least 10s, got 5s"),
         ({"intermediate_prepare_at": 0.7}, "prepare_at < activate_at"),
         ({"root_activate_at": 1.0}, "root rotation fractions"),
         ({"intermediate_prepare_at": 0.0}, "intermediate rotation fractions"),
