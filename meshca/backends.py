@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from meshca.ca import LEAF_TTL_FLOOR, CaSettings, CertificateAuthority
-from meshca.clock import Clock
-from meshca.config import FieldReader, format_duration, read_yaml_mapping
+from meshca.clock import Clock, format_duration
+from meshca.config import FieldReader, read_yaml_mapping
 from meshca.vault import VaultSession, parse_vault_settings
 from meshca.vault_ca import VaultIntermediateCa, VaultLeafCa, VaultLeafOptions, is_vault_state_dir
 

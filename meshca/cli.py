@@ -16,7 +16,6 @@ from meshca.ca import CaError, CaSettings, CertificateAuthority
 from meshca.clock import format_duration, system_clock
 from meshca.config import (
     ConfigError,
-    format_duration,
     load_serve_settings,
     parse_duration,
 )

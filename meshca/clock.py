@@ -14,11 +14,7 @@ def system_clock() -> datetime:
 
 
 def format_duration(value: timedelta) -> str:
-    """A duration the way settings write it: '5m', '1h30m', '90d', '2.5s', '500ms' (not '0:05:00').
-
-    The same as meshca.config.format_duration on main; modules that config imports (rotation, ca)
-    cannot import config, so this one is the one to keep.
-    """
+    """A duration the way settings write it: '5m', '1h30m', '90d', '2.5s', '500ms' (not '0:05:00')."""
     if value < timedelta(0):
         return "-" + format_duration(-value)
     if timedelta(0) < value < timedelta(seconds=1):

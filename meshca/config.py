@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from meshca.clock import system_clock
+from meshca.clock import format_duration, system_clock
 from meshca.jwtgate import KeySourceError, TrustedIssuer, check_issuer_keys
 from meshca.rotation import RenewalPolicy, RotationSettings
 
@@ -41,22 +41,6 @@ def parse_duration(text: object) -> timedelta:
     if not match:
         raise ValueError(f"{text!r} is not a duration like '90s', '5m', '1h', '30d' or a number of seconds")
     return timedelta(seconds=float(match.group(1)) * _UNITS[match.group(2) or "s"])
-
-
-def format_duration(value: timedelta) -> str:
-    """A duration the way settings write it: '5m', '1h30m', '90d', '2.5s', '500ms' (not '0:05:00')."""
-    if value < timedelta(0):
-        return "-" + format_duration(-value)
-    if timedelta(0) < value < timedelta(seconds=1):
-        return f"{value.total_seconds() * 1000:.6g}ms"
-    days, rest = value.days, value.seconds
-    hours, rest = divmod(rest, 3600)
-    minutes, seconds = divmod(rest, 60)
-    parts = [f"{n}{unit}" for n, unit in ((days, "d"), (hours, "h"), (minutes, "m")) if n]
-    fraction = seconds + value.microseconds / 1e6
-    if fraction or not parts:
-        parts.append(f"{round(fraction, 3):g}s")
-    return "".join(parts)
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,8 @@ import pytest
 from jwks_server import JwksServer
 
 from meshca.backends import build_ca_backend
-from meshca.clock import system_clock
-from meshca.config import ConfigError, format_duration, load_serve_settings, parse_duration
+from meshca.clock import format_duration, system_clock
+from meshca.config import ConfigError, load_serve_settings, parse_duration
 from meshca.crypto import KeyAlgorithm, generate_private_key_pem, public_jwk, public_key_pem
 
 GOOD = """
