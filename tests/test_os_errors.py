@@ -16,6 +16,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from test_ca import FakeClock
+from test_vault_ca import RecordingPublisher, RecordingRotator
 
 from meshca.ca import CaSettings, CertificateAuthority
 from meshca.ca_state import LOCK_FILE
@@ -47,14 +49,6 @@ def meshca_as_other_user(capsys: pytest.CaptureFixture[str], *args: str) -> tupl
         code = main(list(args))
     captured = capsys.readouterr()
     return code, captured.out, captured.err
-
-
-class FakeClock:
-    def __init__(self, now: datetime = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> datetime:
-        return self.now
 
 
 @pytest.fixture
@@ -104,25 +98,8 @@ def read_only_state(shared_dir: Path, clock: FakeClock, *, keep_lock: bool = Tru
     return state
 
 
-class RecordingPublisher:
-    def __init__(self) -> None:
-        self.pushes = 0
-
-    def refresh_all(self) -> None:
-        self.pushes += 1
-
-
-class RecordingRotator:
-    def __init__(self) -> None:
-        self.reissues = 0
-
-    def reissue_all(self, window: timedelta, max_rate: float, deadline: datetime | None = None) -> list[datetime]:
-        self.reissues += 1
-        return []
-
-
 def test_no_op_ca_check_on_a_read_only_state_dir_writes_nothing_and_fails_nothing(shared_dir: Path) -> None:
-    clock = FakeClock()
+    clock = FakeClock(T0)
     state = read_only_state(shared_dir, clock)
     before = {p.name: p.stat().st_mtime_ns for p in state.iterdir()}
     with unprivileged():
@@ -150,7 +127,7 @@ def test_ca_status_works_on_a_read_only_state_dir(
 def test_a_ca_change_on_a_read_only_state_dir_fails_in_one_line_naming_the_file(
     shared_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    clock = FakeClock()
+    clock = FakeClock(T0)
     state = read_only_state(shared_dir, clock)
     with unprivileged():
         ca = CertificateAuthority.load(state, clock)
@@ -184,7 +161,7 @@ class FakeFullDiskCa:
 
 
 def test_failed_ca_checks_back_off_and_log_once_per_step_naming_the_file(caplog: pytest.LogCaptureFixture) -> None:
-    clock, ca = FakeClock(), FakeFullDiskCa()
+    clock, ca = FakeClock(T0), FakeFullDiskCa()
     settings = RotationSettings(ca_check_interval=timedelta(seconds=0.5))
     publisher, rotator = RecordingPublisher(), RecordingRotator()
     watcher = CaWatcher(ca, publisher, rotator, settings, clock, logging.getLogger("t.ca"))  # type: ignore[arg-type]
