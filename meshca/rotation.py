@@ -176,7 +176,13 @@ class LeafRotator:
             with self._lock:
                 self._failures += 1
             delay = min(timedelta(seconds=2**attempt), self._retry_cap)
-            self._log.error("renewal of %s failed (attempt %d), retrying in %s: %s", spiffe_id, attempt + 1, delay, error)
+            self._log.error(
+                "renewal of %s failed (attempt %d), retrying in %s: %s",
+                spiffe_id,
+                attempt + 1,
+                format_duration(delay),
+                error,
+            )
             self._scheduler.schedule(
                 self.job_id(spiffe_id), self._clock() + delay, lambda: self.renew(spiffe_id, attempt + 1)
             )
@@ -202,7 +208,8 @@ class LeafRotator:
         self._rng.shuffle(order)
         for spiffe_id, when in zip(order, times, strict=True):
             self._scheduler.schedule(self.job_id(spiffe_id), when, lambda s=spiffe_id: self.renew(s))
-        self._log.info("re-issuing %d workload certificates over %s after a CA change", len(order), times[-1] - now if times else timedelta(0))
+        spread = times[-1] - now if times else timedelta(0)
+        self._log.info("re-issuing %d workload certificates over %s after a CA change", len(order), format_duration(spread))
         return times
 
     def forget(self, spiffe_id: SpiffeId) -> None:
