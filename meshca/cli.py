@@ -44,7 +44,7 @@ def cmd_dev_init(args: argparse.Namespace) -> int:
     print(f"dev material for trust domain {args.trust_domain} written to {material.directory}")
     print(f"  mesh:   {material.directory / SAMPLE_MESH_FILE} (frontend -> backend over mTLS)")
     print(f"  serve:  meshca serve --config {material.serve_config}   (admin/status on 127.0.0.1:{DEV_METRICS_PORT})")
-    print(f"  token:  meshca dev token --dir {material.directory} --ns shop --sa frontend --node-id frontend-1")
+    print(f"  token:  meshca dev token --dir {material.directory} --namespace shop --service-account frontend --node-id frontend-1")
     print("  next:   README.md, 'Running meshca yourself'")
     return 0
 
@@ -222,8 +222,11 @@ def build_parser() -> argparse.ArgumentParser:
     dev_init.set_defaults(handler=cmd_dev_init)
     dev_token = dev.add_parser("token", help="print a dev JWT for a Kubernetes-style identity")
     dev_token.add_argument("--dir", default="certs-dev", help="the `meshca dev init` directory (default certs-dev)")
-    dev_token.add_argument("--ns", required=True, help="namespace")
-    dev_token.add_argument("--sa", required=True, help="service account")
+    # --namespace/--service-account as the node metadata keys NAMESPACE/SERVICE_ACCOUNT say it; --ns/--sa still work
+    dev_token.add_argument("--namespace", "--ns", dest="ns", required=True, help="Kubernetes namespace of the identity")
+    dev_token.add_argument(
+        "--service-account", "--sa", dest="sa", required=True, help="Kubernetes service account of the identity"
+    )
     dev_token.add_argument("--node-id", help="bind the token to this Envoy node.id")
     dev_token.add_argument("--ttl", default="1h", help="token lifetime, e.g. 10m, 1h or seconds (default 1h)")
     dev_token.add_argument(

@@ -66,7 +66,7 @@ def test_dev_init_and_dev_token(tmp_path: Path) -> None:
 
 
 def test_dev_token_without_dev_init_explains(tmp_path: Path) -> None:
-    result = run("dev", "token", "--dir", str(tmp_path / "missing"), "--ns", "a", "--sa", "b")
+    result = run("dev", "token", "--dir", str(tmp_path / "missing"), "--namespace", "a", "--service-account", "b")
     assert result.returncode == 2 and "meshca dev init" in result.stderr
 
 
