@@ -150,9 +150,16 @@ async def test_refreshed_token_reconnects_without_failures_and_stale_token_gets_
             assert traffic.failures == [] and traffic.ok > 20
             assert serial(envoys["intruder"]) == intruder_serial
             assert stream_of(meshca, INTRUDER.node_id) is None
-            stats = {name: envoy.stats() for name, envoy in envoys.items()}
-            assert stats["frontend"]["control_plane.connected_state"] == 1
-            assert stats["intruder"]["control_plane.connected_state"] == 0
+            # The frontend's later streams end at their tokens' expiry too (10 s tokens): under load it may
+            # be between two streams right now, so wait for it to be connected rather than sample once.
+            await asyncio.to_thread(
+                wait_until,
+                lambda: envoys["frontend"].stats()["control_plane.connected_state"] == 1,
+                10,
+                0.1,
+                "frontend connected to meshca",
+            )
+            assert envoys["intruder"].stats()["control_plane.connected_state"] == 0
         finally:
             for task in refreshers:
                 task.cancel()
