@@ -5,7 +5,7 @@ generator is another process: N concurrent clients, each with its own TLS connec
 calling meshca.v1.CertificateService/Sign with CSRs (ECDSA P-256) generated before the clock
 starts, so key generation is not measured. Every call is authenticated and the CSR checked.
 
-Baseline, same run, same N: a real `bao server -dev` (OpenBao) set up by meshca.vault_setup
+Baseline, same run, same N: a real `bao server -dev` (OpenBao) set up by meshca.ca.vault.setup
 (`setup_pki`, vault-leaf role: URI SANs in the trust domain, basicConstraints CA:FALSE, no_store) and a load-generator
 process with N threads, each with its own hvac client, calling `pki/sign/meshca` with the same kind
 of CSRs, `uri_sans` set as meshca's vault-leaf backend sets it. meshca and OpenBao are measured in
@@ -24,8 +24,8 @@ from typing import Any
 
 from benchmarks.common import TRUST_DOMAIN, Child, Profile, Row, cpu_seconds, failed_row, server_args, stop_all
 from benchmarks.streams import tls_material
-from meshca.openbao_process import OpenBaoProcess
-from meshca.vault_setup import setup_pki
+from meshca.ca.vault.setup import setup_pki
+from meshca.dev.openbao_process import OpenBaoProcess
 
 NAME = "csr_service_throughput"
 TARGET = ">= 5x OpenBao pki/sign"

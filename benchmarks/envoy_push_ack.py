@@ -2,7 +2,7 @@
 
 meshca runs as its own process (benchmarks.meshca_server with `instrument`: its ProxyRegistry
 instance is wrapped so `record_sent` and `record_ack` are timestamped; meshca's code is unchanged).
-N real Envoys (bootstrap from meshca.bootstrap: ADS over TLS, `set_node_on_first_message_only`),
+N real Envoys (bootstrap from meshca.node.bootstrap: ADS over TLS, `set_node_on_first_message_only`),
 each the sidecar of its own service and identity. Once all are synced, each round pushes one change
 per type and waits until every stream has ACKed it:
 
@@ -34,9 +34,9 @@ from typing import Any
 from benchmarks.common import TRUST_DOMAIN, Child, Profile, Row, failed_row, server_args, stop_all
 from benchmarks.meshgen import NAMESPACE, Layout
 from benchmarks.streams import require_all_ready, start_loadgens
-from meshca.bootstrap import BootstrapSettings, build_bootstrap
-from meshca.devtokens import mint_token
-from meshca.envoy_process import EnvoyProcess, free_port
+from meshca.dev.envoy_process import EnvoyProcess, free_port
+from meshca.dev.tokens import mint_token
+from meshca.node.bootstrap import BootstrapSettings, build_bootstrap
 
 NAME = "envoy_push_to_ack"
 TARGET = "median <= 5 ms"
@@ -231,7 +231,7 @@ def run(profile: Profile, workdir: Path) -> list[Row]:
         "envoys": profile.envoys,
         "rounds": profile.envoy_rounds,
         "measured": "server-side, ProxyRegistry.record_sent -> record_ack (instance wrapped by the harness)",
-        "bootstrap": "meshca.bootstrap, ADS over TLS, set_node_on_first_message_only",
+        "bootstrap": "meshca.node.bootstrap, ADS over TLS, set_node_on_first_message_only",
     }
     names = [(variant, t, f"{prefix}_{t.lower()}") for variant, prefix in ROW_PREFIX.items() for t in TYPES]
     try:

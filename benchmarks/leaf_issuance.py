@@ -1,7 +1,7 @@
 """Benchmark 1: in-process workload leaf issuance (key generation + sign), one core.
 
 meshca: `CertificateAuthority.issue_workload` (new P-256 key, X.509-SVID signed by the active
-intermediate, chain assembled). Baseline, same run, same process: `meshca.crypto.Issuer
+intermediate, chain assembled). Baseline, same run, same process: `meshca.ca.crypto.Issuer
 .issue_server_certificate`, i.e. a new P-256 key and a leaf signed through cryptography's standard
 `x509.CertificateBuilder` — what a CA written the obvious way with pyca/cryptography does.
 The two are measured in alternating slices so machine noise hits both alike.
@@ -15,10 +15,10 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from benchmarks.common import TRUST_DOMAIN, Profile, Row
-from meshca.ca import CaSettings, CertificateAuthority
+from meshca.ca.crypto import DistinguishedName, Issuer, generate_private_key_pem, self_signed_ca_certificate_pem
+from meshca.ca.internal import CaSettings, CertificateAuthority
 from meshca.clock import system_clock
-from meshca.crypto import DistinguishedName, Issuer, generate_private_key_pem, self_signed_ca_certificate_pem
-from meshca.identity import SpiffeId
+from meshca.identity.spiffe import SpiffeId
 
 NAME = "leaf_issuance_in_process"
 TARGET = ">= 10000 certs/s"

@@ -31,7 +31,7 @@ from typing import Any
 import grpc
 
 from benchmarks.common import TRUST_DOMAIN, child_args, cpu_seconds, emit, percentile, serve_commands
-from meshca.snapshot import length_delimited
+from meshca.xds.snapshot import length_delimited
 
 ADS_METHOD = "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources"
 RAW_METHOD = "/bench.Raw/Hold"
@@ -222,7 +222,7 @@ class StreamLoad:
 
     def _tokens(self, first: int, count: int) -> list[str]:
         from benchmarks.meshgen import NAMESPACE, Layout
-        from meshca.devtokens import mint_token
+        from meshca.dev.tokens import mint_token
 
         layout = Layout.from_json(self.args["layout"])
         key = Path(self.args["signing_key"]).read_bytes()
@@ -384,7 +384,7 @@ class StreamLoad:
 
 
 def _csr_pool(size: int, uri: str | None = None) -> list[str]:
-    from meshca.crypto import build_csr_pem, generate_private_key_pem
+    from meshca.ca.crypto import build_csr_pem, generate_private_key_pem
 
     uris = [uri] if uri else []
     return [build_csr_pem(generate_private_key_pem(), uris=uris).decode() for _ in range(size)]
@@ -434,7 +434,7 @@ async def _closed_loop(
 
 
 async def csr_load(args: dict[str, Any]) -> dict[str, Any]:
-    from meshca.devtokens import mint_token
+    from meshca.dev.tokens import mint_token
     from meshca.v1 import certificate_pb2, certificate_pb2_grpc
 
     concurrency = args["concurrency"]

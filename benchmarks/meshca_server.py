@@ -22,13 +22,13 @@ from benchmarks.common import TRUST_DOMAIN, child_args, cpu_seconds, emit, rss_k
 from benchmarks.meshgen import Layout, mesh_config, with_endpoint_change
 from meshca import logs
 from meshca.app import MeshcaApp, issue_server_credentials
-from meshca.ca import CaSettings, CertificateAuthority
+from meshca.ca.internal import CaSettings, CertificateAuthority
 from meshca.clock import system_clock
-from meshca.devtokens import DEV_AUDIENCE, DEV_ISSUER, write_dev_issuer
+from meshca.dev.tokens import DEV_AUDIENCE, DEV_ISSUER, write_dev_issuer
 from meshca.gcpolicy import tune_gc_for_serving
-from meshca.jwtgate import TrustedIssuer
-from meshca.meshconfig import MeshConfig, load_mesh_config
-from meshca.rotation import RotationSettings
+from meshca.identity.jwt import TrustedIssuer
+from meshca.mesh.model import MeshConfig, load_mesh_config
+from meshca.sds.rotation import RotationSettings
 
 
 class PushAckProbe:

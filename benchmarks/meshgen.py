@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import TRUST_DOMAIN
-from meshca.identity import SpiffeId
-from meshca.meshbuild import OUTBOUND_ROUTES, inbound_listener_name, local_cluster_name, outbound_cluster_name
-from meshca.meshconfig import MeshConfig, parse_mesh_config
+from meshca.identity.spiffe import SpiffeId
+from meshca.mesh.build import OUTBOUND_ROUTES, inbound_listener_name, local_cluster_name, outbound_cluster_name
+from meshca.mesh.model import MeshConfig, parse_mesh_config
 
 NAMESPACE = "bench"
 INBOUND_PORT = 15006

@@ -37,11 +37,11 @@ def measure(services: int, endpoints: int, change_budget: float, max_changes: in
 
     from benchmarks.common import TRUST_DOMAIN
     from benchmarks.meshgen import Layout, mesh_config, with_endpoint_change
-    from meshca.ca import CaSettings, CertificateAuthority
+    from meshca.ca.internal import CaSettings, CertificateAuthority
     from meshca.clock import system_clock
-    from meshca.meshbuild import ResourceMemo, build_mesh
-    from meshca.snapshot import ResourceType, SnapshotCache
-    from meshca.workloads import MeshPublisher, WorkloadSecrets
+    from meshca.mesh.build import ResourceMemo, build_mesh
+    from meshca.sds.workloads import MeshPublisher, WorkloadSecrets
+    from meshca.xds.snapshot import ResourceType, SnapshotCache
 
     log = logging.getLogger("bench")
     log.setLevel(logging.WARNING)

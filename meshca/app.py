@@ -13,12 +13,12 @@ from datetime import timedelta
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from meshca import csr_service
-from meshca.ca import CaError, CertificateAuthority
+from meshca.ca import csr_service
+from meshca.ca.internal import CaError, CertificateAuthority
+from meshca.ca.vault.session import VaultSession
 from meshca.clock import Clock
 from meshca.gcpolicy import CollectorPause
-from meshca.identity import SpiffeId
-from meshca.jwtgate import (
+from meshca.identity.jwt import (
     AuthenticationError,
     IdentityGate,
     NodeBindingError,
@@ -27,15 +27,14 @@ from meshca.jwtgate import (
     VerifiedIdentity,
     check_node_binding,
 )
+from meshca.identity.spiffe import SpiffeId
 from meshca.listen import ListenError, check_bindable, format_address
-from meshca.meshbuild import ResourceMemo, build_mesh
-from meshca.meshconfig import MeshConfig
+from meshca.mesh.build import ResourceMemo, build_mesh
+from meshca.mesh.model import MeshConfig
 from meshca.observability import GcPauseCollector, Observability, RotationCollector, VaultCollector
-from meshca.retention import IdentityRetention
-from meshca.rotation import ApschedulerJobs, CaWatcher, LeafRotator, RotationSettings
-from meshca.snapshot import InconsistentSnapshot, SnapshotCache
-from meshca.vault import VaultSession
-from meshca.workloads import ForeignTrustDomain, MeshPublisher, WorkloadSecrets
+from meshca.sds.retention import IdentityRetention
+from meshca.sds.rotation import ApschedulerJobs, CaWatcher, LeafRotator, RotationSettings
+from meshca.sds.workloads import ForeignTrustDomain, MeshPublisher, WorkloadSecrets
 from meshca.xds.server import (
     DEFAULT_MAX_STREAM_AGE,
     DEFAULT_SEND_TIMEOUT,
@@ -45,6 +44,7 @@ from meshca.xds.server import (
     StreamRefused,
     XdsServer,
 )
+from meshca.xds.snapshot import InconsistentSnapshot, SnapshotCache
 from meshca.xds.status import ProxyRegistry
 
 DEFAULT_IDENTITY_GRACE = timedelta(minutes=10)

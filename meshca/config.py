@@ -12,8 +12,8 @@ from typing import Any
 import yaml
 
 from meshca.clock import format_duration, system_clock
-from meshca.jwtgate import KeySourceError, TrustedIssuer, check_issuer_keys
-from meshca.rotation import RenewalPolicy, RotationSettings
+from meshca.identity.jwt import KeySourceError, TrustedIssuer, check_issuer_keys
+from meshca.sds.rotation import RenewalPolicy, RotationSettings
 
 
 class ConfigError(ValueError):

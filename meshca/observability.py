@@ -23,7 +23,7 @@ from prometheus_client.registry import Collector
 
 from meshca.clock import Clock
 from meshca.listen import format_address, listen_error
-from meshca.snapshot import ResourceType
+from meshca.xds.snapshot import ResourceType
 from meshca.xds.status import ProxyStatus, RegistryTotals
 
 DEFAULT_ADMIN_HOST = "127.0.0.1"

@@ -10,9 +10,9 @@ from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from meshca.ca import CaSettings, CertificateAuthority
+from meshca.ca.crypto import public_jwk, public_key_pem
+from meshca.ca.internal import CaSettings, CertificateAuthority
 from meshca.clock import system_clock
-from meshca.crypto import public_jwk, public_key_pem
 
 
 class JwksServer:

@@ -12,13 +12,13 @@ from pathlib import Path
 import grpc
 
 from meshca.app import MeshcaApp, issue_server_credentials
-from meshca.bootstrap import BootstrapSettings, build_bootstrap
-from meshca.ca import CaSettings, CertificateAuthority
+from meshca.ca.internal import CaSettings, CertificateAuthority
 from meshca.clock import system_clock
-from meshca.devtokens import DEV_AUDIENCE, DEV_ISSUER, mint_token, write_dev_issuer
-from meshca.envoy_process import EnvoyProcess, free_port
+from meshca.dev.envoy_process import EnvoyProcess, free_port
+from meshca.dev.tokens import DEV_AUDIENCE, DEV_ISSUER, mint_token, write_dev_issuer
 from meshca.gcpolicy import CollectorPause
-from meshca.jwtgate import TrustedIssuer
+from meshca.identity.jwt import TrustedIssuer
+from meshca.node.bootstrap import BootstrapSettings, build_bootstrap
 from meshca.xds.server import DEFAULT_MAX_STREAM_AGE
 
 TRUST_DOMAIN = "mesh.test"

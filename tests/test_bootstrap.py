@@ -14,19 +14,19 @@ import grpc
 import pytest
 import yaml
 
-from meshca.bootstrap import (
-    XDS_CLUSTER_NAME,
-    BootstrapSettings,
-    build_bootstrap,
-    render_yaml,
-)
-from meshca.envoy_process import (
+from meshca.dev.envoy_process import (
     EnvoyProcess,
     bootstrap_of,
     config_of_type,
     free_port,
     static_clusters,
     wait_until,
+)
+from meshca.node.bootstrap import (
+    XDS_CLUSTER_NAME,
+    BootstrapSettings,
+    build_bootstrap,
+    render_yaml,
 )
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "deploy" / "envoy" / "sidecar-bootstrap.example.yaml"

@@ -15,8 +15,9 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
-from meshca import crypto
-from meshca.ca import (
+from meshca.ca import crypto
+from meshca.ca.crypto import KeyAlgorithm
+from meshca.ca.internal import (
     INTERMEDIATE_CERT_FILE,
     INTERMEDIATE_KEY_FILE,
     METADATA_FILE,
@@ -32,9 +33,8 @@ from meshca.ca import (
     InvalidTtl,
     IssuerExpired,
 )
-from meshca.ca_state import JOURNAL_FILE, LOCK_FILE, slot_files
-from meshca.crypto import KeyAlgorithm
-from meshca.identity import SpiffeId
+from meshca.ca.state import JOURNAL_FILE, LOCK_FILE, slot_files
+from meshca.identity.spiffe import SpiffeId
 
 TD = "example.org"
 T0 = datetime(2026, 11, 25, 12, 0, 0, tzinfo=timezone.utc)

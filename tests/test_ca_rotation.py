@@ -19,8 +19,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.verification import VerificationError
 from test_ca import T0, TD, WORKLOAD, FakeClock, verify_client_chain, write_v1_state
 
-from meshca import cli_ca
-from meshca.ca import (
+from meshca.ca.internal import (
     CRASH_POINTS,
     CaSettings,
     CaStateError,
@@ -34,7 +33,7 @@ from meshca.ca import (
     due_prunes,
     scheduled_step,
 )
-from meshca.ca_state import (
+from meshca.ca.state import (
     JOURNAL_FILE,
     LOCK_FILE,
     METADATA_FILE,
@@ -43,6 +42,7 @@ from meshca.ca_state import (
     read_journal,
     slot_files,
 )
+from meshca.cli import ca as cli_ca
 
 # Short lives so that a whole root rotation happens within days of fake time.
 SHORT = CaSettings(

@@ -17,15 +17,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from xds_client import XdsClient
 
 from meshca.clock import system_clock
-from meshca.devtokens import DEV_AUDIENCE, DEV_ISSUER
-from meshca.envoy_process import free_port
-from meshca.jwtgate import TokenVerifier, TrustedIssuer
-from meshca.snapshot import ResourceType
+from meshca.dev.envoy_process import free_port
+from meshca.dev.tokens import DEV_AUDIENCE, DEV_ISSUER
+from meshca.identity.jwt import TokenVerifier, TrustedIssuer
+from meshca.xds.snapshot import ResourceType
 
 
 def meshca_command() -> list[str]:
     script = Path(sys.executable).parent / "meshca"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "meshca.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "meshca.cli.main"]
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:

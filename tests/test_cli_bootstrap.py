@@ -16,12 +16,12 @@ from typing import Any
 import pytest
 import yaml
 
-from meshca.bootstrap import FILE_BASED_METADATA, XDS_CLUSTER_NAME
-from meshca.cli_bootstrap import add_bootstrap_parser
+from meshca.cli.bootstrap import add_bootstrap_parser
 from meshca.clock import system_clock
-from meshca.devmaterial import DevMaterial, create_dev_material
-from meshca.devtokens import mint_token
-from meshca.envoy_process import find_envoy, free_port, wait_until
+from meshca.dev.envoy_process import find_envoy, free_port, wait_until
+from meshca.dev.material import DevMaterial, create_dev_material
+from meshca.dev.tokens import mint_token
+from meshca.node.bootstrap import FILE_BASED_METADATA, XDS_CLUSTER_NAME
 
 TOKEN = "eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln"
 
@@ -304,7 +304,7 @@ def serving(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[DevMater
     material = create_dev_material(d, "mesh.local", system_clock, listen=f"127.0.0.1:{port}")
     log = (d / "meshca.log").open("wb")
     process = subprocess.Popen(
-        [sys.executable, "-m", "meshca.cli", "serve", "--config", str(material.serve_config)],
+        [sys.executable, "-m", "meshca.cli.main", "serve", "--config", str(material.serve_config)],
         stdout=log, stderr=subprocess.STDOUT,
     )
     try:

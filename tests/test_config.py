@@ -14,10 +14,10 @@ import jwt
 import pytest
 from jwks_server import JwksServer
 
-from meshca.backends import build_ca_backend
+from meshca.ca.backends import build_ca_backend
+from meshca.ca.crypto import KeyAlgorithm, generate_private_key_pem, public_jwk, public_key_pem
 from meshca.clock import format_duration, system_clock
 from meshca.config import ConfigError, load_serve_settings, parse_duration
-from meshca.crypto import KeyAlgorithm, generate_private_key_pem, public_jwk, public_key_pem
 
 GOOD = """
 state_dir: ca
@@ -35,7 +35,7 @@ JWKS = json.dumps({"keys": [public_jwk(public_key_pem(generate_private_key_pem(K
 
 def meshca(*args: str) -> subprocess.CompletedProcess[str]:
     script = Path(sys.executable).parent / "meshca"
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "meshca.cli"]
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "meshca.cli.main"]
     return subprocess.run([*command, *args], capture_output=True, text=True, timeout=20)
 
 

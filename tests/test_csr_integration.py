@@ -12,7 +12,7 @@ from cryptography import x509
 from cryptography.x509.verification import PolicyBuilder, Store
 from meshca_harness import TRUST_DOMAIN, RunningMeshca, running_meshca
 
-from meshca import crypto
+from meshca.ca import crypto
 from meshca.v1 import certificate_pb2, certificate_pb2_grpc
 
 

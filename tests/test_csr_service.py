@@ -14,11 +14,11 @@ import pytest
 from cryptography import x509
 from cryptography.x509.verification import PolicyBuilder, Store
 
-from meshca import crypto
-from meshca.ca import CaSettings, CertificateAuthority, IssuedCertificate
-from meshca.csr_service import CertificateServicer, add_to_server
-from meshca.identity import SpiffeId
-from meshca.jwtgate import AuthenticationError, VerifiedIdentity
+from meshca.ca import crypto
+from meshca.ca.csr_service import CertificateServicer, add_to_server
+from meshca.ca.internal import CaSettings, CertificateAuthority, IssuedCertificate
+from meshca.identity.jwt import AuthenticationError, VerifiedIdentity
+from meshca.identity.spiffe import SpiffeId
 from meshca.v1 import certificate_pb2, certificate_pb2_grpc
 
 TD = "example.org"
@@ -29,7 +29,7 @@ STRANGER = SpiffeId.for_service_account("other.org", "shop", "frontend")
 
 
 class FakeTokenAuthenticator:
-    """Test double for meshca.jwtgate.IdentityGate: a fixed map of bearer tokens to identities."""
+    """Test double for meshca.identity.jwt.IdentityGate: a fixed map of bearer tokens to identities."""
 
     def __init__(self, tokens: dict[str, SpiffeId]) -> None:
         self._tokens = tokens
@@ -248,9 +248,9 @@ async def test_chain_of_an_unusual_shape_is_split_block_by_block(
 async def test_issued_certificate_is_logged_with_identity_and_serial(
     stub: certificate_pb2_grpc.CertificateServiceStub, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.INFO, logger="meshca.csr_service"):
+    with caplog.at_level(logging.INFO, logger="meshca.ca.csr_service"):
         response = await stub.Sign(certificate_pb2.SignRequest(csr_pem=csr()), metadata=bearer("frontend-token"))
-    messages = [r.getMessage() for r in caplog.records if r.name == "meshca.csr_service"]
+    messages = [r.getMessage() for r in caplog.records if r.name == "meshca.ca.csr_service"]
     assert len(messages) == 1
     assert response.serial_number in messages[0] and FRONTEND.uri in messages[0]
     assert "PRIVATE KEY" not in messages[0]

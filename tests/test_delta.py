@@ -7,9 +7,9 @@ from datetime import timedelta
 
 import pytest
 
-from meshca import resources as r
-from meshca.snapshot import PUSH_ORDER, EncodedResource, ResourceType, Snapshot
+from meshca.mesh import resources as r
 from meshca.xds.delta import REMOVAL_ORDER, DeltaOutcome, DeltaRequest, DeltaResponse, DeltaStream
+from meshca.xds.snapshot import PUSH_ORDER, EncodedResource, ResourceType, Snapshot
 
 CDS, EDS, LDS, RDS, SDS = (ResourceType[n] for n in ("CLUSTER", "ENDPOINT", "LISTENER", "ROUTE", "SECRET"))
 

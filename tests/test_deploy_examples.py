@@ -15,10 +15,10 @@ import grpc
 import pytest
 import yaml
 
-from meshca.bootstrap import BootstrapSettings, build_bootstrap, render_yaml
+from meshca.ca.crypto import KeyAlgorithm, generate_private_key_pem, public_jwk, public_key_pem
 from meshca.config import parse_serve_settings
-from meshca.crypto import KeyAlgorithm, generate_private_key_pem, public_jwk, public_key_pem
-from meshca.envoy_process import find_envoy
+from meshca.dev.envoy_process import find_envoy
+from meshca.node.bootstrap import BootstrapSettings, build_bootstrap, render_yaml
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 K8S = DEPLOY / "kubernetes"
@@ -153,7 +153,7 @@ def test_embedded_serve_config_parses(tmp_path: Path) -> None:
 
 
 def test_embedded_mesh_config_parses(tmp_path: Path) -> None:
-    meshconfig = pytest.importorskip("meshca.meshconfig")
+    meshconfig = pytest.importorskip("meshca.mesh.model")
     config_map = find_doc(meshca_docs(), "ConfigMap", "meshca-config")
     path = tmp_path / "mesh.yaml"
     path.write_text(config_map["data"]["mesh.yaml"])

@@ -11,8 +11,8 @@ from pathlib import Path
 import jwt
 import pytest
 
-from meshca.crypto import public_key_pem
-from meshca.devtokens import (
+from meshca.ca.crypto import public_key_pem
+from meshca.dev.tokens import (
     DEV_AUDIENCE,
     DEV_ISSUER,
     DevIssuerFiles,
@@ -20,13 +20,13 @@ from meshca.devtokens import (
     mint_token,
     write_dev_issuer,
 )
-from meshca.identity import SpiffeId
-from meshca.jwtgate import (
+from meshca.identity.jwt import (
     AuthenticationError,
     TokenVerifier,
     TrustedIssuer,
     check_node_binding,
 )
+from meshca.identity.spiffe import SpiffeId
 
 NOW = datetime(2026, 11, 3, 12, 0, 0, tzinfo=timezone.utc)
 TD = "dev.local"

@@ -22,7 +22,7 @@ class DemoRun:
 
     def __init__(self, *args: str) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "meshca.cli", "demo", *args],
+            [sys.executable, "-m", "meshca.cli.main", "demo", *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

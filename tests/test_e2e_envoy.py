@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 from meshca_harness import TRUST_DOMAIN, frontend_envoy, running_meshca
 
-from meshca import resources as r
-from meshca.envoy_process import (
+from meshca.dev.envoy_process import (
     EnvoyProcess,
     dynamic_active_clusters,
     dynamic_active_secrets,
@@ -23,6 +22,7 @@ from meshca.envoy_process import (
     free_port,
     wait_until,
 )
+from meshca.mesh import resources as r
 
 pytestmark = pytest.mark.e2e
 

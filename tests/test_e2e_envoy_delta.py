@@ -12,8 +12,7 @@ import pytest
 from cryptography import x509
 from meshca_harness import TRUST_DOMAIN, frontend_envoy, running_meshca
 
-from meshca import resources as r
-from meshca.envoy_process import (
+from meshca.dev.envoy_process import (
     EnvoyProcess,
     dynamic_active_clusters,
     dynamic_active_secrets,
@@ -23,8 +22,9 @@ from meshca.envoy_process import (
     free_port,
     wait_until,
 )
-from meshca.identity import SpiffeId
-from meshca.snapshot import EncodedResource
+from meshca.identity.spiffe import SpiffeId
+from meshca.mesh import resources as r
+from meshca.xds.snapshot import EncodedResource
 
 pytestmark = pytest.mark.e2e
 

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from meshca.bootstrap import BootstrapSettings, build_bootstrap
 from meshca.clock import system_clock
-from meshca.demo import FRONTEND, INTRUDER, Demo, DemoSettings, backend_app, http_get, mesh_config
-from meshca.devtokens import mint_token
-from meshca.envoy_process import EnvoyProcess, free_port, wait_until
+from meshca.dev.demo import FRONTEND, INTRUDER, Demo, DemoSettings, backend_app, http_get, mesh_config
+from meshca.dev.envoy_process import EnvoyProcess, free_port, wait_until
+from meshca.dev.tokens import mint_token
+from meshca.node.bootstrap import BootstrapSettings, build_bootstrap
 
 pytestmark = pytest.mark.e2e
 
@@ -130,7 +130,7 @@ def test_node_with_a_token_for_another_identity_gets_no_config(demo: Demo, tmp_p
 
 def test_meshca_status_command_lists_every_proxy(demo: Demo) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "meshca.cli", "status", "--admin", f"http://127.0.0.1:{demo.ports.metrics}"],
+        [sys.executable, "-m", "meshca.cli.main", "status", "--admin", f"http://127.0.0.1:{demo.ports.metrics}"],
         capture_output=True,
         text=True,
         timeout=30,
@@ -143,7 +143,7 @@ def test_meshca_status_command_lists_every_proxy(demo: Demo) -> None:
 
 def test_demo_check_command_exits_zero_with_json_summary(tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "meshca.cli", "demo", "--check", "--requests", "5"],
+        [sys.executable, "-m", "meshca.cli.main", "demo", "--check", "--requests", "5"],
         capture_output=True,
         text=True,
         timeout=180,

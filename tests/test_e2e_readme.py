@@ -14,9 +14,9 @@ import pytest
 
 from meshca.clock import system_clock
 from meshca.config import load_serve_settings
-from meshca.devmaterial import DEV_METRICS_PORT, create_dev_material
-from meshca.envoy_process import free_port, wait_until
-from meshca.meshconfig import load_mesh_config
+from meshca.dev.envoy_process import free_port, wait_until
+from meshca.dev.material import DEV_METRICS_PORT, create_dev_material
+from meshca.mesh.model import load_mesh_config
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 VENV_BIN = Path(sys.executable).parent

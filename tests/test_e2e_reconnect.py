@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from meshca.bootstrap import BootstrapSettings, render_yaml
 from meshca.clock import system_clock
-from meshca.devmaterial import DevMaterial, create_dev_material
-from meshca.devtokens import mint_token
-from meshca.envoy_process import EnvoyProcess, free_port, wait_until
+from meshca.dev.envoy_process import EnvoyProcess, free_port, wait_until
+from meshca.dev.material import DevMaterial, create_dev_material
+from meshca.dev.tokens import mint_token
+from meshca.node.bootstrap import BootstrapSettings, render_yaml
 
 pytestmark = pytest.mark.e2e
 
@@ -35,7 +35,7 @@ VARIANTS = tuple((f"sotw-{i}", "GRPC") for i in range(3)) + tuple((f"delta-{i}",
 def meshca_serve(material: DevMaterial, port: int, log: Path) -> Iterator[subprocess.Popen[bytes]]:
     with log.open("ab") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "meshca.cli", "serve", "--config", str(material.serve_config)],
+            [sys.executable, "-m", "meshca.cli.main", "serve", "--config", str(material.serve_config)],
             stdout=out,
             stderr=subprocess.STDOUT,
         )

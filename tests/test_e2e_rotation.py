@@ -12,10 +12,10 @@ import pytest
 from cryptography import x509
 from cryptography.x509.verification import PolicyBuilder, Store
 
-from meshca.ca import CertificateAuthority
+from meshca.ca.internal import CertificateAuthority
 from meshca.clock import system_clock
-from meshca.demo import ChainWatcher, Demo, DemoSettings, TrafficLoop, envoy_chain
-from meshca.envoy_process import wait_until
+from meshca.dev.demo import ChainWatcher, Demo, DemoSettings, TrafficLoop, envoy_chain
+from meshca.dev.envoy_process import wait_until
 
 pytestmark = pytest.mark.e2e
 

@@ -14,8 +14,7 @@ from typing import Any
 import pytest
 from meshca_harness import TRUST_DOMAIN, RunningMeshca, running_meshca
 
-from meshca.bootstrap import BootstrapSettings, build_bootstrap
-from meshca.demo import (
+from meshca.dev.demo import (
     BACKEND,
     FRONTEND,
     INTRUDER,
@@ -29,11 +28,12 @@ from meshca.demo import (
     http_get,
     mesh_config,
 )
-from meshca.devtokens import mint_token
-from meshca.envoy_process import EnvoyProcess, wait_until
+from meshca.dev.envoy_process import EnvoyProcess, wait_until
+from meshca.dev.tokens import mint_token
 from meshca.files import write_atomic
-from meshca.identity import SpiffeId
-from meshca.meshconfig import parse_mesh_config
+from meshca.identity.spiffe import SpiffeId
+from meshca.mesh.model import parse_mesh_config
+from meshca.node.bootstrap import BootstrapSettings, build_bootstrap
 
 pytestmark = pytest.mark.e2e
 

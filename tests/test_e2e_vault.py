@@ -11,8 +11,8 @@ from datetime import timedelta
 import pytest
 
 from meshca.clock import system_clock
-from meshca.demo import ChainWatcher, Demo, DemoSettings, TrafficLoop, http_get
-from meshca.envoy_process import wait_until
+from meshca.dev.demo import ChainWatcher, Demo, DemoSettings, TrafficLoop, http_get
+from meshca.dev.envoy_process import wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -76,7 +76,7 @@ def test_vault_down_during_rotation_keeps_serving_and_recovers(demo: Demo) -> No
 
 def test_demo_check_with_vault_exits_zero() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "meshca.cli", "demo", "--check", "--ca", "vault", "--requests", "5"],
+        [sys.executable, "-m", "meshca.cli.main", "demo", "--check", "--ca", "vault", "--requests", "5"],
         capture_output=True,
         text=True,
         timeout=180,
@@ -91,7 +91,7 @@ def test_demo_check_with_vault_exits_zero() -> None:
 
 def test_demo_check_with_vault_leaf_exits_zero() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "meshca.cli", "demo", "--check", "--ca", "vault-leaf", "--requests", "5"],
+        [sys.executable, "-m", "meshca.cli.main", "demo", "--check", "--ca", "vault-leaf", "--requests", "5"],
         capture_output=True,
         text=True,
         timeout=180,

@@ -12,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from test_xds_server import CDS, mesh, open_stream
 
 from meshca.gcpolicy import CollectorPause
-from meshca.snapshot import ResourceType
+from meshca.xds.snapshot import ResourceType
 
 
 def metric(text: bytes, name: str) -> float:

@@ -17,15 +17,14 @@ import jwt
 import pytest
 from jwks_server import JwksServer
 
-from meshca.crypto import (
+from meshca.ca.crypto import (
     KeyAlgorithm,
     generate_private_key_pem,
     public_jwk,
     public_key_pem,
 )
-from meshca.devtokens import mint_spiffe_token, mint_token
-from meshca.identity import SpiffeId
-from meshca.jwtgate import (
+from meshca.dev.tokens import mint_spiffe_token, mint_token
+from meshca.identity.jwt import (
     JWKS_REFETCH_MIN,
     AuthenticationError,
     IdentityGate,
@@ -36,6 +35,7 @@ from meshca.jwtgate import (
     VerifiedIdentity,
     check_node_binding,
 )
+from meshca.identity.spiffe import SpiffeId
 
 ISS = "https://kubernetes.default.svc.cluster.local"
 AUD = "meshca"

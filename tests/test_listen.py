@@ -16,15 +16,15 @@ import pytest
 import yaml
 
 from meshca.app import MeshcaApp
-from meshca.ca import CaSettings, CertificateAuthority
+from meshca.ca.internal import CaSettings, CertificateAuthority
 from meshca.clock import system_clock
-from meshca.envoy_process import free_port
+from meshca.dev.envoy_process import free_port
 from meshca.listen import ListenError
 
 
 def meshca(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
     script = Path(sys.executable).parent / "meshca"
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "meshca.cli"]
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "meshca.cli.main"]
     return subprocess.run([*command, *args], capture_output=True, text=True, timeout=timeout)
 
 

@@ -22,13 +22,13 @@ from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import (
 )
 from meshca_harness import make_ca
 
-from meshca import resources as r
 from meshca.clock import system_clock
-from meshca.identity import SpiffeId
-from meshca.meshbuild import OUTBOUND_ROUTES, MeshResources, ResourceMemo, build_mesh
-from meshca.meshconfig import MeshConfig, parse_mesh_config
-from meshca.snapshot import EncodedResource, InconsistentSnapshot, ResourceType, Snapshot, SnapshotCache
-from meshca.workloads import MeshPublisher, WorkloadSecrets
+from meshca.identity.spiffe import SpiffeId
+from meshca.mesh import resources as r
+from meshca.mesh.build import OUTBOUND_ROUTES, MeshResources, ResourceMemo, build_mesh
+from meshca.mesh.model import MeshConfig, parse_mesh_config
+from meshca.sds.workloads import MeshPublisher, WorkloadSecrets
+from meshca.xds.snapshot import EncodedResource, InconsistentSnapshot, ResourceType, Snapshot, SnapshotCache
 
 TD = "mesh.test"
 
@@ -357,7 +357,7 @@ def test_version_of_plain_resource_lists() -> None:
 
 
 def test_memo_reencodes_only_what_an_edit_changed() -> None:
-    from meshca.meshbuild import ResourceMemo
+    from meshca.mesh.build import ResourceMemo
 
     def config(backend_port: int) -> MeshConfig:
         return parse_mesh_config(

@@ -8,10 +8,10 @@ import pytest
 import yaml
 
 from meshca.config import ConfigError
-from meshca.demo import TRUST_DOMAIN as DEMO_TRUST_DOMAIN
-from meshca.demo import Ports, mesh_config
-from meshca.identity import SpiffeId
-from meshca.meshconfig import (
+from meshca.dev.demo import TRUST_DOMAIN as DEMO_TRUST_DOMAIN
+from meshca.dev.demo import Ports, mesh_config
+from meshca.identity.spiffe import SpiffeId
+from meshca.mesh.model import (
     AllowRule,
     HttpRoute,
     Inbound,
@@ -296,10 +296,10 @@ def doc_example(heading: str) -> str:
 
 def test_the_documented_examples_are_valid(tmp_path: Path) -> None:
     """docs/configuration.md's complete examples load as they are, against `meshca dev init` material."""
-    from meshca.ca import CertificateAuthority
+    from meshca.ca.internal import CertificateAuthority
     from meshca.clock import system_clock
     from meshca.config import load_serve_settings, read_state_dir
-    from meshca.devmaterial import create_dev_material
+    from meshca.dev.material import create_dev_material
 
     material = create_dev_material(tmp_path, "mesh.local", system_clock)
     material.serve_config.write_text(doc_example("# meshca.yaml"))

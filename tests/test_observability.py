@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from meshca.ca import CaSettings, CertificateAuthority
-from meshca.identity import SpiffeId
+from meshca.ca.internal import CaSettings, CertificateAuthority
+from meshca.identity.spiffe import SpiffeId
 from meshca.observability import Observability, add_status_parser, format_status
-from meshca.snapshot import ResourceType
-from meshca.workloads import WorkloadSecrets
+from meshca.sds.workloads import WorkloadSecrets
+from meshca.xds.snapshot import ResourceType
 from meshca.xds.status import ProxyRegistry
 
 T0 = datetime(2026, 11, 25, 12, 0, 0, tzinfo=UTC)
@@ -385,7 +385,7 @@ def test_status_command_http_error_exits_2(admin: Admin, capsys: pytest.CaptureF
 async def test_rotation_metrics_show_ca_and_leaf_expiry_and_rotation_counts(tmp_path: Path) -> None:
     from meshca_harness import running_meshca
 
-    from meshca.identity import SpiffeId
+    from meshca.identity.spiffe import SpiffeId
 
     async with running_meshca(tmp_path) as meshca:
         app = meshca.app

@@ -19,12 +19,12 @@ import pytest
 from test_ca import FakeClock
 from test_vault_ca import RecordingPublisher, RecordingRotator
 
-from meshca.ca import CaSettings, CertificateAuthority
-from meshca.ca_state import LOCK_FILE
-from meshca.cli import build_parser, main
+from meshca.ca.internal import CaSettings, CertificateAuthority
+from meshca.ca.state import LOCK_FILE
+from meshca.cli.main import build_parser, main
 from meshca.clock import system_clock
 from meshca.files import write_atomic
-from meshca.rotation import CaWatcher, RotationSettings
+from meshca.sds.rotation import CaWatcher, RotationSettings
 
 T0 = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
 ROOT = os.geteuid() == 0
@@ -33,7 +33,7 @@ OTHER_UID = 65534  # nobody: as root, the tests act as this user so that file mo
 
 def meshca_command() -> list[str]:
     script = Path(sys.executable).parent / "meshca"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "meshca.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "meshca.cli.main"]
 
 
 def meshca(*args: str) -> subprocess.CompletedProcess[str]:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from meshca.ca import CaSettings, CaStateError, CertificateAuthority
+from meshca.ca.internal import CaSettings, CaStateError, CertificateAuthority
 from meshca.clock import system_clock
 
 ROOT = os.geteuid() == 0
@@ -20,7 +20,7 @@ OTHER_UID = 65534
 
 def meshca(*args: str) -> subprocess.CompletedProcess[str]:
     script = Path(sys.executable).parent / "meshca"
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "meshca.cli"]
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "meshca.cli.main"]
     return subprocess.run([*command, *args], capture_output=True, text=True, timeout=60)
 
 

@@ -14,12 +14,12 @@ import pytest
 import yaml
 
 from meshca.clock import format_duration
-from meshca.envoy_process import free_port, wait_until
+from meshca.dev.envoy_process import free_port, wait_until
 
 
 def meshca_command() -> list[str]:
     script = Path(sys.executable).parent / "meshca"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "meshca.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "meshca.cli.main"]
 
 
 def serve_idle(tmp_path: Path, seconds: float, log_level: str) -> list[dict[str, object]]:

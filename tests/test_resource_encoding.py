@@ -58,8 +58,8 @@ from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
 from envoy_data_plane.envoy.type.matcher.v3 import StringMatcher
 from envoy_data_plane.google.protobuf import Any as AnyMessage
 
-from meshca import resources as r
-from meshca.snapshot import EncodedResource, Reference, ResourceType, encode_resource
+from meshca.mesh import resources as r
+from meshca.xds.snapshot import EncodedResource, Reference, ResourceType, encode_resource
 
 # --- The reference: the same resources built the way meshca built them before, with envoy-data-plane. ---
 

@@ -12,12 +12,12 @@ from pathlib import Path
 from test_rotation import T0, FakeClock, FakeScheduler
 from xds_client import ROOTCA_AND_DEFAULT, XdsClient
 
-from meshca.ca import CaSettings, CertificateAuthority
-from meshca.identity import SpiffeId
-from meshca.retention import IdentityRetention
-from meshca.rotation import LeafRotator, RenewalPolicy
-from meshca.snapshot import ResourceType, SnapshotCache
-from meshca.workloads import MeshPublisher, WorkloadSecrets
+from meshca.ca.internal import CaSettings, CertificateAuthority
+from meshca.identity.spiffe import SpiffeId
+from meshca.sds.retention import IdentityRetention
+from meshca.sds.rotation import LeafRotator, RenewalPolicy
+from meshca.sds.workloads import MeshPublisher, WorkloadSecrets
+from meshca.xds.snapshot import ResourceType, SnapshotCache
 
 LOG = logging.getLogger("test.retention")
 GRACE = timedelta(minutes=10)

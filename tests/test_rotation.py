@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from meshca.ca import CaSettings, CertificateAuthority
-from meshca.identity import SpiffeId
-from meshca.rotation import (
+from meshca.ca.internal import CaSettings, CertificateAuthority
+from meshca.identity.spiffe import SpiffeId
+from meshca.sds.rotation import (
     LeafRotator,
     RenewalPolicy,
     hard_zone_start,
@@ -21,8 +21,8 @@ from meshca.rotation import (
     should_renew,
     spread_schedule,
 )
-from meshca.snapshot import SnapshotCache
-from meshca.workloads import MeshPublisher, WorkloadSecrets
+from meshca.sds.workloads import MeshPublisher, WorkloadSecrets
+from meshca.xds.snapshot import SnapshotCache
 
 T0 = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
 HOUR = timedelta(hours=1)
@@ -127,7 +127,7 @@ class Rig:
     def serial(self, spiffe_id: SpiffeId) -> int:
         from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import Secret
 
-        from meshca.snapshot import ResourceType
+        from meshca.xds.snapshot import ResourceType
 
         snapshot = self.cache.get(spiffe_id.uri)
         assert snapshot is not None
@@ -197,7 +197,7 @@ def test_reissue_all_after_a_ca_change_is_spread_out(tmp_path: Path) -> None:
 
 
 def test_ca_watcher_pushes_new_bundle_and_reissues_after_rotation_by_another_process(tmp_path: Path) -> None:
-    from meshca.rotation import CaWatcher, RotationSettings
+    from meshca.sds.rotation import CaWatcher, RotationSettings
 
     rig = Rig(tmp_path)
     identities = [SpiffeId.for_service_account("mesh.test", "ns", f"sa{i}") for i in range(5)]
@@ -221,7 +221,7 @@ def test_ca_watcher_pushes_new_bundle_and_reissues_after_rotation_by_another_pro
     # the new bundle (old and new root) reached every identity's snapshot at once
     from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import Secret
 
-    from meshca.snapshot import ResourceType
+    from meshca.xds.snapshot import ResourceType
 
     for spiffe_id in identities:
         snapshot = rig.cache.get(spiffe_id.uri)
@@ -242,7 +242,7 @@ def test_ca_watcher_pushes_new_bundle_and_reissues_after_rotation_by_another_pro
 
 
 def test_ca_watcher_survives_a_failing_transition(tmp_path: Path) -> None:
-    from meshca.rotation import CaWatcher, RotationSettings
+    from meshca.sds.rotation import CaWatcher, RotationSettings
 
     rig = Rig(tmp_path)
 
@@ -326,7 +326,7 @@ def test_apscheduler_jobs_run_a_job_that_reschedules_itself_while_it_runs() -> N
     import threading
     import time
 
-    from meshca.rotation import ApschedulerJobs
+    from meshca.sds.rotation import ApschedulerJobs
 
     jobs = ApschedulerJobs(logging.getLogger("test.jobs"))
     runs: list[float] = []

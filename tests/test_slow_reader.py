@@ -15,12 +15,12 @@ from envoy_data_plane.envoy.service.discovery.v3 import DeltaDiscoveryRequest, D
 from meshca_harness import TRUST_DOMAIN, RunningMeshca, running_meshca
 from xds_client import XdsClient
 
-from meshca import resources as r
-from meshca.identity import SpiffeId
-from meshca.meshbuild import MeshResources
-from meshca.snapshot import EncodedResource, ResourceType, encode_resource
+from meshca.identity.spiffe import SpiffeId
+from meshca.mesh import resources as r
+from meshca.mesh.build import MeshResources
 from meshca.xds import server as xds_server
 from meshca.xds.server import ADS_METHOD, DELTA_ADS_METHOD
+from meshca.xds.snapshot import EncodedResource, ResourceType, encode_resource
 
 CDS = ResourceType.CLUSTER.type_url
 SEND_TIMEOUT = timedelta(seconds=1)

@@ -9,8 +9,8 @@ from collections.abc import Callable
 import pytest
 from envoy_data_plane.envoy.config.cluster.v3 import Cluster
 
-from meshca import resources as r
-from meshca.snapshot import (
+from meshca.mesh import resources as r
+from meshca.xds.snapshot import (
     EncodedResource,
     InconsistentSnapshot,
     Overlay,

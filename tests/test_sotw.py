@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import itertools
 
-from meshca import resources as r
-from meshca.snapshot import PUSH_ORDER, ResourceType, Snapshot
+from meshca.mesh import resources as r
+from meshca.xds.snapshot import PUSH_ORDER, ResourceType, Snapshot
 from meshca.xds.sotw import Outcome, SotwStream, XdsRequest, XdsResponse
 
 CDS, EDS, LDS, RDS, SDS = (

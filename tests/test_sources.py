@@ -15,10 +15,10 @@ from envoy_data_plane.envoy.config.listener.v3 import Listener
 from meshca_harness import TRUST_DOMAIN, running_meshca
 
 from meshca.config import ConfigError
-from meshca.identity import SpiffeId
-from meshca.meshconfig import MeshConfig
-from meshca.snapshot import InconsistentSnapshot, ResourceType, Snapshot
-from meshca.sources import FileMeshSource
+from meshca.identity.spiffe import SpiffeId
+from meshca.mesh.model import MeshConfig
+from meshca.mesh.source import FileMeshSource
+from meshca.xds.snapshot import InconsistentSnapshot, ResourceType, Snapshot
 
 LOGGER = "meshca.test.sources"
 

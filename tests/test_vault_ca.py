@@ -21,8 +21,10 @@ from cryptography.x509.verification import VerificationError
 from test_ca import ED25519_CSR, tamper_signature, verify_client_chain
 from test_csr_service import FakeTokenAuthenticator
 
-from meshca import crypto
-from meshca.ca import (
+from meshca.ca import crypto
+from meshca.ca.crypto import KeyAlgorithm
+from meshca.ca.csr_service import CertificateServicer, add_to_server
+from meshca.ca.internal import (
     CaSettings,
     CsrRejected,
     IdentityRejected,
@@ -31,16 +33,8 @@ from meshca.ca import (
     RotationRefused,
     ScheduledStep,
 )
-from meshca.ca_state import JOURNAL_FILE, CaError, CaStateError, SlotRecord, read_journal, slot_files
-from meshca.clock import system_clock
-from meshca.crypto import KeyAlgorithm
-from meshca.csr_service import CertificateServicer, add_to_server
-from meshca.identity import SpiffeId
-from meshca.openbao_process import OpenBaoProcess, free_port_pair
-from meshca.rotation import CaWatcher, RotationSettings
-from meshca.v1 import certificate_pb2, certificate_pb2_grpc
-from meshca.vault import TokenAuth, VaultDenied, VaultError, VaultSession, VaultSettings, VaultUnavailable
-from meshca.vault_ca import (
+from meshca.ca.state import JOURNAL_FILE, CaError, CaStateError, SlotRecord, read_journal, slot_files
+from meshca.ca.vault.modes import (
     VAULT_METADATA_FILE,
     RateLimited,
     ServerCertificateUnsupported,
@@ -53,7 +47,13 @@ from meshca.vault_ca import (
     is_vault_state_dir,
     vault_scheduled_step,
 )
-from meshca.vault_setup import policy_text, role_parameters, setup_pki
+from meshca.ca.vault.session import TokenAuth, VaultDenied, VaultError, VaultSession, VaultSettings, VaultUnavailable
+from meshca.ca.vault.setup import policy_text, role_parameters, setup_pki
+from meshca.clock import system_clock
+from meshca.dev.openbao_process import OpenBaoProcess, free_port_pair
+from meshca.identity.spiffe import SpiffeId
+from meshca.sds.rotation import CaWatcher, RotationSettings
+from meshca.v1 import certificate_pb2, certificate_pb2_grpc
 
 TD = "vault.example"
 WORKLOAD = SpiffeId.for_service_account(TD, "shop", "frontend")
@@ -93,7 +93,7 @@ class FakeMonotonic:
 
 
 class ScriptedVaultDouble:
-    """Test double for meshca.vault.VaultSession: `call` raises the scripted errors in turn, then answers."""
+    """Test double for meshca.ca.vault.session.VaultSession: `call` raises the scripted errors in turn, then answers."""
 
     def __init__(self, errors: list[Exception], answer: Any, time: FakeMonotonic | None = None,
                  call_cost: float = 0.0) -> None:
@@ -780,7 +780,7 @@ def test_sealed_vault_is_unavailable_for_both_modes_and_both_recover(
 
 
 class RecordingPublisher:
-    """Test double for meshca.rotation.BundlePublisher."""
+    """Test double for meshca.sds.rotation.BundlePublisher."""
 
     def __init__(self) -> None:
         self.pushes = 0
@@ -790,7 +790,7 @@ class RecordingPublisher:
 
 
 class RecordingRotator:
-    """Test double for meshca.rotation.LeafRotator's reissue_all."""
+    """Test double for meshca.sds.rotation.LeafRotator's reissue_all."""
 
     def __init__(self) -> None:
         self.reissues = 0

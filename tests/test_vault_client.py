@@ -18,13 +18,8 @@ import hvac.exceptions
 import pytest
 import requests
 
-from meshca import crypto
-from meshca.clock import system_clock
-from meshca.config import ConfigError, FieldReader
-from meshca.devtokens import DEV_AUDIENCE, DEV_ISSUER, mint_token, write_dev_issuer
-from meshca.envoy_process import free_port
-from meshca.openbao_process import OpenBaoProcess
-from meshca.vault import (
+from meshca.ca import crypto
+from meshca.ca.vault.session import (
     AppRoleAuth,
     JwtAuth,
     KubernetesAuth,
@@ -39,16 +34,21 @@ from meshca.vault import (
     renewal_due,
     vault_error_from,
 )
-from meshca.vault_setup import (
+from meshca.ca.vault.setup import (
     add_vault_parser,
     policy_text,
     setup_approle,
     setup_jwt_auth,
     setup_pki,
 )
+from meshca.clock import system_clock
+from meshca.config import ConfigError, FieldReader
+from meshca.dev.envoy_process import free_port
+from meshca.dev.openbao_process import OpenBaoProcess
+from meshca.dev.tokens import DEV_AUDIENCE, DEV_ISSUER, mint_token, write_dev_issuer
 
 TD = "mesh.test"
-LOG = logging.getLogger("meshca.vault.test")
+LOG = logging.getLogger("meshca.ca.vault.session.test")
 
 
 class FakeClock:
@@ -539,7 +539,7 @@ def test_kubernetes_login_request_shape(tmp_path: Path) -> None:
 
 
 def run_cli(argv: list[str], environ: dict[str, str]) -> int:
-    from meshca.vault_setup import cmd_vault_setup
+    from meshca.ca.vault.setup import cmd_vault_setup
 
     parser = argparse.ArgumentParser(prog="meshca")
     add_vault_parser(parser.add_subparsers(dest="command", required=True))

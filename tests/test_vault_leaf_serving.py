@@ -15,18 +15,18 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from xds_client import ROOTCA_AND_DEFAULT, XdsClient
 
-from meshca import crypto
 from meshca.app import MeshcaApp, issue_server_credentials
-from meshca.ca import CaSettings, CertificateAuthority
+from meshca.ca import crypto
+from meshca.ca.internal import CaSettings, CertificateAuthority
+from meshca.ca.vault.modes import VaultLeafCa, VaultLeafOptions
+from meshca.ca.vault.session import TokenAuth, VaultSession, VaultSettings
+from meshca.ca.vault.setup import setup_pki
 from meshca.clock import system_clock
-from meshca.devtokens import DEV_AUDIENCE, DEV_ISSUER, mint_token, write_dev_issuer
-from meshca.jwtgate import TrustedIssuer
-from meshca.openbao_process import OpenBaoProcess
-from meshca.snapshot import ResourceType
+from meshca.dev.openbao_process import OpenBaoProcess
+from meshca.dev.tokens import DEV_AUDIENCE, DEV_ISSUER, mint_token, write_dev_issuer
+from meshca.identity.jwt import TrustedIssuer
 from meshca.v1 import certificate_pb2, certificate_pb2_grpc
-from meshca.vault import TokenAuth, VaultSession, VaultSettings
-from meshca.vault_ca import VaultLeafCa, VaultLeafOptions
-from meshca.vault_setup import setup_pki
+from meshca.xds.snapshot import ResourceType
 
 TD = "vault.example"
 LOG = logging.getLogger("meshca.test.offloop")

@@ -18,10 +18,10 @@ from meshca_harness import TRUST_DOMAIN, RunningMeshca, running_meshca
 from test_xds_server import mesh
 from xds_client import DeltaXdsClient
 
-from meshca import resources as r
-from meshca.snapshot import ResourceType
+from meshca.mesh import resources as r
 from meshca.xds.delta import DeltaResponse
 from meshca.xds.server import DELTA_PER_TYPE_METHODS, frame_delta_response
+from meshca.xds.snapshot import ResourceType
 
 CDS = ResourceType.CLUSTER.type_url
 EDS = ResourceType.ENDPOINT.type_url

@@ -11,7 +11,7 @@ import pytest
 from meshca_harness import running_meshca
 from xds_client import XdsClient
 
-from meshca.snapshot import ResourceType
+from meshca.xds.snapshot import ResourceType
 
 CDS = ResourceType.CLUSTER.type_url
 SDS = ResourceType.SECRET.type_url

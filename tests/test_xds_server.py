@@ -14,10 +14,10 @@ from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import Secret
 from meshca_harness import TRUST_DOMAIN, RunningMeshca, running_meshca
 from xds_client import DeltaXdsClient, XdsClient
 
-from meshca import resources as r
-from meshca.devtokens import mint_token
-from meshca.snapshot import InconsistentSnapshot, ResourceType
+from meshca.dev.tokens import mint_token
+from meshca.mesh import resources as r
 from meshca.xds.server import PER_TYPE_METHODS
+from meshca.xds.snapshot import InconsistentSnapshot, ResourceType
 
 CDS = ResourceType.CLUSTER.type_url
 EDS = ResourceType.ENDPOINT.type_url
@@ -118,7 +118,7 @@ async def test_same_identity_reuses_its_certificate(meshca: RunningMeshca) -> No
     ],
 )
 async def test_bad_tokens_are_unauthenticated(meshca: RunningMeshca, tmp_path: Path, token_kind: str, expected: str) -> None:
-    from meshca.devtokens import write_dev_issuer
+    from meshca.dev.tokens import write_dev_issuer
 
     now = datetime.now(timezone.utc)
     token: str | None

@@ -13,10 +13,10 @@ import pytest
 from meshca_harness import TRUST_DOMAIN, RunningMeshca, running_meshca
 from xds_client import DeltaXdsClient, XdsClient
 
-from meshca.devtokens import mint_token
-from meshca.identity import SpiffeId
-from meshca.snapshot import ResourceType
+from meshca.dev.tokens import mint_token
+from meshca.identity.spiffe import SpiffeId
 from meshca.xds.server import PER_TYPE_METHODS
+from meshca.xds.snapshot import ResourceType
 
 CDS = ResourceType.CLUSTER.type_url
 SDS = ResourceType.SECRET.type_url

@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from meshca.snapshot import (
+from meshca.xds.snapshot import (
     FULL_STATE_TYPES,
     PUSH_ORDER,
     EncodedResource,

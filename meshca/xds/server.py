@@ -19,10 +19,10 @@ from google.protobuf.message import DecodeError
 from meshca.clock import Clock, system_clock
 from meshca.gcpolicy import CollectorPause
 from meshca.logs import RepeatLimiter, client_text
-from meshca.snapshot import ResourceType, Snapshot, SnapshotCache, length_delimited
 from meshca.v1 import xds_wire_pb2
 from meshca.xds.cancel import cancel_rpc
 from meshca.xds.delta import DeltaRequest, DeltaResponse, DeltaStream
+from meshca.xds.snapshot import ResourceType, Snapshot, SnapshotCache, length_delimited
 from meshca.xds.sotw import Outcome, SotwStream, XdsRequest, XdsResponse
 from meshca.xds.status import ProxyRegistry
 

@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from meshca.snapshot import (
+from meshca.xds.snapshot import (
     FULL_STATE_TYPES,
     PUSH_ORDER,
     EncodedResource,

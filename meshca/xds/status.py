@@ -10,7 +10,7 @@ from datetime import datetime
 from types import MappingProxyType
 
 from meshca.clock import Clock
-from meshca.snapshot import ResourceType
+from meshca.xds.snapshot import ResourceType
 
 
 @dataclass(frozen=True)

@@ -8,11 +8,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from meshca.ca import LEAF_TTL_FLOOR, CaSettings, CertificateAuthority
+from meshca.ca.internal import LEAF_TTL_FLOOR, CaSettings, CertificateAuthority
+from meshca.ca.vault.modes import VaultIntermediateCa, VaultLeafCa, VaultLeafOptions, is_vault_state_dir
+from meshca.ca.vault.session import VaultSession, parse_vault_settings
 from meshca.clock import Clock, format_duration
 from meshca.config import FieldReader, read_yaml_mapping
-from meshca.vault import VaultSession, parse_vault_settings
-from meshca.vault_ca import VaultIntermediateCa, VaultLeafCa, VaultLeafOptions, is_vault_state_dir
 
 MODES = ("internal", "vault-intermediate", "vault-leaf")
 _VAULT_CA_KEYS = ("mount", "role", "max_rate", "burst")

@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Protocol
 
 from meshca.config import ConfigError
-from meshca.meshconfig import MeshConfig, load_mesh_config
-from meshca.snapshot import InconsistentSnapshot
+from meshca.mesh.model import MeshConfig, load_mesh_config
+from meshca.xds.snapshot import InconsistentSnapshot
 
 
 class MeshConfigSink(Protocol):

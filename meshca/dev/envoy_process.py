@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-from meshca.processes import ChildProcess, find_binary
+from meshca.dev.processes import ChildProcess, find_binary
 
 T = TypeVar("T")
 

@@ -25,12 +25,9 @@ from typing import Any, Literal, TextIO
 import yaml
 from cryptography import x509
 
-from meshca.bootstrap import BootstrapSettings, build_bootstrap
-from meshca.ca import CaSettings
+from meshca.ca.internal import CaSettings
 from meshca.clock import Clock
-from meshca.devmaterial import create_dev_material
-from meshca.devtokens import mint_token
-from meshca.envoy_process import (
+from meshca.dev.envoy_process import (
     EnvoyProcess,
     dynamic_active_clusters,
     dynamic_active_secrets,
@@ -38,7 +35,10 @@ from meshca.envoy_process import (
     free_port,
     wait_until,
 )
+from meshca.dev.material import create_dev_material
+from meshca.dev.tokens import mint_token
 from meshca.files import write_atomic
+from meshca.node.bootstrap import BootstrapSettings, build_bootstrap
 
 TRUST_DOMAIN = "mesh.local"
 
@@ -405,8 +405,8 @@ class Demo:
         """Use VAULT_ADDR/VAULT_TOKEN when given, else start an OpenBao dev server; set up PKI and AppRole."""
         import hvac
 
-        from meshca.openbao_process import OpenBaoProcess
-        from meshca.vault_setup import setup_approle, setup_pki
+        from meshca.ca.vault.setup import setup_approle, setup_pki
+        from meshca.dev.openbao_process import OpenBaoProcess
 
         address = os.environ.get("VAULT_ADDR")
         if address:
@@ -449,7 +449,7 @@ class Demo:
         """Vault's root as Vault itself serves it, and whether every sidecar's chain verifies to it."""
         from cryptography.x509.verification import PolicyBuilder, Store
 
-        from meshca import crypto
+        from meshca.ca import crypto
 
         with urllib.request.urlopen(f"{self.vault_address}/v1/pki/ca/pem", timeout=5) as response:
             root_pem = response.read()
@@ -488,7 +488,7 @@ class Demo:
         self.say(f"starting meshca on 127.0.0.1:{self.ports.meshca} (log: {self.meshca_log})")
         with self.meshca_log.open("ab") as log:
             self.meshca = subprocess.Popen(
-                [sys.executable, "-m", "meshca.cli", "serve", "--config", str(self.material.serve_config)],
+                [sys.executable, "-m", "meshca.cli.main", "serve", "--config", str(self.material.serve_config)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
@@ -517,7 +517,7 @@ class Demo:
             else ["--state-dir", str(self.material.state_dir)]
         )
         result = subprocess.run(
-            [sys.executable, "-m", "meshca.cli", "ca", *args, *where],
+            [sys.executable, "-m", "meshca.cli.main", "ca", *args, *where],
             capture_output=True,
             text=True,
             timeout=60,

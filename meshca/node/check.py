@@ -13,9 +13,9 @@ from envoy_data_plane.envoy.config.core.v3 import Node
 from envoy_data_plane.envoy.service.discovery.v3 import DeltaDiscoveryRequest, DiscoveryRequest
 from envoy_data_plane.google.protobuf import Struct, Value
 
-from meshca.bootstrap import BootstrapSettings
-from meshca.snapshot import ResourceType
+from meshca.node.bootstrap import BootstrapSettings
 from meshca.xds.server import ADS_METHOD, DELTA_ADS_METHOD
+from meshca.xds.snapshot import ResourceType
 
 _PROBE_RESOURCE = "ROOTCA"  # every admitted node may fetch the trust bundle
 

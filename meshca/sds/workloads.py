@@ -12,15 +12,15 @@ from functools import partial
 from typing import Protocol
 
 from meshca.clock import Clock
-from meshca.identity import SpiffeId
-from meshca.meshbuild import MeshResources
-from meshca.resources import (
+from meshca.identity.spiffe import SpiffeId
+from meshca.mesh.build import MeshResources
+from meshca.mesh.resources import (
     DEFAULT_CERT_SECRET,
     ROOT_CA_SECRET,
     tls_certificate_secret,
     validation_context_secret,
 )
-from meshca.snapshot import (
+from meshca.xds.snapshot import (
     EncodedResource,
     Overlay,
     Reference,

@@ -12,7 +12,7 @@ from typing import Protocol
 
 from meshca.clock import Clock, format_duration
 from meshca.files import describe_os_error
-from meshca.identity import SpiffeId
+from meshca.identity.spiffe import SpiffeId
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,7 @@ def spread_schedule(
 
 
 class RenewableSecrets(Protocol):
-    """What rotation needs from SDS (meshca.workloads.WorkloadSecrets)."""
+    """What rotation needs from SDS (meshca.sds.workloads.WorkloadSecrets)."""
 
     def renew(self, spiffe_id: SpiffeId) -> LeafInfo: ...
 
@@ -100,7 +100,7 @@ class LeafInfo(Protocol):
 
 
 class Republisher(Protocol):
-    """Pushes an identity's snapshot again after its secret changed (meshca.workloads.MeshPublisher)."""
+    """Pushes an identity's snapshot again after its secret changed (meshca.sds.workloads.MeshPublisher)."""
 
     def refresh(self, spiffe_id: SpiffeId) -> None: ...
 
@@ -295,7 +295,7 @@ class ApschedulerJobs:
 
 
 class RotatingCa(Protocol):
-    """What the CA watcher needs from the CA (meshca.ca.CertificateAuthority)."""
+    """What the CA watcher needs from the CA (meshca.ca.internal.CertificateAuthority)."""
 
     def reload_if_changed(self) -> bool: ...
 

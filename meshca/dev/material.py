@@ -10,9 +10,9 @@ from typing import Any
 
 import yaml
 
-from meshca.ca import CaSettings, CertificateAuthority
+from meshca.ca.internal import CaSettings, CertificateAuthority
 from meshca.clock import Clock
-from meshca.devtokens import DEV_AUDIENCE, DEV_ISSUER, write_dev_issuer
+from meshca.dev.tokens import DEV_AUDIENCE, DEV_ISSUER, write_dev_issuer
 from meshca.files import write_atomic
 
 SERVE_CONFIG_FILE = "meshca.yaml"

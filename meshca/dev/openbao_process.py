@@ -17,7 +17,7 @@ from typing import IO, Any
 
 import hvac
 
-from meshca.processes import ChildProcess, find_binary, terminate
+from meshca.dev.processes import ChildProcess, find_binary, terminate
 
 DEFAULT_ROOT_TOKEN = "meshca-dev-root"
 _UNSEAL_LINE = re.compile(r"^\s*Unseal Key:\s*(\S+)\s*$")

@@ -10,7 +10,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TextIO
 
-from meshca.ca import CaError, CaEvent, CaStatus, CertificateAuthority
+from meshca.ca.internal import CaError, CaEvent, CaStatus, CertificateAuthority
 from meshca.clock import Clock, system_clock
 
 
@@ -53,11 +53,11 @@ def _load_ca(args: argparse.Namespace, clock: Clock, *, needs_vault: bool = Fals
     if args.config:
         import logging
 
-        from meshca.backends import build_ca_backend
+        from meshca.ca.backends import build_ca_backend
 
-        return build_ca_backend(Path(args.config), clock, logging.getLogger("meshca.cli")).ca
+        return build_ca_backend(Path(args.config), clock, logging.getLogger("meshca.cli.main")).ca
     state_dir = _state_dir(args)
-    from meshca.vault_ca import VaultIntermediateCa, is_vault_state_dir
+    from meshca.ca.vault.modes import VaultIntermediateCa, is_vault_state_dir
 
     if is_vault_state_dir(state_dir):
         if needs_vault:

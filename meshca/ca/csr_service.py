@@ -11,7 +11,8 @@ from typing import Protocol
 
 import grpc
 
-from meshca.ca import (
+from meshca.ca.crypto import split_pem_certificates
+from meshca.ca.internal import (
     CaError,
     CsrRejected,
     IdentityRejected,
@@ -19,9 +20,8 @@ from meshca.ca import (
     IssuedCertificate,
     IssuerExpired,
 )
-from meshca.crypto import split_pem_certificates
-from meshca.identity import SpiffeId
-from meshca.jwtgate import AuthenticationError, VerifiedIdentity
+from meshca.identity.jwt import AuthenticationError, VerifiedIdentity
+from meshca.identity.spiffe import SpiffeId
 from meshca.v1 import certificate_pb2, certificate_pb2_grpc
 
 # timedelta cannot hold more than ~2.7e12 s; anything near it is nonsense and the CA caps it anyway.
@@ -31,13 +31,13 @@ _PEM_END = b"-----END CERTIFICATE-----\n"
 
 
 class Authenticator(Protocol):
-    """Turns call metadata into a verified identity; raises meshca.jwtgate.AuthenticationError."""
+    """Turns call metadata into a verified identity; raises meshca.identity.jwt.AuthenticationError."""
 
     def authenticate(self, metadata: Sequence[tuple[str, str | bytes]]) -> VerifiedIdentity: ...
 
 
 class CsrSigner(Protocol):
-    """What the service needs from a CA backend (meshca.ca.CertificateAuthority fits)."""
+    """What the service needs from a CA backend (meshca.ca.internal.CertificateAuthority fits)."""
 
     def sign_csr(self, csr_pem: bytes, spiffe_id: SpiffeId, ttl: timedelta | None) -> IssuedCertificate: ...
 

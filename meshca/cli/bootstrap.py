@@ -8,8 +8,8 @@ import re
 import sys
 from pathlib import Path
 
-from meshca.bootstrap import API_TYPES, BootstrapSettings, render_yaml
 from meshca.files import write_atomic
+from meshca.node.bootstrap import API_TYPES, BootstrapSettings, render_yaml
 
 DEFAULT_MESHCA = "127.0.0.1:15010"
 DEFAULT_SERVER_NAME = "meshca.local"
@@ -225,7 +225,7 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
 
 def _run_check(settings: BootstrapSettings) -> int:
     """One line on stdout; 0 when meshca admitted the node, 1 otherwise."""
-    from meshca.bootstrap_check import check_bootstrap
+    from meshca.node.check import check_bootstrap
 
     result = check_bootstrap(settings)
     print(f"meshca: {result.line}", flush=True)

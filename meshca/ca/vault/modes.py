@@ -14,8 +14,9 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal, Protocol, TypeVar
 
-from meshca import crypto
-from meshca.ca import (
+from meshca.ca import crypto
+from meshca.ca.crypto import CertificateInfo, CryptoError, Issuer
+from meshca.ca.internal import (
     CaEvent,
     CaSettings,
     CaStatus,
@@ -36,7 +37,7 @@ from meshca.ca import (
     new_serial,
     retire_after,
 )
-from meshca.ca_state import (
+from meshca.ca.state import (
     FORMAT_VERSION,
     CaError,
     CaStateError,
@@ -59,10 +60,9 @@ from meshca.ca_state import (
     slot_order,
     state_lock,
 )
+from meshca.ca.vault.session import VaultDenied, VaultError, VaultUnavailable
 from meshca.clock import Clock
-from meshca.crypto import CertificateInfo, CryptoError, Issuer
-from meshca.identity import SpiffeId
-from meshca.vault import VaultDenied, VaultError, VaultUnavailable
+from meshca.identity.spiffe import SpiffeId
 
 VAULT_METADATA_FILE = "vault-ca.json"  # the commit point of a vault-intermediate state directory
 VaultMode = Literal["vault-intermediate", "vault-leaf"]
@@ -76,7 +76,7 @@ T = TypeVar("T")
 
 
 class VaultCaller(Protocol):
-    """What the Vault backends need from meshca.vault.VaultSession: one call, errors mapped to VaultError."""
+    """What the Vault backends need from meshca.ca.vault.session.VaultSession: one call, errors mapped to VaultError."""
 
     def call(self, operation: Callable[[Any], T], what: str) -> T: ...
 
@@ -106,7 +106,7 @@ class ServerCertificateUnsupported(VaultCaError):
     """vault-leaf mode does not issue meshca's own TLS server certificate."""
 
 
-# Vault's answers, as raised by these backends: still the meshca.vault classes (path, reason, status), and also
+# Vault's answers, as raised by these backends: still the meshca.ca.vault.session classes (path, reason, status), and also
 # CaErrors, so that callers that handle CA failures (stream open → UNAVAILABLE) handle them too.
 
 
@@ -411,7 +411,7 @@ class VaultIntermediateCa(StateDirCa[_State, _Plan]):
     Vault's, derived from the intermediates they signed. Only preparing an intermediate calls Vault.
     State directory: vault-ca.json (the commit point: format 2 slots plus `mode` and `vault.mount`),
     journal.jsonl, .lock, intermediate-<id>.pem (+ Vault's non-root CAs), intermediate-<id>-key.pem
-    (0600), root-<id>.pem (Vault's root, certificate only). Same crash-safety rules as meshca.ca.
+    (0600), root-<id>.pem (Vault's root, certificate only). Same crash-safety rules as meshca.ca.internal.
     """
 
     _metadata_file = VAULT_METADATA_FILE
@@ -442,7 +442,7 @@ class VaultIntermediateCa(StateDirCa[_State, _Plan]):
         Raises CaStateError if CA state already exists there, VaultError if Vault refuses or is down.
         """
         state_dir = Path(state_dir)
-        log = logger or logging.getLogger("meshca.vault_ca")
+        log = logger or logging.getLogger("meshca.ca.vault.modes")
         create_state_dir(state_dir, CaStateError, (VAULT_METADATA_FILE,))
         now = as_utc(clock())
         made = _sign_intermediate(session, settings, mount, now, "active", log)
@@ -476,7 +476,7 @@ class VaultIntermediateCa(StateDirCa[_State, _Plan]):
         with state_lock(state_dir, exclusive=False):
             raw, data = read_metadata(state_dir, VAULT_METADATA_FILE)
             state = _read_state(state_dir, raw, data, settings, mount)
-        return cls(state_dir, session, clock, logger or logging.getLogger("meshca.vault_ca"), state, retry_cap)
+        return cls(state_dir, session, clock, logger or logging.getLogger("meshca.ca.vault.modes"), state, retry_cap)
 
     def _reread(self, current: _State, raw: bytes, data: dict[str, Any]) -> _State:
         return _read_state(self._dir, raw, data, current.settings, current.mount)
@@ -714,7 +714,7 @@ class VaultIntermediateCa(StateDirCa[_State, _Plan]):
         return IssuedCertificate(spiffe_id, cert_pem, cert_pem + signer.chain_pem, key_pem, serial, not_before, not_after)
 
     def sign_csr(self, csr_pem: bytes, spiffe_id: SpiffeId, ttl: timedelta | None = None) -> IssuedCertificate:
-        """Sign a PEM CSR for `spiffe_id` (the verified caller) locally; same policy as meshca.ca."""
+        """Sign a PEM CSR for `spiffe_id` (the verified caller) locally; same policy as meshca.ca.internal."""
         state = self._state
         check_identity(spiffe_id, state.settings.trust_domain)
         public_key = check_csr(csr_pem, spiffe_id)
@@ -810,7 +810,7 @@ def _commit(
     state_dir: Path, *, base_generation: int, referenced: Sequence[tuple[SlotKind, str]], new: Sequence[_NewInter],
     events: Sequence[tuple[JournalEvent, SlotKind, str]], record: StateRecord, mount: str, remove_after: Sequence[Path],
 ) -> tuple[bytes, tuple[int, int, int]]:
-    """meshca.ca's write path (commit_transition) to vault-ca.json: each new intermediate's key and chain, and
+    """meshca.ca.internal's write path (commit_transition) to vault-ca.json: each new intermediate's key and chain, and
     Vault's root certificate when no referenced slot holds it yet."""
     files: list[tuple[str, bytes, int]] = []
     present = {ident for kind, ident in referenced if kind == "root"}
@@ -1200,7 +1200,7 @@ class VaultLeafCa:
         return self._issue(spiffe_id, csr_pem, crypto.private_key_info(key_pem).spki_der, key_pem, ttl)
 
     def sign_csr(self, csr_pem: bytes, spiffe_id: SpiffeId, ttl: timedelta | None = None) -> IssuedCertificate:
-        """The caller's CSR, checked with meshca.ca's policy, sent to Vault with `uri_sans` = the caller's
+        """The caller's CSR, checked with meshca.ca.internal's policy, sent to Vault with `uri_sans` = the caller's
         identity (the role must allow it and ignore the CSR's own SANs). Raises CsrRejected and as issue_workload."""
         check_identity(spiffe_id, self._settings.trust_domain)
         public_key = check_csr(csr_pem, spiffe_id)

@@ -11,8 +11,8 @@ from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
 
-from meshca import crypto
-from meshca.ca import CaError, CaSettings, CertificateAuthority
+from meshca.ca import crypto
+from meshca.ca.internal import CaError, CaSettings, CertificateAuthority
 from meshca.clock import format_duration, system_clock
 from meshca.config import (
     ConfigError,
@@ -35,7 +35,7 @@ def cmd_ca_init(args: argparse.Namespace) -> int:
 
 
 def cmd_dev_init(args: argparse.Namespace) -> int:
-    from meshca.devmaterial import DEV_METRICS_PORT, SAMPLE_MESH_FILE, create_dev_material
+    from meshca.dev.material import DEV_METRICS_PORT, SAMPLE_MESH_FILE, create_dev_material
 
     material = create_dev_material(
         Path(args.dir), args.trust_domain, system_clock, force=args.force, sample_mesh=True,
@@ -50,7 +50,7 @@ def cmd_dev_init(args: argparse.Namespace) -> int:
 
 
 def cmd_dev_token(args: argparse.Namespace) -> int:
-    from meshca.devtokens import SIGNING_KEY_FILE, mint_token
+    from meshca.dev.tokens import SIGNING_KEY_FILE, mint_token
 
     key_path = Path(args.dir) / SIGNING_KEY_FILE
     if not key_path.exists():
@@ -84,7 +84,7 @@ def _read_setting_file(config_path: Path, field: str, path: Path) -> bytes:
 async def _serve(config_path: Path) -> int:
     from meshca import logs
     from meshca.app import MeshcaApp, ServerCredentials, issue_server_credentials
-    from meshca.backends import build_ca_backend
+    from meshca.ca.backends import build_ca_backend
     from meshca.gcpolicy import tune_gc_for_serving
 
     tune_gc_for_serving()
@@ -128,7 +128,7 @@ async def _serve(config_path: Path) -> int:
         credentials = issue_server_credentials(ca, settings.server_names, timedelta(days=30))
     source_task = None
     if settings.mesh_file is not None:
-        from meshca.sources import FileMeshSource
+        from meshca.mesh.source import FileMeshSource
 
         source = FileMeshSource(settings.mesh_file, app, log.getChild("mesh-source"))
         source.load()  # an invalid mesh at start is an error: there is no last good config yet
@@ -149,7 +149,7 @@ async def _serve(config_path: Path) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from meshca.demo import DemoSettings, run_demo
+    from meshca.dev.demo import DemoSettings, run_demo
 
     workdir = Path(args.workdir) if args.workdir else None
     if workdir is not None:
@@ -208,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"CA key type (default {crypto.KeyAlgorithm.EC_P256.value})",
     )
     ca_init.set_defaults(handler=cmd_ca_init)
-    from meshca.cli_ca import add_ca_parsers
+    from meshca.cli.ca import add_ca_parsers
 
     add_ca_parsers(ca)
 
@@ -257,9 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.set_defaults(handler=cmd_demo)
 
-    from meshca.cli_bootstrap import add_bootstrap_parser
+    from meshca.ca.vault.setup import add_vault_parser
+    from meshca.cli.bootstrap import add_bootstrap_parser
     from meshca.observability import add_status_parser
-    from meshca.vault_setup import add_vault_parser
 
     add_bootstrap_parser(commands)
     add_status_parser(commands)

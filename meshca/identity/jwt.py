@@ -23,7 +23,7 @@ import jwt
 import jwt.algorithms
 
 from meshca.clock import Clock
-from meshca.identity import InvalidSpiffeId, SpiffeId
+from meshca.identity.spiffe import InvalidSpiffeId, SpiffeId
 
 # Asymmetric JWS algorithms pyjwt implements; nothing else may ever be configured.
 ASYMMETRIC_ALGORITHMS: frozenset[str] = frozenset(

@@ -10,7 +10,7 @@ from datetime import datetime, timedelta
 from typing import Protocol
 
 from meshca.clock import Clock
-from meshca.identity import SpiffeId
+from meshca.identity.spiffe import SpiffeId
 
 
 class Forgetter(Protocol):

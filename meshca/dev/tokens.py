@@ -12,14 +12,14 @@ from typing import Any
 
 import jwt
 
-from meshca.crypto import (
+from meshca.ca.crypto import (
     KeyAlgorithm,
     generate_private_key_pem,
     public_jwk,
     public_key_pem,
 )
 from meshca.files import fsync_directory, write_atomic
-from meshca.identity import SpiffeId
+from meshca.identity.spiffe import SpiffeId
 
 DEV_ISSUER = "https://meshca.dev.local"
 DEV_AUDIENCE = "meshca"

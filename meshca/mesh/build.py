@@ -8,10 +8,10 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, TypeVar, cast
 
-from meshca import resources as r
-from meshca.identity import SpiffeId
-from meshca.meshconfig import AllowRule, MeshConfig, Service
-from meshca.snapshot import EncodedResource
+from meshca.identity.spiffe import SpiffeId
+from meshca.mesh import resources as r
+from meshca.mesh.model import AllowRule, MeshConfig, Service
+from meshca.xds.snapshot import EncodedResource
 
 OUTBOUND_ROUTES = "outbound"
 

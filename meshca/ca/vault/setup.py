@@ -15,8 +15,8 @@ import hvac
 import hvac.exceptions
 import requests
 
+from meshca.ca.vault.session import VaultError, VaultSession, vault_error_from
 from meshca.config import parse_duration
-from meshca.vault import VaultError, VaultSession, vault_error_from
 
 T = TypeVar("T")
 
@@ -160,7 +160,7 @@ def policy_text(mode: Mode, *, mount: str = "pki", role: str = "meshca") -> str:
 def role_parameters(trust_domain: str, max_leaf_ttl: timedelta) -> dict[str, Any]:
     """The PKI role for workload leaves: URI SANs only inside the trust domain and only as requested in
     `uri_sans` (never copied from the CSR), basicConstraints CA:FALSE (the SPIFFE X509-SVID spec requires
-    it), not stored. Any key type: meshca's own CSR policy (meshca.ca.check_csr: EC P-256/P-384, RSA
+    it), not stored. Any key type: meshca's own CSR policy (meshca.ca.internal.check_csr: EC P-256/P-384, RSA
     2048-8192) decides before Vault is asked, and Vault still refuses RSA below 2048 bits."""
     ttl = _seconds(max_leaf_ttl)
     return {
@@ -237,7 +237,7 @@ def _read_root_pem(run: Callable[..., Any], mount: str) -> str:
 
 
 def _subject(pem: str) -> str:
-    from meshca.crypto import CryptoError, parse_certificate_pem
+    from meshca.ca.crypto import CryptoError, parse_certificate_pem
 
     try:
         info = parse_certificate_pem(pem.encode())
@@ -459,7 +459,7 @@ def _duration_option(value: str, option: str) -> timedelta:
 
 
 def _root_summary(root_pem: str) -> str:
-    from meshca.crypto import CryptoError, parse_certificate_pem
+    from meshca.ca.crypto import CryptoError, parse_certificate_pem
 
     try:
         info = parse_certificate_pem(root_pem.encode())

@@ -12,9 +12,10 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, ClassVar, Generic, Literal, Protocol, TypeVar
 
-from meshca import crypto
-from meshca.ca_state import CRASH_POINTS as CRASH_POINTS  # re-exported: the crash-test hook lives in ca_state
-from meshca.ca_state import (
+from meshca.ca import crypto
+from meshca.ca.crypto import CryptoError, DistinguishedName, Issuer, KeyAlgorithm
+from meshca.ca.state import CRASH_POINTS as CRASH_POINTS  # re-exported: the crash-test hook lives in ca_state
+from meshca.ca.state import (
     FORMAT_VERSION,
     METADATA_FILE,
     V1_FILES,
@@ -48,10 +49,9 @@ from meshca.ca_state import (
     slot_order,
     state_lock,
 )
-from meshca.ca_state import CrashPoint as CrashPoint  # re-exported, as CRASH_POINTS
+from meshca.ca.state import CrashPoint as CrashPoint  # re-exported, as CRASH_POINTS
 from meshca.clock import Clock, format_duration
-from meshca.crypto import CryptoError, DistinguishedName, Issuer, KeyAlgorithm
-from meshca.identity import InvalidSpiffeId, SpiffeId
+from meshca.identity.spiffe import InvalidSpiffeId, SpiffeId
 
 # Format-1 file names (kept for the migration and for tests that build a format-1 directory).
 ROOT_CERT_FILE = V1_ROOT_CERT_FILE
@@ -447,7 +447,7 @@ def _str(value: str | None) -> str:
     return value or ""
 
 
-# --- leaf policy (pure; meshca.vault_ca applies it too) --------------------------------------------
+# --- leaf policy (pure; meshca.ca.vault.modes applies it too) --------------------------------------------
 
 
 def new_serial() -> int:
@@ -870,7 +870,7 @@ PlanT = TypeVar("PlanT")
 
 
 class StateDirCa(Generic[StateT, PlanT]):
-    """What the CAs kept in a state directory share (CertificateAuthority here, meshca.vault_ca's
+    """What the CAs kept in a state directory share (CertificateAuthority here, meshca.ca.vault.modes's
     VaultIntermediateCa): reloading the commit file, transitions under the exclusive lock, the journal
     and the settings accessors. A subclass sets the attributes below and implements `_reread` and
     `_apply_locked`."""

@@ -1,0 +1,1 @@
+"""Certificate authority: the CA backends (internal, Vault), their state, crypto and the CSR API."""

@@ -1,0 +1,1 @@
+"""Vault/OpenBao as the root of trust: the session, the two CA modes, setup."""

@@ -1,0 +1,1 @@
+"""The mesh model (services, callers, routes), its source, and the Envoy resources derived from it."""

@@ -1,0 +1,1 @@
+"""What runs beside a proxy: its Envoy bootstrap and the check of it."""
