@@ -31,7 +31,7 @@ from typing import Any
 import grpc
 
 from benchmarks.common import TRUST_DOMAIN, child_args, cpu_seconds, emit, percentile, serve_commands
-from meshca.xds.snapshot import length_delimited
+from meshca.xds.wire import length_delimited
 
 ADS_METHOD = "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources"
 RAW_METHOD = "/bench.Raw/Hold"

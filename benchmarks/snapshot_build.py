@@ -41,7 +41,8 @@ def measure(services: int, endpoints: int, change_budget: float, max_changes: in
     from meshca.clock import system_clock
     from meshca.mesh.build import ResourceMemo, build_mesh
     from meshca.sds.workloads import MeshPublisher, WorkloadSecrets
-    from meshca.xds.snapshot import ResourceType, SnapshotCache
+    from meshca.xds.cache import SnapshotCache
+    from meshca.xds.snapshot import ResourceType
 
     log = logging.getLogger("bench")
     log.setLevel(logging.WARNING)

@@ -35,6 +35,7 @@ from meshca.observability import GcPauseCollector, Observability, RotationCollec
 from meshca.sds.retention import IdentityRetention
 from meshca.sds.rotation import ApschedulerJobs, CaWatcher, LeafRotator, RotationSettings
 from meshca.sds.workloads import ForeignTrustDomain, MeshPublisher, WorkloadSecrets
+from meshca.xds.cache import SnapshotCache
 from meshca.xds.server import (
     DEFAULT_MAX_STREAM_AGE,
     DEFAULT_SEND_TIMEOUT,
@@ -44,7 +45,7 @@ from meshca.xds.server import (
     StreamRefused,
     XdsServer,
 )
-from meshca.xds.snapshot import InconsistentSnapshot, SnapshotCache
+from meshca.xds.snapshot import InconsistentSnapshot
 from meshca.xds.status import ProxyRegistry
 
 DEFAULT_IDENTITY_GRACE = timedelta(minutes=10)

@@ -28,7 +28,8 @@ from meshca.mesh import resources as r
 from meshca.mesh.build import OUTBOUND_ROUTES, MeshResources, ResourceMemo, build_mesh
 from meshca.mesh.model import MeshConfig, parse_mesh_config
 from meshca.sds.workloads import MeshPublisher, WorkloadSecrets
-from meshca.xds.snapshot import EncodedResource, InconsistentSnapshot, ResourceType, Snapshot, SnapshotCache
+from meshca.xds.cache import SnapshotCache
+from meshca.xds.snapshot import EncodedResource, InconsistentSnapshot, ResourceType, Snapshot
 
 TD = "mesh.test"
 

@@ -17,7 +17,8 @@ from meshca.identity.spiffe import SpiffeId
 from meshca.sds.retention import IdentityRetention
 from meshca.sds.rotation import LeafRotator, RenewalPolicy
 from meshca.sds.workloads import MeshPublisher, WorkloadSecrets
-from meshca.xds.snapshot import ResourceType, SnapshotCache
+from meshca.xds.cache import SnapshotCache
+from meshca.xds.snapshot import ResourceType
 
 LOG = logging.getLogger("test.retention")
 GRACE = timedelta(minutes=10)

@@ -22,7 +22,7 @@ from meshca.sds.rotation import (
     spread_schedule,
 )
 from meshca.sds.workloads import MeshPublisher, WorkloadSecrets
-from meshca.xds.snapshot import SnapshotCache
+from meshca.xds.cache import SnapshotCache
 
 T0 = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
 HOUR = timedelta(hours=1)

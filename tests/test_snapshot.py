@@ -10,6 +10,7 @@ import pytest
 from envoy_data_plane.envoy.config.cluster.v3 import Cluster
 
 from meshca.mesh import resources as r
+from meshca.xds.cache import SnapshotCache
 from meshca.xds.snapshot import (
     EncodedResource,
     InconsistentSnapshot,
@@ -17,7 +18,6 @@ from meshca.xds.snapshot import (
     Reference,
     ResourceType,
     Snapshot,
-    SnapshotCache,
     TypeResources,
 )
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import itertools
 
 from meshca.mesh import resources as r
+from meshca.xds.protocol import Outcome
 from meshca.xds.snapshot import PUSH_ORDER, ResourceType, Snapshot
-from meshca.xds.sotw import Outcome, SotwStream, XdsRequest, XdsResponse
+from meshca.xds.sotw import SotwStream, XdsRequest, XdsResponse
 
 CDS, EDS, LDS, RDS, SDS = (
     ResourceType.CLUSTER,

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
-from meshca.xds.snapshot import EncodedResource, Reference, ResourceType, encode_payload, length_delimited, varint
+from meshca.xds.snapshot import EncodedResource, Reference, ResourceType, encode_payload
+from meshca.xds.wire import length_delimited, varint
 
 if TYPE_CHECKING:
     from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import CommonTlsContext

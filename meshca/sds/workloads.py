@@ -20,15 +20,8 @@ from meshca.mesh.resources import (
     tls_certificate_secret,
     validation_context_secret,
 )
-from meshca.xds.snapshot import (
-    EncodedResource,
-    Overlay,
-    Reference,
-    ResourceType,
-    Snapshot,
-    SnapshotCache,
-    TypeResources,
-)
+from meshca.xds.cache import SnapshotCache
+from meshca.xds.snapshot import EncodedResource, Overlay, Reference, ResourceType, Snapshot, TypeResources
 
 ALL_BUNDLES_SECRET = "ALL"
 

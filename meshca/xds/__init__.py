@@ -1,1 +1,1 @@
-"""xDS: the SotW protocol state machine and its grpc.aio transport."""
+"""xDS: what to send (wire framing, snapshots, the watch cache) and how to stream it (SotW, delta, grpc.aio server)."""

@@ -6,6 +6,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+from meshca.xds.protocol import WILDCARD, Ack, Nack, Outcome, Request
 from meshca.xds.snapshot import (
     FULL_STATE_TYPES,
     PUSH_ORDER,
@@ -14,7 +15,6 @@ from meshca.xds.snapshot import (
     Snapshot,
     TypeResources,
 )
-from meshca.xds.sotw import WILDCARD, Ack, Nack, Outcome
 
 # Break order for removals: what refers to a resource goes before it (a listener before its route
 # configuration, a route before its clusters, a cluster before its endpoints and secrets).
@@ -33,7 +33,7 @@ _WARMS_WITH: Mapping[ResourceType, ResourceType] = MappingProxyType({ResourceTyp
 
 
 @dataclass(frozen=True)
-class DeltaRequest:
+class DeltaRequest(Request):
     """The protocol-relevant part of a DeltaDiscoveryRequest."""
 
     type: ResourceType
@@ -43,10 +43,6 @@ class DeltaRequest:
     response_nonce: str = ""
     error_code: int | None = None
     error_message: str = ""
-
-    @property
-    def is_nack(self) -> bool:
-        return self.error_code is not None
 
 
 @dataclass(frozen=True)

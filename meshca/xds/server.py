@@ -20,11 +20,14 @@ from meshca.clock import Clock, system_clock
 from meshca.gcpolicy import CollectorPause
 from meshca.logs import RepeatLimiter, client_text
 from meshca.v1 import xds_wire_pb2
+from meshca.xds.cache import SnapshotCache
 from meshca.xds.cancel import cancel_rpc
 from meshca.xds.delta import DeltaRequest, DeltaResponse, DeltaStream
-from meshca.xds.snapshot import ResourceType, Snapshot, SnapshotCache, length_delimited
-from meshca.xds.sotw import Outcome, SotwStream, XdsRequest, XdsResponse
+from meshca.xds.protocol import Outcome, ProtocolStream
+from meshca.xds.snapshot import ResourceType
+from meshca.xds.sotw import SotwStream, XdsRequest, XdsResponse
 from meshca.xds.status import ProxyRegistry
+from meshca.xds.wire import length_delimited
 
 ADS_METHOD = "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources"
 PER_TYPE_METHODS: dict[ResourceType, str] = {
@@ -213,21 +216,13 @@ def parse_delta_request(raw: bytes, fixed_type: ResourceType | None) -> tuple[De
     return request, decoded.node
 
 
-class ProtocolStream(Protocol):
-    """One stream's protocol state machine (SotwStream or DeltaStream)."""
-
-    def on_request(self, request: Any, snapshot: Snapshot | None) -> Outcome[Any]: ...
-
-    def on_snapshot(self, snapshot: Snapshot) -> Outcome[Any]: ...
-
-
 @dataclass(frozen=True)
 class _Variant:
     """What differs between SotW and delta streams: decoding, the state machine, framing."""
 
     name: str
     parse: Callable[[bytes, ResourceType | None], tuple[object | None, NodeInfo | None]]
-    new_stream: Callable[[list[ResourceType], Callable[[], str]], ProtocolStream]
+    new_stream: Callable[[list[ResourceType], Callable[[], str]], ProtocolStream[Any, Any]]
     frame: Callable[[Any], bytes]
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Generic, TypeVar
 
+from meshca.xds.protocol import WILDCARD, Ack, Nack, Outcome, Request
 from meshca.xds.snapshot import (
     FULL_STATE_TYPES,
     PUSH_ORDER,
@@ -15,11 +15,9 @@ from meshca.xds.snapshot import (
     TypeResources,
 )
 
-WILDCARD = "*"
-
 
 @dataclass(frozen=True)
-class XdsRequest:
+class XdsRequest(Request):
     """The protocol-relevant part of a DiscoveryRequest."""
 
     type: ResourceType
@@ -30,10 +28,6 @@ class XdsRequest:
     error_message: str = ""
     names_key: bytes | None = None  # the names in canonical wire form, when decoded from the wire
 
-    @property
-    def is_nack(self) -> bool:
-        return self.error_code is not None
-
 
 @dataclass(frozen=True)
 class XdsResponse:
@@ -41,34 +35,6 @@ class XdsResponse:
     version: str
     resources: tuple[EncodedResource, ...]
     nonce: str
-
-
-@dataclass(frozen=True)
-class Ack:
-    type: ResourceType
-    version: str
-
-
-@dataclass(frozen=True)
-class Nack:
-    type: ResourceType
-    rejected_version: str | None
-    last_good_version: str
-    error_code: int
-    error_message: str
-
-
-ResponseT = TypeVar("ResponseT")
-
-
-@dataclass(frozen=True)
-class Outcome(Generic[ResponseT]):
-    """What one input did: responses to send (in order) and what the client told us (SotW and delta)."""
-
-    responses: tuple[ResponseT, ...] = ()
-    ack: Ack | None = None
-    nack: Nack | None = None
-    stale: bool = False
 
 
 @dataclass
