@@ -13,6 +13,8 @@ from datetime import timedelta
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from meshca.admin.metrics import GcPauseCollector, RotationCollector, VaultCollector
+from meshca.admin.server import Observability
 from meshca.ca import csr_service
 from meshca.ca.internal import CaError, CertificateAuthority
 from meshca.ca.vault.session import VaultSession
@@ -31,7 +33,6 @@ from meshca.identity.spiffe import SpiffeId
 from meshca.listen import ListenError, check_bindable, format_address
 from meshca.mesh.build import ResourceMemo, build_mesh
 from meshca.mesh.model import MeshConfig
-from meshca.observability import GcPauseCollector, Observability, RotationCollector, VaultCollector
 from meshca.sds.retention import IdentityRetention
 from meshca.sds.rotation import ApschedulerJobs, CaWatcher, LeafRotator, RotationSettings
 from meshca.sds.workloads import ForeignTrustDomain, MeshPublisher, WorkloadSecrets

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
+from meshca.admin.server import AdminServer
 from meshca.cli.main import build_parser, main
 from meshca.clock import system_clock
-from meshca.observability import AdminServer
 from meshca.xds.status import ProxyRegistry
 
 

@@ -16,9 +16,10 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from meshca.admin.server import Observability
 from meshca.ca.internal import CaSettings, CertificateAuthority
+from meshca.cli.status import add_status_parser, format_status
 from meshca.identity.spiffe import SpiffeId
-from meshca.observability import Observability, add_status_parser, format_status
 from meshca.sds.workloads import WorkloadSecrets
 from meshca.xds.snapshot import ResourceType
 from meshca.xds.status import ProxyRegistry

@@ -259,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from meshca.ca.vault.setup import add_vault_parser
     from meshca.cli.bootstrap import add_bootstrap_parser
-    from meshca.observability import add_status_parser
+    from meshca.cli.status import add_status_parser
 
     add_bootstrap_parser(commands)
     add_status_parser(commands)
