@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from meshca.clock import system_clock
-from meshca.dev.demo import FRONTEND, INTRUDER, Demo, DemoSettings, backend_app, http_get, mesh_config
+from meshca.dev.demo import Demo, DemoSettings
 from meshca.dev.envoy_process import EnvoyProcess, free_port, wait_until
+from meshca.dev.harness import FRONTEND, INTRUDER, backend_app, http_get, mesh_config
 from meshca.dev.tokens import mint_token
 from meshca.node.bootstrap import BootstrapSettings, build_bootstrap
 

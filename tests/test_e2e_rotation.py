@@ -14,8 +14,9 @@ from cryptography.x509.verification import PolicyBuilder, Store
 
 from meshca.ca.internal import CertificateAuthority
 from meshca.clock import system_clock
-from meshca.dev.demo import ChainWatcher, Demo, DemoSettings, TrafficLoop, envoy_chain
+from meshca.dev.demo import Demo, DemoSettings
 from meshca.dev.envoy_process import wait_until
+from meshca.dev.harness import ChainWatcher, TrafficLoop, envoy_chain
 
 pytestmark = pytest.mark.e2e
 

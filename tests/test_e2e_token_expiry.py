@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 from meshca_harness import TRUST_DOMAIN, RunningMeshca, running_meshca
 
-from meshca.dev.demo import (
+from meshca.dev.envoy_process import EnvoyProcess, wait_until
+from meshca.dev.harness import (
     BACKEND,
     FRONTEND,
     INTRUDER,
@@ -22,13 +23,12 @@ from meshca.dev.demo import (
     RequestResult,
     TrafficLoop,
     Workload,
-    _json_handler,
     backend_app,
     envoy_certificate,
     http_get,
+    json_handler,
     mesh_config,
 )
-from meshca.dev.envoy_process import EnvoyProcess, wait_until
 from meshca.dev.tokens import mint_token
 from meshca.files import write_atomic
 from meshca.identity.spiffe import SpiffeId
@@ -106,7 +106,7 @@ async def test_refreshed_token_reconnects_without_failures_and_stale_token_gets_
     ports = Ports()
     tokens = {w.name: tmp_path / f"{w.name}.token" for w in (BACKEND, FRONTEND, INTRUDER)}
     # the demo's backend app, on a port of ours
-    app_server = ThreadingHTTPServer(("127.0.0.1", ports.backend_app), _json_handler(backend_app("backend")))
+    app_server = ThreadingHTTPServer(("127.0.0.1", ports.backend_app), json_handler(backend_app("backend")))
     threading.Thread(target=app_server.serve_forever, daemon=True).start()
     async with running_meshca(tmp_path, leeway=LEEWAY) as meshca:
         (tmp_path / "meshca-root.pem").write_bytes(meshca.root_pem)

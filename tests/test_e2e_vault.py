@@ -11,8 +11,9 @@ from datetime import timedelta
 import pytest
 
 from meshca.clock import system_clock
-from meshca.dev.demo import ChainWatcher, Demo, DemoSettings, TrafficLoop, http_get
+from meshca.dev.demo import Demo, DemoSettings
 from meshca.dev.envoy_process import wait_until
+from meshca.dev.harness import ChainWatcher, TrafficLoop, http_get
 
 pytestmark = pytest.mark.e2e
 

@@ -8,8 +8,8 @@ import pytest
 import yaml
 
 from meshca.config import ConfigError
-from meshca.dev.demo import TRUST_DOMAIN as DEMO_TRUST_DOMAIN
-from meshca.dev.demo import Ports, mesh_config
+from meshca.dev.harness import TRUST_DOMAIN as DEMO_TRUST_DOMAIN
+from meshca.dev.harness import Ports, mesh_config
 from meshca.identity.spiffe import SpiffeId
 from meshca.mesh.model import (
     AllowRule,
