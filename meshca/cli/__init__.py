@@ -1,1 +1,1 @@
-"""The `meshca` command line, one module per command group."""
+"""The `meshca` command line: main.py (the parser; ca init, dev, serve, demo) and a module per other command group."""

@@ -1,4 +1,4 @@
-"""`meshca ca status` and `meshca ca rotate`: inspect the internal CA's slots and rotate them."""
+"""`meshca ca status` and `meshca ca rotate`: a CA's slots and their rotation (a state dir or a serve config's CA)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The `meshca` command line: every command, and how errors are shown (one line, exit status 2)."""
+"""The `meshca` entry point: the parser of every command, the ca init/dev/serve/demo handlers, one-line errors."""
 
 from __future__ import annotations
 
