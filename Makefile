@@ -32,6 +32,7 @@ dev: $(DEV_STAMP)
 
 test: $(DEV_STAMP)
 	$(PY) -m ruff check meshca tests benchmarks
+	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest -q -ra
 
 demo: $(DEMO_STAMP)

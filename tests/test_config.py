@@ -17,7 +17,8 @@ from jwks_server import JwksServer
 from meshca.ca.backends import build_ca_backend
 from meshca.ca.crypto import KeyAlgorithm, generate_private_key_pem, public_jwk, public_key_pem
 from meshca.clock import format_duration, system_clock
-from meshca.config import ConfigError, load_serve_settings, parse_duration
+from meshca.config import load_serve_settings
+from meshca.fields import ConfigError, parse_duration
 
 GOOD = """
 state_dir: ca

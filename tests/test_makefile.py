@@ -48,3 +48,6 @@ def test_test_installs_everything_the_tests_need() -> None:
     dev = extras()["dev"]
     assert set(extras()["demo"]) <= set(dev) and set(extras()["vault"]) <= set(dev)
     assert any(d.startswith("pytest") for d in dev)
+    assert any(d.startswith("import-linter") for d in dev)
+    # The import contracts (pyproject.toml [tool.importlinter]) are checked before the tests run.
+    assert out.index("/nonexistent/venv/bin/lint-imports") < out.index("-m pytest")

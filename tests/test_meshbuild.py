@@ -21,6 +21,7 @@ from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import (
     UpstreamTlsContext,
 )
 from meshca_harness import make_ca
+from snapshot_helpers import check_consistency
 
 from meshca.clock import system_clock
 from meshca.identity.spiffe import SpiffeId
@@ -400,7 +401,7 @@ EDITS = [
 def published_content(cache: SnapshotCache, publisher: MeshPublisher, spiffe_id: SpiffeId) -> dict[str, object]:
     snapshot = cache.get(publisher.ensure_identity(spiffe_id))
     assert snapshot is not None
-    snapshot.check_consistency()
+    check_consistency(snapshot)
     return {
         t.name: sorted((name, res.version) for name, res in snapshot.of_type(t).resources.items())
         for t in ResourceType

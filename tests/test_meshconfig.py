@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from meshca.config import ConfigError
 from meshca.dev.harness import TRUST_DOMAIN as DEMO_TRUST_DOMAIN
 from meshca.dev.harness import Ports, mesh_config
+from meshca.fields import ConfigError
 from meshca.identity.spiffe import SpiffeId
 from meshca.mesh.model import (
     AllowRule,

@@ -57,9 +57,10 @@ from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
 )
 from envoy_data_plane.envoy.type.matcher.v3 import StringMatcher
 from envoy_data_plane.google.protobuf import Any as AnyMessage
+from snapshot_helpers import encode_resource
 
 from meshca.mesh import resources as r
-from meshca.xds.snapshot import EncodedResource, Reference, ResourceType, encode_resource
+from meshca.xds.snapshot import EncodedResource, Reference, ResourceType
 
 # --- The reference: the same resources built the way meshca built them before, with envoy-data-plane. ---
 
@@ -461,10 +462,11 @@ def test_secrets() -> None:
         assert new.references == bundle.references == frozenset()
 
 
-def test_common_tls_context_still_available_as_a_message() -> None:
+def test_common_tls_context_decodes_to_the_reference_message() -> None:
     rng = random.Random(5)
     for peer in [r.MtlsPeer(), *(_peer(rng) for _ in range(20))]:
-        assert peer.common_tls_context() == ref_common_tls_context(peer)
+        cluster = Cluster.parse(r.cluster(r.ClusterSpec("c", upstream_tls=peer)).payload)
+        assert cluster.transport_socket.typed_config.unpack().common_tls_context == ref_common_tls_context(peer)
 
 
 def test_nested_any_type_urls() -> None:

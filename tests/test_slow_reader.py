@@ -13,6 +13,7 @@ from envoy_data_plane.envoy.config.cluster.v3 import Cluster, ClusterDiscoveryTy
 from envoy_data_plane.envoy.config.core.v3 import Node
 from envoy_data_plane.envoy.service.discovery.v3 import DeltaDiscoveryRequest, DiscoveryRequest
 from meshca_harness import TRUST_DOMAIN, RunningMeshca, running_meshca
+from snapshot_helpers import encode_resource
 from xds_client import XdsClient
 
 from meshca.identity.spiffe import SpiffeId
@@ -20,7 +21,7 @@ from meshca.mesh import resources as r
 from meshca.mesh.build import MeshResources
 from meshca.xds import server as xds_server
 from meshca.xds.server import ADS_METHOD, DELTA_ADS_METHOD
-from meshca.xds.snapshot import EncodedResource, ResourceType, encode_resource
+from meshca.xds.snapshot import EncodedResource, ResourceType
 
 CDS = ResourceType.CLUSTER.type_url
 SEND_TIMEOUT = timedelta(seconds=1)

@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Callable
+from types import MappingProxyType
 
 import pytest
 from envoy_data_plane.envoy.config.cluster.v3 import Cluster
+from snapshot_helpers import check_consistency
 
 from meshca.mesh import resources as r
 from meshca.xds.cache import SnapshotCache
@@ -67,7 +69,7 @@ def test_resource_is_encoded_once_and_round_trips() -> None:
     decoded = Cluster.parse(resource.payload)
     assert decoded.name == "backend"
     snapshot_a = Snapshot.build([resource, r.cluster_load_assignment("backend", [])])
-    snapshot_b = snapshot_a.with_type(ResourceType.SECRET, TypeResources.of([r.validation_context_secret("X", b"x")]))
+    snapshot_b = snapshot_a.fill_provided(ResourceType.SECRET, TypeResources.of([r.validation_context_secret("X", b"x")]))
     # the cluster object (and its bytes) is shared, not re-encoded
     assert snapshot_b.of_type(ResourceType.CLUSTER).resources["backend"] is resource
     assert snapshot_b.of_type(ResourceType.CLUSTER).resources["backend"].payload is resource.payload
@@ -136,17 +138,22 @@ def test_rebuild_knows_what_changed_and_checks_it() -> None:
         Snapshot.build(shared(9090), previous=two)
 
 
-def test_layer_checks_own_resources_against_the_base_and_refuses_shadowing() -> None:
+def view_of(base: Snapshot, own: list[EncodedResource], provided: frozenset[Reference] = frozenset()) -> Snapshot:
+    """An identity's view as the publisher makes it: its own resources checked against the shared base, on top."""
+    return Overlay.on(base, own, provided).compose(base)
+
+
+def test_overlay_checks_own_resources_against_the_base_and_refuses_shadowing() -> None:
     base = Snapshot.build(shared(), provided=secret_refs())
-    view = Snapshot.layer(base, own_listener(), provided=secret_refs())
+    view = view_of(base, own_listener(), secret_refs())
     assert set(view.of_type(ResourceType.LISTENER).resources) == {"inbound"}
     assert view.of_type(ResourceType.CLUSTER).resources["backend"] is base.of_type(ResourceType.CLUSTER).resources[
         "backend"
     ]
     with pytest.raises(InconsistentSnapshot, match="LDS 'inbound' references RDS 'elsewhere'"):
-        Snapshot.layer(base, [r.http_listener(r.HttpListenerSpec("inbound", "127.0.0.1", 1, "elsewhere"))])
+        view_of(base, [r.http_listener(r.HttpListenerSpec("inbound", "127.0.0.1", 1, "elsewhere"))])
     with pytest.raises(InconsistentSnapshot, match="EDS resource 'backend' is defined twice"):
-        Snapshot.layer(base, [r.cluster_load_assignment("backend", [])])
+        view_of(base, [r.cluster_load_assignment("backend", [])])
 
 
 def test_an_unchanged_overlay_is_rechecked_only_where_the_base_changed() -> None:
@@ -163,10 +170,12 @@ def test_an_unchanged_overlay_is_rechecked_only_where_the_base_changed() -> None
         ResourceType.ENDPOINT
     ).resources["backend"]
     assert recomposed.of_type(ResourceType.ENDPOINT).changed_since(view.of_type(ResourceType.ENDPOINT)) == {"backend"}
-    recomposed.with_type(  # the cheap checks agree with the full one
-        ResourceType.SECRET,
-        TypeResources.of([r.tls_certificate_secret("default", b"c", b"k"), r.validation_context_secret("ROOTCA", b"b")]),
-    ).check_consistency()
+    check_consistency(  # the cheap checks agree with the full one
+        recomposed.fill_provided(
+            ResourceType.SECRET,
+            TypeResources.of([r.tls_certificate_secret("default", b"c", b"k"), r.validation_context_secret("ROOTCA", b"b")]),
+        )
+    )
     # the base drops the route the identity's listener needs
     no_routes = Snapshot.build(
         [res for res in shared(9090) if res.type is not ResourceType.ROUTE], previous=moved, provided=secret_refs()
@@ -185,22 +194,25 @@ def test_an_unchanged_overlay_is_rechecked_only_where_the_base_changed() -> None
     assert not overlay.recheck(Snapshot.build(shared(7070), provided=secret_refs()), moved)
 
 
-def test_with_type_checks_references_into_the_replaced_type() -> None:
+def test_the_full_check_these_tests_compare_with_finds_dangling_references() -> None:
     base = Snapshot.build(shared(), provided=secret_refs())
-    view = Snapshot.layer(base, own_listener(), provided=secret_refs())
+    view = view_of(base, own_listener(), secret_refs())
+    with pytest.raises(InconsistentSnapshot, match="references SDS 'ROOTCA'"):  # promised, not yet filled
+        check_consistency(view)
     secrets = TypeResources.of([r.tls_certificate_secret("default", b"c", b"k"), r.validation_context_secret("ROOTCA", b"b")])
-    published = view.with_type(ResourceType.SECRET, secrets)
-    published.check_consistency()
-    with pytest.raises(InconsistentSnapshot, match="references SDS 'ROOTCA'"):
-        view.with_type(ResourceType.SECRET, TypeResources.of([r.tls_certificate_secret("default", b"c", b"k")]))
+    check_consistency(view.fill_provided(ResourceType.SECRET, secrets))
+    # made without the snapshot's own checks: the routes the listener needs are gone
+    unchecked = Snapshot(MappingProxyType({**view.types, ResourceType.ROUTE: TypeResources.of([])}), view.layers)
+    with pytest.raises(InconsistentSnapshot, match="LDS 'inbound' references RDS 'routes'"):
+        check_consistency(unchecked.fill_provided(ResourceType.SECRET, secrets))
 
 
 def test_fill_provided_checks_only_the_promised_names() -> None:
     base = Snapshot.build(shared(), provided=secret_refs())
-    view = Snapshot.layer(base, own_listener(), provided=secret_refs())
+    view = view_of(base, own_listener(), secret_refs())
     both = TypeResources.of([r.tls_certificate_secret("default", b"c", b"k"), r.validation_context_secret("ROOTCA", b"b")])
     filled = view.fill_provided(ResourceType.SECRET, both)
-    filled.check_consistency()  # the full check agrees with the cheap one
+    check_consistency(filled)  # the full check agrees with the cheap one
     assert filled.of_type(ResourceType.SECRET) is both
     with pytest.raises(InconsistentSnapshot, match="SDS 'ROOTCA' was promised"):
         view.fill_provided(ResourceType.SECRET, TypeResources.of([r.tls_certificate_secret("default", b"c", b"k")]))
@@ -305,11 +317,13 @@ def test_incremental_checks_accept_and_refuse_exactly_what_full_checks_do() -> N
         if expected:
             accepted_shared, accepted_overlay = incremental()
             state = edit
-            accepted_overlay.compose(accepted_shared).with_type(
-                ResourceType.SECRET,
-                TypeResources.of(
-                    [r.tls_certificate_secret("default", b"c", b"k"), r.validation_context_secret("ROOTCA", b"b")]
-                ),
-            ).check_consistency()
+            check_consistency(
+                accepted_overlay.compose(accepted_shared).fill_provided(
+                    ResourceType.SECRET,
+                    TypeResources.of(
+                        [r.tls_certificate_secret("default", b"c", b"k"), r.validation_context_secret("ROOTCA", b"b")]
+                    ),
+                )
+            )
     assert outcomes[True] > 50 and outcomes[False] > 50  # both kinds of edit were exercised
     assert rechecked > 100  # and the unchanged overlay was re-checked, not rebuilt

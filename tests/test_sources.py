@@ -14,7 +14,7 @@ import pytest
 from envoy_data_plane.envoy.config.listener.v3 import Listener
 from meshca_harness import TRUST_DOMAIN, running_meshca
 
-from meshca.config import ConfigError
+from meshca.fields import ConfigError
 from meshca.identity.spiffe import SpiffeId
 from meshca.mesh.model import MeshConfig
 from meshca.mesh.source import FileMeshSource

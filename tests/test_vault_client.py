@@ -42,10 +42,10 @@ from meshca.ca.vault.setup import (
     setup_pki,
 )
 from meshca.clock import system_clock
-from meshca.config import ConfigError, FieldReader
 from meshca.dev.envoy_process import free_port
 from meshca.dev.openbao_process import OpenBaoProcess
 from meshca.dev.tokens import DEV_AUDIENCE, DEV_ISSUER, mint_token, write_dev_issuer
+from meshca.fields import ConfigError, FieldReader
 
 TD = "mesh.test"
 LOG = logging.getLogger("meshca.ca.vault.session.test")

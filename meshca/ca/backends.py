@@ -12,7 +12,7 @@ from meshca.ca.internal import LEAF_TTL_FLOOR, CaSettings, CertificateAuthority
 from meshca.ca.vault.modes import VaultIntermediateCa, VaultLeafCa, VaultLeafOptions, is_vault_state_dir
 from meshca.ca.vault.session import VaultSession, parse_vault_settings
 from meshca.clock import Clock, format_duration
-from meshca.config import FieldReader, read_yaml_mapping
+from meshca.fields import FieldReader, read_yaml_mapping
 
 MODES = ("internal", "vault-intermediate", "vault-leaf")
 _VAULT_CA_KEYS = ("mount", "role", "max_rate", "burst")

@@ -14,11 +14,8 @@ from pathlib import Path
 from meshca.ca import crypto
 from meshca.ca.internal import CaError, CaSettings, CertificateAuthority
 from meshca.clock import format_duration, system_clock
-from meshca.config import (
-    ConfigError,
-    load_serve_settings,
-    parse_duration,
-)
+from meshca.config import load_serve_settings
+from meshca.fields import ConfigError, parse_duration
 from meshca.files import describe_os_error, write_atomic
 from meshca.listen import ListenError, check_bindable
 

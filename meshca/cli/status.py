@@ -86,7 +86,7 @@ def admin_url(text: str) -> str:
 
 def admin_url_from_config(path: Path) -> str:
     """The admin endpoint a `meshca serve` config file sets up (metrics_port on admin_address)."""
-    from meshca.config import ConfigError, FieldReader, read_yaml_mapping
+    from meshca.fields import ConfigError, FieldReader, read_yaml_mapping
 
     reader = FieldReader(path, read_yaml_mapping(path))
     port = reader.get("metrics_port", int, None)

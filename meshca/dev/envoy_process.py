@@ -148,12 +148,6 @@ class EnvoyProcess(ChildProcess):
             raise self._fail(f"GET {path} answered {status}: {body[:200]}")
         return body
 
-    def admin_post(self, path: str, timeout: float = 5.0) -> str:
-        status, body = self._request("POST", path, timeout)
-        if not 200 <= status < 300:
-            raise self._fail(f"POST {path} answered {status}: {body[:200]}")
-        return body
-
     def wait_ready(self, timeout: float = 10.0, live: bool = True) -> None:
         """Wait until /ready says LIVE (live=True) or merely until the admin port answers.
 
@@ -227,17 +221,6 @@ def dynamic_listeners(dump: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     return {e["name"]: e["active_state"]["listener"] for e in entries if "active_state" in e}
 
 
-def dynamic_warming_listeners(dump: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    entries = config_of_type(dump, "ListenersConfigDump").get("dynamic_listeners", [])
-    return {e["name"]: e["warming_state"]["listener"] for e in entries if "warming_state" in e}
-
-
-def listener_errors(dump: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    """Listener name -> error_state (failed_configuration, last_update_attempt, details)."""
-    entries = config_of_type(dump, "ListenersConfigDump").get("dynamic_listeners", [])
-    return {e["name"]: e["error_state"] for e in entries if "error_state" in e}
-
-
 def dynamic_route_configs(dump: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     entries = config_of_type(dump, "RoutesConfigDump").get("dynamic_route_configs", [])
     return {e["route_config"]["name"]: e["route_config"] for e in entries}
@@ -247,11 +230,6 @@ def dynamic_active_secrets(dump: Mapping[str, Any]) -> dict[str, dict[str, Any]]
     """Secret name -> Secret resource (private keys appear as '[redacted]')."""
     entries = config_of_type(dump, "SecretsConfigDump").get("dynamic_active_secrets", [])
     return {e["name"]: e["secret"] for e in entries if "secret" in e}
-
-
-def dynamic_warming_secrets(dump: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    entries = config_of_type(dump, "SecretsConfigDump").get("dynamic_warming_secrets", [])
-    return {e["name"]: e.get("secret", {}) for e in entries}
 
 
 def dynamic_endpoint_configs(dump: Mapping[str, Any]) -> dict[str, dict[str, Any]]:

@@ -51,10 +51,6 @@ class SpiffeId:
     def uri(self) -> str:
         return f"spiffe://{self.trust_domain}{self.path}"
 
-    @property
-    def trust_domain_id(self) -> SpiffeId:
-        return SpiffeId(self.trust_domain)
-
     def namespace_and_service_account(self) -> tuple[str, str] | None:
         """(ns, sa) when the path has the Kubernetes shape `/ns/<ns>/sa/<sa>`."""
         parts = self.path.split("/")

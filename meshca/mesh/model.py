@@ -10,7 +10,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from meshca.config import ConfigError, FieldReader, parse_host_port, read_yaml_mapping
+from meshca.fields import ConfigError, FieldReader, parse_host_port, read_yaml_mapping
 from meshca.identity.spiffe import InvalidSpiffeId, SpiffeId
 
 _NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")

@@ -5,13 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING
 
 from meshca.xds.snapshot import EncodedResource, Reference, ResourceType, encode_payload
 from meshca.xds.wire import length_delimited, varint
-
-if TYPE_CHECKING:
-    from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import CommonTlsContext
 
 DEFAULT_CERT_SECRET = "default"
 ROOT_CA_SECRET = "ROOTCA"
@@ -102,12 +98,6 @@ class MtlsPeer:
             Reference(ResourceType.SECRET, self.certificate_secret),
             Reference(ResourceType.SECRET, self.trust_secret),
         ]
-
-    def common_tls_context(self) -> CommonTlsContext:
-        """The same context as an envoy-data-plane message (for inspection; the builders encode it directly)."""
-        from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import CommonTlsContext
-
-        return CommonTlsContext.parse(_common_tls_context(self))
 
 
 def _common_tls_context(peer: MtlsPeer) -> bytes:

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
-from meshca.config import ConfigError
+from meshca.fields import ConfigError
 from meshca.mesh.model import MeshConfig, load_mesh_config
 from meshca.xds.snapshot import InconsistentSnapshot
 

@@ -109,9 +109,6 @@ class DeltaStream:
         # per type, names sent again even at the version the client holds
         self._due: dict[ResourceType, set[str]] = {t: set() for t in _WARMS_WITH.values()}
 
-    def subscribed_types(self) -> list[ResourceType]:
-        return [t for t in PUSH_ORDER if t in self._types]
-
     def on_request(self, request: DeltaRequest, snapshot: Snapshot | None) -> DeltaOutcome:
         if request.type not in self._allowed:
             raise ValueError(f"type {request.type.type_url} is not served on this stream")

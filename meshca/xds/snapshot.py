@@ -10,8 +10,6 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-import betterproto2
-
 from meshca.xds.wire import length_delimited, varint
 
 
@@ -94,23 +92,13 @@ class EncodedResource:
         object.__setattr__(self, "delta_prefix", varint(2 << 3 | 2) + varint(length) + head)
 
 
-def encode_resource(
-    resource_type: ResourceType,
-    name: str,
-    message: betterproto2.Message,
-    references: Iterable[Reference] = (),
-) -> EncodedResource:
-    """Serialize `message` once; its version is a hash of the bytes, so equal content means equal version."""
-    return encode_payload(resource_type, name, bytes(message), references)
-
-
 def encode_payload(
     resource_type: ResourceType,
     name: str,
     payload: bytes,
     references: Iterable[Reference] = (),
 ) -> EncodedResource:
-    """Wrap an already serialized resource (e.g. from a faster encoder) exactly as `encode_resource` does."""
+    """Wrap a serialized resource once; its version is a hash of the bytes, so equal content means equal version."""
     any_bytes = length_delimited(1, resource_type.type_url.encode()) + length_delimited(2, payload)
     return EncodedResource(
         type=resource_type,
@@ -250,20 +238,18 @@ class _Layer:
     def __init__(self, resources: Iterable[EncodedResource], provided: frozenset[Reference] = frozenset()) -> None:
         self.resources = tuple(resources)
         self.provided = provided  # references this layer was allowed to leave to a later layer
-        self._index: dict[tuple[ResourceType, frozenset[ResourceType]], Mapping[str, _Sources]] = {}
+        self._index: dict[ResourceType, Mapping[str, _Sources]] = {}
 
-    def references_into(self, target: ResourceType, ignored_sources: frozenset[ResourceType]) -> Mapping[str, _Sources]:
-        """Referenced names of type `target`, each with the resources (not of an ignored type) referencing it."""
-        key = (target, ignored_sources)
-        found = self._index.get(key)
+    def references_into(self, target: ResourceType) -> Mapping[str, _Sources]:
+        """Referenced names of type `target`, each with the resources referencing it."""
+        found = self._index.get(target)
         if found is None:  # a race computes the same value twice; harmless
             index: dict[str, list[tuple[EncodedResource, Reference]]] = {}
             for resource in self.resources:
-                if resource.type not in ignored_sources:
-                    for ref in resource.references:
-                        if ref.type is target:
-                            index.setdefault(ref.name, []).append((resource, ref))
-            found = self._index[key] = {name: tuple(sources) for name, sources in index.items()}
+                for ref in resource.references:
+                    if ref.type is target:
+                        index.setdefault(ref.name, []).append((resource, ref))
+            found = self._index[target] = {name: tuple(sources) for name, sources in index.items()}
         return found
 
     @functools.cached_property
@@ -308,15 +294,14 @@ def _raise_if(problems: list[str]) -> None:
 class Snapshot:
     """An immutable, consistent set of resources per type; build it with `Snapshot.build`.
 
-    A snapshot may be layered (`Snapshot.layer`): a shared base plus a few resources of its own.
+    A snapshot may be layered (`Overlay.compose`): a shared base plus a few resources of its own.
     Each step checks what it changed, so a base shared by every identity is checked once and an
     update that changes a few resources is checked in proportion to them.
     """
 
     types: Mapping[ResourceType, TypeResources]
-    # each layer with the resource types it no longer contributes (replaced by `with_type`)
-    layers: tuple[tuple[_Layer, frozenset[ResourceType]], ...] = field(default=(), repr=False)
-    base: Snapshot | None = field(default=None, repr=False)  # set by `layer`
+    layers: tuple[_Layer, ...] = field(default=(), repr=False)
+    base: Snapshot | None = field(default=None, repr=False)  # set by `Overlay.compose`
     _changes_cache: tuple[weakref.ref[Snapshot], dict[ResourceType, frozenset[str]] | None] | None = field(
         default=None, repr=False, compare=False
     )
@@ -340,13 +325,13 @@ class Snapshot:
             t: TypeResources.of(rs, previous.of_type(t) if previous is not None else None) for t, rs in grouped.items()
         }
         layer = _Layer((r for rs in grouped.values() for r in rs), provided)
-        snapshot = cls(MappingProxyType(types), ((layer, frozenset()),))
-        if previous is None or len(previous.layers) != 1 or previous.layers[0][0].provided != provided:
+        snapshot = cls(MappingProxyType(types), (layer,))
+        if previous is None or len(previous.layers) != 1 or previous.layers[0].provided != provided:
             snapshot._check(layer.resources, provided)
             return snapshot
         # Only what changed: the references of new and changed resources, and references of
         # unchanged ones into names that went away.
-        previous_layer = previous.layers[0][0]
+        previous_layer = previous.layers[0]
         checked: list[EncodedResource] = []
         problems: list[str] = []
         for resource_type, type_resources in types.items():
@@ -357,7 +342,7 @@ class Snapshot:
                 if current is not None:
                     checked.append(current)
                     continue
-                for source, ref in previous_layer.references_into(resource_type, frozenset()).get(name, ()):
+                for source, ref in previous_layer.references_into(resource_type).get(name, ()):
                     still = types[source.type].resources.get(source.name)
                     # a source that changed too was checked above (as itself); one that went away needs nothing
                     if still is not None and still.version == source.version and ref not in provided:
@@ -365,11 +350,6 @@ class Snapshot:
         _raise_if(problems)
         snapshot._check(checked, provided)
         return snapshot
-
-    @classmethod
-    def layer(cls, base: Snapshot, resources: Iterable[EncodedResource], provided: Iterable[Reference] = ()) -> Snapshot:
-        """`base` plus `resources` (names must not repeat the base's); only the new resources are checked."""
-        return Overlay.on(base, resources, frozenset(provided)).compose(base)
 
     def changes_since(self, older: Snapshot) -> dict[ResourceType, frozenset[str]] | None:
         """Changed names per type that differs from `older` (None: unknown); remembered for the last
@@ -390,38 +370,17 @@ class Snapshot:
         object.__setattr__(self, "_changes_cache", (weakref.ref(older), changes))  # no chain of old bases
         return changes
 
-    def with_type(self, resource_type: ResourceType, resources: TypeResources) -> Snapshot:
-        """A new snapshot sharing every other type's resources (no re-encoding, no copy), checked where it
-        changed: the references into the replaced type, and the new resources' own references."""
-        types = dict(self.types)
-        types[resource_type] = resources
-        layers = tuple((layer, ignored | {resource_type}) for layer, ignored in self.layers)
-        snapshot = Snapshot(
-            MappingProxyType(types), (*layers, (_Layer(resources.resources.values()), frozenset())), self.base
-        )
-        _raise_if(
-            [
-                _dangling(source, ref)
-                for layer, ignored in layers
-                for name, sources in layer.references_into(resource_type, ignored).items()
-                if name not in resources.resources
-                for source, ref in sources
-            ]
-        )
-        snapshot._check(resources.resources.values(), frozenset())
-        return snapshot
-
     def fill_provided(self, resource_type: ResourceType, resources: TypeResources) -> Snapshot:
         """Supply a type this snapshot's layers left to a later layer (their `provided`), e.g. an
         identity's secrets. Every reference into the type was checked against those promised names
         (the type is empty here), so only the promises are checked: O(promised names), not O(layers).
         """
         if self.of_type(resource_type).resources:
-            raise ValueError(f"{resource_type.short_name} is not empty here; use with_type")
+            raise ValueError(f"{resource_type.short_name} is not empty here")
         _raise_if(
             [
                 f"{ref.type.short_name} {ref.name!r} was promised to this snapshot's resources but is missing"
-                for layer, _ in self.layers
+                for layer in self.layers
                 for ref in layer.provided
                 if ref.type is resource_type and ref.name not in resources.resources
             ]
@@ -430,7 +389,7 @@ class Snapshot:
         types[resource_type] = resources
         layers = self.layers
         if any(resource.references for resource in resources.resources.values()):
-            layers = (*layers, (_Layer(resources.resources.values()), frozenset()))
+            layers = (*layers, _Layer(resources.resources.values()))
         snapshot = Snapshot(MappingProxyType(types), layers, self.base)
         snapshot._check(resources.resources.values(), frozenset())
         return snapshot
@@ -444,11 +403,6 @@ class Snapshot:
                 if ref not in provided and ref.name not in self.of_type(ref.type).resources
             ]
         )
-
-    def check_consistency(self) -> None:
-        """Check every reference of every layer (the cheaper checks above cover what each step changed)."""
-        for layer, ignored in self.layers:
-            self._check((r for r in layer.resources if r.type not in ignored), frozenset())
 
     def of_type(self, resource_type: ResourceType) -> TypeResources:
         return self.types.get(resource_type, _EMPTY)
@@ -501,7 +455,7 @@ class Overlay:
         for resource_type, names in changes.items():
             base_resources = base.of_type(resource_type).resources
             own = self.types.get(resource_type, _EMPTY).resources
-            sources = self.layer.references_into(resource_type, frozenset())
+            sources = self.layer.references_into(resource_type)
             for name in names:
                 if name in base_resources:
                     if name in own:
@@ -522,4 +476,4 @@ class Overlay:
         types = dict(base.types)
         for resource_type, own in self.types.items():
             types[resource_type] = TypeResources.layered(base.of_type(resource_type), own)
-        return Snapshot(MappingProxyType(types), (*base.layers, (self.layer, frozenset())), base)
+        return Snapshot(MappingProxyType(types), (*base.layers, self.layer), base)

@@ -70,9 +70,6 @@ class SotwStream:
         self._next_nonce = nonce_factory
         self._types: dict[ResourceType, _TypeState] = {}
 
-    def subscribed_types(self) -> list[ResourceType]:
-        return [t for t in PUSH_ORDER if t in self._types]
-
     def on_request(self, request: XdsRequest, snapshot: Snapshot | None) -> Outcome[XdsResponse]:
         if request.type not in self._allowed:
             raise ValueError(f"type {request.type.type_url} is not served on this stream")

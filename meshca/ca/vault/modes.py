@@ -240,10 +240,6 @@ class _State:
     def inter(self, state: str) -> _Inter | None:
         return next((i for i in self.intermediates if i.record.state == state), None)
 
-    @property
-    def slot_records(self) -> tuple[SlotRecord, ...]:
-        return tuple(r.record for r in self.roots) + tuple(i.record for i in self.intermediates)
-
 
 def _derive_roots(
     intermediates: Sequence[SlotRecord], known: Mapping[str, tuple[bytes, CertificateInfo]],

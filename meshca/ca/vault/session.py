@@ -17,7 +17,7 @@ import hvac.exceptions
 import requests
 
 from meshca.clock import Clock
-from meshca.config import ConfigError, FieldReader
+from meshca.fields import ConfigError, FieldReader
 
 T = TypeVar("T")
 

@@ -16,7 +16,7 @@ import hvac.exceptions
 import requests
 
 from meshca.ca.vault.session import VaultError, VaultSession, vault_error_from
-from meshca.config import parse_duration
+from meshca.fields import parse_duration
 
 T = TypeVar("T")
 
