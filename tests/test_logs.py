@@ -6,6 +6,7 @@ import asyncio
 import logging
 
 import pytest
+from fakes import FakeMonotonic
 
 from meshca.logs import RepeatLimiter, client_text
 
@@ -18,14 +19,6 @@ def test_client_text_is_escaped_and_bounded() -> None:
     assert client_text(huge) == "x" * 200 + "…(1000000 bytes)"
     assert client_text("é" * 300, limit=10) == "é" * 10 + "…(600 bytes)"
     assert len(client_text("\n" * 10**6)) < 1000  # escaping after the cut: at most 4 characters per kept one
-
-
-class FakeMonotonic:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def messages(caplog: pytest.LogCaptureFixture) -> list[str]:

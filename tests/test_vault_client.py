@@ -17,6 +17,7 @@ import hvac
 import hvac.exceptions
 import pytest
 import requests
+from fakes import FakeClock
 
 from meshca.ca import crypto
 from meshca.ca.vault.session import (
@@ -49,17 +50,6 @@ from meshca.dev.tokens import DEV_AUDIENCE, DEV_ISSUER, mint_token, write_dev_is
 
 TD = "mesh.test"
 LOG = logging.getLogger("meshca.ca.vault.session.test")
-
-
-class FakeClock:
-    def __init__(self, now: datetime | None = None) -> None:
-        self.now = now or datetime.now(timezone.utc)
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += timedelta(seconds=seconds)
 
 
 @pytest.fixture(scope="module")
@@ -373,7 +363,7 @@ def test_relogin_when_the_token_was_revoked(bao: OpenBaoProcess, root: hvac.Clie
     assert s.status().logins_total == 2 and s.client().token != old
 
     # maintain() notices a revoked token when it tries to renew it, and logs in again too.
-    clock = FakeClock()
+    clock = FakeClock.at_real_now()
     s2 = session(bao, approle(root, "revoke-test-2", ttl=300, max_ttl=600), clock)
     root.auth.token.revoke(s2.client().token)
     clock.advance(250)  # into the renewal window
@@ -410,7 +400,7 @@ def test_paused_vault_times_out_and_maintain_backs_off_capped(
     bao: OpenBaoProcess, root: hvac.Client, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
-    clock = FakeClock()
+    clock = FakeClock.at_real_now()
     auth = approle(root, "pause-test", ttl=60, max_ttl=600)
     s = session(bao, auth, clock, timeout=0.3, max_backoff=timedelta(seconds=4))
     s.client()
