@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 
@@ -46,6 +47,27 @@ class FakeMonotonic:
     def sleep(self, seconds: float) -> None:
         self.slept.append(seconds)
         self.now += seconds
+
+
+class FakeLoopTime:
+    """Stands in for the running event loop's clock (loop.time, which call_later timers follow): a timer
+    fires when the test advances this clock past it, and nothing waits. The loop_time fixture installs it."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self.now = loop.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+    async def advance(self, seconds: float) -> None:
+        """Move the clock, then return once the loop has run every timer now due."""
+        self.now += seconds
+        # A marker due at the new now: the loop moves it to its ready queue in the same pass as every
+        # earlier timer, and runs them all before this coroutine resumes.
+        done = self._loop.create_future()
+        self._loop.call_at(self.now, done.set_result, None)
+        await done
 
 
 class FakeScheduler:

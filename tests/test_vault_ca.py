@@ -595,6 +595,8 @@ def test_leaf_paused_vault_fails_fast_then_recovers(resumed: Vault, clock: FakeC
     ca = VaultLeafCa(SETTINGS, resumed.session("pki", "vault-leaf", timeout=0.5), clock, LOG, options)
     bundle = ca.trust_bundle_pem()
     resumed.bao.pause()
+    # Wall-clock bound on purpose: it is set by the HTTP timeout against the really paused server (the
+    # retry schedule alone, on injected time: test_leaf_retries_unavailable_with_capped_backoff_but_not_refusals).
     began = time.monotonic()
     with pytest.raises(VaultUnavailable) as down:
         ca.issue_workload(WORKLOAD)
