@@ -1,4 +1,4 @@
-"""Shared fixtures; the doubles themselves are in fakes.py."""
+"""Shared fixtures (the doubles themselves are in fakes.py), and the e2e marker on every test of a test_e2e_*.py file."""
 
 from __future__ import annotations
 
@@ -7,6 +7,13 @@ from collections.abc import AsyncIterator
 
 import pytest
 from fakes import FakeClock, FakeLoopTime
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.name.startswith("test_e2e_"):
+            item.add_marker(pytest.mark.e2e)
 
 
 @pytest.fixture

@@ -386,6 +386,7 @@ def test_relogin_when_the_token_was_revoked(bao: OpenBaoProcess, root: hvac.Clie
     assert (s2.status().logins_total, s2.status().renewals_total, s2.status().consecutive_failures) == (2, 0, 0)
 
 
+@pytest.mark.e2e  # 8 s of real time
 def test_relogin_when_renewal_hits_max_ttl(bao: OpenBaoProcess, root: hvac.Client) -> None:
     # Real time on purpose: Vault caps renewals by the token's age on its own clock, and the token in
     # use must stay valid at Vault all along.
