@@ -9,7 +9,7 @@ DEMO_EXTRAS := demo$(if $(findstring vault,$(DEMO_ARGS)),$(comma)vault)
 DEMO_STAMP := $(VENV)/.installed-$(subst $(comma),-,$(DEMO_EXTRAS))
 DEV_STAMP := $(VENV)/.installed-dev
 
-.PHONY: test demo protos dev clean bench
+.PHONY: test test-fast demo protos dev clean bench
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,12 @@ test: $(DEV_STAMP)
 	$(PY) -m ruff check meshca tests benchmarks
 	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest -q -ra
+
+# The edit-test loop: the suite without the e2e tests (real Envoys, the demo, many seconds of real time).
+test-fast: $(DEV_STAMP)
+	$(PY) -m ruff check meshca tests benchmarks
+	$(VENV)/bin/lint-imports --no-cache
+	$(PY) -m pytest -q -ra -m "not e2e"
 
 demo: $(DEMO_STAMP)
 	$(VENV)/bin/meshca demo $(DEMO_ARGS)

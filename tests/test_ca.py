@@ -7,13 +7,14 @@ import ipaddress
 import json
 import os
 import stat
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
+from fakes import T0, FakeClock
 
 from meshca.ca import crypto
 from meshca.ca.crypto import KeyAlgorithm
@@ -37,7 +38,6 @@ from meshca.ca.state import JOURNAL_FILE, LOCK_FILE, slot_files
 from meshca.identity.spiffe import SpiffeId
 
 TD = "example.org"
-T0 = datetime(2026, 11, 25, 12, 0, 0, tzinfo=timezone.utc)
 WORKLOAD = SpiffeId.for_service_account(TD, "shop", "frontend")
 OTHER = SpiffeId.for_service_account(TD, "shop", "payments")
 
@@ -59,21 +59,6 @@ cL4MEUjMA9ILvQZFFAvKSIZoy6AAMAUGAytlcANBAK0iAC5YGoomD3FsU3sU5nH7
 zV4u7E3+y9QfXi0vQlNc9F+O9ZNi7h0MFhcOmEfTu6L4FVBJ1klaw3pvdpnjwgo=
 -----END CERTIFICATE REQUEST-----
 """
-
-
-class FakeClock:
-    """Test double for meshca.clock.Clock: returns `now`, which tests move by hand."""
-
-    def __init__(self, now: datetime = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> datetime:
-        return self.now
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
 
 
 @pytest.fixture

@@ -17,7 +17,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.verification import VerificationError
-from test_ca import T0, TD, WORKLOAD, FakeClock, verify_client_chain, write_v1_state
+from fakes import T0, FakeClock
+from test_ca import TD, WORKLOAD, verify_client_chain, write_v1_state
 
 from meshca.ca.internal import (
     CRASH_POINTS,
@@ -66,11 +67,6 @@ def crash_at(point: CrashPoint):  # type: ignore[no-untyped-def]
             raise Crash(point)
 
     return hook
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -13,11 +13,11 @@ import grpc
 import pytest
 from cryptography import x509
 from cryptography.x509.verification import PolicyBuilder, Store
+from fakes import FakeTokenAuthenticator
 
 from meshca.ca import crypto
 from meshca.ca.csr_service import CertificateServicer, add_to_server
 from meshca.ca.internal import CaSettings, CertificateAuthority, IssuedCertificate
-from meshca.identity.jwt import AuthenticationError, VerifiedIdentity
 from meshca.identity.spiffe import SpiffeId
 from meshca.v1 import certificate_pb2, certificate_pb2_grpc
 
@@ -26,30 +26,6 @@ T0 = datetime(2026, 11, 25, 12, 0, 0, tzinfo=timezone.utc)
 FRONTEND = SpiffeId.for_service_account(TD, "shop", "frontend")
 PAYMENTS = SpiffeId.for_service_account(TD, "shop", "payments")
 STRANGER = SpiffeId.for_service_account("other.org", "shop", "frontend")
-
-
-class FakeTokenAuthenticator:
-    """Test double for meshca.identity.jwt.IdentityGate: a fixed map of bearer tokens to identities."""
-
-    def __init__(self, tokens: dict[str, SpiffeId]) -> None:
-        self._tokens = tokens
-
-    def authenticate(self, metadata: Sequence[tuple[str, str | bytes]]) -> VerifiedIdentity:
-        values = [v for k, v in metadata if k == "authorization"]
-        if not values:
-            raise AuthenticationError("missing authorization metadata")
-        value = values[0] if isinstance(values[0], str) else values[0].decode()
-        token = value.removeprefix("Bearer ")
-        if token not in self._tokens:
-            raise AuthenticationError("token signature is invalid")
-        return VerifiedIdentity(
-            spiffe_id=self._tokens[token],
-            issuer="https://issuer.test",
-            subject=token,
-            node_id=None,
-            pod_name=None,
-            expires_at=T0 + timedelta(hours=1),
-        )
 
 
 @pytest.fixture

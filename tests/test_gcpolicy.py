@@ -7,6 +7,7 @@ import gc
 from pathlib import Path
 
 import pytest
+from fakes import FakeLoopTime
 from meshca_harness import running_meshca
 from prometheus_client.parser import text_string_to_metric_families
 from test_xds_server import CDS, mesh, open_stream
@@ -55,11 +56,13 @@ async def test_nested_holds_pause_once_and_resume_at_the_last_release() -> None:
     assert pause.holds == 0 and pause.pauses == 1 and pause.expired == 0
 
 
-async def test_a_hold_that_outlives_the_bound_lets_collection_resume() -> None:
+async def test_a_hold_that_outlives_the_bound_lets_collection_resume(loop_time: FakeLoopTime) -> None:
     collector = RecordingCollector()
-    pause = CollectorPause(max_pause_seconds=0.05, collector=collector)
+    pause = CollectorPause(max_pause_seconds=10, collector=collector)
     pause.hold()
-    await asyncio.sleep(0.2)
+    await loop_time.advance(9.9)
+    assert not collector.enabled and pause.expired == 0
+    await loop_time.advance(0.2)
     assert collector.enabled and pause.expired == 1
     pause.hold()  # still inside the expired pause: the collector stays on
     pause.release()

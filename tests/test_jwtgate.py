@@ -15,6 +15,7 @@ from typing import Any
 
 import jwt
 import pytest
+from fakes import FakeClock
 from jwks_server import JwksServer
 
 from meshca.ca.crypto import (
@@ -41,14 +42,6 @@ ISS = "https://kubernetes.default.svc.cluster.local"
 AUD = "meshca"
 TD = "cluster.local"
 NOW = datetime(2026, 11, 3, 12, 0, 0, tzinfo=timezone.utc)
-
-
-class FakeClock:
-    def __init__(self, now: datetime) -> None:
-        self.now = now
-
-    def __call__(self) -> datetime:
-        return self.now
 
 
 @pytest.fixture(scope="module")

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 import pytest
+from fakes import FakeLoopTime, FakeMonotonic
 
 from meshca.logs import RepeatLimiter, client_text
 
@@ -18,14 +18,6 @@ def test_client_text_is_escaped_and_bounded() -> None:
     assert client_text(huge) == "x" * 200 + "…(1000000 bytes)"
     assert client_text("é" * 300, limit=10) == "é" * 10 + "…(600 bytes)"
     assert len(client_text("\n" * 10**6)) < 1000  # escaping after the cut: at most 4 characters per kept one
-
-
-class FakeMonotonic:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def messages(caplog: pytest.LogCaptureFixture) -> list[str]:
@@ -63,10 +55,14 @@ def test_too_many_kinds_are_counted_together(caplog: pytest.LogCaptureFixture) -
     assert messages(caplog)[-1] == f"{RepeatLimiter.OVERFLOW}: 995 more like it in the last 10 s"
 
 
-async def test_count_is_logged_when_the_window_ends_on_a_running_loop(caplog: pytest.LogCaptureFixture) -> None:
-    limiter = RepeatLimiter(logging.getLogger("meshca.test.repeat"), window=0.2)
+async def test_count_is_logged_when_the_window_ends_on_a_running_loop(
+    caplog: pytest.LogCaptureFixture, loop_time: FakeLoopTime
+) -> None:
+    limiter = RepeatLimiter(logging.getLogger("meshca.test.repeat"), window=10, clock=loop_time)
     with caplog.at_level(logging.WARNING):
         for _ in range(3):
             limiter.log(logging.WARNING, "refused", "refused once")
-        await asyncio.sleep(0.4)
-    assert messages(caplog) == ["refused once", "refused: 2 more like it in the last 0.2 s"]
+        await loop_time.advance(9.9)
+        assert messages(caplog) == ["refused once"]
+        await loop_time.advance(0.2)
+    assert messages(caplog) == ["refused once", "refused: 2 more like it in the last 10 s"]

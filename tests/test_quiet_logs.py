@@ -44,6 +44,7 @@ def serve_idle(tmp_path: Path, seconds: float, log_level: str) -> list[dict[str,
     return [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
 
 
+@pytest.mark.e2e  # a real `meshca serve`, idle for 5 s
 def test_an_idle_serve_at_info_writes_no_periodic_lines(tmp_path: Path) -> None:
     lines = serve_idle(tmp_path, 5, "info")
     messages = [str(line["msg"]) for line in lines]

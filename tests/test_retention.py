@@ -9,7 +9,7 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
-from test_rotation import T0, FakeClock, FakeScheduler
+from fakes import T0, FakeClock, FakeScheduler
 from xds_client import ROOTCA_AND_DEFAULT, XdsClient
 
 from meshca.ca.internal import CaSettings, CertificateAuthority

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 from cryptography import x509
+from fakes import T0, FakeClock, FakeScheduler
 
 from meshca.ca.internal import CaSettings, CertificateAuthority
 from meshca.identity.spiffe import SpiffeId
@@ -24,7 +24,6 @@ from meshca.sds.rotation import (
 from meshca.sds.workloads import MeshPublisher, WorkloadSecrets
 from meshca.xds.cache import SnapshotCache
 
-T0 = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
 HOUR = timedelta(hours=1)
 POLICY = RenewalPolicy()
 
@@ -72,42 +71,6 @@ def test_spread_schedule_respects_window_rate_and_deadline() -> None:
     urgent = spread_schedule(1000, T0, timedelta(minutes=1), 1.0, T0 + timedelta(minutes=2), rng)
     assert urgent[-1] < T0 + timedelta(minutes=2)
     assert spread_schedule(0, T0, HOUR, 1.0, T0 + HOUR, rng) == []
-
-
-class FakeClock:
-    def __init__(self, now: datetime) -> None:
-        self.now = now
-
-    def __call__(self) -> datetime:
-        return self.now
-
-
-class FakeScheduler:
-    """Test double for apscheduler: one-shot jobs by id, run when the fake clock passes them."""
-
-    def __init__(self, clock: FakeClock) -> None:
-        self.clock = clock
-        self.jobs: dict[str, tuple[datetime, Callable[[], None]]] = {}
-
-    def schedule(self, job_id: str, when: datetime, action: Callable[[], None]) -> None:
-        self.jobs[job_id] = (when, action)
-
-    def cancel(self, job_id: str) -> None:
-        self.jobs.pop(job_id, None)
-
-    def advance_to(self, when: datetime) -> int:
-        ran = 0
-        while True:
-            due = sorted((t, job_id) for job_id, (t, _) in self.jobs.items() if t <= when)
-            if not due:
-                break
-            at, job_id = due[0]
-            self.clock.now = max(self.clock.now, at)
-            _, action = self.jobs.pop(job_id)
-            action()
-            ran += 1
-        self.clock.now = when
-        return ran
 
 
 class Rig:

@@ -123,8 +123,7 @@ async def test_slow_reader_does_not_delay_other_proxies(tmp_path: Path) -> None:
 async def test_proxy_that_stops_reading_is_closed_after_the_send_timeout(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, delta: bool
 ) -> None:
-    async with running_meshca(tmp_path) as meshca:
-        meshca.app.xds._send_timeout = SEND_TIMEOUT  # MeshcaApp does not take a send timeout (yet)
+    async with running_meshca(tmp_path, xds_send_timeout=SEND_TIMEOUT) as meshca:
         mesh = Mesh(meshca)
         fast = await fast_proxy(meshca)
         request = (DeltaDiscoveryRequest if delta else DiscoveryRequest)(type_url=CDS, node=Node(id="slow-1"))
@@ -162,8 +161,7 @@ async def test_stream_is_dropped_even_if_grpc_cannot_cancel_it(
 ) -> None:
     """If a grpcio release lays out its call objects differently, the stream still leaves the registry."""
     monkeypatch.setattr(xds_server, "cancel_rpc", lambda *args: False)
-    async with running_meshca(tmp_path) as meshca:
-        meshca.app.xds._send_timeout = SEND_TIMEOUT
+    async with running_meshca(tmp_path, xds_send_timeout=SEND_TIMEOUT) as meshca:
         Mesh(meshca)
         started = asyncio.get_running_loop().time()
         slow = await open_unread_stream(meshca, ADS_METHOD, bytes(DiscoveryRequest(type_url=CDS, node=Node(id="slow-1"))))

@@ -17,6 +17,7 @@ import hvac
 import hvac.exceptions
 import pytest
 import requests
+from fakes import FakeClock
 
 from meshca.ca import crypto
 from meshca.ca.vault.session import (
@@ -49,17 +50,6 @@ from meshca.fields import ConfigError, FieldReader
 
 TD = "mesh.test"
 LOG = logging.getLogger("meshca.ca.vault.session.test")
-
-
-class FakeClock:
-    def __init__(self, now: datetime | None = None) -> None:
-        self.now = now or datetime.now(timezone.utc)
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += timedelta(seconds=seconds)
 
 
 @pytest.fixture(scope="module")
@@ -350,16 +340,31 @@ def test_jwt_login_with_the_dev_issuer(bao: OpenBaoProcess, root: hvac.Client, t
 # -- token lifecycle -------------------------------------------------------------------------
 
 
+def vault_expiry(s: VaultSession) -> datetime:
+    """When Vault itself expires the session's token (lookup-self, on Vault's own clock)."""
+    return datetime.fromisoformat(s.call(lambda c: c.auth.token.lookup_self()["data"]["expire_time"], "lookup"))
+
+
 def test_maintain_renews_before_expiry(bao: OpenBaoProcess, root: hvac.Client) -> None:
-    s = session(bao, approle(root, "renew-test", ttl=5, max_ttl=60))
+    """When to renew is the session's decision on its clock (a fake one here, a maintain() every second
+    of it); Vault shows that each renewal reached it by moving the token's expiry."""
+    clock = FakeClock.at_real_now()
+    s = session(bao, approle(root, "renew-test", ttl=5, max_ttl=60), clock)
     first_token = s.client().token
-    deadline = time.monotonic() + 10.5
-    while time.monotonic() < deadline:
+    expiries = [vault_expiry(s)]
+    renewed_at = []
+    for second in range(1, 11):  # ten seconds of a 5 s token
+        clock.advance(1)
+        renewals = s.status().renewals_total
         s.maintain()
         assert s.status().authenticated
-        time.sleep(1.0)
+        if s.status().renewals_total > renewals:
+            renewed_at.append(second)
+            expiries.append(vault_expiry(s))
+    assert renewed_at == [4, 8]  # under a third of the 5 s left, not before
+    assert expiries[0] < expiries[1] < expiries[2]
     status = s.status()
-    assert status.renewals_total >= 2 and status.logins_total == 1 and status.consecutive_failures == 0
+    assert status.renewals_total == 2 and status.logins_total == 1 and status.consecutive_failures == 0
     assert s.client().token == first_token
     assert s.call(lambda c: c.auth.token.lookup_self()["data"]["ttl"], "lookup") > 0
 
@@ -373,7 +378,7 @@ def test_relogin_when_the_token_was_revoked(bao: OpenBaoProcess, root: hvac.Clie
     assert s.status().logins_total == 2 and s.client().token != old
 
     # maintain() notices a revoked token when it tries to renew it, and logs in again too.
-    clock = FakeClock()
+    clock = FakeClock.at_real_now()
     s2 = session(bao, approle(root, "revoke-test-2", ttl=300, max_ttl=600), clock)
     root.auth.token.revoke(s2.client().token)
     clock.advance(250)  # into the renewal window
@@ -381,7 +386,10 @@ def test_relogin_when_the_token_was_revoked(bao: OpenBaoProcess, root: hvac.Clie
     assert (s2.status().logins_total, s2.status().renewals_total, s2.status().consecutive_failures) == (2, 0, 0)
 
 
+@pytest.mark.e2e  # 8 s of real time
 def test_relogin_when_renewal_hits_max_ttl(bao: OpenBaoProcess, root: hvac.Client) -> None:
+    # Real time on purpose: Vault caps renewals by the token's age on its own clock, and the token in
+    # use must stay valid at Vault all along.
     s = session(bao, approle(root, "maxttl-test", ttl=4, max_ttl=6))
     first = s.client().token
     deadline = time.monotonic() + 8
@@ -410,7 +418,7 @@ def test_paused_vault_times_out_and_maintain_backs_off_capped(
     bao: OpenBaoProcess, root: hvac.Client, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
-    clock = FakeClock()
+    clock = FakeClock.at_real_now()
     auth = approle(root, "pause-test", ttl=60, max_ttl=600)
     s = session(bao, auth, clock, timeout=0.3, max_backoff=timedelta(seconds=4))
     s.client()

@@ -69,6 +69,7 @@ class Served:
         return mint_token(self.signing_key, namespace="shop", service_account=sa, node_id=node, now=system_clock())
 
 
+@pytest.mark.e2e  # 13 s of real time: Vault's 10 s leaves
 async def test_short_vault_leaves_keep_renewing_over_one_stream(bao: OpenBaoProcess, tmp_path: Path) -> None:
     """10 s leaves, notBefore 60 s in the past: renewed every 4-6 s, each pushed on the open stream.
     (Timed from notBefore, the first renewal was due 25 s before issuance, ran at once, and, rescheduled
@@ -101,6 +102,7 @@ async def test_short_vault_leaves_keep_renewing_over_one_stream(bao: OpenBaoProc
         await served.app.stop(0)
 
 
+@pytest.mark.e2e  # about 6 s of real time: Vault's request timeouts
 async def test_a_csr_waiting_on_a_stopped_vault_does_not_stall_other_streams(bao: OpenBaoProcess, tmp_path: Path) -> None:
     served = Served(bao, tmp_path, leaf_ttl=timedelta(minutes=10))
     app = served.app

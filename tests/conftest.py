@@ -1,0 +1,34 @@
+"""Shared fixtures (the doubles themselves are in fakes.py), and the e2e marker on every test of a test_e2e_*.py file."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+from fakes import FakeClock, FakeLoopTime
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.name.startswith("test_e2e_"):
+            item.add_marker(pytest.mark.e2e)
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    """A fake clock at T0 (test modules whose code meets a real server's time override it)."""
+    return FakeClock()
+
+
+@pytest.fixture
+async def loop_time() -> AsyncIterator[FakeLoopTime]:
+    """The running event loop's clock replaced by a FakeLoopTime for the test, restored afterwards."""
+    loop = asyncio.get_running_loop()
+    fake = FakeLoopTime(loop)
+    loop.time = fake  # type: ignore[method-assign]
+    try:
+        yield fake
+    finally:
+        del loop.time
