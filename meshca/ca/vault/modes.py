@@ -14,6 +14,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal, Protocol, TypeVar
 
+from meshca.backoff import backoff_delay
 from meshca.ca import crypto
 from meshca.ca.crypto import CertificateInfo, CryptoError, Issuer
 from meshca.ca.internal import (
@@ -575,7 +576,7 @@ class VaultIntermediateCa(StateDirCa[_State, _Plan]):
 
     def _note_vault_failure(self, error: Exception, at: datetime) -> None:
         self._vault_failures += 1
-        delay = min(timedelta(seconds=2 ** min(self._vault_failures - 1, 16)), self._retry_cap)
+        delay = backoff_delay(self._vault_failures, timedelta(seconds=1), self._retry_cap)
         self._vault_retry_at = at + delay
         self._last_vault_error = str(error)
         self._log.warning("scheduled CA step needs Vault and failed (%d in a row); the active intermediate %s keeps "
@@ -1087,7 +1088,6 @@ class VaultLeafCa:
         """session.call, retried on VaultUnavailable with capped exponential backoff until `retry_deadline`."""
         options = self._options
         start = self._monotonic()
-        delay = options.retry_initial.total_seconds()
         attempt = 0
         while True:
             attempt += 1
@@ -1095,6 +1095,7 @@ class VaultLeafCa:
                 return _vault_call(self._session, operation, path)
             except VaultUnavailable as error:
                 elapsed = self._monotonic() - start
+                delay = backoff_delay(attempt, options.retry_initial, options.retry_cap).total_seconds()
                 if elapsed + delay > options.retry_deadline.total_seconds():
                     self._count("failures")
                     self._log.warning("%s: Vault unavailable, giving up after %d attempts in %.1f s: %s",
@@ -1103,7 +1104,6 @@ class VaultLeafCa:
                 self._count("retries")
                 self._log.warning("%s: Vault unavailable (attempt %d), retrying in %.2f s: %s", path, attempt, delay, error)
                 self._sleep(delay)
-                delay = min(delay * 2, options.retry_cap.total_seconds())
             except Exception:
                 self._count("failures")
                 raise
