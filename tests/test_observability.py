@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from meshca.ca.internal import CaSettings, CertificateAuthority
+from meshca.ca.api import CaSettings
+from meshca.ca.internal import CertificateAuthority
 from meshca.identity.spiffe import SpiffeId
 from meshca.observability import Observability, add_status_parser, format_status
 from meshca.sds.workloads import WorkloadSecrets

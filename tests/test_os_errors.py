@@ -19,7 +19,8 @@ import pytest
 from test_ca import FakeClock
 from test_vault_ca import RecordingPublisher, RecordingRotator
 
-from meshca.ca.internal import CaSettings, CertificateAuthority
+from meshca.ca.api import CaSettings
+from meshca.ca.internal import CertificateAuthority
 from meshca.ca.state import LOCK_FILE
 from meshca.cli.main import build_parser, main
 from meshca.clock import system_clock

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from meshca.ca.internal import CaSettings, CertificateAuthority
+from meshca.ca.api import CaSettings
+from meshca.ca.internal import CertificateAuthority
 from meshca.identity.spiffe import SpiffeId
 from meshca.sds.rotation import (
     LeafRotator,

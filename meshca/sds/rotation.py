@@ -296,7 +296,7 @@ class ApschedulerJobs:
 
 
 class RotatingCa(Protocol):
-    """What the CA watcher needs from the CA (meshca.ca.internal.CertificateAuthority)."""
+    """What the CA watcher needs from the CA (every meshca.ca.api.MeshCa fits)."""
 
     def reload_if_changed(self) -> bool: ...
 
