@@ -15,8 +15,9 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from benchmarks.common import TRUST_DOMAIN, Profile, Row
+from meshca.ca.api import CaSettings
 from meshca.ca.crypto import DistinguishedName, Issuer, generate_private_key_pem, self_signed_ca_certificate_pem
-from meshca.ca.internal import CaSettings, CertificateAuthority
+from meshca.ca.internal import CertificateAuthority
 from meshca.clock import system_clock
 from meshca.identity.spiffe import SpiffeId
 

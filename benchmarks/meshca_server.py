@@ -22,7 +22,8 @@ from benchmarks.common import TRUST_DOMAIN, child_args, cpu_seconds, emit, rss_k
 from benchmarks.meshgen import Layout, mesh_config, with_endpoint_change
 from meshca import logs
 from meshca.app import MeshcaApp, issue_server_credentials
-from meshca.ca.internal import CaSettings, CertificateAuthority
+from meshca.ca.api import CaSettings
+from meshca.ca.internal import CertificateAuthority
 from meshca.clock import system_clock
 from meshca.dev.tokens import DEV_AUDIENCE, DEV_ISSUER, write_dev_issuer
 from meshca.gcpolicy import tune_gc_for_serving

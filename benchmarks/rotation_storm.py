@@ -22,7 +22,8 @@ from typing import Any
 from benchmarks.common import TRUST_DOMAIN, Child, Profile, Row, failed_row, server_args, stop_all
 from benchmarks.meshgen import Layout
 from benchmarks.streams import arm, collect, latency_stats, start_meshca_streams
-from meshca.ca.internal import CaSettings, CertificateAuthority
+from meshca.ca.api import CaSettings
+from meshca.ca.internal import CertificateAuthority
 from meshca.clock import system_clock
 
 NAME = "rotation_storm"

@@ -37,7 +37,8 @@ def measure(services: int, endpoints: int, change_budget: float, max_changes: in
 
     from benchmarks.common import TRUST_DOMAIN
     from benchmarks.meshgen import Layout, mesh_config, with_endpoint_change
-    from meshca.ca.internal import CaSettings, CertificateAuthority
+    from meshca.ca.api import CaSettings
+    from meshca.ca.internal import CertificateAuthority
     from meshca.clock import system_clock
     from meshca.mesh.build import ResourceMemo, build_mesh
     from meshca.sds.workloads import MeshPublisher, WorkloadSecrets

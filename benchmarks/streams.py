@@ -11,7 +11,8 @@ from typing import Any
 from benchmarks.common import TRUST_DOMAIN, Child, ChildError, Profile, percentile
 from benchmarks.meshgen import Layout
 from meshca.app import issue_server_credentials
-from meshca.ca.internal import CaSettings, CertificateAuthority
+from meshca.ca.api import CaSettings
+from meshca.ca.internal import CertificateAuthority
 from meshca.clock import system_clock
 
 

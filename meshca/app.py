@@ -16,7 +16,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from meshca.admin.metrics import GcPauseCollector, RotationCollector, VaultCollector
 from meshca.admin.server import Observability
 from meshca.ca import csr_service
-from meshca.ca.internal import CaError, CertificateAuthority
+from meshca.ca.api import CaError, MeshCa
 from meshca.ca.vault.session import VaultSession
 from meshca.clock import Clock
 from meshca.gcpolicy import CollectorPause
@@ -128,7 +128,7 @@ class ServerCredentials:
     private_key_pem: bytes
 
 
-def issue_server_credentials(ca: CertificateAuthority, names: Sequence[str], ttl: timedelta) -> ServerCredentials:
+def issue_server_credentials(ca: MeshCa, names: Sequence[str], ttl: timedelta) -> ServerCredentials:
     """A TLS certificate for meshca's own gRPC endpoint, from its own CA."""
     dns_names, ips = [], []
     for name in names:
@@ -146,7 +146,7 @@ class MeshcaApp:
 
     def __init__(
         self,
-        ca: CertificateAuthority,
+        ca: MeshCa,
         issuers: Sequence[TrustedIssuer],
         clock: Clock,
         logger: logging.Logger,

@@ -10,8 +10,9 @@ from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from meshca.ca.api import CaSettings
 from meshca.ca.crypto import public_jwk, public_key_pem
-from meshca.ca.internal import CaSettings, CertificateAuthority
+from meshca.ca.internal import CertificateAuthority
 from meshca.clock import system_clock
 
 

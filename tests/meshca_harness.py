@@ -12,7 +12,8 @@ from pathlib import Path
 import grpc
 
 from meshca.app import MeshcaApp, issue_server_credentials
-from meshca.ca.internal import CaSettings, CertificateAuthority
+from meshca.ca.api import CaSettings
+from meshca.ca.internal import CertificateAuthority
 from meshca.clock import system_clock
 from meshca.dev.envoy_process import EnvoyProcess, free_port
 from meshca.dev.tokens import DEV_AUDIENCE, DEV_ISSUER, mint_token, write_dev_issuer

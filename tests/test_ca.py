@@ -17,24 +17,28 @@ from cryptography.x509.verification import PolicyBuilder, Store, VerificationErr
 from fakes import T0, FakeClock
 
 from meshca.ca import crypto
-from meshca.ca.crypto import KeyAlgorithm
-from meshca.ca.internal import (
-    INTERMEDIATE_CERT_FILE,
-    INTERMEDIATE_KEY_FILE,
-    METADATA_FILE,
-    ROOT_CERT_FILE,
-    ROOT_KEY_FILE,
+from meshca.ca.api import (
     CaAlreadyExists,
     CaSettings,
     CaStateError,
-    CertificateAuthority,
     CsrRejected,
     IdentityRejected,
     InvalidSettings,
     InvalidTtl,
     IssuerExpired,
 )
-from meshca.ca.state import JOURNAL_FILE, LOCK_FILE, slot_files
+from meshca.ca.crypto import KeyAlgorithm
+from meshca.ca.internal import CertificateAuthority
+from meshca.ca.state import (
+    JOURNAL_FILE,
+    LOCK_FILE,
+    METADATA_FILE,
+    V1_INTERMEDIATE_CERT_FILE,
+    V1_INTERMEDIATE_KEY_FILE,
+    V1_ROOT_CERT_FILE,
+    V1_ROOT_KEY_FILE,
+    slot_files,
+)
 from meshca.identity.spiffe import SpiffeId
 
 TD = "example.org"
@@ -365,10 +369,10 @@ def write_v1_state(state_dir: Path, settings: CaSettings, now: datetime) -> None
         "settings": v1_settings,
     }
     for name, data, mode in (
-        (ROOT_KEY_FILE, root_key, 0o600),
-        (ROOT_CERT_FILE, root_pem, 0o644),
-        (INTERMEDIATE_KEY_FILE, intermediate_key, 0o600),
-        (INTERMEDIATE_CERT_FILE, intermediate_pem, 0o644),
+        (V1_ROOT_KEY_FILE, root_key, 0o600),
+        (V1_ROOT_CERT_FILE, root_pem, 0o644),
+        (V1_INTERMEDIATE_KEY_FILE, intermediate_key, 0o600),
+        (V1_INTERMEDIATE_CERT_FILE, intermediate_pem, 0o644),
         (METADATA_FILE, (json.dumps(metadata, indent=2) + "\n").encode(), 0o644),
     ):
         fd = os.open(state_dir / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
@@ -449,10 +453,10 @@ def test_init_refuses_to_overwrite(ca: CertificateAuthority, tmp_path: Path, clo
 def test_init_refuses_partial_state(tmp_path: Path, clock: FakeClock) -> None:
     state = tmp_path / "ca"
     state.mkdir()
-    (state / ROOT_KEY_FILE).write_bytes(b"left over")
-    with pytest.raises(CaAlreadyExists, match=ROOT_KEY_FILE):
+    (state / V1_ROOT_KEY_FILE).write_bytes(b"left over")
+    with pytest.raises(CaAlreadyExists, match=V1_ROOT_KEY_FILE):
         CertificateAuthority.init(state, CaSettings(TD), clock)
-    assert (state / ROOT_KEY_FILE).read_bytes() == b"left over"
+    assert (state / V1_ROOT_KEY_FILE).read_bytes() == b"left over"
 
 
 def test_load_of_missing_directory_fails_without_creating(tmp_path: Path, clock: FakeClock) -> None:
@@ -480,9 +484,9 @@ def _edit_metadata(state: Path, change) -> None:  # type: ignore[no-untyped-def]
 
 
 def _swap_v1_keys(state: Path, _: str) -> None:
-    root_key = (state / ROOT_KEY_FILE).read_bytes()
-    (state / ROOT_KEY_FILE).write_bytes((state / INTERMEDIATE_KEY_FILE).read_bytes())
-    (state / INTERMEDIATE_KEY_FILE).write_bytes(root_key)
+    root_key = (state / V1_ROOT_KEY_FILE).read_bytes()
+    (state / V1_ROOT_KEY_FILE).write_bytes((state / V1_INTERMEDIATE_KEY_FILE).read_bytes())
+    (state / V1_INTERMEDIATE_KEY_FILE).write_bytes(root_key)
 
 
 def _edit_json(change):  # type: ignore[no-untyped-def]
@@ -492,19 +496,19 @@ def _edit_json(change):  # type: ignore[no-untyped-def]
 @pytest.mark.parametrize(
     ("damage", "file", "problem"),
     [
-        (lambda s, n: (s / n).unlink(), ROOT_CERT_FILE, "missing"),
-        (lambda s, n: (s / n).unlink(), INTERMEDIATE_KEY_FILE, "missing"),
+        (lambda s, n: (s / n).unlink(), V1_ROOT_CERT_FILE, "missing"),
+        (lambda s, n: (s / n).unlink(), V1_INTERMEDIATE_KEY_FILE, "missing"),
         (lambda s, n: (s / n).unlink(), METADATA_FILE, "missing"),
-        (lambda s, n: _garbage(s / n), ROOT_CERT_FILE, "not a PEM certificate"),
-        (lambda s, n: _garbage(s / n), INTERMEDIATE_CERT_FILE, "not a PEM certificate"),
-        (lambda s, n: _truncate(s / n), INTERMEDIATE_KEY_FILE, "not a PEM private key"),
-        (_swap_v1_keys, ROOT_CERT_FILE, "does not belong"),
+        (lambda s, n: _garbage(s / n), V1_ROOT_CERT_FILE, "not a PEM certificate"),
+        (lambda s, n: _garbage(s / n), V1_INTERMEDIATE_CERT_FILE, "not a PEM certificate"),
+        (lambda s, n: _truncate(s / n), V1_INTERMEDIATE_KEY_FILE, "not a PEM private key"),
+        (_swap_v1_keys, V1_ROOT_CERT_FILE, "does not belong"),
         (lambda s, n: (s / n).write_text("{not json"), METADATA_FILE, "not valid JSON"),
         (_edit_json(lambda d: d.pop("trust_domain")), METADATA_FILE, "missing key 'trust_domain'"),
         (_edit_json(lambda d: d["settings"].pop("leaf_ttl_max_seconds")), METADATA_FILE, "leaf_ttl_max_seconds"),
         (_edit_json(lambda d: d.update(format_version=99)), METADATA_FILE, "format_version"),
         (_edit_json(lambda d: d.update(key_algorithm="dsa-512")), METADATA_FILE, "dsa-512"),
-        (_edit_json(lambda d: d.update(trust_domain="other.org")), ROOT_CERT_FILE, "other.org"),
+        (_edit_json(lambda d: d.update(trust_domain="other.org")), V1_ROOT_CERT_FILE, "other.org"),
     ],
 )
 def test_load_refuses_corrupt_v1_state(tmp_path: Path, clock: FakeClock, damage, file: str, problem: str) -> None:  # type: ignore[no-untyped-def]
@@ -523,7 +527,7 @@ def test_load_refuses_corrupt_v1_state(tmp_path: Path, clock: FakeClock, damage,
 def test_load_refuses_v1_intermediate_from_another_ca(tmp_path: Path, clock: FakeClock) -> None:
     write_v1_state(tmp_path / "a", CaSettings(TD), T0)
     write_v1_state(tmp_path / "b", CaSettings(TD), T0)
-    for name in (INTERMEDIATE_CERT_FILE, INTERMEDIATE_KEY_FILE):
+    for name in (V1_INTERMEDIATE_CERT_FILE, V1_INTERMEDIATE_KEY_FILE):
         (tmp_path / "a" / name).write_bytes((tmp_path / "b" / name).read_bytes())
 
     with pytest.raises(CaStateError, match="not signed by the root"):
@@ -562,7 +566,7 @@ def _swap_v2_keys(state: Path) -> None:
         (lambda s: _edit_metadata(s, lambda d: d["slots"][0].update(state="old")), "metadata", "retire_after"),
         (lambda s: _edit_metadata(s, lambda d: d["slots"][1].update(not_after=T0.isoformat())), "metadata",
          "does not match"),
-        (lambda s: (s / INTERMEDIATE_CERT_FILE).write_text("not a certificate"), "v1 intermediate", "format-1"),
+        (lambda s: (s / V1_INTERMEDIATE_CERT_FILE).write_text("not a certificate"), "v1 intermediate", "format-1"),
     ],
 )
 def test_load_refuses_corrupt_state(ca: CertificateAuthority, tmp_path: Path, clock: FakeClock, damage, target: str, problem: str) -> None:  # type: ignore[no-untyped-def]
@@ -572,7 +576,7 @@ def test_load_refuses_corrupt_state(ca: CertificateAuthority, tmp_path: Path, cl
         "intermediate cert": slot_paths(state, "intermediate")[0].name,
         "intermediate key": slot_paths(state, "intermediate")[1].name,
         "metadata": METADATA_FILE,
-        "v1 intermediate": INTERMEDIATE_CERT_FILE,
+        "v1 intermediate": V1_INTERMEDIATE_CERT_FILE,
     }
     damage(state)
 

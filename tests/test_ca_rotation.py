@@ -20,25 +20,24 @@ from cryptography.x509.verification import VerificationError
 from fakes import T0, FakeClock
 from test_ca import TD, WORKLOAD, verify_client_chain, write_v1_state
 
-from meshca.ca.internal import (
-    CRASH_POINTS,
+from meshca.ca.api import (
     CaSettings,
     CaStateError,
-    CertificateAuthority,
-    CrashPoint,
     InvalidSettings,
     InvalidTtl,
     IssuedCertificate,
     RotationRefused,
     ScheduledStep,
-    due_prunes,
-    scheduled_step,
 )
+from meshca.ca.internal import CertificateAuthority
+from meshca.ca.policy import due_prunes, scheduled_step
 from meshca.ca.state import (
+    CRASH_POINTS,
     JOURNAL_FILE,
     LOCK_FILE,
     METADATA_FILE,
     V1_FILES,
+    CrashPoint,
     SlotRecord,
     read_journal,
     slot_files,

@@ -16,8 +16,9 @@ from cryptography.x509.verification import PolicyBuilder, Store
 from fakes import FakeTokenAuthenticator
 
 from meshca.ca import crypto
+from meshca.ca.api import CaSettings, IssuedCertificate
 from meshca.ca.csr_service import CertificateServicer, add_to_server
-from meshca.ca.internal import CaSettings, CertificateAuthority, IssuedCertificate
+from meshca.ca.internal import CertificateAuthority
 from meshca.identity.spiffe import SpiffeId
 from meshca.v1 import certificate_pb2, certificate_pb2_grpc
 

@@ -16,7 +16,8 @@ import pytest
 import yaml
 
 from meshca.app import MeshcaApp
-from meshca.ca.internal import CaSettings, CertificateAuthority
+from meshca.ca.api import CaSettings
+from meshca.ca.internal import CertificateAuthority
 from meshca.clock import system_clock
 from meshca.dev.envoy_process import free_port
 from meshca.listen import ListenError

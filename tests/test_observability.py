@@ -17,7 +17,8 @@ from fakes import T0, FakeClock
 from prometheus_client.parser import text_string_to_metric_families
 
 from meshca.admin.server import Observability
-from meshca.ca.internal import CaSettings, CertificateAuthority
+from meshca.ca.api import CaSettings
+from meshca.ca.internal import CertificateAuthority
 from meshca.cli.status import add_status_parser, format_status
 from meshca.dev.envoy_process import free_port
 from meshca.identity.spiffe import SpiffeId

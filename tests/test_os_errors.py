@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 from fakes import FakeClock, RecordingPublisher, RecordingRotator
 
-from meshca.ca.internal import CaSettings, CertificateAuthority
+from meshca.ca.api import CaSettings
+from meshca.ca.internal import CertificateAuthority
 from meshca.ca.state import LOCK_FILE
 from meshca.cli.main import build_parser, main
 from meshca.clock import system_clock

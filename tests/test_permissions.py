@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from meshca.ca.internal import CaSettings, CaStateError, CertificateAuthority
+from meshca.ca.api import CaSettings, CaStateError
+from meshca.ca.internal import CertificateAuthority
 from meshca.clock import system_clock
 
 ROOT = os.geteuid() == 0

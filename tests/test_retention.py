@@ -12,7 +12,8 @@ from pathlib import Path
 from fakes import T0, FakeClock, FakeScheduler
 from xds_client import ROOTCA_AND_DEFAULT, XdsClient
 
-from meshca.ca.internal import CaSettings, CertificateAuthority
+from meshca.ca.api import CaSettings
+from meshca.ca.internal import CertificateAuthority
 from meshca.identity.spiffe import SpiffeId
 from meshca.sds.retention import IdentityRetention
 from meshca.sds.rotation import LeafRotator, RenewalPolicy

@@ -11,7 +11,8 @@ import pytest
 from cryptography import x509
 from fakes import T0, FakeClock, FakeScheduler
 
-from meshca.ca.internal import CaSettings, CertificateAuthority
+from meshca.ca.api import CaSettings
+from meshca.ca.internal import CertificateAuthority
 from meshca.identity.spiffe import SpiffeId
 from meshca.sds.rotation import (
     LeafRotator,

@@ -22,31 +22,31 @@ from fakes import FakeClock, FakeMonotonic, FakeTokenAuthenticator, RecordingPub
 from test_ca import ED25519_CSR, tamper_signature, verify_client_chain
 
 from meshca.ca import crypto
-from meshca.ca.crypto import KeyAlgorithm
-from meshca.ca.csr_service import CertificateServicer, add_to_server
-from meshca.ca.internal import (
+from meshca.ca.api import (
+    CaError,
     CaSettings,
+    CaStateError,
     CsrRejected,
     IdentityRejected,
     InvalidTtl,
     IssuerExpired,
+    RateLimited,
     RotationRefused,
     ScheduledStep,
-)
-from meshca.ca.state import JOURNAL_FILE, CaError, CaStateError, SlotRecord, read_journal, slot_files
-from meshca.ca.vault.modes import (
-    VAULT_METADATA_FILE,
-    RateLimited,
     ServerCertificateUnsupported,
-    TokenBucket,
-    VaultIntermediateCa,
-    VaultLeafCa,
-    VaultLeafOptions,
     VaultNotConfigured,
     VaultRefused,
+)
+from meshca.ca.crypto import KeyAlgorithm
+from meshca.ca.csr_service import CertificateServicer, add_to_server
+from meshca.ca.state import JOURNAL_FILE, SlotRecord, read_journal, slot_files
+from meshca.ca.vault.intermediate import (
+    VAULT_METADATA_FILE,
+    VaultIntermediateCa,
     is_vault_state_dir,
     vault_scheduled_step,
 )
+from meshca.ca.vault.leaf import TokenBucket, VaultLeafCa, VaultLeafOptions
 from meshca.ca.vault.session import TokenAuth, VaultDenied, VaultError, VaultSession, VaultSettings, VaultUnavailable
 from meshca.ca.vault.setup import policy_text, role_parameters, setup_pki
 from meshca.clock import system_clock
@@ -733,6 +733,17 @@ def test_init_needs_vault_and_says_why(vault: Vault, tmp_path: Path, clock: Fake
         VaultIntermediateCa.init(tmp_path / "ca2", SETTINGS, vault.session("pki", "vault-intermediate"), clock,
                                  mount="nope")
 
+
+
+def test_vault_modes_say_what_they_cannot_rotate(inter_ca: VaultIntermediateCa, leaf_ca: VaultLeafCa) -> None:
+    assert (inter_ca.signs_remotely, inter_ca.can_rotate_intermediate, inter_ca.can_rotate_root) == (False, True, False)
+    assert (leaf_ca.signs_remotely, leaf_ca.can_rotate_intermediate, leaf_ca.can_rotate_root) == (True, False, False)
+    with pytest.raises(RotationRefused, match="lives in Vault"):
+        inter_ca.rotate_root(now=True)
+    with pytest.raises(RotationRefused, match="no meshca intermediate"):
+        leaf_ca.rotate_intermediate(now=True)
+    with pytest.raises(RotationRefused, match="lives in Vault"):
+        leaf_ca.rotate_root()
 
 def test_sealed_vault_is_unavailable_for_both_modes_and_both_recover(
     vault: Vault, inter_ca: VaultIntermediateCa, clock: FakeClock

@@ -30,7 +30,6 @@ from meshca.ca.vault.session import (
     VaultSession,
     VaultSettings,
     VaultUnavailable,
-    backoff_delay,
     parse_vault_settings,
     renewal_due,
     vault_error_from,
@@ -87,15 +86,6 @@ def sign(client: hvac.Client, spiffe_id: str) -> dict[str, Any]:
 
 
 # -- pure functions --------------------------------------------------------------------------
-
-
-def test_backoff_schedule_doubles_and_is_capped() -> None:
-    cap = timedelta(seconds=30)
-    delays = [backoff_delay(n, cap).total_seconds() for n in range(0, 9)]
-    assert delays == [0, 1, 2, 4, 8, 16, 30, 30, 30]
-    assert backoff_delay(10_000, cap) == cap  # no overflow, never above the cap
-    assert all(backoff_delay(n, timedelta(seconds=3)) <= timedelta(seconds=3) for n in range(200))
-    assert backoff_delay(3, cap, base=timedelta(milliseconds=250)) == timedelta(seconds=1)
 
 
 def test_renewal_due_below_a_third_of_the_ttl() -> None:

@@ -17,8 +17,9 @@ from xds_client import ROOTCA_AND_DEFAULT, XdsClient
 
 from meshca.app import MeshcaApp, issue_server_credentials
 from meshca.ca import crypto
-from meshca.ca.internal import CaSettings, CertificateAuthority
-from meshca.ca.vault.modes import VaultLeafCa, VaultLeafOptions
+from meshca.ca.api import CaSettings
+from meshca.ca.internal import CertificateAuthority
+from meshca.ca.vault.leaf import VaultLeafCa, VaultLeafOptions
 from meshca.ca.vault.session import TokenAuth, VaultSession, VaultSettings
 from meshca.ca.vault.setup import setup_pki
 from meshca.clock import system_clock

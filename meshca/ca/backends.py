@@ -8,8 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from meshca.ca.internal import LEAF_TTL_FLOOR, CaSettings, CertificateAuthority
-from meshca.ca.vault.modes import VaultIntermediateCa, VaultLeafCa, VaultLeafOptions, is_vault_state_dir
+from meshca.ca.api import LEAF_TTL_FLOOR, CaSettings, MeshCa
+from meshca.ca.internal import CertificateAuthority
+from meshca.ca.vault.intermediate import VaultIntermediateCa, is_vault_state_dir
+from meshca.ca.vault.leaf import VaultLeafCa, VaultLeafOptions
 from meshca.ca.vault.session import VaultSession, parse_vault_settings
 from meshca.clock import Clock, format_duration
 from meshca.fields import FieldReader, read_yaml_mapping
@@ -23,7 +25,7 @@ class CaBackend:
     """The CA the server issues with, and the Vault session to keep alive (None for `internal`)."""
 
     mode: str
-    ca: Any  # CertificateAuthority | VaultIntermediateCa | VaultLeafCa: the same issuing interface
+    ca: MeshCa  # CertificateAuthority, VaultIntermediateCa or VaultLeafCa
     vault: VaultSession | None
 
 
@@ -64,7 +66,7 @@ def build_ca_backend(config_path: Path, clock: Clock, logger: logging.Logger) ->
     mount = vault_reader.get("mount", str, "pki")
     if mode == "vault-intermediate":
         if is_vault_state_dir(state_dir):
-            ca = VaultIntermediateCa.load(state_dir, None, session, clock, logger=logger.getChild("vault-ca"))
+            ca: MeshCa = VaultIntermediateCa.load(state_dir, None, session, clock, logger=logger.getChild("vault-ca"))
         else:
             ca = VaultIntermediateCa.init(
                 state_dir, ca_settings(), session, clock, mount=mount,

@@ -11,15 +11,8 @@ from typing import Protocol
 
 import grpc
 
+from meshca.ca.api import CaError, CsrRejected, IdentityRejected, InvalidTtl, IssuedCertificate, IssuerExpired
 from meshca.ca.crypto import split_pem_certificates
-from meshca.ca.internal import (
-    CaError,
-    CsrRejected,
-    IdentityRejected,
-    InvalidTtl,
-    IssuedCertificate,
-    IssuerExpired,
-)
 from meshca.identity.jwt import AuthenticationError, VerifiedIdentity
 from meshca.identity.spiffe import SpiffeId
 from meshca.v1 import certificate_pb2, certificate_pb2_grpc
@@ -37,7 +30,7 @@ class Authenticator(Protocol):
 
 
 class CsrSigner(Protocol):
-    """What the service needs from a CA backend (meshca.ca.internal.CertificateAuthority fits)."""
+    """What the service needs from a CA backend (every meshca.ca.api.MeshCa fits)."""
 
     def sign_csr(self, csr_pem: bytes, spiffe_id: SpiffeId, ttl: timedelta | None) -> IssuedCertificate: ...
 

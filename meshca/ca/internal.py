@@ -2,19 +2,38 @@
 
 from __future__ import annotations
 
-import ipaddress
-import re
-import secrets
-import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta, timezone
+from datetime import datetime
 from pathlib import Path
-from typing import Any, ClassVar, Generic, Literal, Protocol, TypeVar
+from typing import Any
 
 from meshca.ca import crypto
-from meshca.ca.crypto import CryptoError, DistinguishedName, Issuer, KeyAlgorithm
-from meshca.ca.state import CRASH_POINTS as CRASH_POINTS  # re-exported: the crash-test hook lives in ca_state
+from meshca.ca.api import (
+    CaAlreadyExists,
+    CaEvent,
+    CaSettings,
+    CaStateError,
+    CaStatus,
+    JournalEvent,
+    MeshCa,
+    RotationRefused,
+    ScheduledStep,
+    SlotKind,
+    SlotState,
+    SlotStatus,
+)
+from meshca.ca.crypto import CryptoError, DistinguishedName, Issuer
+from meshca.ca.policy import (
+    as_utc,
+    due_prunes,
+    find_slot,
+    lifetime_point,
+    new_serial,
+    only_slot,
+    retire_after,
+    scheduled_step,
+)
 from meshca.ca.state import (
     FORMAT_VERSION,
     METADATA_FILE,
@@ -23,14 +42,8 @@ from meshca.ca.state import (
     V1_INTERMEDIATE_KEY_FILE,
     V1_ROOT_CERT_FILE,
     V1_ROOT_KEY_FILE,
-    CaError,
-    CaStateError,
     CrashHook,
-    JournalEntry,
-    JournalEvent,
-    SlotKind,
     SlotRecord,
-    SlotState,
     StateRecord,
     check_slot_certificate,
     check_state_dir_mode,
@@ -39,7 +52,6 @@ from meshca.ca.state import (
     file_signature,
     no_crash,
     parse_time,
-    read_journal,
     read_key_file,
     read_metadata,
     read_state_file,
@@ -49,363 +61,9 @@ from meshca.ca.state import (
     slot_order,
     state_lock,
 )
-from meshca.ca.state import CrashPoint as CrashPoint  # re-exported, as CRASH_POINTS
-from meshca.clock import Clock, format_duration
-from meshca.identity.spiffe import InvalidSpiffeId, SpiffeId
-
-# Format-1 file names (kept for the migration and for tests that build a format-1 directory).
-ROOT_CERT_FILE = V1_ROOT_CERT_FILE
-ROOT_KEY_FILE = V1_ROOT_KEY_FILE
-INTERMEDIATE_CERT_FILE = V1_INTERMEDIATE_CERT_FILE
-INTERMEDIATE_KEY_FILE = V1_INTERMEDIATE_KEY_FILE
-MAX_CSR_BYTES = 64 * 1024
-LEAF_TTL_FLOOR = timedelta(seconds=10)
-
-_ALLOWED_CSR_CURVES = ("secp256r1", "secp384r1")
-_RSA_MIN_BITS = 2048
-_RSA_MAX_BITS = 8192
-_DNS_NAME = re.compile(r"^(\*\.)?[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
-_MAX_TICK_STEPS = 8
-
-CsrRejectionKind = Literal["invalid_argument", "permission_denied", "failed_precondition"]
-
-
-class CaAlreadyExists(CaStateError):
-    """`init` found an existing (possibly partial) CA in the state directory and refused to overwrite it."""
-
-
-class InvalidSettings(CaError, ValueError):
-    """CaSettings values that contradict each other or are out of range."""
-
-
-class IdentityRejected(CaError, ValueError):
-    """The SPIFFE ID cannot be issued by this CA (another trust domain, or no workload path)."""
-
-
-class InvalidTtl(CaError, ValueError):
-    """A requested TTL below the minimum (or not positive); the message names the TTL and the bounds."""
-
-
-class IssuerExpired(CaError):
-    """The intermediate CA has expired (or is not valid yet), so nothing can be issued until it rotates."""
-
-
-class RotationRefused(CaError):
-    """A CA transition that cannot be made in the current state (e.g. nothing prepared to activate)."""
-
-
-class CsrRejected(CaError):
-    """A CSR this CA refuses to sign; `kind` maps to the gRPC status (INVALID_ARGUMENT / PERMISSION_DENIED /
-    FAILED_PRECONDITION: a signing backend such as Vault refuses what meshca's own checks allowed)."""
-
-    def __init__(self, reason: str, kind: CsrRejectionKind) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.kind: CsrRejectionKind = kind
-
-
-@dataclass(frozen=True)
-class CaSettings:
-    """Everything that shapes the CA; persisted in ca.json at init.
-
-    Leaf TTL policy: a requested TTL below `leaf_ttl_min` (at least 10 s) is rejected (InvalidTtl);
-    above `leaf_ttl_max` it is clamped to `leaf_ttl_max`; the result is then always capped at the
-    active intermediate's notAfter (so leaves get shorter near the end of an intermediate's life
-    rather than outliving it). notBefore is backdated by `backdate`, but by no more than a quarter
-    of the leaf's lifetime and never before the intermediate's notBefore, to absorb clock skew.
-
-    Rotation schedule (`tick`): fractions of the active certificate's lifetime at which the next
-    one is prepared (created, published in the bundle if a root, not signing) and activated.
-    `reload_grace` bounds how long another process sharing the state dir may keep signing with a
-    CA after a transition committed elsewhere (its reload_if_changed period); it is added to
-    `retire_after`.
-    """
-
-    trust_domain: str
-    key_algorithm: KeyAlgorithm = KeyAlgorithm.EC_P256  # root and intermediate keys
-    root_ttl: timedelta = timedelta(days=365)
-    intermediate_ttl: timedelta = timedelta(days=30)
-    leaf_ttl_default: timedelta = timedelta(hours=1)
-    leaf_ttl_min: timedelta = timedelta(minutes=5)
-    leaf_ttl_max: timedelta = timedelta(days=90)
-    backdate: timedelta = timedelta(seconds=60)
-    leaf_key_algorithm: KeyAlgorithm = KeyAlgorithm.EC_P256  # keys generated by issue_workload / servers
-    intermediate_prepare_at: float = 0.5
-    intermediate_activate_at: float = 0.66
-    root_prepare_at: float = 0.8
-    root_activate_at: float = 0.9
-    reload_grace: timedelta = timedelta(seconds=30)
-
-    def __post_init__(self) -> None:
-        try:
-            SpiffeId(self.trust_domain)
-        except InvalidSpiffeId as e:
-            raise InvalidSettings(str(e)) from None
-        for name in ("root_ttl", "intermediate_ttl", "leaf_ttl_default", "leaf_ttl_min", "leaf_ttl_max"):
-            if getattr(self, name) <= timedelta(0):
-                raise InvalidSettings(f"{name} must be positive, got {format_duration(getattr(self, name))}")
-        if self.intermediate_ttl > self.root_ttl:
-            raise InvalidSettings(
-                f"intermediate_ttl {format_duration(self.intermediate_ttl)} exceeds root_ttl {format_duration(self.root_ttl)}"
-            )
-        if self.leaf_ttl_min < LEAF_TTL_FLOOR:
-            raise InvalidSettings(
-                f"leaf_ttl_min must be at least {format_duration(LEAF_TTL_FLOOR)}, "
-                f"got {format_duration(self.leaf_ttl_min)}"
-            )
-        if not self.leaf_ttl_min <= self.leaf_ttl_default <= self.leaf_ttl_max:
-            raise InvalidSettings(
-                f"leaf TTLs must satisfy min <= default <= max, got min {format_duration(self.leaf_ttl_min)}, "
-                f"default {format_duration(self.leaf_ttl_default)}, max {format_duration(self.leaf_ttl_max)}"
-            )
-        if not timedelta(0) <= self.backdate <= timedelta(hours=1):
-            raise InvalidSettings(f"backdate must be between 0 and 1h, got {format_duration(self.backdate)}")
-        if not timedelta(0) <= self.reload_grace <= timedelta(hours=1):
-            raise InvalidSettings(f"reload_grace must be between 0 and 1h, got {format_duration(self.reload_grace)}")
-        for kind in ("intermediate", "root"):
-            prepare, activate = getattr(self, f"{kind}_prepare_at"), getattr(self, f"{kind}_activate_at")
-            if not (isinstance(prepare, (int, float)) and isinstance(activate, (int, float))):
-                raise InvalidSettings(f"{kind}_prepare_at and {kind}_activate_at must be numbers")
-            if not 0 < prepare < activate < 1:
-                raise InvalidSettings(
-                    f"{kind} rotation fractions must satisfy 0 < prepare_at < activate_at < 1, "
-                    f"got prepare_at {prepare}, activate_at {activate}"
-                )
-
-    def to_json(self) -> dict[str, Any]:
-        """The ca.json `settings` object (TTLs in whole seconds)."""
-        return {
-            "root_ttl_seconds": int(self.root_ttl.total_seconds()),
-            "intermediate_ttl_seconds": int(self.intermediate_ttl.total_seconds()),
-            "leaf_ttl_default_seconds": int(self.leaf_ttl_default.total_seconds()),
-            "leaf_ttl_min_seconds": int(self.leaf_ttl_min.total_seconds()),
-            "leaf_ttl_max_seconds": int(self.leaf_ttl_max.total_seconds()),
-            "backdate_seconds": int(self.backdate.total_seconds()),
-            "leaf_key_algorithm": self.leaf_key_algorithm.value,
-            "intermediate_prepare_at": self.intermediate_prepare_at,
-            "intermediate_activate_at": self.intermediate_activate_at,
-            "root_prepare_at": self.root_prepare_at,
-            "root_activate_at": self.root_activate_at,
-            "reload_grace_seconds": int(self.reload_grace.total_seconds()),
-        }
-
-    @classmethod
-    def from_json(cls, trust_domain: str, key_algorithm: str, data: Mapping[str, Any]) -> CaSettings:
-        """Inverse of to_json; keys added in format 2 may be absent (defaults). Raises KeyError/ValueError/TypeError."""
-        defaults = cls(trust_domain)
-
-        def seconds(key: str, default: timedelta | None = None) -> timedelta:
-            if default is not None and key not in data:
-                return default
-            value = data[key]
-            if type(value) is not int:
-                raise TypeError(f"settings.{key} must be an integer, got {value!r}")
-            return timedelta(seconds=value)
-
-        def fraction(key: str) -> float:
-            value = data.get(key, getattr(defaults, key))
-            if type(value) not in (int, float):
-                raise TypeError(f"settings.{key} must be a number, got {value!r}")
-            return float(value)
-
-        return cls(
-            trust_domain=trust_domain,
-            key_algorithm=KeyAlgorithm(key_algorithm),
-            root_ttl=seconds("root_ttl_seconds"),
-            intermediate_ttl=seconds("intermediate_ttl_seconds"),
-            leaf_ttl_default=seconds("leaf_ttl_default_seconds"),
-            leaf_ttl_min=seconds("leaf_ttl_min_seconds"),
-            leaf_ttl_max=seconds("leaf_ttl_max_seconds"),
-            backdate=seconds("backdate_seconds"),
-            leaf_key_algorithm=KeyAlgorithm(data["leaf_key_algorithm"]),
-            intermediate_prepare_at=fraction("intermediate_prepare_at"),
-            intermediate_activate_at=fraction("intermediate_activate_at"),
-            root_prepare_at=fraction("root_prepare_at"),
-            root_activate_at=fraction("root_activate_at"),
-            reload_grace=seconds("reload_grace_seconds", defaults.reload_grace),
-        )
-
-
-@dataclass(frozen=True)
-class IssuedCertificate:
-    """A certificate this CA issued. The private key never appears in repr/str."""
-
-    spiffe_id: SpiffeId | None  # None for server certificates
-    certificate_pem: bytes  # the leaf alone
-    chain_pem: bytes  # leaf followed by the active intermediate (never the root)
-    private_key_pem: bytes | None = field(repr=False)  # None when issued from a CSR
-    serial_number: int
-    not_before: datetime  # aware UTC, whole seconds
-    not_after: datetime
-
-
-@dataclass(frozen=True)
-class CaEvent:
-    """One slot change of a committed transition; all events of one transition share its generation."""
-
-    kind: SlotKind
-    event: JournalEvent
-    id: str
-    generation: int
-    retire_after: datetime | None = None  # for "retired": when its last leaf expires (then it is pruned)
-
-
-@dataclass(frozen=True)
-class SlotStatus:
-    """A CA certificate in the state directory, as `meshca ca status` shows it."""
-
-    kind: SlotKind
-    id: str
-    state: SlotState
-    subject: str
-    issuer_id: str | None
-    not_before: datetime
-    not_after: datetime
-    since: datetime
-    retire_after: datetime | None
-    fingerprint_sha256: str
-
-
-@dataclass(frozen=True)
-class BundleEntry:
-    """A root in the trust bundle (ROOTCA)."""
-
-    id: str
-    state: SlotState
-    subject: str
-    fingerprint_sha256: str
-    not_after: datetime
-
-
-@dataclass(frozen=True)
-class CaStatus:
-    """The CA's committed state: slots, generation and the trust bundle, in bundle order."""
-
-    trust_domain: str
-    generation: int
-    active_intermediate_id: str
-    slots: tuple[SlotStatus, ...]
-    bundle: tuple[BundleEntry, ...]
-
-    @classmethod
-    def from_slots(
-        cls, trust_domain: str, generation: int, active_intermediate_id: str, slots: Sequence[SlotStatus]
-    ) -> CaStatus:
-        """The status of `slots` (in bundle order): the bundle is their roots."""
-        bundle = tuple(
-            BundleEntry(s.id, s.state, s.subject, s.fingerprint_sha256, s.not_after) for s in slots if s.kind == "root"
-        )
-        return cls(trust_domain, generation, active_intermediate_id, tuple(slots), bundle)
-
-    def to_json(self) -> dict[str, Any]:
-        def when(value: datetime | None) -> str | None:
-            return None if value is None else value.isoformat()
-
-        return {
-            "trust_domain": self.trust_domain,
-            "generation": self.generation,
-            "active_intermediate_id": self.active_intermediate_id,
-            "slots": [
-                {
-                    "kind": s.kind, "id": s.id, "state": s.state, "subject": s.subject, "issuer_id": s.issuer_id,
-                    "not_before": when(s.not_before), "not_after": when(s.not_after), "since": when(s.since),
-                    "retire_after": when(s.retire_after), "fingerprint_sha256": s.fingerprint_sha256,
-                }
-                for s in self.slots
-            ],
-            "bundle": [
-                {"id": b.id, "state": b.state, "subject": b.subject, "fingerprint_sha256": b.fingerprint_sha256,
-                 "not_after": when(b.not_after)}
-                for b in self.bundle
-            ],
-        }
-
-
-# --- the schedule (pure) --------------------------------------------------------------------------
-
-
-ScheduledAction = Literal["prepare", "activate", "prune"]
-
-
-@dataclass(frozen=True)
-class ScheduledStep:
-    """The next transition the schedule calls for; `kind` is None for a prune (of every due slot)."""
-
-    action: ScheduledAction
-    kind: SlotKind | None
-
-
-def lifetime_point(slot: SlotRecord, fraction: float) -> datetime:
-    """The instant at `fraction` of a slot's certificate lifetime."""
-    return slot.not_before + (slot.not_after - slot.not_before) * fraction
-
-
-def retire_after(slot: SlotRecord, stopped_signing: datetime, settings: CaSettings) -> datetime:
-    """The latest notAfter of any leaf `slot` may have signed: it stopped signing at `stopped_signing`
-    (plus reload_grace for another process still using it), leaves live at most leaf_ttl_max, and
-    no leaf outlives its issuer."""
-    return min(stopped_signing + settings.reload_grace + settings.leaf_ttl_max, slot.not_after)
-
-
-def due_prunes(slots: Sequence[SlotRecord], now: datetime) -> tuple[SlotRecord, ...]:
-    """Old slots whose retire_after has come; a root only once none of its intermediates remains."""
-    gone = {s.id for s in slots if s.state == "old" and s.kind == "intermediate" and now >= _req(s.retire_after)}
-    still_issuing = {s.issuer_id for s in slots if s.kind == "intermediate" and s.id not in gone}
-    gone |= {
-        s.id
-        for s in slots
-        if s.state == "old" and s.kind == "root" and now >= _req(s.retire_after) and s.id not in still_issuing
-    }
-    return tuple(s for s in slots if s.id in gone)
-
-
-def scheduled_step(slots: Sequence[SlotRecord], settings: CaSettings, now: datetime) -> ScheduledStep | None:
-    """What `tick` does next, as a pure function of the committed slots, the settings and `now`.
-
-    In order: prune old slots past retire_after; prepare a root at root_prepare_at of the active
-    root's life; activate it at root_activate_at (never in the tick that prepared it, so the new
-    root is published before it signs); prepare the next intermediate at intermediate_prepare_at
-    of the active intermediate's life; activate it at intermediate_activate_at.
-    """
-    if due_prunes(slots, now):
-        return ScheduledStep("prune", None)
-    root = _only(slots, "root", "active")
-    prepared_root = _find(slots, "root", "prepared")
-    if prepared_root is None and now >= lifetime_point(root, settings.root_prepare_at):
-        return ScheduledStep("prepare", "root")
-    if (
-        prepared_root is not None
-        and now >= lifetime_point(root, settings.root_activate_at)
-        and now > prepared_root.since
-    ):
-        return ScheduledStep("activate", "root")
-    intermediate = _only(slots, "intermediate", "active")
-    following = _find(slots, "intermediate", "prepared", root.id)
-    if following is None and now >= lifetime_point(intermediate, settings.intermediate_prepare_at):
-        return ScheduledStep("prepare", "intermediate")
-    if following is not None and now >= lifetime_point(intermediate, settings.intermediate_activate_at):
-        return ScheduledStep("activate", "intermediate")
-    return None
-
-
-def _req(value: datetime | None) -> datetime:
-    if value is None:
-        raise ValueError("an old slot without retire_after")
-    return value
-
-
-def _find(slots: Sequence[SlotRecord], kind: SlotKind, state: SlotState, issuer_id: str | None = None) -> SlotRecord | None:
-    for s in slots:
-        if s.kind == kind and s.state == state and (issuer_id is None or s.issuer_id == issuer_id):
-            return s
-    return None
-
-
-def _only(slots: Sequence[SlotRecord], kind: SlotKind, state: SlotState) -> SlotRecord:
-    found = _find(slots, kind, state)
-    if found is None:
-        raise CaStateError(f"no {state} {kind} in the CA state")
-    return found
+from meshca.ca.statedir import LocalSigner, StateDirCa
+from meshca.clock import Clock
+from meshca.identity.spiffe import SpiffeId
 
 
 def _check_slots(slots: Sequence[SlotRecord], where: Path) -> None:
@@ -424,8 +82,8 @@ def _check_slots(slots: Sequence[SlotRecord], where: Path) -> None:
     if count["root", "prepared"] > 1:
         raise fail("more than one prepared root")
     roots = {s.id: s for s in slots if s.kind == "root"}
-    active_root = _only(slots, "root", "active")
-    prepared_root = _find(slots, "root", "prepared")
+    active_root = only_slot(slots, "root", "active")
+    prepared_root = find_slot(slots, "root", "prepared")
     allowed_prepared_issuers = {active_root.id} | ({prepared_root.id} if prepared_root else set())
     seen_prepared: set[str | None] = set()
     for s in slots:
@@ -447,115 +105,6 @@ def _str(value: str | None) -> str:
     return value or ""
 
 
-# --- leaf policy (pure; meshca.ca.vault.modes applies it too) --------------------------------------------
-
-
-def new_serial() -> int:
-    # 126 random bits with the top bit set: positive, non-zero, always 16 DER content bytes.
-    return secrets.randbits(127) | (1 << 126)
-
-
-def as_utc(now: datetime) -> datetime:
-    """A clock reading as aware UTC in whole seconds; ValueError for a naive one."""
-    if now.tzinfo is None:
-        raise ValueError("the clock must return timezone-aware datetimes")
-    return now.astimezone(timezone.utc).replace(microsecond=0)
-
-
-def leaf_validity(
-    settings: CaSettings, now: datetime, issuer_not_before: datetime, issuer_not_after: datetime, ttl: timedelta | None,
-    *, issuer: str = "issuing CA",
-) -> tuple[datetime, datetime]:
-    """(notBefore, notAfter) of a leaf, with the TTL policy (see CaSettings): too short → InvalidTtl, too long →
-    clamped, capped at the issuer's notAfter; IssuerExpired (naming `issuer`) outside the issuer's validity."""
-    if ttl is None:
-        ttl = settings.leaf_ttl_default
-    elif ttl < settings.leaf_ttl_min:
-        raise InvalidTtl(
-            f"TTL {format_duration(ttl)} is below the minimum {format_duration(settings.leaf_ttl_min)} "
-            f"(allowed {format_duration(settings.leaf_ttl_min)} to {format_duration(settings.leaf_ttl_max)}; "
-            "longer TTLs are capped)"
-        )
-    elif ttl > settings.leaf_ttl_max:
-        ttl = settings.leaf_ttl_max
-    not_after = min(now + ttl, issuer_not_after)
-    if not_after <= now or now < issuer_not_before:
-        raise IssuerExpired(
-            f"the {issuer} is valid from {issuer_not_before.isoformat()} "
-            f"to {issuer_not_after.isoformat()}, not at {now.isoformat()}; rotate it"
-        )
-    backdate = settings.backdate
-    lifetime = not_after - now
-    if lifetime < backdate * 4:  # a leaf must not be "due for renewal" at birth
-        backdate = timedelta(seconds=int(lifetime.total_seconds()) // 4)
-    return max(now - backdate, issuer_not_before), not_after
-
-
-def check_identity(spiffe_id: SpiffeId, trust_domain: str) -> None:
-    """IdentityRejected for an identity outside `trust_domain` or naming the trust domain itself."""
-    if spiffe_id.trust_domain != trust_domain:
-        raise IdentityRejected(f"SPIFFE ID {spiffe_id} is not in trust domain {trust_domain!r} served by this CA")
-    if not spiffe_id.path:
-        raise IdentityRejected(f"SPIFFE ID {spiffe_id} names the trust domain itself, not a workload")
-
-
-def check_csr(csr_pem: bytes, spiffe_id: SpiffeId) -> crypto.PublicKeyInfo:
-    """The CSR policy (size, parse, signature, key type, CA:true, other identity, extra SANs): raises
-    CsrRejected; returns the CSR's public key."""
-    if len(csr_pem) > MAX_CSR_BYTES:
-        raise CsrRejected(f"CSR is larger than {MAX_CSR_BYTES} bytes", "invalid_argument")
-    try:
-        request = crypto.parse_csr_pem(csr_pem)
-    except CryptoError as e:
-        raise CsrRejected(f"CSR cannot be parsed: {e}", "invalid_argument") from None
-    if not request.signature_valid:
-        raise CsrRejected("CSR signature does not verify with its own public key", "invalid_argument")
-    key = request.public_key
-    if key.kind == "ec":
-        if key.curve not in _ALLOWED_CSR_CURVES:
-            raise CsrRejected(
-                f"CSR key curve {key.curve} is not supported (use P-256 or P-384)", "invalid_argument"
-            )
-    elif key.kind == "rsa":
-        if not _RSA_MIN_BITS <= key.bits <= _RSA_MAX_BITS:
-            raise CsrRejected(
-                f"CSR RSA key of {key.bits} bits is not allowed ({_RSA_MIN_BITS} to {_RSA_MAX_BITS})",
-                "invalid_argument",
-            )
-    else:
-        raise CsrRejected(f"CSR key type {key.kind} is not supported (use EC P-256/P-384 or RSA)", "invalid_argument")
-    if request.requests_ca:
-        raise CsrRejected(
-            "CSR requests basicConstraints CA:true; CA certificates cannot be requested", "invalid_argument"
-        )
-    others = [uri for uri in request.uris if uri != spiffe_id.uri]
-    if others:
-        raise CsrRejected(
-            f"CSR requests identity {', '.join(others)} but the caller is {spiffe_id}", "permission_denied"
-        )
-    extra = [*request.dns_names, *request.ip_addresses, *request.emails, *request.other_names]
-    if extra:
-        raise CsrRejected(
-            f"CSR carries DNS/IP/email/other SANs ({', '.join(extra)}); only the caller's SPIFFE ID URI is allowed",
-            "invalid_argument",
-        )
-    return key
-
-
-def check_server_names(dns_names: Sequence[str], ip_addresses: Sequence[str]) -> None:
-    """ValueError for an empty or malformed name list of a server certificate."""
-    for name in dns_names:
-        if not isinstance(name, str) or len(name) > 253 or not _DNS_NAME.match(name):
-            raise ValueError(f"{name!r} is not a valid DNS name")
-    for address in ip_addresses:
-        try:
-            ipaddress.ip_address(address)
-        except ValueError:
-            raise ValueError(f"{address!r} is not a valid IP address") from None
-    if not dns_names and not ip_addresses:
-        raise ValueError("a server certificate needs at least one DNS name or IP address")
-
-
 # --- in-memory state ------------------------------------------------------------------------------
 
 
@@ -574,24 +123,13 @@ class _NewSlot:
 
 
 @dataclass(frozen=True)
-class _Signer:
-    """What issuance needs, read with a single attribute load on the hot path."""
-
-    id: str
-    issuer: Issuer
-    certificate_pem: bytes
-    not_before: datetime
-    not_after: datetime
-
-
-@dataclass(frozen=True)
 class _Loaded:
     settings: CaSettings
     record: StateRecord
     raw: bytes  # ca.json as read or written
     signature: tuple[int, int, int]
     slots: tuple[_Slot, ...]
-    signer: _Signer
+    leaf_signer: LocalSigner
     bundle_pem: bytes
 
     @classmethod
@@ -600,9 +138,9 @@ class _Loaded:
         ordered = tuple(sorted(slots, key=_slot_order))
         active = next(s for s in ordered if s.record.kind == "intermediate" and s.record.state == "active")
         roots = [s for s in ordered if s.record.kind == "root"]
-        signer = _Signer(
-            active.record.id, active.issuer, active.issuer.certificate_pem,
-            active.issuer.info.not_before, active.issuer.info.not_after,
+        pem = active.issuer.certificate_pem
+        signer = LocalSigner(
+            active.record.id, active.issuer, pem, pem, active.issuer.info.not_before, active.issuer.info.not_after
         )
         bundle = b"".join(s.issuer.certificate_pem for s in roots)
         return cls(settings, replace(record, slots=tuple(s.record for s in ordered)), raw, signature, ordered,
@@ -847,109 +385,6 @@ def _migrate_v1(state_dir: Path, data: Mapping[str, Any], now: datetime, crash: 
     return _Loaded.build(settings, record, raw, signature, [_Slot(root_slot.record, root), _Slot(inter_slot.record, inter)])
 
 
-class _CommittedState(Protocol):
-    """What StateDirCa reads of a CA's in-memory state (a frozen dataclass, replaced as a whole)."""
-
-    __dataclass_fields__: ClassVar[dict[str, Any]]
-
-    @property
-    def settings(self) -> CaSettings: ...
-
-    @property
-    def record(self) -> StateRecord: ...
-
-    @property
-    def raw(self) -> bytes: ...  # the commit file as read or written
-
-    @property
-    def signature(self) -> tuple[int, int, int]: ...
-
-
-StateT = TypeVar("StateT", bound=_CommittedState)
-PlanT = TypeVar("PlanT")
-
-
-class StateDirCa(Generic[StateT, PlanT]):
-    """What the CAs kept in a state directory share (CertificateAuthority here, meshca.ca.vault.modes's
-    VaultIntermediateCa): reloading the commit file, transitions under the exclusive lock, the journal
-    and the settings accessors. A subclass sets the attributes below and implements `_reread` and
-    `_apply_locked`."""
-
-    _metadata_file: ClassVar[str]  # the commit file
-    _dir: Path
-    _clock: Clock
-    _state: StateT
-    _mutex: threading.RLock
-
-    @property
-    def signs_remotely(self) -> bool:
-        """False: leaves are signed here, in memory (CPU only; no reason to leave the event loop)."""
-        return False
-
-    def reload_if_changed(self) -> bool:
-        """Re-read the commit file (ca.json) if another process committed a transition; True when the
-        state changed.
-
-        Cheap when nothing changed (one stat). On a damaged state it raises CaStateError and keeps
-        the current in-memory state, so a running server goes on issuing.
-        """
-        if file_signature(self._dir / self._metadata_file) == self._state.signature:
-            return False
-        with self._mutex, state_lock(self._dir, exclusive=False):
-            return self._refresh_locked()
-
-    def _refresh_locked(self) -> bool:
-        signature = file_signature(self._dir / self._metadata_file)
-        raw, data = read_metadata(self._dir, self._metadata_file)
-        current = self._state
-        if raw == current.raw:
-            if signature != current.signature:
-                self._state = replace(current, signature=signature)
-            return False
-        self._state = self._reread(current, raw, data)
-        return True
-
-    def _reread(self, current: StateT, raw: bytes, data: dict[str, Any]) -> StateT:
-        """The state another process committed (`raw`, parsed as `data`), checked against `current`."""
-        raise NotImplementedError
-
-    def _transitions(self, steps: Sequence[Callable[[StateT, datetime], PlanT | None]]) -> list[CaEvent]:
-        with self._mutex, state_lock(self._dir, exclusive=True):
-            self._refresh_locked()
-            now = as_utc(self._clock())
-            events: list[CaEvent] = []
-            for step in steps:
-                plan = step(self._state, now)
-                if plan is not None:
-                    events += self._apply_locked(plan, now)
-            return events
-
-    def _apply_locked(self, plan: PlanT, now: datetime) -> list[CaEvent]:
-        """Commit `plan` (the caller holds the exclusive lock) and adopt the new state."""
-        raise NotImplementedError
-
-    @property
-    def state_dir(self) -> Path:
-        return self._dir
-
-    @property
-    def trust_domain(self) -> str:
-        return self._state.settings.trust_domain
-
-    @property
-    def settings(self) -> CaSettings:
-        return self._state.settings
-
-    @property
-    def generation(self) -> int:
-        """Increases by one with every committed transition (init and migration commit generation 1)."""
-        return self._state.record.generation
-
-    def journal(self) -> list[JournalEntry]:
-        """The committed journal entries (an uncommitted intent beyond the commit file's generation is left out)."""
-        return read_journal(self._dir, self._state.record.generation)
-
-
 class CertificateAuthority(StateDirCa[_Loaded, _Plan]):
     """An internal CA loaded from (or initialised in) a state directory.
 
@@ -963,11 +398,8 @@ class CertificateAuthority(StateDirCa[_Loaded, _Plan]):
 
     def __init__(self, state_dir: Path, clock: Clock, loaded: _Loaded, crash_hook: CrashHook | None = None) -> None:
         """Internal: use `init` or `load`."""
-        self._dir = state_dir
-        self._clock = clock
-        self._state = loaded
+        super().__init__(state_dir, clock, loaded)
         self._crash: CrashHook = crash_hook or no_crash
-        self._mutex = threading.RLock()
 
     # --- state -------------------------------------------------------------------------------
 
@@ -1039,23 +471,8 @@ class CertificateAuthority(StateDirCa[_Loaded, _Plan]):
     # --- accessors (and StateDirCa's) ------------------------------------------------------------
 
     @property
-    def active_intermediate_id(self) -> str:
-        """The slot id of the intermediate that signs; it changes on every intermediate or root activation."""
-        return self._state.signer.id
-
-    @property
-    def intermediate_certificate_pem(self) -> bytes:
-        """The active intermediate: the one that signs, and the one chains carry."""
-        return self._state.signer.certificate_pem
-
-    @property
-    def intermediate_not_after(self) -> datetime:
-        """Leaves are never valid past this instant."""
-        return self._state.signer.not_after
-
-    def trust_bundle_pem(self) -> bytes:
-        """Every root in state prepared, active or old, active first: what peers validate against."""
-        return self._state.bundle_pem
+    def can_rotate_root(self) -> bool:
+        return True
 
     def status(self) -> CaStatus:
         state = self._state
@@ -1067,7 +484,7 @@ class CertificateAuthority(StateDirCa[_Loaded, _Plan]):
             )
             for s in state.slots
         )
-        return CaStatus.from_slots(state.settings.trust_domain, state.record.generation, state.signer.id, slots)
+        return CaStatus.from_slots(state.settings.trust_domain, state.record.generation, state.leaf_signer.id, slots)
 
     # --- transitions -------------------------------------------------------------------------
 
@@ -1104,29 +521,12 @@ class CertificateAuthority(StateDirCa[_Loaded, _Plan]):
         steps = [self._plan_prepare_root] + ([self._plan_activate_root] if now else [])
         return self._transitions(steps)
 
-    def tick(self, now: datetime | None = None) -> list[CaEvent]:
-        """The scheduled policy (see `scheduled_step`), every due step committed; call it periodically.
+    # `tick` (StateDirCa's) runs the policy of `scheduled_step`, every due step committed.
 
-        When nothing is due (almost every call) it takes no lock and writes nothing."""
-        self.reload_if_changed()
-        due_at = as_utc(now if now is not None else self._clock())
-        if scheduled_step(self._state.record.slots, self._state.settings, due_at) is None:
-            return []
-        with self._mutex, state_lock(self._dir, exclusive=True):
-            self._refresh_locked()
-            at = as_utc(now if now is not None else self._clock())
-            events: list[CaEvent] = []
-            for _ in range(_MAX_TICK_STEPS):
-                step = scheduled_step(self._state.record.slots, self._state.settings, at)
-                if step is None:
-                    break
-                plan = self._plan_step(step, self._state, at)
-                if plan is None:
-                    break
-                events += self._apply_locked(plan, at)
-            return events
+    def _scheduled_step(self, current: _Loaded, now: datetime) -> ScheduledStep | None:
+        return scheduled_step(current.record.slots, current.settings, now)
 
-    def _plan_step(self, step: ScheduledStep, current: _Loaded, now: datetime) -> _Plan | None:
+    def _plan_scheduled(self, step: ScheduledStep, current: _Loaded, now: datetime, after_events: bool) -> _Plan | None:
         if step.action == "prune":
             return self._plan_prune(current, now)
         if step.kind == "root":
@@ -1135,7 +535,7 @@ class CertificateAuthority(StateDirCa[_Loaded, _Plan]):
             plan = self._plan_prepare_intermediate if step.action == "prepare" else self._plan_activate_intermediate
         return plan(current, now)
 
-    def _apply_locked(self, plan: _Plan, now: datetime) -> list[CaEvent]:
+    def _commit_plan(self, plan: _Plan, now: datetime) -> tuple[_Loaded, list[CaEvent]]:
         current = self._state
         generation = current.record.generation + 1
         kept = {s.record.id for s in plan.slots}
@@ -1153,9 +553,8 @@ class CertificateAuthority(StateDirCa[_Loaded, _Plan]):
             remove_after=[self._dir / name for r in pruned for name in slot_files(r.kind, r.id)],
             crash=self._crash,
         )
-        self._state = _Loaded.build(current.settings, record, raw, signature, plan.slots)
         retire = {s.record.id: s.record.retire_after for s in plan.slots}
-        return [
+        return _Loaded.build(current.settings, record, raw, signature, plan.slots), [
             CaEvent(kind, event, ident, generation, retire.get(ident) if event == "retired" else None)
             for event, kind, ident in plan.events
         ]
@@ -1261,75 +660,7 @@ class CertificateAuthority(StateDirCa[_Loaded, _Plan]):
             tuple(("pruned", r.kind, r.id) for r in sorted(gone, key=lambda r: (r.kind != "intermediate", r.id))),
         )
 
-    # --- issuance ----------------------------------------------------------------------------
 
-    def issue_workload(self, spiffe_id: SpiffeId, ttl: timedelta | None = None) -> IssuedCertificate:
-        """A new key pair (settings.leaf_key_algorithm, P-256 by default) and an X.509-SVID for `spiffe_id`.
-
-        `spiffe_id` must come from a verified identity. TTL policy: see CaSettings.
-        Raises IdentityRejected, InvalidTtl, IssuerExpired.
-        """
-        state = self._state
-        check_identity(spiffe_id, state.settings.trust_domain)
-        not_before, not_after = self._validity(state, ttl)
-        serial = new_serial()
-        signer = state.signer
-        cert_pem, key_pem = signer.issuer.issue_leaf(
-            uri=spiffe_id.uri,
-            not_before=not_before,
-            not_after=not_after,
-            serial_number=serial,
-            key_algorithm=state.settings.leaf_key_algorithm,
-        )
-        return IssuedCertificate(
-            spiffe_id, cert_pem, cert_pem + signer.certificate_pem, key_pem, serial, not_before, not_after
-        )
-
-    def sign_csr(self, csr_pem: bytes, spiffe_id: SpiffeId, ttl: timedelta | None = None) -> IssuedCertificate:
-        """Sign a PEM CSR for `spiffe_id` (the verified caller); the SAN comes from `spiffe_id` alone.
-
-        The CSR contributes only its public key; its subject is ignored. Its SANs may be absent or
-        exactly `spiffe_id`'s URI. Raises CsrRejected, IdentityRejected, InvalidTtl, IssuerExpired.
-        """
-        state = self._state
-        check_identity(spiffe_id, state.settings.trust_domain)
-        public_key = check_csr(csr_pem, spiffe_id)
-        not_before, not_after = self._validity(state, ttl)
-        serial = new_serial()
-        signer = state.signer
-        cert_pem = signer.issuer.sign_leaf(
-            public_key, uri=spiffe_id.uri, not_before=not_before, not_after=not_after, serial_number=serial
-        )
-        return IssuedCertificate(
-            spiffe_id, cert_pem, cert_pem + signer.certificate_pem, None, serial, not_before, not_after
-        )
-
-    def issue_server_certificate(
-        self, dns_names: Sequence[str], ip_addresses: Sequence[str], ttl: timedelta | None = None
-    ) -> IssuedCertificate:
-        """A key pair and a TLS server certificate (EKU serverAuth only) for meshca's own endpoint.
-
-        Same TTL policy as leaves. Raises ValueError for an empty or malformed name list.
-        """
-        check_server_names(dns_names, ip_addresses)
-        state = self._state
-        not_before, not_after = self._validity(state, ttl)
-        serial = new_serial()
-        signer = state.signer
-        cert_pem, key_pem = signer.issuer.issue_server_certificate(
-            dns_names=dns_names,
-            ip_addresses=ip_addresses,
-            not_before=not_before,
-            not_after=not_after,
-            serial_number=serial,
-            key_algorithm=state.settings.leaf_key_algorithm,
-        )
-        return IssuedCertificate(
-            None, cert_pem, cert_pem + signer.certificate_pem, key_pem, serial, not_before, not_after
-        )
-
-    def _validity(self, state: _Loaded, ttl: timedelta | None) -> tuple[datetime, datetime]:
-        signer = state.signer
-        return leaf_validity(
-            state.settings, as_utc(self._clock()), signer.not_before, signer.not_after, ttl, issuer="intermediate CA"
-        )
+def _conforms(ca: CertificateAuthority) -> MeshCa:
+    """The internal CA is a MeshCa: tests/test_ca_api.py has mypy check this."""
+    return ca

@@ -16,6 +16,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+from meshca.ca.api import CaStateError, JournalEvent, SlotKind, SlotState
 from meshca.files import fsync_directory, named, write_atomic
 
 FORMAT_VERSION = 2
@@ -30,9 +31,6 @@ V1_INTERMEDIATE_CERT_FILE = "intermediate.pem"
 V1_INTERMEDIATE_KEY_FILE = "intermediate-key.pem"
 V1_FILES = (V1_ROOT_CERT_FILE, V1_ROOT_KEY_FILE, V1_INTERMEDIATE_CERT_FILE, V1_INTERMEDIATE_KEY_FILE)
 
-SlotKind = Literal["root", "intermediate"]
-SlotState = Literal["prepared", "active", "old"]
-JournalEvent = Literal["prepared", "activated", "retired", "pruned", "migrated"]
 SLOT_KINDS: tuple[SlotKind, ...] = get_args(SlotKind)
 SLOT_STATES: tuple[SlotState, ...] = get_args(SlotState)
 JOURNAL_EVENTS: tuple[JournalEvent, ...] = get_args(JournalEvent)
@@ -45,14 +43,6 @@ CRASH_POINTS: tuple[CrashPoint, ...] = get_args(CrashPoint)
 
 _SLOT_FILE = re.compile(r"^(root|intermediate)-([0-9a-f]{16})(-key)?\.pem$")
 _TEMP_FILE = re.compile(r"^\..+\.[0-9a-f]{16}\.tmp$")  # meshca.files.write_atomic's temp names
-
-
-class CaError(Exception):
-    """Base class of every error the CA modules raise."""
-
-
-class CaStateError(CaError):
-    """The CA state directory is missing, partial, corrupt or inconsistent; the message names the file."""
 
 
 def slot_id(fingerprint_sha256: str) -> str:

@@ -10,7 +10,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TextIO
 
-from meshca.ca.internal import CaError, CaEvent, CaStatus, CertificateAuthority
+from meshca.ca.api import CaError, CaEvent, CaStatus, MeshCa
+from meshca.ca.internal import CertificateAuthority
 from meshca.clock import Clock, system_clock
 
 
@@ -48,7 +49,7 @@ def _state_dir(args: argparse.Namespace) -> Path:
     return read_state_dir(Path(args.config))
 
 
-def _load_ca(args: argparse.Namespace, clock: Clock, *, needs_vault: bool = False) -> Any:
+def _load_ca(args: argparse.Namespace, clock: Clock, *, needs_vault: bool = False) -> MeshCa:
     """The CA of a state dir, or (with --config) the backend the serve settings name, Vault included."""
     if args.config:
         import logging
@@ -57,7 +58,7 @@ def _load_ca(args: argparse.Namespace, clock: Clock, *, needs_vault: bool = Fals
 
         return build_ca_backend(Path(args.config), clock, logging.getLogger("meshca.cli.main")).ca
     state_dir = _state_dir(args)
-    from meshca.ca.vault.modes import VaultIntermediateCa, is_vault_state_dir
+    from meshca.ca.vault.intermediate import VaultIntermediateCa, is_vault_state_dir
 
     if is_vault_state_dir(state_dir):
         if needs_vault:
@@ -89,9 +90,9 @@ def cmd_ca_rotate(args: argparse.Namespace, out: TextIO | None = None, clock: Cl
     kind = "root" if args.root else "intermediate"
     try:
         ca = _load_ca(args, clock, needs_vault=True)
-        if args.root and not hasattr(ca, "rotate_root"):
+        if args.root and not ca.can_rotate_root:
             raise CaError("the root of this CA lives in Vault: rotate it there; meshca follows the new root")
-        if not hasattr(ca, "rotate_intermediate"):
+        if not ca.can_rotate_intermediate:
             raise CaError("in vault-leaf mode Vault signs every leaf: there is no meshca intermediate to rotate")
         events = ca.rotate_root(now=args.now) if args.root else ca.rotate_intermediate(now=args.now)
     except CaError as error:

@@ -12,7 +12,8 @@ from datetime import timedelta
 from pathlib import Path
 
 from meshca.ca import crypto
-from meshca.ca.internal import CaError, CaSettings, CertificateAuthority
+from meshca.ca.api import CaError, CaSettings
+from meshca.ca.internal import CertificateAuthority
 from meshca.clock import format_duration, system_clock
 from meshca.config import load_serve_settings
 from meshca.fields import ConfigError, parse_duration

@@ -24,7 +24,7 @@ from typing import Any, Literal, TextIO
 import yaml
 from cryptography import x509
 
-from meshca.ca.internal import CaSettings
+from meshca.ca.api import CaSettings
 from meshca.clock import Clock
 from meshca.dev.envoy_process import (
     EnvoyProcess,

@@ -10,7 +10,8 @@ from typing import Any
 
 import yaml
 
-from meshca.ca.internal import CaSettings, CertificateAuthority
+from meshca.ca.api import CaSettings
+from meshca.ca.internal import CertificateAuthority
 from meshca.clock import Clock
 from meshca.dev.tokens import DEV_AUDIENCE, DEV_ISSUER, write_dev_issuer
 from meshca.files import write_atomic

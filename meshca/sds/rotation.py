@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Protocol
 
+from meshca.backoff import backoff_delay
 from meshca.clock import Clock, format_duration
 from meshca.files import describe_os_error
 from meshca.identity.spiffe import SpiffeId
@@ -175,7 +176,7 @@ class LeafRotator:
         except Exception as error:  # any CA failure: keep serving the current one, retry
             with self._lock:
                 self._failures += 1
-            delay = min(timedelta(seconds=2**attempt), self._retry_cap)
+            delay = backoff_delay(attempt + 1, timedelta(seconds=1), self._retry_cap)
             self._log.error(
                 "renewal of %s failed (attempt %d), retrying in %s: %s",
                 spiffe_id,
@@ -295,7 +296,7 @@ class ApschedulerJobs:
 
 
 class RotatingCa(Protocol):
-    """What the CA watcher needs from the CA (meshca.ca.internal.CertificateAuthority)."""
+    """What the CA watcher needs from the CA (every meshca.ca.api.MeshCa fits)."""
 
     def reload_if_changed(self) -> bool: ...
 
@@ -357,7 +358,7 @@ class CaWatcher:
                 self._failures += 1
                 self._failed_in_row += 1
                 base = max(self._settings.ca_check_interval, timedelta(seconds=1))
-                delay = min(base * 2 ** min(self._failed_in_row - 1, 30), self._max_backoff)
+                delay = backoff_delay(self._failed_in_row, base, self._max_backoff)
                 self._retry_at = now + delay
                 reason = describe_os_error(error) if isinstance(error, OSError) else str(error)
                 self._log.error(

@@ -16,6 +16,7 @@ import hvac
 import hvac.exceptions
 import requests
 
+from meshca.backoff import backoff_delay
 from meshca.clock import Clock
 from meshca.fields import ConfigError, FieldReader
 
@@ -358,18 +359,6 @@ def parse_vault_settings(reader: FieldReader, extra_known: Iterable[str] = ()) -
         if isinstance(error, ConfigError):
             raise
         raise reader.error("", str(error)) from None
-
-
-# -- backoff -----------------------------------------------------------------------------------
-
-
-def backoff_delay(consecutive_failures: int, cap: timedelta, base: timedelta = BACKOFF_BASE) -> timedelta:
-    """Delay before the next attempt after `consecutive_failures` failures: base·2^(n-1), never above cap."""
-    if consecutive_failures <= 0:
-        return timedelta(0)
-    exponent = min(consecutive_failures - 1, 60)
-    seconds = min(cap.total_seconds(), base.total_seconds() * 2.0**exponent)
-    return timedelta(seconds=max(seconds, 0.0))
 
 
 def renewal_due(now: datetime, expires_at: datetime, ttl: timedelta) -> bool:
@@ -753,7 +742,7 @@ class VaultSession:
         self._consecutive_failures += 1
         self._failures_total += 1
         self._last_error = str(error)
-        delay = backoff_delay(self._consecutive_failures, self._settings.max_backoff)
+        delay = backoff_delay(self._consecutive_failures, BACKOFF_BASE, self._settings.max_backoff)
         self._next_attempt_at = now + delay
         token = self._token
         expiry = token.expires_at.isoformat() if token is not None and token.expires_at else "n/a"

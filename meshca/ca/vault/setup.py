@@ -160,7 +160,7 @@ def policy_text(mode: Mode, *, mount: str = "pki", role: str = "meshca") -> str:
 def role_parameters(trust_domain: str, max_leaf_ttl: timedelta) -> dict[str, Any]:
     """The PKI role for workload leaves: URI SANs only inside the trust domain and only as requested in
     `uri_sans` (never copied from the CSR), basicConstraints CA:FALSE (the SPIFFE X509-SVID spec requires
-    it), not stored. Any key type: meshca's own CSR policy (meshca.ca.internal.check_csr: EC P-256/P-384, RSA
+    it), not stored. Any key type: meshca's own CSR policy (meshca.ca.policy.check_csr: EC P-256/P-384, RSA
     2048-8192) decides before Vault is asked, and Vault still refuses RSA below 2048 bits."""
     ttl = _seconds(max_leaf_ttl)
     return {
