@@ -1,4 +1,4 @@
-"""`meshca ca status` and `meshca ca rotate`: a CA's slots and their rotation (a state dir or a serve config's CA)."""
+"""`meshca ca init|status|rotate`: create a CA, show its slots, rotate them (a state dir or a serve config's CA)."""
 
 from __future__ import annotations
 
@@ -10,19 +10,37 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TextIO
 
-from meshca.ca.api import CaError, CaEvent, CaStatus, MeshCa
+from meshca.ca import crypto
+from meshca.ca.api import CaError, CaEvent, CaSettings, CaStatus, MeshCa
 from meshca.ca.internal import CertificateAuthority
 from meshca.clock import Clock, system_clock
 
 
-def add_ca_parsers(ca_subparsers: Any) -> None:
-    """Add `status` and `rotate` to the `meshca ca` subparsers (each sets `handler`)."""
-    status = ca_subparsers.add_parser("status", help="the CA's slots, expiries and trust bundle")
+def cmd_ca_init(args: argparse.Namespace) -> int:
+    settings = CaSettings(trust_domain=args.trust_domain, key_algorithm=crypto.KeyAlgorithm(args.key_algorithm))
+    ca = CertificateAuthority.init(Path(args.state_dir), settings, system_clock)
+    print(f"initialized CA for trust domain {ca.trust_domain} in {args.state_dir}")
+    return 0
+
+
+def add_ca_parsers(ca: Any) -> None:
+    """Add `init`, `status` and `rotate` to the `meshca ca` subparsers (each sets `handler`)."""
+    ca_init = ca.add_parser("init", help="create a new root and intermediate in a state directory")
+    ca_init.add_argument("--state-dir", required=True, help="directory for the CA's keys and state (created 0700)")
+    ca_init.add_argument("--trust-domain", required=True, help="SPIFFE trust domain, e.g. mesh.example.com")
+    ca_init.add_argument(
+        "--key-algorithm",
+        default=crypto.KeyAlgorithm.EC_P256.value,
+        choices=[k.value for k in crypto.KeyAlgorithm],
+        help=f"CA key type (default {crypto.KeyAlgorithm.EC_P256.value})",
+    )
+    ca_init.set_defaults(handler=cmd_ca_init)
+    status = ca.add_parser("status", help="the CA's slots, expiries and trust bundle")
     _add_location(status)
     status.add_argument("--json", action="store_true", help="print one JSON object")
     status.set_defaults(handler=cmd_ca_status)
 
-    rotate = ca_subparsers.add_parser(
+    rotate = ca.add_parser(
         "rotate",
         help="prepare the next intermediate or root (published, not signing); with --now activate it too",
         description="A running `meshca serve` on the same state directory picks the change up by itself.",

@@ -1,0 +1,99 @@
+"""`meshca serve`: load the settings, build the app, serve until SIGTERM or SIGINT."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from meshca.clock import format_duration, system_clock
+from meshca.config import load_serve_settings
+from meshca.fields import ConfigError
+from meshca.listen import check_bindable
+
+
+def _read_setting_file(config_path: Path, field: str, path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as error:
+        raise ConfigError(config_path, field, f"cannot read {path}: {error.strerror or error}") from None
+
+
+async def _serve(config_path: Path) -> int:
+    from meshca import logs
+    from meshca.app import MeshcaApp, ServerCredentials, issue_server_credentials
+    from meshca.ca.backends import build_ca_backend
+    from meshca.gcpolicy import tune_gc_for_serving
+
+    tune_gc_for_serving()
+    log = logs.configure("info")
+    backend = build_ca_backend(config_path, system_clock, log)
+    ca = backend.ca
+    settings = load_serve_settings(config_path, ca.trust_domain)
+    if settings.leaf_ttl is not None and not (
+        ca.settings.leaf_ttl_min <= settings.leaf_ttl <= ca.settings.leaf_ttl_max
+    ):
+        raise ConfigError(
+            config_path,
+            "leaf_ttl",
+            f"{format_duration(settings.leaf_ttl)} is outside the CA's leaf TTL bounds "
+            f"[{format_duration(ca.settings.leaf_ttl_min)}, {format_duration(ca.settings.leaf_ttl_max)}] "
+            "(set at `meshca ca init`)",
+        )
+    log = logs.configure(settings.log_level)
+    # a taken port fails now, before the mesh is loaded and logged (MeshcaApp.start checks again when it binds)
+    check_bindable("listen", settings.listen_host, settings.listen_port)
+    if settings.metrics_port is not None:
+        check_bindable("metrics_port", settings.admin_address, settings.metrics_port)
+    app = MeshcaApp(
+        ca,
+        settings.issuers,
+        system_clock,
+        log,
+        settings.leaf_ttl,
+        settings.rotation,
+        backend.vault,
+        xds_send_timeout=settings.xds_send_timeout,
+        identity_grace=settings.identity_grace,
+        xds_max_stream_age=settings.xds_max_stream_age,
+    )
+    if settings.server_tls is not None:
+        credentials = ServerCredentials(
+            _read_setting_file(config_path, "tls.certificate_chain", settings.server_tls.certificate_chain),
+            _read_setting_file(config_path, "tls.private_key", settings.server_tls.private_key),
+        )
+    else:
+        credentials = issue_server_credentials(ca, settings.server_names, timedelta(days=30))
+    source_task = None
+    if settings.mesh_file is not None:
+        from meshca.mesh.source import FileMeshSource
+
+        source = FileMeshSource(settings.mesh_file, app, log.getChild("mesh-source"))
+        source.load()  # an invalid mesh at start is an error: there is no last good config yet
+        source_task = asyncio.create_task(source.run())
+    await app.start(
+        settings.listen_host, settings.listen_port, credentials, settings.metrics_port, settings.admin_address
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    log.info("signal received: stopping gracefully")
+    if source_task is not None:
+        source_task.cancel()
+    await app.stop(grace=5)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    return asyncio.run(_serve(Path(args.config)))
+
+
+def add_serve_parser(commands: Any) -> None:
+    serve = commands.add_parser("serve", help="run the CA, identity gate and xDS/SDS server")
+    serve.add_argument("--config", required=True, metavar="FILE", help="settings file (docs/configuration.md)")
+    serve.set_defaults(handler=cmd_serve)
