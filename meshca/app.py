@@ -38,6 +38,7 @@ from meshca.sds.rotation import ApschedulerJobs, CaWatcher, LeafRotator, Rotatio
 from meshca.sds.workloads import ForeignTrustDomain, MeshPublisher, WorkloadSecrets
 from meshca.xds.cache import SnapshotCache
 from meshca.xds.server import (
+    DEFAULT_FIRST_REQUEST_TIMEOUT,
     DEFAULT_MAX_STREAM_AGE,
     DEFAULT_SEND_TIMEOUT,
     MAX_REQUEST_BYTES,
@@ -157,6 +158,7 @@ class MeshcaApp:
         collector_pause: CollectorPause | None = None,
         identity_grace: timedelta = DEFAULT_IDENTITY_GRACE,
         xds_max_stream_age: timedelta | None = DEFAULT_MAX_STREAM_AGE,
+        xds_first_request_timeout: timedelta = DEFAULT_FIRST_REQUEST_TIMEOUT,
     ) -> None:
         """`collector_pause`: defers CPython's garbage collection while a push is written (default:
         one on the `gc` module, see meshca.gcpolicy). `identity_grace`: how long an identity's
@@ -203,6 +205,7 @@ class MeshcaApp:
             send_timeout=xds_send_timeout,
             collector_pause=self.collector_pause,
             max_stream_age=xds_max_stream_age,
+            first_request_timeout=xds_first_request_timeout,
             clock=clock,
         )
         self.observability = Observability(self.registry, self.secrets, self.publisher, clock, logger.getChild("admin"))

@@ -122,3 +122,17 @@ async def test_first_request_after_the_token_expired_is_refused(tmp_path: Path) 
         await client.send(SDS, ["default"], node_id="frontend-1")
         with pytest.raises(EOFError, match="token expired at"):
             await client.recv()  # no certificate first
+
+
+async def test_a_stream_that_never_sends_its_first_request_is_closed(tmp_path: Path) -> None:
+    """Authenticated but silent: no node, so no identity, token deadline or maximum age applies yet."""
+    async with running_meshca(tmp_path, xds_first_request_timeout=timedelta(seconds=0.5)) as meshca:
+        channel = meshca.channel()
+        silent = XdsClient(channel, meshca.token("shop", "frontend"))  # sends nothing
+        code, details = await silent.status(timeout=5)
+        assert code == grpc.StatusCode.DEADLINE_EXCEEDED and "no first request within 0.5 s" in details
+        prompt = await secrets_stream(meshca, meshca.token("shop", "frontend"))  # a normal one is untouched
+        await asyncio.sleep(1.0)
+        assert meshca.app.registry.snapshot()  # still open after the first-request timeout
+        prompt.close()
+        await channel.close()

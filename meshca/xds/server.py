@@ -50,6 +50,7 @@ DELTA_PER_TYPE_METHODS: Mapping[ResourceType, str] = MappingProxyType(
 
 MAX_REQUEST_BYTES = 4 * 1024 * 1024
 DEFAULT_SEND_TIMEOUT = timedelta(seconds=30)
+DEFAULT_FIRST_REQUEST_TIMEOUT = timedelta(seconds=30)
 DEFAULT_MAX_STREAM_AGE = timedelta(minutes=30)
 MAX_STREAM_AGE_JITTER = 0.1  # each stream's age limit is drawn from ±10% around the setting
 SHUTDOWN_MESSAGE = "meshca is shutting down; reconnect"
@@ -325,6 +326,7 @@ class XdsServer:
         clock: Clock = system_clock,
         rng: random.Random | None = None,
         repeat_window: float = 10.0,
+        first_request_timeout: timedelta = DEFAULT_FIRST_REQUEST_TIMEOUT,
     ) -> None:
         """`send_timeout`: how long one response may wait for the proxy to read it (HTTP/2 flow
         control) before the stream is closed with UNAVAILABLE. `collector_pause`: held while a
@@ -332,7 +334,9 @@ class XdsServer:
         `max_stream_age`: a stream is closed with UNAVAILABLE after this (±10% jitter, drawn from
         `rng`), so proxies reconnect and spread over replicas (None: never). `clock` turns an
         Admission's deadline into a delay. `repeat_window`: the same refusal from the same peer is
-        logged once per this many seconds, then counted.
+        logged once per this many seconds, then counted. `first_request_timeout`: a stream whose first
+        request (the one that names its node) has not come by then is closed with DEADLINE_EXCEEDED
+        (Envoy sends it at once; until then the stream has no identity, deadline or age limit).
         """
         if send_timeout <= timedelta(0):
             raise ValueError(f"send_timeout must be positive, not {send_timeout}")
@@ -345,6 +349,7 @@ class XdsServer:
         self._send_timeout = send_timeout
         self._collector_pause = collector_pause
         self._max_stream_age = max_stream_age
+        self._first_request_timeout = first_request_timeout.total_seconds()
         self._clock = clock
         self._rng = rng if rng is not None else random.Random()
         self._repeats = RepeatLimiter(logger, repeat_window)
@@ -405,8 +410,15 @@ class XdsServer:
         watch = None
         timer: asyncio.TimerHandle | None = None
         closed_by: _Close | None = None
+        first_timer = asyncio.get_running_loop().call_later(
+            self._first_request_timeout,
+            inbox.close,
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+            f"no first request within {self._first_request_timeout:g} s",
+        )
         try:
             first = await inbox.next()
+            first_timer.cancel()
             if first is _END:
                 return
             if isinstance(first, _Close):
@@ -479,6 +491,7 @@ class XdsServer:
                     await self._apply(stream_id, node.id, outcome, context, variant.frame)
                 pending = await inbox.next()
         finally:
+            first_timer.cancel()
             self._streams.discard(inbox)
             reader.cancel()
             if timer is not None:
