@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from typing import Protocol
 
-from meshca.clock import Clock
+from meshca.clock import Clock, format_duration
 from meshca.identity.spiffe import SpiffeId
 
 
@@ -79,11 +79,7 @@ class IdentityRetention:
             for forgetter in self._forgetters:
                 forgetter.forget(spiffe_id)
             self._forgotten += 1
-        self._log.info("forgot identity %s: no stream for %s", spiffe_id, self._grace)
-
-    def open_streams(self, spiffe_id: SpiffeId) -> int:
-        with self._lock:
-            return self._streams.get(spiffe_id, 0)
+        self._log.info("forgot identity %s: no stream for %s", spiffe_id, format_duration(self._grace))
 
     def forgotten_total(self) -> int:
         with self._lock:

@@ -20,6 +20,7 @@ from meshca.mesh.resources import (
     tls_certificate_secret,
     validation_context_secret,
 )
+from meshca.sds.rotation import lifetime_start
 from meshca.xds.cache import SnapshotCache
 from meshca.xds.snapshot import EncodedResource, Overlay, Reference, ResourceType, Snapshot, TypeResources
 
@@ -122,7 +123,7 @@ class WorkloadSecrets:
         if current is None:
             return None
         info = current.info
-        start = min(max(info.not_before, info.issued_at), info.not_after)
+        start = lifetime_start(info.not_before, info.issued_at, info.not_after)
         if self._clock() < start + (info.not_after - start) * self._reuse_until:
             return current.secret
         return None
