@@ -1,0 +1,289 @@
+"""The `store:` settings and the etcd client every store part shares: keys under one prefix, leases kept alive,
+whether etcd answers, and how many writes meshca made."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import os
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+from etcd3aio import Etcd3Client, EtcdError, prefix_range_end
+from etcd3aio.kv import KVService
+
+from meshca.fields import FieldReader, parse_host_port
+
+KEK_ENV = "MESHCA_STORE_KEK"  # base64 of 32 bytes: the key-encryption key, when no kek_file is given
+KEK_BYTES = 32
+DEFAULT_PREFIX = "/meshca"
+DEFAULT_LEASE_TTL = timedelta(seconds=10)
+DEFAULT_TIMEOUT = 5.0  # seconds per etcd call: past it etcd counts as unreachable
+
+T = TypeVar("T")
+
+
+class StoreUnavailable(RuntimeError):
+    """etcd did not answer (every endpoint down, no quorum, or the call timed out)."""
+
+
+@dataclass(frozen=True)
+class EtcdSettings:
+    """`store.etcd` in the serve settings."""
+
+    endpoints: tuple[str, ...]  # host:port, IP addresses (the client balances over them)
+    prefix: str = DEFAULT_PREFIX  # every meshca key lives under it; several meshes may share one etcd
+    kek: bytes | None = field(default=None, repr=False)  # 32 bytes; None: no CA private key may be stored
+    lease_ttl: timedelta = DEFAULT_LEASE_TTL  # leader and registry leases: a dead replica is gone after this
+    timeout: float = DEFAULT_TIMEOUT
+
+
+def read_kek(path: Path | None, environ: Mapping[str, str], where: str) -> bytes | None:
+    """The key-encryption key from `path` (32 raw bytes, or their base64) or the MESHCA_STORE_KEK variable."""
+    if path is not None:
+        try:
+            raw = path.read_bytes()
+        except OSError as error:
+            raise ValueError(f"{where}: cannot read {path}: {error.strerror or error}") from None
+        if len(raw) == KEK_BYTES:
+            return raw
+        text, source = raw.strip(), f"{where}: {path}"
+    elif KEK_ENV in environ:
+        text, source = environ[KEK_ENV].strip().encode(), f"environment variable {KEK_ENV}"
+    else:
+        return None
+    try:
+        decoded = base64.b64decode(text, validate=True)
+    except ValueError:
+        decoded = b""
+    if len(decoded) != KEK_BYTES:
+        raise ValueError(f"{source} must hold {KEK_BYTES} random bytes, raw or base64 (e.g. `head -c 32 /dev/urandom | base64`)")
+    return decoded
+
+
+def parse_store_settings(reader: FieldReader, environ: Mapping[str, str] | None = None) -> EtcdSettings | None:
+    """The `store:` section (None when absent: the CA state directory and the mesh file, as before)."""
+    section = reader.get("store", Mapping, None)
+    if section is None:
+        return None
+    store = reader.child("store", section)
+    store.check_known({"etcd"})
+    etcd = store.child("etcd", store.get("etcd", Mapping))
+    etcd.check_known({"endpoints", "prefix", "kek_file", "lease_ttl", "timeout"})
+    endpoints = etcd.get("endpoints", list)
+    if not endpoints:
+        raise etcd.error("endpoints", "at least one etcd endpoint (host:port) is required")
+    parsed = []
+    for i, item in enumerate(endpoints):
+        if not isinstance(item, str):
+            raise etcd.error(f"endpoints[{i}]", "must be host:port")
+        try:
+            host, port = parse_host_port(item)
+        except ValueError as error:
+            raise etcd.error(f"endpoints[{i}]", str(error)) from None
+        parsed.append(f"{host}:{port}")
+    prefix = etcd.get("prefix", str, DEFAULT_PREFIX).rstrip("/")
+    if not prefix.startswith("/"):
+        raise etcd.error("prefix", f"{prefix!r} must start with '/'")
+    lease_ttl = etcd.duration("lease_ttl", required=False) or DEFAULT_LEASE_TTL
+    if not timedelta(seconds=2) <= lease_ttl <= timedelta(minutes=5):
+        raise etcd.error("lease_ttl", "must be between 2s and 5m")
+    timeout = float(etcd.get("timeout", (int, float), DEFAULT_TIMEOUT))
+    if not 0 < timeout <= 60:
+        raise etcd.error("timeout", "must be between 0 and 60 seconds")
+    try:
+        kek = read_kek(etcd.file("kek_file", required=False), os.environ if environ is None else environ, "kek_file")
+    except ValueError as error:
+        raise etcd.error("kek_file", str(error)) from None
+    return EtcdSettings(tuple(parsed), prefix, kek, lease_ttl, timeout)
+
+
+@dataclass(frozen=True)
+class StoredValue:
+    key: str  # without the prefix
+    value: bytes = field(repr=False)
+    mod_revision: int
+    create_revision: int
+    lease: int
+
+
+@dataclass(frozen=True)
+class WatchEvent:
+    key: str  # without the prefix
+    value: bytes | None = field(repr=False)  # None: deleted
+    revision: int
+
+
+class EtcdStore:
+    """One etcd client per process, used from its event loop; `call` runs a coroutine from another thread
+    (the CA's transitions run on the scheduler's worker).
+
+    Keys are named without the prefix ("mesh/config"); every method adds it. `reachable` turns False
+    when a call fails and True when one succeeds; `writes` counts the puts, deletes and transactions
+    meshca sent (the figure docs/ha.md reports per push).
+    """
+
+    def __init__(self, settings: EtcdSettings, logger: logging.Logger) -> None:
+        self.settings = settings
+        self._log = logger
+        self._client: Etcd3Client | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._lock = threading.Lock()
+        self.reachable = False
+        self.writes = 0
+        self.failures = 0
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    async def connect(self) -> None:
+        """Open the channel and check that etcd answers (StoreUnavailable otherwise)."""
+        self._loop = asyncio.get_running_loop()
+        client = Etcd3Client(list(self.settings.endpoints), rpc_max_attempts=1)
+        await client.connect()
+        self._client = client
+        await self.revision()
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
+
+    def call(self, coroutine: Awaitable[T], timeout: float | None = None) -> T:
+        """Run `coroutine` on the store's loop from another thread and wait for it."""
+        assert self._loop is not None, "EtcdStore.connect() first"
+        future = asyncio.run_coroutine_threadsafe(_as_coroutine(coroutine), self._loop)
+        return future.result(timeout if timeout is not None else self.settings.timeout * 2)
+
+    # --- keys ----------------------------------------------------------------------------------
+
+    def full_key(self, key: str) -> bytes:
+        return f"{self.settings.prefix}/{key}".encode()
+
+    def short_key(self, full: bytes) -> str:
+        return full.decode()[len(self.settings.prefix) + 1 :]
+
+    @property
+    def kv(self) -> KVService:
+        assert self._client is not None and self._client.kv is not None, "EtcdStore.connect() first"
+        return self._client.kv
+
+    @property
+    def client(self) -> Etcd3Client:
+        assert self._client is not None, "EtcdStore.connect() first"
+        return self._client
+
+    async def _rpc(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
+        try:
+            result = await asyncio.wait_for(call(), self.settings.timeout)
+        except (asyncio.TimeoutError, grpc.aio.AioRpcError, EtcdError, OSError) as error:
+            self.failures += 1
+            if self.reachable:
+                self._log.error("etcd unreachable (%s): %s", what, _describe(error))
+            self.reachable = False
+            raise StoreUnavailable(f"etcd at {', '.join(self.settings.endpoints)} did not answer ({what}): "
+                                   f"{_describe(error)}") from None
+        if not self.reachable and self._client is not None:
+            self._log.info("etcd reachable at %s", ", ".join(self.settings.endpoints))
+        self.reachable = True
+        return result
+
+    # --- reads ---------------------------------------------------------------------------------
+
+    async def revision(self) -> int:
+        response = await self._rpc("status", lambda: self.kv.get(self.full_key("\0"), count_only=True))
+        return int(response.header.revision)
+
+    async def get(self, key: str) -> StoredValue | None:
+        response = await self._rpc(f"get {key}", lambda: self.kv.get(self.full_key(key)))
+        return self._value(response.kvs[0]) if response.kvs else None
+
+    async def get_prefix(self, key_prefix: str) -> tuple[list[StoredValue], int]:
+        """Every key under `key_prefix` and the store revision they were read at."""
+        start = self.full_key(key_prefix)
+        response = await self._rpc(
+            f"get {key_prefix}*", lambda: self.kv.get(start, range_end=prefix_range_end(start))
+        )
+        return [self._value(kv) for kv in response.kvs], int(response.header.revision)
+
+    def _value(self, kv: Any) -> StoredValue:
+        return StoredValue(self.short_key(kv.key), bytes(kv.value), int(kv.mod_revision), int(kv.create_revision),
+                           int(kv.lease))
+
+    # --- writes --------------------------------------------------------------------------------
+
+    async def put(self, key: str, value: bytes, lease: int = 0) -> int:
+        self.writes += 1
+        response = await self._rpc(f"put {key}", lambda: self.kv.put(self.full_key(key), value, lease=lease))
+        return int(response.header.revision)
+
+    async def delete(self, key: str) -> None:
+        self.writes += 1
+        await self._rpc(f"delete {key}", lambda: self.kv.delete(self.full_key(key)))
+
+    async def txn(self, compare: Sequence[Any], success: Sequence[Any], failure: Sequence[Any] = ()) -> tuple[bool, int]:
+        """One transaction (build its parts with `self.kv.txn_compare_*` / `txn_op_*` on full keys):
+        (succeeded, revision)."""
+        self.writes += 1
+        response = await self._rpc("txn", lambda: self.kv.txn(compare, success, failure))
+        return bool(response.succeeded), int(response.header.revision)
+
+    # --- leases and watches ----------------------------------------------------------------------
+
+    async def grant_lease(self, ttl: timedelta | None = None) -> int:
+        seconds = int((ttl or self.settings.lease_ttl).total_seconds())
+        assert self._client is not None and self._client.lease is not None
+        lease = self._client.lease
+        response = await self._rpc("lease grant", lambda: lease.grant(seconds))
+        return int(response.ID)
+
+    async def refresh_lease(self, lease_id: int) -> bool:
+        """One keep-alive; False when the lease is gone (expired or revoked)."""
+        assert self._client is not None and self._client.lease is not None
+        lease = self._client.lease
+
+        async def once() -> int:
+            call = lease.keep_alive(lease_id)
+            try:
+                async for response in call:
+                    return int(response.TTL)
+                return 0
+            finally:
+                call.cancel()
+
+        return await self._rpc("lease keep-alive", once) > 0
+
+    async def revoke_lease(self, lease_id: int) -> None:
+        assert self._client is not None and self._client.lease is not None
+        lease = self._client.lease
+        await self._rpc("lease revoke", lambda: lease.revoke(lease_id))
+
+    async def watch_prefix(self, key_prefix: str, start_revision: int) -> AsyncIterator[list[WatchEvent]]:
+        """Changes under `key_prefix` from `start_revision` on, one list per etcd response; the client
+        reconnects by itself and resumes after the last revision seen."""
+        start = self.full_key(key_prefix)
+        async for response in self.client.watch.watch(start, prefix_range_end(start), start_revision=start_revision):  # type: ignore[union-attr]
+            events = [
+                WatchEvent(self.short_key(event.kv.key), None if event.type == 1 else bytes(event.kv.value),
+                           int(event.kv.mod_revision))
+                for event in response.events
+            ]
+            if events:
+                yield events
+
+
+async def _as_coroutine(awaitable: Awaitable[T]) -> T:
+    return await awaitable
+
+
+def _describe(error: BaseException) -> str:
+    if isinstance(error, grpc.aio.AioRpcError):
+        return f"{error.code().name}: {error.details()}"
+    if isinstance(error, asyncio.TimeoutError):
+        return "timed out"
+    return str(error) or type(error).__name__
