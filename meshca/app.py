@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
-from dataclasses import dataclass
 from datetime import timedelta
 
 import grpc
@@ -35,6 +33,8 @@ from meshca.mesh.build import ResourceMemo, build_mesh
 from meshca.mesh.model import MeshConfig
 from meshca.sds.retention import IdentityRetention
 from meshca.sds.rotation import ApschedulerJobs, CaWatcher, LeafRotator, RotationSettings
+from meshca.sds.server_tls import ServerCredentials, ServingCertificate
+from meshca.sds.server_tls import issue_server_credentials as issue_server_credentials  # for cli and dev
 from meshca.sds.workloads import ForeignTrustDomain, MeshPublisher, WorkloadSecrets
 from meshca.xds.cache import SnapshotCache
 from meshca.xds.server import (
@@ -123,25 +123,6 @@ class JwtStreamGate:
         self._retention.closed(SpiffeId.parse(admission.identity))
 
 
-@dataclass(frozen=True)
-class ServerCredentials:
-    certificate_chain_pem: bytes
-    private_key_pem: bytes
-
-
-def issue_server_credentials(ca: MeshCa, names: Sequence[str], ttl: timedelta) -> ServerCredentials:
-    """A TLS certificate for meshca's own gRPC endpoint, from its own CA."""
-    dns_names, ips = [], []
-    for name in names:
-        try:
-            ips.append(str(ipaddress.ip_address(name)))
-        except ValueError:
-            dns_names.append(name)
-    issued = ca.issue_server_certificate(dns_names, ips, ttl)
-    assert issued.private_key_pem is not None
-    return ServerCredentials(issued.chain_pem, issued.private_key_pem)
-
-
 class MeshcaApp:
     """One meshca process: gRPC server with ADS/xDS/SDS, the CSR service and health."""
 
@@ -218,6 +199,7 @@ class MeshcaApp:
         self.health = health.HealthServicer()
         self._server: grpc.aio.Server | None = None
         self.port: int | None = None
+        self.server_certificate: ServingCertificate | None = None
 
     def apply_mesh_config(self, config: MeshConfig) -> str:
         """Derive resources from the mesh model and publish them; the last good stays on error."""
@@ -236,13 +218,16 @@ class MeshcaApp:
         self,
         host: str,
         port: int,
-        credentials: ServerCredentials | None,
+        credentials: ServingCertificate | ServerCredentials | None,
         admin_port: int | None = None,
         admin_address: str = "127.0.0.1",
         *,
         share_port: bool = False,
     ) -> int:
         """Bind and start serving; `credentials=None` serves plaintext (tests only). Returns the port.
+
+        A ServingCertificate is checked by a job every `ca_check_interval` (renewed, or re-read from its
+        files) and a new one is served to new connections; plain ServerCredentials are served as they are.
 
         With `admin_port`, /metrics, /status and /healthz are served over HTTP on `admin_address`.
         A port already taken raises ListenError (naming `listen` or `metrics_port`) before anything
@@ -270,10 +255,10 @@ class MeshcaApp:
             if credentials is None:
                 bound = server.add_insecure_port(address)
             else:
-                server_credentials = grpc.ssl_server_credentials(
-                    [(credentials.private_key_pem, credentials.certificate_chain_pem)]
-                )
-                bound = server.add_secure_port(address, server_credentials)
+                if isinstance(credentials, ServerCredentials):
+                    credentials = ServingCertificate(credentials, self.log.getChild("tls"))
+                self.server_certificate = credentials
+                bound = server.add_secure_port(address, credentials.server_credentials())
         except RuntimeError:  # grpc raises "Failed to bind" (older versions return 0)
             bound = 0
         if not bound:
@@ -288,6 +273,10 @@ class MeshcaApp:
         await server.start()
         self._server = server
         self.jobs.every("ca-watch", self.rotation.ca_check_interval.total_seconds(), self.ca_watcher.check)
+        if self.server_certificate is not None:
+            self.jobs.every(
+                "server-certificate", self.rotation.ca_check_interval.total_seconds(), self.server_certificate.check
+            )
         if self.vault is not None:
             self.jobs.every("vault-token", 2.0, self.vault.maintain)
         self.jobs.start()

@@ -15,18 +15,12 @@ from meshca.fields import ConfigError
 from meshca.listen import check_bindable
 
 
-def _read_setting_file(config_path: Path, field: str, path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as error:
-        raise ConfigError(config_path, field, f"cannot read {path}: {error.strerror or error}") from None
-
-
 async def _serve(config_path: Path) -> int:
     from meshca import logs
-    from meshca.app import MeshcaApp, ServerCredentials, issue_server_credentials
+    from meshca.app import MeshcaApp
     from meshca.ca.backends import build_ca_backend
     from meshca.gcpolicy import tune_gc_for_serving
+    from meshca.sds.server_tls import FileServerCertificate, IssuedServerCertificate, ServerTlsError
 
     tune_gc_for_serving()
     log = logs.configure("info")
@@ -60,13 +54,20 @@ async def _serve(config_path: Path) -> int:
         identity_grace=settings.identity_grace,
         xds_max_stream_age=settings.xds_max_stream_age,
     )
+    # Served through grpc's dynamic credentials: a renewed certificate (at 2/3 of its 30 days, or when the
+    # signing intermediate changes) or changed `tls:` files reach new connections without a restart.
+    credentials: FileServerCertificate | IssuedServerCertificate
     if settings.server_tls is not None:
-        credentials = ServerCredentials(
-            _read_setting_file(config_path, "tls.certificate_chain", settings.server_tls.certificate_chain),
-            _read_setting_file(config_path, "tls.private_key", settings.server_tls.private_key),
-        )
+        try:
+            credentials = FileServerCertificate(
+                settings.server_tls.certificate_chain, settings.server_tls.private_key, log.getChild("tls")
+            )
+        except ServerTlsError as error:
+            raise ConfigError(config_path, error.field, error.reason) from None
     else:
-        credentials = issue_server_credentials(ca, settings.server_names, timedelta(days=30))
+        credentials = IssuedServerCertificate(
+            ca, settings.server_names, timedelta(days=30), system_clock, log.getChild("tls")
+        )
     source_task = None
     if settings.mesh_file is not None:
         from meshca.mesh.source import FileMeshSource
