@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import ipaddress
 import logging
 import os
+import socket
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -37,7 +39,7 @@ class StoreUnavailable(RuntimeError):
 class EtcdSettings:
     """`store.etcd` in the serve settings."""
 
-    endpoints: tuple[str, ...]  # host:port, IP addresses (the client balances over them)
+    endpoints: tuple[str, ...]  # host:port, IP addresses or DNS names (the client balances over them)
     prefix: str = DEFAULT_PREFIX  # every meshca key lives under it; several meshes may share one etcd
     kek: bytes | None = field(default=None, repr=False)  # 32 bytes; None: no CA private key may be stored
     lease_ttl: timedelta = DEFAULT_LEASE_TTL  # leader and registry leases: a dead replica is gone after this
@@ -142,9 +144,26 @@ class EtcdStore:
     # --- lifecycle -----------------------------------------------------------------------------
 
     async def connect(self) -> None:
-        """Open the channel and check that etcd answers (StoreUnavailable otherwise)."""
+        """Open the channel and check that etcd answers (StoreUnavailable otherwise).
+
+        etcd3aio dials an `ipv4:` target, which takes IP addresses only. One endpoint that is a DNS name (a
+        Kubernetes headless Service) becomes a `dns:` target instead: gRPC resolves it to every address and
+        resolves it again when connections fail, so members that come back with new IPs are found. Several
+        endpoints with names are resolved here, once (IPv4); a member's new address needs a reconnect.
+        """
         self._loop = asyncio.get_running_loop()
-        client = Etcd3Client(list(self.settings.endpoints), rpc_max_attempts=1)
+        endpoints = self.settings.endpoints
+        names = [e for e in endpoints if not _is_ip_endpoint(e)]
+        if len(endpoints) == 1 and names:
+            client = Etcd3Client(["127.0.0.1:2379"], rpc_max_attempts=1)
+            client._manager.target = f"dns:///{endpoints[0]}"  # etcd3aio 0.3.0 (pinned) has no option for it
+        else:
+            if names:
+                try:
+                    endpoints = await self._loop.run_in_executor(None, resolve_endpoints, endpoints, self._log)
+                except OSError as error:
+                    raise StoreUnavailable(str(error)) from None
+            client = Etcd3Client(list(endpoints), rpc_max_attempts=1)
         await client.connect()
         self._client = client
         await self.revision()
@@ -275,6 +294,43 @@ class EtcdStore:
             ]
             if events:
                 yield events
+
+
+def _is_ip_endpoint(endpoint: str) -> bool:
+    host, _ = parse_host_port(endpoint)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def resolve_endpoints(
+    endpoints: Sequence[str],
+    logger: logging.Logger | None = None,
+    getaddrinfo: Callable[..., list[Any]] = socket.getaddrinfo,
+) -> tuple[str, ...]:
+    """`host:port` endpoints with each DNS name replaced by its IPv4 addresses (in the resolver's order, no
+    duplicates); a name that does not resolve is logged and left out; OSError when none is left."""
+    resolved: list[str] = []
+    failures: list[str] = []
+    for endpoint in endpoints:
+        if _is_ip_endpoint(endpoint):
+            addresses = [endpoint]
+        else:
+            host, port = parse_host_port(endpoint)
+            try:
+                infos = getaddrinfo(host, port, socket.AF_INET, socket.SOCK_STREAM)
+            except OSError as error:
+                failures.append(f"{endpoint}: {error.strerror or error}")
+                continue
+            addresses = [f"{info[4][0]}:{port}" for info in infos]
+        resolved.extend(a for a in addresses if a not in resolved)
+    if failures and resolved and logger is not None:
+        logger.warning("etcd endpoints left out, their names do not resolve: %s", "; ".join(failures))
+    if not resolved:
+        raise OSError(f"no etcd endpoint resolves to an IPv4 address ({'; '.join(failures)})")
+    return tuple(resolved)
 
 
 async def _as_coroutine(awaitable: Awaitable[T]) -> T:
