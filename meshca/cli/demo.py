@@ -33,11 +33,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
         check=args.check,
         requests=args.requests,
         workdir=workdir,
-        cert_ttl=duration(args.cert_ttl, "--cert-ttl"),
+        # the HA run watches leaves rotate across the failovers: 20 s unless told
+        cert_ttl=duration(args.cert_ttl, "--cert-ttl") or (timedelta(seconds=20) if args.ha else None),
         duration=duration(args.duration, "--duration"),
         rotate_intermediate_at=duration(args.rotate_intermediate_at, "--rotate-intermediate-at"),
         ca=args.ca,
+        ha=args.ha,
     )
+    if settings.ha and not settings.check:
+        raise CliError("--ha needs --check (it kills a replica and the etcd leader, then reports)")
     if settings.duration is not None and not settings.check:
         raise CliError("--duration needs --check")
     try:
@@ -60,6 +64,12 @@ def add_demo_parser(commands: Any) -> None:
         choices=["internal", "vault", "vault-leaf"],
         default="internal",
         help="vault: the root lives in OpenBao/Vault (VAULT_ADDR+VAULT_TOKEN, or a dev server the demo starts)",
+    )
+    demo.add_argument(
+        "--ha",
+        action="store_true",
+        help="with --check: three etcd members and three meshca replicas; kill -9 a replica and the etcd leader "
+        "under traffic (20 s certificates, 40 s unless --duration)",
     )
     demo.add_argument(
         "--rotate-intermediate-at", help="with --duration: force an intermediate CA rotation this far in (e.g. 25s)"

@@ -70,11 +70,14 @@ class DemoSettings:
     ca: str = "internal"  # or "vault" (Vault signs meshca's intermediate) or "vault-leaf" (Vault signs every leaf)
     api_type: str = "DELTA_GRPC"  # the sidecars' ADS flavour; GRPC for state of the world
     progress_every: float = 5.0  # with --duration: a progress line this often (seconds)
+    ha: bool = False  # three meshca replicas on a three-member etcd (meshca.dev.demo_ha)
 
     def __post_init__(self) -> None:
         if self.ca == "vault-leaf" and self.rotate_intermediate_at is not None:
             raise ValueError("--rotate-intermediate-at: with --ca vault-leaf Vault signs every leaf; "
                              "meshca has no intermediate to rotate")
+        if self.ha and self.ca != "internal":
+            raise ValueError("--ha runs the internal CA in etcd; --ca vault with replicas is in docs/ha.md")
 
     @property
     def vault_mode(self) -> Literal["vault-intermediate", "vault-leaf"] | None:
@@ -175,6 +178,7 @@ class Demo:
                 token=token,
                 admin_port=self.ports.admin[workload.name],
                 api_type=self.settings.api_type,
+                more_meshca=self.more_meshca(),
             )
             envoy = EnvoyProcess(build_bootstrap(bootstrap), workdir=self.workdir / f"envoy-{workload.name}")
             self.envoys[workload.name] = envoy
@@ -263,6 +267,10 @@ class Demo:
             "leaves_basic_constraints_ca_false": bool(chains) and all(chain and leaf_ca_false(chain) for chain in chains),
             "leaf_issuers": sorted({chain[0].issuer.rfc4514_string() for chain in chains if chain}),
         }
+
+    def more_meshca(self) -> tuple[tuple[str, int], ...]:
+        """meshca addresses beside the first in the sidecars' bootstraps (the HA demo's other replicas)."""
+        return ()
 
     @property
     def meshca_log(self) -> Path:
@@ -521,7 +529,12 @@ def run_demo(settings: DemoSettings, out: TextIO, clock: Clock) -> int:
     """Run the demo; with `check`, the last line printed is the JSON summary (after cleanup).
 
     Ctrl-C stops everything and returns 130; a child that dies raises ChildDied (after cleanup)."""
-    demo = Demo(settings, out, clock)
+    if settings.ha:
+        from meshca.dev.demo_ha import HaDemo
+
+        demo: Demo = HaDemo(settings, out, clock)
+    else:
+        demo = Demo(settings, out, clock)
     stop = threading.Event()
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
     summary: dict[str, Any] | None = None
