@@ -26,10 +26,15 @@ async def _serve(config_path: Path) -> int:
     from meshca import logs
     from meshca.app import MeshcaApp, ServerCredentials, issue_server_credentials
     from meshca.ca.backends import build_ca_backend
+    from meshca.cli.replica import ReplicaParts, attach_store, connect_store, read_store_settings
     from meshca.gcpolicy import tune_gc_for_serving
 
     tune_gc_for_serving()
     log = logs.configure("info")
+    store = None
+    store_settings = read_store_settings(config_path)
+    if store_settings is not None:
+        store = await connect_store(store_settings, log.getChild("store"))
     backend = build_ca_backend(config_path, system_clock, log)
     ca = backend.ca
     settings = load_serve_settings(config_path, ca.trust_domain)
@@ -68,7 +73,10 @@ async def _serve(config_path: Path) -> int:
     else:
         credentials = issue_server_credentials(ca, settings.server_names, timedelta(days=30))
     source_task = None
-    if settings.mesh_file is not None:
+    replica: ReplicaParts | None = None
+    if store is not None:
+        replica = await attach_store(store, app, log)
+    elif settings.mesh_file is not None:
         from meshca.mesh.source import FileMeshSource
 
         source = FileMeshSource(settings.mesh_file, app, log.getChild("mesh-source"))
@@ -85,7 +93,11 @@ async def _serve(config_path: Path) -> int:
     log.info("signal received: stopping gracefully")
     if source_task is not None:
         source_task.cancel()
+    if replica is not None:
+        await replica.stop()
     await app.stop(grace=5)
+    if store is not None:
+        await store.close()
     return 0
 
 
