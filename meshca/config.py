@@ -123,6 +123,21 @@ def read_state_dir(path: Path) -> Path:
     return (path.parent / reader.get("state_dir", str)).resolve()
 
 
+def read_store_settings(path: Path) -> EtcdSettings | None:
+    """Only the `store:` section, needed before the rest (the store is connected first: the CA may live there)."""
+    return _parse_store(FieldReader(path, read_yaml_mapping(path)))
+
+
+def _parse_store(reader: FieldReader) -> EtcdSettings | None:
+    store = parse_store_settings(reader)
+    if store is not None and reader.data.get("mesh") is not None:
+        raise reader.error(
+            "mesh", "cannot be used with store: the mesh config lives in etcd; write it with "
+            "`meshca mesh apply -f FILE --config SETTINGS`"
+        )
+    return store
+
+
 def _parse_rotation(reader: FieldReader) -> RotationSettings:
     data = reader.get("rotation", Mapping, None)
     if data is None:
@@ -163,12 +178,7 @@ def parse_serve_settings(path: Path, data: Mapping[str, Any], trust_domain: str)
         {"state_dir", "listen", "issuers", "tls", "server_names", "leaf_ttl", "rotation", "mesh", "metrics_port", "admin_address", "ca", "log_level", "xds_send_timeout",
          "xds_max_stream_age", "identity_grace", "store"}
     )
-    store = parse_store_settings(reader)
-    if store is not None and data.get("mesh") is not None:
-        raise reader.error(
-            "mesh", "cannot be used with store: the mesh config lives in etcd; write it with "
-            "`meshca mesh apply -f FILE --config SETTINGS`"
-        )
+    store = _parse_store(reader)
     host, port = _parse_listen(reader)
     issuers_raw = reader.get("issuers", list)
     if not issuers_raw:

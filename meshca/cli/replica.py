@@ -7,21 +7,14 @@ import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from meshca.admin.metrics import StoreCollector
 from meshca.admin.server import status_json
 from meshca.app import MeshcaApp
 from meshca.cli.errors import CliError
-from meshca.fields import FieldReader, read_yaml_mapping
-from meshca.store.etcd import EtcdSettings, EtcdStore, StoreUnavailable, parse_store_settings
+from meshca.store.etcd import EtcdSettings, EtcdStore, StoreUnavailable
 from meshca.store.mesh import EtcdMeshSource
 from meshca.store.registry import RegistryPublisher
-
-
-def read_store_settings(config_path: Path) -> EtcdSettings | None:
-    """Only the `store:` section, needed before the rest (the CA may live in the store)."""
-    return parse_store_settings(FieldReader(config_path, read_yaml_mapping(config_path)))
 
 
 async def connect_store(settings: EtcdSettings, logger: logging.Logger) -> EtcdStore:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from meshca.clock import format_duration, system_clock
-from meshca.config import load_serve_settings
+from meshca.config import load_serve_settings, read_store_settings
 from meshca.fields import ConfigError
 from meshca.listen import check_bindable
 
@@ -26,7 +26,7 @@ async def _serve(config_path: Path) -> int:
     from meshca import logs
     from meshca.app import MeshcaApp, ServerCredentials, issue_server_credentials
     from meshca.ca.backends import build_ca_backend
-    from meshca.cli.replica import ReplicaParts, attach_store, connect_store, read_store_settings
+    from meshca.cli.replica import ReplicaParts, attach_store, connect_store
     from meshca.gcpolicy import tune_gc_for_serving
 
     tune_gc_for_serving()
