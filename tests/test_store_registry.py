@@ -23,7 +23,7 @@ from meshca.cli.status import format_status
 from meshca.clock import system_clock
 from meshca.dev.etcd_process import EtcdProcess
 from meshca.mesh.model import parse_mesh_config
-from meshca.store.etcd import EtcdSettings, EtcdStore
+from meshca.store.etcd import EtcdSettings, EtcdStore, StoreUnavailable
 from meshca.store.registry import CHUNK_BYTES, RegistryPublisher, encode_summary
 from meshca.xds.snapshot import ResourceType
 
@@ -239,3 +239,27 @@ async def test_a_summary_over_the_chunk_size_is_split_and_read_whole(
         assert not await publisher.publish_once()  # nothing changed: no write
         await publisher.close()
         assert await reader(other).fleet_async([]) == []
+
+
+async def test_a_summary_not_written_while_etcd_was_down_is_written_when_it_is_back(prefix: str) -> None:
+    current = [{"node_id": "n-1", "stream_id": 1}]
+    with EtcdProcess() as member:
+        store = EtcdStore(EtcdSettings((member.endpoint,), prefix=prefix, timeout=1.0), logging.getLogger(LOGGER))
+        await store.connect()
+        try:
+            publisher = RegistryPublisher(store, lambda: current, lambda: len(current), system_clock,
+                                          logging.getLogger(LOGGER), replica_id="r1")
+            assert await publisher.publish_once()
+            member.kill()
+            current = [*current, {"node_id": "n-2", "stream_id": 2}]
+            with pytest.raises(StoreUnavailable):
+                await publisher.publish_once()
+            member.start()
+            for _ in range(100):
+                with contextlib.suppress(StoreUnavailable):
+                    assert await publisher.publish_once()  # nothing changed since the failed write: written anyway
+                    break
+                await asyncio.sleep(0.1)
+            assert [p["node_id"] for p in await reader(store).fleet_async([])] == ["n-1", "n-2"]
+        finally:
+            await store.close()

@@ -175,12 +175,12 @@ class RegistryPublisher:
         written_at = self._clock().isoformat(timespec="seconds")
         digest_body = json.dumps(proxies, sort_keys=True, separators=(",", ":")).encode()
         digest = hashlib.sha256(digest_body).hexdigest()
-        self._seen_changes = changes
         if digest == self._written_digest:
+            self._seen_changes = changes
             return False
         data = await asyncio.to_thread(encode_summary, self.replica_id, written_at, proxies)
-        await self._write(data)
-        self._written_digest = digest
+        await self._write(data)  # on StoreUnavailable the same summary is tried again next time
+        self._seen_changes, self._written_digest = changes, digest
         self.last_bytes, self.last_proxies = len(data), len(proxies)
         return True
 
