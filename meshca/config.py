@@ -12,6 +12,7 @@ from meshca.clock import format_duration, system_clock
 from meshca.fields import ConfigError, FieldReader, parse_host_port, read_yaml_mapping
 from meshca.identity.jwt import KeySourceError, TrustedIssuer, check_issuer_keys
 from meshca.sds.rotation import RenewalPolicy, RotationSettings
+from meshca.store.etcd import EtcdSettings, parse_store_settings
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,7 @@ class ServeSettings:
     xds_send_timeout: timedelta = timedelta(seconds=30)  # a proxy not reading a response this long is closed
     identity_grace: timedelta = timedelta(minutes=10)  # an identity without streams this long is forgotten
     xds_max_stream_age: timedelta = timedelta(minutes=30)  # streams are closed after this (±10%) to reconnect
+    store: EtcdSettings | None = None  # replicas on etcd: the mesh config (and more) lives there
 
 
 def _parse_listen(reader: FieldReader) -> tuple[str, int]:
@@ -121,6 +123,21 @@ def read_state_dir(path: Path) -> Path:
     return (path.parent / reader.get("state_dir", str)).resolve()
 
 
+def read_store_settings(path: Path) -> EtcdSettings | None:
+    """Only the `store:` section, needed before the rest (the store is connected first: the CA may live there)."""
+    return _parse_store(FieldReader(path, read_yaml_mapping(path)))
+
+
+def _parse_store(reader: FieldReader) -> EtcdSettings | None:
+    store = parse_store_settings(reader)
+    if store is not None and reader.data.get("mesh") is not None:
+        raise reader.error(
+            "mesh", "cannot be used with store: the mesh config lives in etcd; write it with "
+            "`meshca mesh apply -f FILE --config SETTINGS`"
+        )
+    return store
+
+
 def _parse_rotation(reader: FieldReader) -> RotationSettings:
     data = reader.get("rotation", Mapping, None)
     if data is None:
@@ -159,8 +176,9 @@ def parse_serve_settings(path: Path, data: Mapping[str, Any], trust_domain: str)
     reader = FieldReader(path, data)
     reader.check_known(
         {"state_dir", "listen", "issuers", "tls", "server_names", "leaf_ttl", "rotation", "mesh", "metrics_port", "admin_address", "ca", "log_level", "xds_send_timeout",
-         "xds_max_stream_age", "identity_grace"}
+         "xds_max_stream_age", "identity_grace", "store"}
     )
+    store = _parse_store(reader)
     host, port = _parse_listen(reader)
     issuers_raw = reader.get("issuers", list)
     if not issuers_raw:
@@ -190,6 +208,7 @@ def parse_serve_settings(path: Path, data: Mapping[str, Any], trust_domain: str)
         max_stream_age = timedelta(minutes=30)
     if max_stream_age < timedelta(seconds=1):
         raise reader.error("xds_max_stream_age", f"{format_duration(max_stream_age)} is too short (at least 1s)")
+    mesh_file = reader.file("mesh", required=False)
     return ServeSettings(
         state_dir=(path.parent / reader.get("state_dir", str)).resolve(),
         listen_host=host,
@@ -199,11 +218,12 @@ def parse_serve_settings(path: Path, data: Mapping[str, Any], trust_domain: str)
         server_names=tuple(str(n) for n in server_names),
         leaf_ttl=reader.duration("leaf_ttl", required=False),
         rotation=_parse_rotation(reader),
-        mesh_file=reader.file("mesh", required=False),
+        mesh_file=mesh_file,
         metrics_port=metrics_port,
         admin_address=reader.get("admin_address", str, "127.0.0.1"),
         log_level=log_level,
         xds_send_timeout=send_timeout,
         identity_grace=identity_grace,
         xds_max_stream_age=max_stream_age,
+        store=store,
     )

@@ -141,9 +141,17 @@ def _yaml_error_line(error: yaml.YAMLError) -> str:
 
 def read_yaml_mapping(path: Path) -> Mapping[str, Any]:
     try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+        raw = path.read_bytes()
     except OSError as error:
         raise ConfigError(path, "", f"cannot read: {error.strerror}") from None
+    return parse_yaml_mapping(path, raw)
+
+
+def parse_yaml_mapping(path: Path, raw: bytes) -> Mapping[str, Any]:
+    """`raw` parsed as `read_yaml_mapping` parses a file's bytes; `path` names where they came from in errors
+    (e.g. the etcd key a stored mesh config was read from)."""
+    try:
+        data = yaml.load(raw.decode("utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except UnicodeDecodeError as error:
         raise ConfigError(path, "", f"not UTF-8 text (byte {error.start})") from None
     except yaml.YAMLError as error:

@@ -38,6 +38,8 @@ def configure(level: str) -> logging.Logger:
     root.setLevel(level.upper())
     debug = logging.getLevelName(level.upper()) == logging.DEBUG
     logging.getLogger("apscheduler").setLevel(logging.NOTSET if debug else logging.WARNING)
+    # the store logs etcd going away and coming back once; etcd3aio's watch warns at every reconnect attempt
+    logging.getLogger("etcd3aio").setLevel(logging.NOTSET if debug else logging.ERROR)
     return logging.getLogger("meshca")
 
 

@@ -296,3 +296,34 @@ class GcPauseCollector(Collector):
             "Deferrals ended by their bound (10 s) before every woken stream had written.",
             value=self._pause.expired,
         )
+
+
+class StoreStatusSource(Protocol):
+    """What metrics read from the etcd store client (meshca.store.etcd.EtcdStore)."""
+
+    @property
+    def reachable(self) -> bool: ...
+
+    @property
+    def writes(self) -> int: ...
+
+    @property
+    def failures(self) -> int: ...
+
+
+class StoreCollector(Collector):
+    """The etcd store: whether it answers, and how many writes and failed calls meshca made."""
+
+    def __init__(self, store: StoreStatusSource) -> None:
+        self._store = store
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(
+            "meshca_store_reachable", "1 while the last etcd call succeeded.", value=int(self._store.reachable)
+        )
+        yield CounterMetricFamily(
+            "meshca_store_writes", "etcd puts, deletes and transactions this replica sent.", value=self._store.writes
+        )
+        yield CounterMetricFamily(
+            "meshca_store_failures", "etcd calls that failed or timed out.", value=self._store.failures
+        )

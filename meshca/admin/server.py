@@ -7,7 +7,7 @@ import logging
 import threading
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -25,6 +25,12 @@ from meshca.listen import listen_error
 from meshca.xds.status import ProxyStatus
 
 DEFAULT_ADMIN_HOST = "127.0.0.1"
+
+
+class FleetSource(Protocol):
+    """Replicas sharing a store: every replica's proxies, each with a `replica` field (meshca.store.registry)."""
+
+    def fleet(self, local: list[dict[str, Any]]) -> list[dict[str, Any]]: ...
 
 
 def proxy_status_json(status: ProxyStatus) -> dict[str, Any]:
@@ -66,12 +72,17 @@ class _AdminRoutes:
         self.registry = registry
         self.proxies = proxies
         self.log = logger
+        self.fleet: FleetSource | None = None
+
+    def status(self) -> list[dict[str, Any]]:
+        local = status_json(self.proxies)
+        return local if self.fleet is None else self.fleet.fleet(local)
 
     def get(self, path: str) -> tuple[HTTPStatus, str, bytes]:
         if path == "/metrics":
             return HTTPStatus.OK, CONTENT_TYPE_LATEST, generate_latest(self.registry)
         if path == "/status":
-            body = json.dumps(status_json(self.proxies), indent=2).encode() + b"\n"
+            body = json.dumps(self.status(), indent=2).encode() + b"\n"
             return HTTPStatus.OK, "application/json", body
         if path == "/healthz":
             return HTTPStatus.OK, "text/plain; charset=utf-8", b"ok\n"
@@ -107,6 +118,13 @@ class AdminServer:
         self._server: _AdminHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self.port: int | None = None
+
+    def set_fleet(self, fleet: FleetSource | None) -> None:
+        self._routes.fleet = fleet
+
+    def status(self) -> list[dict[str, Any]]:
+        """What /status answers."""
+        return self._routes.status()
 
     def start(self, host: str = DEFAULT_ADMIN_HOST, port: int = 0) -> int:
         """Bind (loopback unless told otherwise) and serve; returns the bound port (useful with port 0)."""
@@ -156,11 +174,15 @@ class Observability:
     def add_collector(self, collector: Collector) -> None:
         self.registry.register(collector)
 
+    def set_fleet(self, fleet: FleetSource | None) -> None:
+        """With replicas on a store, /status shows every replica's proxies."""
+        self.admin.set_fleet(fleet)
+
     def metrics_text(self) -> bytes:
         return generate_latest(self.registry)
 
     def status(self) -> list[dict[str, Any]]:
-        return status_json(self._proxies)
+        return self.admin.status()
 
     @property
     def port(self) -> int | None:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from meshca.clock import format_duration, system_clock
-from meshca.config import load_serve_settings
+from meshca.config import load_serve_settings, read_store_settings
 from meshca.fields import ConfigError
 from meshca.listen import check_bindable
 
@@ -19,11 +19,16 @@ async def _serve(config_path: Path) -> int:
     from meshca import logs
     from meshca.app import MeshcaApp
     from meshca.ca.backends import build_ca_backend
+    from meshca.cli.replica import ReplicaParts, attach_store, connect_store
     from meshca.gcpolicy import tune_gc_for_serving
     from meshca.sds.server_tls import FileServerCertificate, IssuedServerCertificate, ServerTlsError
 
     tune_gc_for_serving()
     log = logs.configure("info")
+    store = None
+    store_settings = read_store_settings(config_path)
+    if store_settings is not None:
+        store = await connect_store(store_settings, log.getChild("store"))
     backend = build_ca_backend(config_path, system_clock, log)
     ca = backend.ca
     settings = load_serve_settings(config_path, ca.trust_domain)
@@ -69,7 +74,10 @@ async def _serve(config_path: Path) -> int:
             ca, settings.server_names, timedelta(days=30), system_clock, log.getChild("tls")
         )
     source_task = None
-    if settings.mesh_file is not None:
+    replica: ReplicaParts | None = None
+    if store is not None:
+        replica = await attach_store(store, app, log)
+    elif settings.mesh_file is not None:
         from meshca.mesh.source import FileMeshSource
 
         source = FileMeshSource(settings.mesh_file, app, log.getChild("mesh-source"))
@@ -86,7 +94,11 @@ async def _serve(config_path: Path) -> int:
     log.info("signal received: stopping gracefully")
     if source_task is not None:
         source_task.cancel()
+    if replica is not None:
+        await replica.stop()
     await app.stop(grace=5)
+    if store is not None:
+        await store.close()
     return 0
 
 

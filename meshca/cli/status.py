@@ -41,9 +41,10 @@ def _cell(entry: Mapping[str, Any], short_name: str, last_nack: Mapping[str, Any
 
 def format_status(proxies_json: list[dict[str, Any]]) -> str:
     """A table like `istioctl proxy-status`: per type the ACKed version and SYNCED / STALE / NACK."""
-    header = ["NODE", "IDENTITY", *(t.short_name for t in STATUS_TYPES)]
     if not proxies_json:
         return "no proxies connected"
+    fleet = any("replica" in proxy for proxy in proxies_json)  # replicas on a store: say which holds each proxy
+    header = ["NODE", "IDENTITY", *(["REPLICA"] if fleet else []), *(t.short_name for t in STATUS_TYPES)]
     rows: list[tuple[list[str], str | None]] = []
     for proxy in proxies_json:
         types = proxy.get("types", {})
@@ -51,6 +52,7 @@ def format_status(proxies_json: list[dict[str, Any]]) -> str:
         cells = [
             str(proxy.get("node_id", "")),
             str(proxy.get("identity", "")),
+            *([str(proxy.get("replica", ""))] if fleet else []),
             *(_cell(types.get(t.short_name, {}), t.short_name, nack) for t in STATUS_TYPES),
         ]
         note = None

@@ -73,9 +73,16 @@ class ProxyRegistry:
         self._pushes: dict[ResourceType, int] = dict.fromkeys(ResourceType, 0)
         self._nacks: dict[ResourceType, int] = dict.fromkeys(ResourceType, 0)
         self._send_timeouts = 0
+        self._changes = 0  # moves on every change a status reader could see
+
+    def changes(self) -> int:
+        """A counter that moves whenever the streams' status may have changed (the store's registry summary
+        is not rebuilt while it stands still)."""
+        return self._changes
 
     def open(self, node_id: str, identity: str, snapshot_key: str) -> int:
         with self._lock:
+            self._changes += 1
             stream_id = next(self._ids)
             self._streams[stream_id] = _StreamRecord(
                 ProxyStatus(stream_id, node_id, identity, snapshot_key, self._clock())
@@ -84,6 +91,7 @@ class ProxyRegistry:
 
     def close(self, stream_id: int) -> None:
         with self._lock:
+            self._changes += 1
             self._streams.pop(stream_id, None)
 
     def record_send_timeout(self) -> None:
@@ -93,12 +101,14 @@ class ProxyRegistry:
     def record_sent(self, stream_id: int, resource_type: ResourceType, version: str) -> None:
         with self._lock:
             self._pushes[resource_type] += 1
+            self._changes += 1
             record = self._streams.get(stream_id)
             if record is not None:
                 record.sent[resource_type] = version
 
     def record_ack(self, stream_id: int, resource_type: ResourceType, version: str) -> None:
         with self._lock:
+            self._changes += 1
             record = self._streams.get(stream_id)
             if record is not None:
                 record.acked[resource_type] = version
@@ -108,6 +118,7 @@ class ProxyRegistry:
     ) -> None:
         with self._lock:
             self._nacks[resource_type] += 1
+            self._changes += 1
             record = self._streams.get(stream_id)
             if record is not None:
                 record.last_nack = NackRecord(resource_type, rejected_version, message, self._clock())
