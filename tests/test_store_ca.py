@@ -186,7 +186,7 @@ async def test_the_keyspace_holds_no_ca_key_in_clear(etcd: EtcdProcess, tmp_path
         await asyncio.to_thread(a.ca.rotate_root, True)  # more keys: a new root and intermediate
         keys = {p.name: p.read_bytes() for p in a.ca.mirror.iterdir() if p.name.endswith("-key.pem")}
         assert len(keys) == 4
-        everything = await a.store.kv.get(b"\0", range_end=b"\0")
+        everything = await asyncio.wait_for(a.store.kv.get(b"\0", range_end=b"\0"), 10)
         blob = b"".join(bytes(kv.key) + bytes(kv.value) for kv in everything.kvs)
         assert b"ca/files/root-" in blob
         assert b"PRIVATE KEY" not in blob

@@ -231,10 +231,7 @@ class ReplicatedCa:
     async def close(self) -> None:
         if self._watch_task is not None:
             self._watch_task.cancel()
-            try:
-                await self._watch_task
-            except (asyncio.CancelledError, Exception):
-                pass
+            await asyncio.wait({self._watch_task}, timeout=5.0)  # bounded: a gRPC stream may be slow to end
             self._watch_task = None
         shutil.rmtree(self._mirror, ignore_errors=True)
 
