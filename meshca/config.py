@@ -25,7 +25,7 @@ class ServerTls:
 class ServeSettings:
     """Everything `meshca serve` needs; paths are resolved relative to the settings file."""
 
-    state_dir: Path
+    state_dir: Path | None  # None with `store:` and the internal CA (its state is in etcd)
     listen_host: str
     listen_port: int
     issuers: tuple[TrustedIssuer, ...]
@@ -138,6 +138,12 @@ def _parse_store(reader: FieldReader) -> EtcdSettings | None:
     return store
 
 
+def _state_dir(path: Path, reader: FieldReader, data: Mapping[str, Any]) -> Path | None:
+    """Required, except with `store:` (the internal CA then lives in etcd; the vault modes still read it)."""
+    value = reader.get("state_dir", str, None if data.get("store") is not None else ...)
+    return None if value is None else (path.parent / value).resolve()
+
+
 def _parse_rotation(reader: FieldReader) -> RotationSettings:
     data = reader.get("rotation", Mapping, None)
     if data is None:
@@ -210,7 +216,7 @@ def parse_serve_settings(path: Path, data: Mapping[str, Any], trust_domain: str)
         raise reader.error("xds_max_stream_age", f"{format_duration(max_stream_age)} is too short (at least 1s)")
     mesh_file = reader.file("mesh", required=False)
     return ServeSettings(
-        state_dir=(path.parent / reader.get("state_dir", str)).resolve(),
+        state_dir=_state_dir(path, reader, data),
         listen_host=host,
         listen_port=port,
         issuers=issuers,

@@ -4,6 +4,7 @@ and `meshca status` on one shows both replicas' proxies."""
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 import urllib.request
@@ -66,9 +67,13 @@ def test_a_mesh_apply_reaches_streams_on_every_replica(tmp_path: Path) -> None:
     with EtcdProcess() as etcd, ExitStack() as stack:
         ports = [free_port(), free_port()]
         admin = [free_port(), free_port()]
-        store = {"etcd": {"endpoints": [etcd.endpoint], "prefix": "/serve-test", "lease_ttl": "3s"}}
+        (tmp_path / "kek").write_bytes(os.urandom(32))
+        store = {"etcd": {"endpoints": [etcd.endpoint], "prefix": "/serve-test", "lease_ttl": "3s",
+                          "kek_file": str(tmp_path / "kek")}}
         material = create_dev_material(tmp_path / "dev", "mesh.local", system_clock, listen=f"127.0.0.1:{ports[0]}",
                                        metrics_port=admin[0], extra_settings={"store": store})
+        imported = meshca("ca", "import", "--config", str(material.serve_config), "--state-dir", str(material.state_dir))
+        assert imported.returncode == 0, imported.stderr
         second = material.serve_config.with_name("replica-2.yaml")
         settings = yaml.safe_load(material.serve_config.read_text())
         second.write_text(yaml.safe_dump({**settings, "listen": f"127.0.0.1:{ports[1]}", "metrics_port": admin[1]}))

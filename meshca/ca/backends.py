@@ -29,6 +29,16 @@ class CaBackend:
     vault: VaultSession | None
 
 
+def read_ca_mode(config_path: Path) -> str:
+    """Only `ca.mode` of a serve settings file (checked): which CA `build_ca_backend` would build."""
+    reader = FieldReader(config_path, read_yaml_mapping(config_path))
+    ca_reader = reader.child("ca", reader.get("ca", Mapping, {}))
+    mode: str = ca_reader.get("mode", str, "internal")
+    if mode not in MODES:
+        raise ca_reader.error("mode", f"{mode!r} is not one of {', '.join(MODES)}")
+    return mode
+
+
 def build_ca_backend(config_path: Path, clock: Clock, logger: logging.Logger) -> CaBackend:
     """Read `state_dir` and the `ca:` section of a serve settings file and build that CA.
 

@@ -6,6 +6,7 @@ import base64
 import enum
 import hashlib
 import ipaddress
+import os
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -14,7 +15,7 @@ from typing import Any
 
 import jwt.algorithms
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.exceptions import InvalidSignature, InvalidTag, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import (
     dsa,
@@ -24,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import (
     padding,
     rsa,
 )
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 
@@ -674,3 +676,40 @@ class Issuer:
             ],
         ).sign(self._key, self._hash)
         return cert.public_bytes(serialization.Encoding.PEM), key.private_bytes(*_PRIVATE_KEY_PEM)
+
+
+# --- sealing (CA private keys at rest in a shared store) ------------------------------------------
+
+SEALED_PREFIX = b"meshca-sealed-v1:"
+SEAL_KEY_BYTES = 32
+_NONCE_BYTES = 12
+
+
+def seal(kek: bytes, plaintext: bytes, aad: bytes) -> bytes:
+    """`plaintext` encrypted and authenticated with AES-256-GCM under `kek` (32 bytes), bound to `aad`
+    (e.g. the file name, so a sealed value cannot be moved to another name): prefix, random nonce, ciphertext."""
+    nonce = os.urandom(_NONCE_BYTES)
+    return SEALED_PREFIX + nonce + AESGCM(_seal_key(kek)).encrypt(nonce, plaintext, aad)
+
+
+def unseal(kek: bytes, sealed: bytes, aad: bytes) -> bytes:
+    """The plaintext of `seal(kek, plaintext, aad)`; CryptoError (naming no key material) when `sealed`
+    is not a sealed value, or the KEK, the aad or the bytes differ from those it was sealed with."""
+    key = _seal_key(kek)
+    if not sealed.startswith(SEALED_PREFIX):
+        raise CryptoError("not a sealed value (no meshca-sealed-v1 prefix): stored in clear or by something else")
+    body = sealed[len(SEALED_PREFIX) :]
+    if len(body) < _NONCE_BYTES + 16:
+        raise CryptoError("sealed value is truncated")
+    try:
+        return AESGCM(key).decrypt(body[:_NONCE_BYTES], body[_NONCE_BYTES:], aad)
+    except InvalidTag:
+        raise CryptoError(
+            "cannot unseal: wrong key-encryption key, or the sealed value was altered or moved to another name"
+        ) from None
+
+
+def _seal_key(kek: bytes) -> bytes:
+    if len(kek) != SEAL_KEY_BYTES:
+        raise CryptoError(f"the key-encryption key must be {SEAL_KEY_BYTES} bytes, got {len(kek)}")
+    return kek

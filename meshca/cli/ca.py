@@ -1,19 +1,28 @@
-"""`meshca ca init|status|rotate`: create a CA, show its slots, rotate them (a state dir or a serve config's CA)."""
+"""`meshca ca init|import|status|rotate`: create a CA, upload it to the store, show its slots, rotate them (a state
+dir, or a serve config's CA: with `store:` and the internal CA, the one in etcd)."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO, TypeVar
 
 from meshca.ca import crypto
 from meshca.ca.api import CaError, CaEvent, CaSettings, CaStatus, MeshCa
 from meshca.ca.internal import CertificateAuthority
 from meshca.clock import Clock, system_clock
+
+if TYPE_CHECKING:
+    from meshca.store.ca import ReplicatedCa
+    from meshca.store.etcd import EtcdSettings, EtcdStore
+
+T = TypeVar("T")
 
 
 def cmd_ca_init(args: argparse.Namespace) -> int:
@@ -35,6 +44,15 @@ def add_ca_parsers(ca: Any) -> None:
         help=f"CA key type (default {crypto.KeyAlgorithm.EC_P256.value})",
     )
     ca_init.set_defaults(handler=cmd_ca_init)
+    ca_import = ca.add_parser(
+        "import",
+        help="upload an internal CA's state directory to the store of a serve config (keys sealed with its KEK)",
+        description="One transaction; refused when the store already holds a CA. The replicas then serve it "
+        "(`state_dir` is no longer needed in their config).",
+    )
+    ca_import.add_argument("--config", required=True, help="a `meshca serve` config file with a `store:` section")
+    ca_import.add_argument("--state-dir", required=True, help="the CA state directory to upload")
+    ca_import.set_defaults(handler=cmd_ca_import)
     status = ca.add_parser("status", help="the CA's slots, expiries and trust bundle")
     _add_location(status)
     status.add_argument("--json", action="store_true", help="print one JSON object")
@@ -43,7 +61,9 @@ def add_ca_parsers(ca: Any) -> None:
     rotate = ca.add_parser(
         "rotate",
         help="prepare the next intermediate or root (published, not signing); with --now activate it too",
-        description="A running `meshca serve` on the same state directory picks the change up by itself.",
+        description="A running `meshca serve` on the same state directory picks the change up by itself. With "
+        "--config naming a `store:`, the change is committed to etcd in one transaction conditioned only on the CA "
+        "state it started from (this command is not the replicas' leader); every replica follows it.",
     )
     _add_location(rotate)
     which = rotate.add_mutually_exclusive_group(required=True)
@@ -65,6 +85,72 @@ def _state_dir(args: argparse.Namespace) -> Path:
     from meshca.config import read_state_dir
 
     return read_state_dir(Path(args.config))
+
+
+def _store_of(args: argparse.Namespace) -> EtcdSettings | None:
+    """The serve config's `store:` when its CA is the internal one kept in etcd."""
+    if not getattr(args, "config", None):
+        return None
+    from meshca.ca.backends import read_ca_mode
+    from meshca.config import read_store_settings
+
+    settings = read_store_settings(Path(args.config))
+    if settings is None or read_ca_mode(Path(args.config)) != "internal":
+        return None
+    return settings
+
+
+def _with_store(settings: EtcdSettings, action: Callable[[EtcdStore], Any]) -> Any:
+    """Run `action(store)` (a coroutine function) on a connected store; etcd not answering is one CaError."""
+    from meshca.store.etcd import StoreUnavailable
+    from meshca.store.serving import connect_store
+
+    async def run() -> Any:
+        store = await connect_store(settings, logging.getLogger("meshca.cli.store"))
+        try:
+            return await action(store)
+        finally:
+            await store.close()
+
+    try:
+        return asyncio.run(run())
+    except StoreUnavailable as error:
+        raise CaError(str(error)) from None
+
+
+def _with_store_ca(settings: EtcdSettings, clock: Clock, action: Callable[[ReplicatedCa], T]) -> T:
+    """`action(ca)` on the CA in etcd, run on a worker thread (its transitions reach etcd from there)."""
+    from meshca.store.ca import ReplicatedCa
+
+    async def run(store: EtcdStore) -> T:
+        ca = await ReplicatedCa.open(store, settings.kek, clock, logging.getLogger("meshca.cli.ca"), watch=False)
+        try:
+            return await asyncio.to_thread(action, ca)
+        finally:
+            await ca.close()
+
+    result: T = _with_store(settings, run)
+    return result
+
+
+def cmd_ca_import(args: argparse.Namespace, out: TextIO | None = None, clock: Clock = system_clock) -> int:
+    out = out or sys.stdout
+    from meshca.config import read_store_settings
+    from meshca.store.ca import import_state_dir
+
+    settings = read_store_settings(Path(args.config))
+    if settings is None:
+        print(f"meshca: error: {args.config}: no `store:` section: there is no store to import into", file=sys.stderr)
+        return 2
+    try:
+        status = _with_store(settings, lambda store: import_state_dir(store, settings.kek, Path(args.state_dir), clock))
+    except CaError as error:
+        print(f"meshca: error: {error}", file=sys.stderr)
+        return 2
+    out.write(f"imported the CA of trust domain {status.trust_domain} (generation {status.generation}, "
+              f"intermediate {status.active_intermediate_id}) into {settings.prefix}/ca/ at "
+              f"{', '.join(settings.endpoints)}\n")
+    return 0
 
 
 def _load_ca(args: argparse.Namespace, clock: Clock, *, needs_vault: bool = False) -> MeshCa:
@@ -91,11 +177,11 @@ def _load_ca(args: argparse.Namespace, clock: Clock, *, needs_vault: bool = Fals
 def cmd_ca_status(args: argparse.Namespace, out: TextIO | None = None, clock: Clock = system_clock) -> int:
     out = out or sys.stdout
     try:
-        ca = _load_ca(args, clock)
+        store = _store_of(args)
+        status = _with_store_ca(store, clock, lambda ca: ca.status()) if store else _load_ca(args, clock).status()
     except CaError as error:
         print(f"meshca: error: {error}", file=sys.stderr)
         return 2
-    status = ca.status()
     if args.json:
         print(json.dumps(status.to_json(), indent=2), file=out)
     else:
@@ -106,22 +192,29 @@ def cmd_ca_status(args: argparse.Namespace, out: TextIO | None = None, clock: Cl
 def cmd_ca_rotate(args: argparse.Namespace, out: TextIO | None = None, clock: Clock = system_clock) -> int:
     out = out or sys.stdout
     kind = "root" if args.root else "intermediate"
-    try:
-        ca = _load_ca(args, clock, needs_vault=True)
+
+    def rotate(ca: MeshCa) -> tuple[list[CaEvent], CaStatus]:
         if args.root and not ca.can_rotate_root:
             raise CaError("the root of this CA lives in Vault: rotate it there; meshca follows the new root")
         if not ca.can_rotate_intermediate:
             raise CaError("in vault-leaf mode Vault signs every leaf: there is no meshca intermediate to rotate")
         events = ca.rotate_root(now=args.now) if args.root else ca.rotate_intermediate(now=args.now)
+        return events, ca.status()
+
+    try:
+        store = _store_of(args)
+        events, status = _with_store_ca(store, clock, rotate) if store else rotate(_load_ca(args, clock, needs_vault=True))
     except CaError as error:
         print(f"meshca: error: {error}", file=sys.stderr)
         return 2
     out.write(format_events(events))
     if not events:
-        prepared = [s.id for s in ca.status().slots if s.kind == kind and s.state == "prepared"]
+        prepared = [s.id for s in status.slots if s.kind == kind and s.state == "prepared"]
         out.write(f"nothing to do: {kind} {', '.join(prepared)} is already prepared (add --now to activate it)\n")
+    elif store:
+        out.write(f"generation {status.generation} committed to etcd; every replica follows it\n")
     else:
-        out.write(f"generation {ca.generation}; a running `meshca serve` on this state directory picks it up\n")
+        out.write(f"generation {status.generation}; a running `meshca serve` on this state directory picks it up\n")
     return 0
 
 

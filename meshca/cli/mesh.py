@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import getpass
+import json
 import logging
 import os
 import socket
@@ -13,6 +14,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
+from meshca.ca.state import METADATA_FILE
 from meshca.cli.errors import CliError
 from meshca.clock import system_clock
 from meshca.fields import ConfigError, FieldReader, read_yaml_mapping
@@ -20,11 +22,13 @@ from meshca.mesh.build import build_mesh
 from meshca.mesh.model import MeshConfig
 from meshca.mesh.resources import DEFAULT_CERT_SECRET, ROOT_CA_SECRET
 from meshca.sds.workloads import ALL_BUNDLES_SECRET
+from meshca.store.ca import FILES_PREFIX
 from meshca.store.etcd import EtcdSettings, EtcdStore, StoreUnavailable, parse_store_settings
 from meshca.store.mesh import AppliedMesh, check_trust_domain, parse_stored_mesh, read_mesh, sha256_hex, write_mesh
 from meshca.xds.snapshot import InconsistentSnapshot, Overlay, Reference, ResourceType, Snapshot
 
 T = TypeVar("T")
+STORED_CA_METADATA = FILES_PREFIX + METADATA_FILE  # the internal CA's ca.json in etcd (meshca ca import)
 
 
 def store_settings(config_path: Path) -> EtcdSettings:
@@ -35,13 +39,18 @@ def store_settings(config_path: Path) -> EtcdSettings:
     return settings
 
 
-def ca_trust_domain(config_path: Path) -> str:
+def ca_trust_domain(config_path: Path, stored_ca: bytes | None = None) -> str:
     """The trust domain a mesh config must name: `ca.trust_domain` of the serve settings (the Vault modes
-    set it), else the internal CA's in `state_dir`."""
+    set it), else the internal CA's: `stored_ca` (its ca.json in etcd) or the one in `state_dir`."""
     reader = FieldReader(config_path, read_yaml_mapping(config_path))
     section = reader.get("ca", Mapping, {})
     if section.get("trust_domain"):
         return str(reader.child("ca", section).get("trust_domain", str))
+    if stored_ca is not None:
+        try:
+            return str(json.loads(stored_ca)["trust_domain"])
+        except (ValueError, KeyError, TypeError):
+            raise CliError("the CA's ca.json in etcd names no trust domain; pass --trust-domain") from None
     from meshca.ca.api import CaError
     from meshca.ca.internal import CertificateAuthority
 
@@ -98,11 +107,16 @@ def cmd_mesh_apply(args: argparse.Namespace) -> int:
     except OSError as error:
         raise ConfigError(mesh_path, "", f"cannot read: {error.strerror}") from None
     config = parse_stored_mesh(mesh_path, raw)
-    check_trust_domain(config, args.trust_domain or ca_trust_domain(config_path), mesh_path)
-    check_mesh(config, mesh_path)
     applied = AppliedMesh(sha256_hex(raw), _who(), system_clock(), str(mesh_path.resolve()))
 
     async def write(store: EtcdStore) -> int:
+        if args.trust_domain:
+            trust_domain = args.trust_domain
+        else:
+            stored_ca = await store.get(STORED_CA_METADATA)
+            trust_domain = ca_trust_domain(config_path, None if stored_ca is None else stored_ca.value)
+        check_trust_domain(config, trust_domain, mesh_path)
+        check_mesh(config, mesh_path)
         return await write_mesh(store, raw, applied)
 
     revision = _with_store(settings, write)
@@ -141,7 +155,7 @@ def add_mesh_parser(commands: Any) -> None:
     apply.add_argument(
         "--trust-domain",
         metavar="DOMAIN",
-        help="the CA's trust domain (default: ca.trust_domain of the settings, else the CA in their state_dir)",
+        help="the CA's trust domain (default: ca.trust_domain of the settings, else the CA in etcd or in their state_dir)",
     )
     apply.set_defaults(handler=cmd_mesh_apply)
     get = mesh.add_parser("get", help="print the mesh config in the store")

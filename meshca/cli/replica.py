@@ -12,20 +12,9 @@ from meshca.admin.metrics import StoreCollector
 from meshca.admin.server import status_json
 from meshca.app import MeshcaApp
 from meshca.cli.errors import CliError
-from meshca.store.etcd import EtcdSettings, EtcdStore, StoreUnavailable
+from meshca.store.etcd import EtcdStore, StoreUnavailable
 from meshca.store.mesh import EtcdMeshSource
 from meshca.store.registry import RegistryPublisher
-
-
-async def connect_store(settings: EtcdSettings, logger: logging.Logger) -> EtcdStore:
-    """The process's one etcd client, connected on the running loop (StoreUnavailable as one CliError line)."""
-    store = EtcdStore(settings, logger)
-    try:
-        await store.connect()
-    except StoreUnavailable as error:
-        await store.close()
-        raise CliError(f"store.etcd: {error}") from None
-    return store
 
 
 @dataclass

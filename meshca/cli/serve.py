@@ -7,29 +7,70 @@ import asyncio
 import signal
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from meshca.clock import format_duration, system_clock
 from meshca.config import load_serve_settings, read_store_settings
 from meshca.fields import ConfigError
 from meshca.listen import check_bindable
 
+if TYPE_CHECKING:
+    import logging
+
+    from meshca.ca.backends import CaBackend
+    from meshca.store.etcd import EtcdStore
+    from meshca.store.serving import StoreCa
+
 
 async def _serve(config_path: Path) -> int:
     from meshca import logs
-    from meshca.app import MeshcaApp
     from meshca.ca.backends import build_ca_backend
-    from meshca.cli.replica import ReplicaParts, attach_store, connect_store
     from meshca.gcpolicy import tune_gc_for_serving
-    from meshca.sds.server_tls import FileServerCertificate, IssuedServerCertificate, ServerTlsError
 
     tune_gc_for_serving()
     log = logs.configure("info")
-    store = None
-    store_settings = read_store_settings(config_path)
-    if store_settings is not None:
-        store = await connect_store(store_settings, log.getChild("store"))
-    backend = build_ca_backend(config_path, system_clock, log)
+    store, store_ca = await _open_store(config_path, log)
+    try:
+        backend = store_ca.backend if store_ca is not None else build_ca_backend(config_path, system_clock, log)
+        return await _serve_with(config_path, log, backend, store, store_ca)
+    finally:
+        if store_ca is not None:
+            await store_ca.close()
+        if store is not None:
+            await store.close()
+
+
+async def _open_store(config_path: Path, log: logging.Logger) -> tuple[EtcdStore | None, StoreCa | None]:
+    """With `store:`, the process's one EtcdStore (connected on this loop: every store part shares it) and the CA
+    built on it; (None, None) without."""
+    from meshca.store.etcd import StoreUnavailable
+    from meshca.store.serving import build_store_ca, connect_store, replica_id
+
+    settings = read_store_settings(config_path)
+    if settings is None:
+        return None, None
+    try:
+        store = await connect_store(settings, log.getChild("store"))
+    except StoreUnavailable as error:
+        raise ConfigError(config_path, "store.etcd.endpoints", str(error)) from None
+    try:
+        store_ca = await build_store_ca(config_path, store, system_clock, log, replica_id())
+    except BaseException:
+        await store.close()
+        raise
+    return store, store_ca
+
+
+async def _serve_with(
+    config_path: Path, log: logging.Logger, backend: CaBackend, store: EtcdStore | None, store_ca: StoreCa | None
+) -> int:
+    """`store`/`store_ca`: the connected EtcdStore and its StoreCa with `store:` (None without)."""
+    from meshca import logs
+    from meshca.app import MeshcaApp
+    from meshca.cli.replica import ReplicaParts, attach_store
+    from meshca.sds.server_tls import FileServerCertificate, IssuedServerCertificate, ServerTlsError
+    from meshca.store.serving import replica_id
+
     ca = backend.ca
     settings = load_serve_settings(config_path, ca.trust_domain)
     if settings.leaf_ttl is not None and not (
@@ -76,7 +117,7 @@ async def _serve(config_path: Path) -> int:
     source_task = None
     replica: ReplicaParts | None = None
     if store is not None:
-        replica = await attach_store(store, app, log)
+        replica = await attach_store(store, app, log, replica_id())
     elif settings.mesh_file is not None:
         from meshca.mesh.source import FileMeshSource
 
@@ -86,6 +127,10 @@ async def _serve(config_path: Path) -> int:
     await app.start(
         settings.listen_host, settings.listen_port, credentials, settings.metrics_port, settings.admin_address
     )
+    if store_ca is not None:
+        store_ca.start()
+    if store_ca is not None:
+        store_ca.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -97,8 +142,6 @@ async def _serve(config_path: Path) -> int:
     if replica is not None:
         await replica.stop()
     await app.stop(grace=5)
-    if store is not None:
-        await store.close()
     return 0
 
 
