@@ -4,15 +4,23 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from meshca.clock import format_duration, system_clock
 from meshca.config import load_serve_settings
 from meshca.fields import ConfigError
 from meshca.listen import check_bindable
+
+if TYPE_CHECKING:
+    import logging
+
+    from meshca.ca.backends import CaBackend
+    from meshca.cli.workers import WorkerRole
+    from meshca.config import ServeSettings
 
 
 def _read_setting_file(config_path: Path, field: str, path: Path) -> bytes:
@@ -22,13 +30,11 @@ def _read_setting_file(config_path: Path, field: str, path: Path) -> bytes:
         raise ConfigError(config_path, field, f"cannot read {path}: {error.strerror or error}") from None
 
 
-async def _serve(config_path: Path) -> int:
+def _load(config_path: Path) -> tuple[CaBackend, ServeSettings, logging.Logger]:
+    """The CA backend and the serve settings, checked as far as can be before binding anything."""
     from meshca import logs
-    from meshca.app import MeshcaApp, ServerCredentials, issue_server_credentials
     from meshca.ca.backends import build_ca_backend
-    from meshca.gcpolicy import tune_gc_for_serving
 
-    tune_gc_for_serving()
     log = logs.configure("info")
     backend = build_ca_backend(config_path, system_clock, log)
     ca = backend.ca
@@ -43,11 +49,24 @@ async def _serve(config_path: Path) -> int:
             f"[{format_duration(ca.settings.leaf_ttl_min)}, {format_duration(ca.settings.leaf_ttl_max)}] "
             "(set at `meshca ca init`)",
         )
-    log = logs.configure(settings.log_level)
-    # a taken port fails now, before the mesh is loaded and logged (MeshcaApp.start checks again when it binds)
-    check_bindable("listen", settings.listen_host, settings.listen_port)
-    if settings.metrics_port is not None:
-        check_bindable("metrics_port", settings.admin_address, settings.metrics_port)
+    return backend, settings, logs.configure(settings.log_level)
+
+
+async def _serve(config_path: Path, worker: WorkerRole | None = None) -> int:
+    """One serving process; a `worker` of `meshca serve --workers N` shares the listening port (SO_REUSEPORT)
+    and serves its admin endpoint on metrics_port + its index (the supervisor checked every port once)."""
+    from meshca.app import MeshcaApp, ServerCredentials, issue_server_credentials
+    from meshca.gcpolicy import tune_gc_for_serving
+
+    tune_gc_for_serving()
+    backend, settings, log = _load(config_path)
+    ca = backend.ca
+    admin_port = settings.metrics_port if worker is None else worker.admin_port(settings.metrics_port)
+    if worker is None:
+        # a taken port fails now, before the mesh is loaded and logged (MeshcaApp.start checks again when it binds)
+        check_bindable("listen", settings.listen_host, settings.listen_port)
+    if admin_port is not None:
+        check_bindable("metrics_port", settings.admin_address, admin_port)
     app = MeshcaApp(
         ca,
         settings.issuers,
@@ -75,13 +94,24 @@ async def _serve(config_path: Path) -> int:
         source.load()  # an invalid mesh at start is an error: there is no last good config yet
         source_task = asyncio.create_task(source.run())
     await app.start(
-        settings.listen_host, settings.listen_port, credentials, settings.metrics_port, settings.admin_address
+        settings.listen_host,
+        settings.listen_port,
+        credentials,
+        admin_port,
+        settings.admin_address,
+        share_port=worker is not None,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    orphan_watch = None
+    if worker is not None:
+        log.info("worker %d of supervisor pid %d", worker.index, worker.supervisor_pid)
+        orphan_watch = asyncio.create_task(_stop_when_orphaned(worker.supervisor_pid, stop))
     await stop.wait()
+    if orphan_watch is not None:
+        orphan_watch.cancel()
     log.info("signal received: stopping gracefully")
     if source_task is not None:
         source_task.cancel()
@@ -89,11 +119,61 @@ async def _serve(config_path: Path) -> int:
     return 0
 
 
+async def _stop_when_orphaned(supervisor_pid: int, stop: asyncio.Event) -> None:
+    """A worker whose supervisor died (kill -9) stops instead of holding the port forever."""
+    while os.getppid() == supervisor_pid:
+        await asyncio.sleep(1.0)
+    stop.set()
+
+
+def _supervise(config_path: Path, count: int) -> int:
+    from meshca.cli.workers import Supervisor, SupervisorSettings
+
+    _, settings, log = _load(config_path)  # a bad configuration fails here once, not in N restart loops
+    if settings.listen_port == 0:
+        raise ConfigError(config_path, "listen", "port 0 cannot be shared by --workers: give a fixed port")
+    check_bindable("listen", settings.listen_host, settings.listen_port)
+    if settings.metrics_port is not None:
+        if settings.metrics_port + count - 1 > 65535:
+            raise ConfigError(
+                config_path, "metrics_port", f"{settings.metrics_port} + {count - 1} workers is beyond port 65535"
+            )
+        for index in range(count):
+            check_bindable("metrics_port", settings.admin_address, settings.metrics_port + index)
+    log.info("supervising %d workers on %s:%d", count, settings.listen_host, settings.listen_port)
+    return Supervisor(SupervisorSettings(count, config_path), log.getChild("workers")).run()
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
-    return asyncio.run(_serve(Path(args.config)))
+    config_path = Path(args.config)
+    if args.worker_of is not None:
+        from meshca.cli.workers import WorkerRole
+
+        return asyncio.run(_serve(config_path, WorkerRole(args.worker_index, args.worker_of)))
+    if args.workers > 1:
+        return _supervise(config_path, args.workers)
+    return asyncio.run(_serve(config_path))
+
+
+def _worker_count(text: str) -> int:
+    from meshca.cli.workers import MAX_WORKERS
+
+    if not text.isdigit() or not 1 <= int(text) <= MAX_WORKERS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of processes in 1..{MAX_WORKERS}")
+    return int(text)
 
 
 def add_serve_parser(commands: Any) -> None:
     serve = commands.add_parser("serve", help="run the CA, identity gate and xDS/SDS server")
     serve.add_argument("--config", required=True, metavar="FILE", help="settings file (docs/configuration.md)")
+    serve.add_argument(
+        "--workers",
+        type=_worker_count,
+        default=1,
+        metavar="N",
+        help="serve from N processes sharing the listening port (SO_REUSEPORT), one per core; worker i serves "
+        "its admin endpoint on metrics_port + i (default 1: this process serves)",
+    )
+    serve.add_argument("--worker-of", type=int, default=None, help=argparse.SUPPRESS)
+    serve.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
     serve.set_defaults(handler=cmd_serve)
