@@ -157,18 +157,20 @@ def test_both_workers_take_connections_and_sigterm_stops_all(workers: Workers) -
     workers.process.send_signal(signal.SIGTERM)
     assert workers.process.wait(timeout=20) == 0
     took = time.monotonic() - started
-    assert not any(Path(f"/proc/{pid}").exists() and "zombie" not in _state(pid) for pid in pids)
+    assert all(_gone(pid) for pid in pids)
     assert took < 10, took
     log = workers.log.read_text()
     assert "Traceback" not in log
     assert log.count("meshca stopped") == 2 and "all workers stopped" in log
 
 
-def _state(pid: int) -> str:
+def _gone(pid: int) -> bool:
+    """Exited: no such process, or a zombie (exited, not yet reaped by its parent)."""
     try:
-        return Path(f"/proc/{pid}/status").read_text().split("State:")[1].splitlines()[0].lower()
+        state = Path(f"/proc/{pid}/status").read_text().split("State:")[1].split()[0]
     except (OSError, IndexError):
-        return "zombie"
+        return True
+    return state == "Z"
 
 
 def worker_pids(workers: Workers) -> dict[int, int]:
@@ -204,3 +206,34 @@ def test_a_killed_worker_is_restarted_and_its_clients_reconnect(workers: Workers
         await close_streams(again)
 
     asyncio.run(scenario())
+
+
+def test_workers_of_a_killed_supervisor_stop_by_themselves(workers: Workers) -> None:
+    pids = children(workers.process.pid)
+    workers.process.kill()
+    workers.process.wait()
+    wait_until(lambda: all(_gone(pid) for pid in pids), 15, 0.1, "orphaned workers stopped")
+    assert workers.log.read_text().count("meshca stopped") == 2
+
+
+@pytest.mark.parametrize(
+    "workers_arg, setting, message",
+    [
+        ("0", None, "argument --workers: '0' is not a number of processes in 1..256"),
+        ("2", {"listen": "127.0.0.1:0"}, "listen: port 0 cannot be shared by --workers: give a fixed port"),
+    ],
+)
+def test_bad_worker_settings_fail_in_one_line(
+    tmp_path: Path, workers_arg: str, setting: dict[str, str] | None, message: str
+) -> None:
+    material = create_dev_material(tmp_path / "dev", "mesh.local", system_clock, listen=f"127.0.0.1:{free_port()}")
+    if setting:
+        config = yaml.safe_load(material.serve_config.read_text())
+        config.update(setting)
+        material.serve_config.write_text(yaml.safe_dump(config))
+    result = subprocess.run(
+        meshca_command("serve", "--config", str(material.serve_config), "--workers", workers_arg),
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 2
+    assert message in result.stderr.splitlines()[-1] and "Traceback" not in result.stderr
