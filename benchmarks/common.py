@@ -94,6 +94,7 @@ class Profile:
     envoy_rounds: int = 10
     rotation_streams: int = 1000  # rotation_storm runs in the full profile, or when asked for by --only
     rotation_window_seconds: float = 30.0
+    failover_streams: int = 3000  # failover_reconnect: streams on the replica that is killed
 
 
 QUICK = Profile("quick")

@@ -25,7 +25,15 @@ from meshca.app import MeshcaApp, issue_server_credentials
 from meshca.ca.api import CaSettings
 from meshca.ca.internal import CertificateAuthority
 from meshca.clock import system_clock
-from meshca.dev.tokens import DEV_AUDIENCE, DEV_ISSUER, write_dev_issuer
+from meshca.dev.tokens import (
+    DEV_AUDIENCE,
+    DEV_ISSUER,
+    JWKS_FILE,
+    PUBLIC_KEY_FILE,
+    SIGNING_KEY_FILE,
+    DevIssuerFiles,
+    write_dev_issuer,
+)
 from meshca.gcpolicy import tune_gc_for_serving
 from meshca.identity.jwt import TrustedIssuer
 from meshca.mesh.model import MeshConfig, load_mesh_config
@@ -72,8 +80,15 @@ async def main() -> None:
         profiler.enable()
 
     log = logs.configure(args.get("log_level", "info"))
-    ca = CertificateAuthority.init(workdir / "ca", CaSettings(trust_domain=TRUST_DOMAIN), system_clock)
-    issuer_files = write_dev_issuer(workdir / "jwt")
+    if args.get("state_from"):  # another replica: the same CA state and JWT issuer as that server's workdir
+        shared = Path(args["state_from"])
+        ca = CertificateAuthority.load(shared / "ca", system_clock)
+        issuer_files = DevIssuerFiles(
+            shared / "jwt" / SIGNING_KEY_FILE, shared / "jwt" / PUBLIC_KEY_FILE, shared / "jwt" / JWKS_FILE
+        )
+    else:
+        ca = CertificateAuthority.init(workdir / "ca", CaSettings(trust_domain=TRUST_DOMAIN), system_clock)
+        issuer_files = write_dev_issuer(workdir / "jwt")
     issuer = TrustedIssuer(
         issuer=DEV_ISSUER, audiences=(DEV_AUDIENCE,), trust_domain=TRUST_DOMAIN, jwks_path=issuer_files.jwks
     )

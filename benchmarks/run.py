@@ -39,6 +39,7 @@ BENCHMARKS: dict[str, str] = {
     "ads_streams_rss": "benchmarks.ads_streams_rss",
     "convergence": "benchmarks.convergence",
     "envoy_push_to_ack": "benchmarks.envoy_push_ack",
+    "failover_reconnect": "benchmarks.failover",
     "rotation_storm": "benchmarks.rotation_storm",
 }
 

@@ -16,7 +16,16 @@ from meshca.ca.api import CaSettings
 from meshca.ca.internal import CertificateAuthority
 from meshca.clock import system_clock
 from meshca.dev.envoy_process import EnvoyProcess, free_port
-from meshca.dev.tokens import DEV_AUDIENCE, DEV_ISSUER, mint_token, write_dev_issuer
+from meshca.dev.tokens import (
+    DEV_AUDIENCE,
+    DEV_ISSUER,
+    JWKS_FILE,
+    PUBLIC_KEY_FILE,
+    SIGNING_KEY_FILE,
+    DevIssuerFiles,
+    mint_token,
+    write_dev_issuer,
+)
 from meshca.gcpolicy import CollectorPause
 from meshca.identity.jwt import TrustedIssuer
 from meshca.node.bootstrap import BootstrapSettings, build_bootstrap
@@ -61,9 +70,15 @@ async def running_meshca(
     xds_max_stream_age: timedelta | None = DEFAULT_MAX_STREAM_AGE,
     **app_options: object,
 ) -> AsyncIterator[RunningMeshca]:
-    """`app_options`: further MeshcaApp keyword arguments (e.g. identity_grace)."""
-    ca = make_ca(directory)
-    issuer_files = write_dev_issuer(directory / "jwt")
+    """`app_options`: further MeshcaApp keyword arguments (e.g. identity_grace). A `directory` another
+    running_meshca used already gives a second replica: the same CA state and the same JWT issuer."""
+    if (directory / "ca").exists():
+        ca = CertificateAuthority.load(directory / "ca", system_clock)
+        jwt = directory / "jwt"
+        issuer_files = DevIssuerFiles(jwt / SIGNING_KEY_FILE, jwt / PUBLIC_KEY_FILE, jwt / JWKS_FILE)
+    else:
+        ca = make_ca(directory)
+        issuer_files = write_dev_issuer(directory / "jwt")
     issuer = TrustedIssuer(
         issuer=DEV_ISSUER,
         audiences=(DEV_AUDIENCE,),

@@ -56,3 +56,14 @@ def test_a_failing_benchmark_becomes_a_row_without_verdict(tmp_path: Path, monke
     assert len(rows) == 1 and set(rows[0]) == ROW_KEYS
     assert rows[0]["value"] is None and rows[0]["met"] is None
     assert "boom" in rows[0]["parameters"]["error"]
+
+
+def test_failover_row_moves_every_stream_to_the_other_replica(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    rows = run_benchmarks(["failover_reconnect"], replace(TINY, failover_streams=40, stream_processes=1), tmp_path)
+    (row,) = rows
+    assert set(row) == ROW_KEYS and "error" not in row["parameters"], row["parameters"]
+    assert row["name"] == "failover_reconnect" and row["value"] > 0 and row["baseline_value"] > 0
+    parameters = row["parameters"]
+    assert parameters["streams"] == parameters["streams_on_b"] == parameters["identities_issued_by_b"] == 40

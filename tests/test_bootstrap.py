@@ -126,6 +126,48 @@ def test_ipv6_target_uri_is_bracketed() -> None:
     assert b["dynamic_resources"]["ads_config"]["grpc_services"][0]["google_grpc"]["target_uri"] == "[::1]:7"
 
 
+def lb_addresses(b: dict[str, Any]) -> list[tuple[str, int]]:
+    (locality,) = b["static_resources"]["clusters"][0]["load_assignment"]["endpoints"]
+    return [
+        (e["endpoint"]["address"]["socket_address"]["address"], e["endpoint"]["address"]["socket_address"]["port_value"])
+        for e in locality["lb_endpoints"]
+    ]
+
+
+def test_several_replicas_are_one_cluster_with_one_host_each() -> None:
+    more = (("10.0.0.2", 15010), ("10.0.0.3", 15011))
+    b = build_bootstrap(settings(Path("/ca.pem"), port=15010, token="t", meshca_address="10.0.0.1", more_meshca=more))
+    (cluster,) = b["static_resources"]["clusters"]
+    assert cluster["type"] == "STATIC"
+    assert lb_addresses(b) == [("10.0.0.1", 15010), ("10.0.0.2", 15010), ("10.0.0.3", 15011)]
+    named = build_bootstrap(settings(Path("/ca.pem"), token="t", meshca_address="10.0.0.1", more_meshca=(("cp-2.svc", 1),)))
+    assert named["static_resources"]["clusters"][0]["type"] == "STRICT_DNS"  # any name: resolved by DNS
+
+
+def test_several_replicas_with_a_token_file_are_one_grpc_address_list() -> None:
+    b = build_bootstrap(settings(Path("/ca.pem"), port=7, token_path=Path("/t"), more_meshca=(("127.0.0.2", 8),)))
+    target = b["dynamic_resources"]["ads_config"]["grpc_services"][0]["google_grpc"]["target_uri"]
+    assert target == "ipv4:127.0.0.1:7,127.0.0.2:8"
+    v6 = build_bootstrap(
+        settings(Path("/ca.pem"), port=7, token_path=Path("/t"), meshca_address="::1", more_meshca=(("fd00::2", 8),))
+    )
+    assert v6["dynamic_resources"]["ads_config"]["grpc_services"][0]["google_grpc"]["target_uri"] == "ipv6:[::1]:7,[fd00::2]:8"
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        ({"token": "t", "more_meshca": (("127.0.0.1", 1),)}, "given twice"),
+        ({"token": "t", "more_meshca": (("", 1),)}, "needs an address"),
+        ({"token_path": Path("/t"), "more_meshca": (("cp-2.svc", 1),)}, "must all be IP addresses"),
+        ({"token_path": Path("/t"), "more_meshca": (("::2", 1),)}, "all IPv4 or all IPv6"),
+    ],
+)
+def test_bad_replica_lists_refused(kw: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        settings(Path("/ca.pem"), **kw)
+
+
 @pytest.mark.parametrize("kw", [{}, {"token": "t", "token_path": Path("/t")}])
 def test_exactly_one_of_token_and_token_path(kw: dict[str, Any]) -> None:
     with pytest.raises(ValueError, match="token.*token_path"):

@@ -137,6 +137,40 @@ def test_stdout_by_default_with_all_options(ca_pem: Path, tmp_path: Path, capsys
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+@pytest.mark.parametrize("how", ["repeated", "comma list"])
+@pytest.mark.parametrize("auth", ["token", "token_file"])
+def test_several_meshca_addresses(
+    how: str, auth: str, ca_pem: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    addresses = ["127.0.0.1:15010", "127.0.0.2:15011", "127.0.0.3:15010"]
+    where = [a for address in addresses for a in ("--meshca", address)] if how == "repeated" else [
+        "--meshca", " , ".join(addresses[:2]), "--meshca", addresses[2]
+    ]
+    (tmp_path / "tok").write_text(TOKEN)
+    credential = ["--token", TOKEN] if auth == "token" else ["--token-file", str(tmp_path / "tok")]
+    out = tmp_path / "envoy.yaml"
+    code, _, stderr = run(capsys, *base_args(ca_pem), *credential, *where, "--out", str(out))
+    assert (code, stderr) == (0, "")
+    doc = yaml.safe_load(out.read_text())
+    (cluster,) = doc["static_resources"]["clusters"]
+    hosts = [e["endpoint"]["address"]["socket_address"] for e in cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]]
+    assert [f"{h['address']}:{h['port_value']}" for h in hosts] == addresses
+    service = doc["dynamic_resources"]["ads_config"]["grpc_services"][0]
+    if auth == "token_file":
+        assert service["google_grpc"]["target_uri"] == "ipv4:" + ",".join(addresses)
+    else:
+        assert service["envoy_grpc"]["retry_policy"]["retry_back_off"] == {"base_interval": "0.25s", "max_interval": "5s"}
+    result = envoy_validate(out)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_meshca_address_given_twice_is_one_line(ca_pem: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, stderr = run(capsys, *base_args(ca_pem), "--token", TOKEN, "--meshca", "10.0.0.1:1,10.0.0.1:1")
+    assert (code, stderr) == (2, "meshca: error: --meshca: '10.0.0.1:1' is given twice\n")
+    code, _, stderr = run(capsys, *base_args(ca_pem), "--token-file", "/nope", "--meshca", "a.svc:1", "--meshca", "b.svc:1")
+    assert code == 2 and stderr.startswith("meshca: error: several meshca addresses with a token file must all be IP")
+
+
 def test_dns_name_and_relative_paths(
     ca_pem: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -338,6 +372,16 @@ def test_check_ok(api_type: str, serving: tuple[DevMaterial, int], capsys: pytes
     assert (code, stderr) == (0, "")
     assert stdout == f"meshca: check ok: meshca at 127.0.0.1:{port} verified as 'localhost' and admitted node " \
                      f"'web-1' ({api_type})\n"
+
+
+def test_check_says_one_line_per_replica(serving: tuple[DevMaterial, int], capsys: pytest.CaptureFixture[str]) -> None:
+    material, port = serving
+    dead = free_port()
+    code, stdout, _ = run(capsys, *check_args(material, port, dev_token(material)), "--meshca", f"127.0.0.1:{dead}")
+    assert code == 1
+    first, second = stdout.splitlines()
+    assert first.startswith(f"meshca: check ok: meshca at 127.0.0.1:{port} ")
+    assert second.startswith(f"meshca: check failed: cannot reach meshca at 127.0.0.1:{dead}")
 
 
 def test_check_writes_out_then_checks(

@@ -6,6 +6,7 @@ import argparse
 import ipaddress
 import re
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from meshca.files import write_atomic
@@ -48,6 +49,19 @@ def _parse_host_port(option: str, text: str) -> tuple[str, int]:
     elif not _is_ip(host) and not _HOSTNAME.match(host):
         raise BootstrapOptionError(f"{option}: {text!r}: {host!r} is not a host name or IP address")
     return host, _port(option, port, 1)
+
+
+def _parse_meshca_addresses(values: list[str] | str | None) -> tuple[tuple[str, int], ...]:
+    """Every `--meshca` (repeated, or comma-separated) as (host, port), in order; the default when none."""
+    texts = [values] if isinstance(values, str) else list(values or [DEFAULT_MESHCA])
+    endpoints: list[tuple[str, int]] = []
+    for text in texts:
+        for item in text.split(","):
+            endpoint = _parse_host_port("--meshca", item.strip())
+            if endpoint in endpoints:
+                raise BootstrapOptionError(f"--meshca: {item.strip()!r} is given twice")
+            endpoints.append(endpoint)
+    return tuple(endpoints)
 
 
 def _port(option: str, text: str, lowest: int) -> int:
@@ -136,7 +150,7 @@ def settings_from_args(args: argparse.Namespace) -> tuple[BootstrapSettings, lis
     node_id = _non_empty("--node-id", args.node_id)
     cluster = _non_empty("--cluster", args.cluster)
     server_name = _non_empty("--server-name", args.server_name)
-    host, port = _parse_host_port("--meshca", args.meshca)
+    endpoints = _parse_meshca_addresses(args.meshca)
     ca_path = Path(args.ca).expanduser()
     if not ca_path.is_file():
         raise BootstrapOptionError(f"--ca: file {str(ca_path)!r} does not exist (meshca's root bundle, e.g. root.pem)")
@@ -165,8 +179,9 @@ def settings_from_args(args: argparse.Namespace) -> tuple[BootstrapSettings, lis
         settings = BootstrapSettings(
             node_id=node_id,
             cluster=cluster,
-            meshca_address=host,
-            meshca_port=port,
+            meshca_address=endpoints[0][0],
+            meshca_port=endpoints[0][1],
+            more_meshca=endpoints[1:],
             meshca_ca_path=ca_path,
             meshca_server_name=server_name,
             token=token,
@@ -224,12 +239,15 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
 
 
 def _run_check(settings: BootstrapSettings) -> int:
-    """One line on stdout; 0 when meshca admitted the node, 1 otherwise."""
+    """One line per meshca address on stdout; 0 when every one admitted the node, 1 otherwise."""
     from meshca.node.check import check_bootstrap
 
-    result = check_bootstrap(settings)
-    print(f"meshca: {result.line}", flush=True)
-    return 0 if result.ok else 1
+    ok = True
+    for address, port in settings.meshca_endpoints:  # each replica on its own line
+        result = check_bootstrap(replace(settings, meshca_address=address, meshca_port=port, more_meshca=()))
+        print(f"meshca: {result.line}", flush=True)
+        ok = ok and result.ok
+    return 0 if ok else 1
 
 
 def add_bootstrap_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
@@ -244,9 +262,10 @@ def add_bootstrap_parser(subparsers: argparse._SubParsersAction[argparse.Argumen
     parser.add_argument("--cluster", required=True, help="Envoy node.cluster: the service name")
     parser.add_argument(
         "--meshca",
-        default=DEFAULT_MESHCA,
+        action="append",
         metavar="HOST:PORT",
-        help=f"meshca's gRPC address (default {DEFAULT_MESHCA})",
+        help=f"meshca's gRPC address (default {DEFAULT_MESHCA}); repeat it or give a comma list for several "
+        "replicas: one control-plane cluster with all of them, a proxy whose replica dies reconnects to another",
     )
     parser.add_argument("--ca", required=True, metavar="FILE", help="meshca's root bundle (root.pem); must exist")
     parser.add_argument(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 from datetime import timedelta
 from pathlib import Path
@@ -18,11 +19,14 @@ if TYPE_CHECKING:
     import logging
 
     from meshca.ca.backends import CaBackend
+    from meshca.cli.workers import WorkerRole
     from meshca.store.etcd import EtcdStore
     from meshca.store.serving import StoreCa
 
 
-async def _serve(config_path: Path) -> int:
+async def _serve(config_path: Path, worker: WorkerRole | None = None) -> int:
+    """One serving process; a `worker` of `meshca serve --workers N` shares the listening port (SO_REUSEPORT)
+    and serves its admin endpoint on metrics_port + its index (the supervisor checked every port once)."""
     from meshca import logs
     from meshca.ca.backends import build_ca_backend
     from meshca.gcpolicy import tune_gc_for_serving
@@ -32,7 +36,7 @@ async def _serve(config_path: Path) -> int:
     store, store_ca = await _open_store(config_path, log)
     try:
         backend = store_ca.backend if store_ca is not None else build_ca_backend(config_path, system_clock, log)
-        return await _serve_with(config_path, log, backend, store, store_ca)
+        return await _serve_with(config_path, log, backend, store, store_ca, worker)
     finally:
         if store_ca is not None:
             await store_ca.close()
@@ -62,7 +66,12 @@ async def _open_store(config_path: Path, log: logging.Logger) -> tuple[EtcdStore
 
 
 async def _serve_with(
-    config_path: Path, log: logging.Logger, backend: CaBackend, store: EtcdStore | None, store_ca: StoreCa | None
+    config_path: Path,
+    log: logging.Logger,
+    backend: CaBackend,
+    store: EtcdStore | None,
+    store_ca: StoreCa | None,
+    worker: WorkerRole | None,
 ) -> int:
     """`store`/`store_ca`: the connected EtcdStore and its StoreCa with `store:` (None without)."""
     from meshca import logs
@@ -84,10 +93,12 @@ async def _serve_with(
             "(set at `meshca ca init`)",
         )
     log = logs.configure(settings.log_level)
-    # a taken port fails now, before the mesh is loaded and logged (MeshcaApp.start checks again when it binds)
-    check_bindable("listen", settings.listen_host, settings.listen_port)
-    if settings.metrics_port is not None:
-        check_bindable("metrics_port", settings.admin_address, settings.metrics_port)
+    admin_port = settings.metrics_port if worker is None else worker.admin_port(settings.metrics_port)
+    if worker is None:
+        # a taken port fails now, before the mesh is loaded and logged (MeshcaApp.start checks again when it binds)
+        check_bindable("listen", settings.listen_host, settings.listen_port)
+    if admin_port is not None:
+        check_bindable("metrics_port", settings.admin_address, admin_port)
     app = MeshcaApp(
         ca,
         settings.issuers,
@@ -125,7 +136,12 @@ async def _serve_with(
         source.load()  # an invalid mesh at start is an error: there is no last good config yet
         source_task = asyncio.create_task(source.run())
     await app.start(
-        settings.listen_host, settings.listen_port, credentials, settings.metrics_port, settings.admin_address
+        settings.listen_host,
+        settings.listen_port,
+        credentials,
+        admin_port,
+        settings.admin_address,
+        share_port=worker is not None,
     )
     if store_ca is not None:
         store_ca.start()
@@ -135,7 +151,13 @@ async def _serve_with(
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    orphan_watch = None
+    if worker is not None:
+        log.info("worker %d of supervisor pid %d", worker.index, worker.supervisor_pid)
+        orphan_watch = asyncio.create_task(_stop_when_orphaned(worker.supervisor_pid, stop))
     await stop.wait()
+    if orphan_watch is not None:
+        orphan_watch.cancel()
     log.info("signal received: stopping gracefully")
     if source_task is not None:
         source_task.cancel()
@@ -145,11 +167,71 @@ async def _serve_with(
     return 0
 
 
+async def _stop_when_orphaned(supervisor_pid: int, stop: asyncio.Event) -> None:
+    """A worker whose supervisor died (kill -9) stops instead of holding the port forever."""
+    while os.getppid() == supervisor_pid:
+        await asyncio.sleep(1.0)
+    stop.set()
+
+
+def _supervise(config_path: Path, count: int) -> int:
+    from meshca import logs
+    from meshca.ca.backends import build_ca_backend
+    from meshca.cli.workers import Supervisor, SupervisorSettings
+
+    log = logs.configure("info")
+    # A bad configuration fails here once, not in N restart loops. With `store:` the CA is in etcd: each worker
+    # reads it; here the settings are checked with a placeholder trust domain (it only names the issuers' default).
+    if read_store_settings(config_path) is None:
+        trust_domain = build_ca_backend(config_path, system_clock, log).ca.trust_domain
+    else:
+        trust_domain = "workers.invalid"
+    settings = load_serve_settings(config_path, trust_domain)
+    log = logs.configure(settings.log_level)
+    if settings.listen_port == 0:
+        raise ConfigError(config_path, "listen", "port 0 cannot be shared by --workers: give a fixed port")
+    check_bindable("listen", settings.listen_host, settings.listen_port)
+    if settings.metrics_port is not None:
+        if settings.metrics_port + count - 1 > 65535:
+            raise ConfigError(
+                config_path, "metrics_port", f"{settings.metrics_port} + {count - 1} workers is beyond port 65535"
+            )
+        for index in range(count):
+            check_bindable("metrics_port", settings.admin_address, settings.metrics_port + index)
+    log.info("supervising %d workers on %s:%d", count, settings.listen_host, settings.listen_port)
+    return Supervisor(SupervisorSettings(count, config_path), log.getChild("workers")).run()
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
-    return asyncio.run(_serve(Path(args.config)))
+    config_path = Path(args.config)
+    if args.worker_of is not None:
+        from meshca.cli.workers import WorkerRole
+
+        return asyncio.run(_serve(config_path, WorkerRole(args.worker_index, args.worker_of)))
+    if args.workers > 1:
+        return _supervise(config_path, args.workers)
+    return asyncio.run(_serve(config_path))
+
+
+def _worker_count(text: str) -> int:
+    from meshca.cli.workers import MAX_WORKERS
+
+    if not text.isdigit() or not 1 <= int(text) <= MAX_WORKERS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of processes in 1..{MAX_WORKERS}")
+    return int(text)
 
 
 def add_serve_parser(commands: Any) -> None:
     serve = commands.add_parser("serve", help="run the CA, identity gate and xDS/SDS server")
     serve.add_argument("--config", required=True, metavar="FILE", help="settings file (docs/configuration.md)")
+    serve.add_argument(
+        "--workers",
+        type=_worker_count,
+        default=1,
+        metavar="N",
+        help="serve from N processes sharing the listening port (SO_REUSEPORT), one per core; worker i serves "
+        "its admin endpoint on metrics_port + i (default 1: this process serves)",
+    )
+    serve.add_argument("--worker-of", type=int, default=None, help=argparse.SUPPRESS)
+    serve.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
     serve.set_defaults(handler=cmd_serve)

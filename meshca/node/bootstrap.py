@@ -53,6 +53,14 @@ class BootstrapSettings:
     node_metadata: Mapping[str, str] = field(default_factory=dict)
     api_type: str = "DELTA_GRPC"
     initial_fetch_timeout_seconds: float = 15
+    # Further meshca replicas (host, port) after the first: one control-plane cluster with every one of them,
+    # so a proxy whose replica dies reconnects to another.
+    more_meshca: tuple[tuple[str, int], ...] = ()
+
+    @property
+    def meshca_endpoints(self) -> tuple[tuple[str, int], ...]:
+        """Every meshca address, the first (`meshca_address`, `meshca_port`) first."""
+        return ((self.meshca_address, self.meshca_port), *self.more_meshca)
 
     def __post_init__(self) -> None:
         if (self.token is None) == (self.token_path is None):
@@ -69,6 +77,20 @@ class BootstrapSettings:
             raise ValueError("'meshca_server_name' must not be empty")
         if not 1 <= self.meshca_port <= 65535:
             raise ValueError(f"'meshca_port' {self.meshca_port} is not in 1..65535")
+        for address, port in self.more_meshca:
+            if not address or not 1 <= port <= 65535:
+                raise ValueError(f"'more_meshca' entry {address!r}:{port} needs an address and a port in 1..65535")
+        if len(set(self.meshca_endpoints)) != len(self.meshca_endpoints):
+            raise ValueError("a meshca address is given twice")
+        if self.token_path is not None and len(self.meshca_endpoints) > 1 and not all(
+            _is_ip(address) for address, _ in self.meshca_endpoints
+        ):
+            raise ValueError(
+                "several meshca addresses with a token file must all be IP addresses (gRPC lists only those); "
+                "or give one DNS name that resolves to every replica"
+            )
+        if self.token_path is not None and len({":" in address for address, _ in self.meshca_endpoints}) > 1:
+            raise ValueError("several meshca addresses with a token file must be all IPv4 or all IPv6 (one gRPC target)")
         if not 0 <= self.admin_port <= 65535:
             raise ValueError(f"'admin_port' {self.admin_port} is not in 0..65535")
         if self.api_type not in API_TYPES:
@@ -105,16 +127,31 @@ def _target_uri(address: str, port: int) -> str:
     return f"{address}:{port}"
 
 
+def _grpc_target(endpoints: tuple[tuple[str, int], ...]) -> str:
+    """One address as host:port (gRPC's DNS resolver: a name may resolve to every replica); several IP
+    addresses as gRPC's static list (`ipv4:a:p,b:p` / `ipv6:...`, `ipv6:` when any is IPv6), which its
+    pick_first policy walks in order when a connection fails."""
+    if len(endpoints) == 1:
+        return _target_uri(*endpoints[0])
+    scheme = "ipv6" if any(":" in address for address, _ in endpoints) else "ipv4"
+    return scheme + ":" + ",".join(_target_uri(address, port) for address, port in endpoints)
+
+
 def _xds_cluster(s: BootstrapSettings) -> dict[str, Any]:
-    """The static cluster to meshca: HTTP/2 over TLS, meshca's cert checked by CA and DNS SAN."""
-    return {
+    """The static cluster to meshca: HTTP/2 over TLS, meshca's cert checked by CA and DNS SAN; one host
+    per meshca address (round robin: each new ADS stream after a failure goes to the next one)."""
+    cluster: dict[str, Any] = {
         "name": XDS_CLUSTER_NAME,
-        "type": "STATIC" if _is_ip(s.meshca_address) else "STRICT_DNS",
+        "type": "STATIC" if all(_is_ip(address) for address, _ in s.meshca_endpoints) else "STRICT_DNS",
         "connect_timeout": _duration(_CONNECT_TIMEOUT_S),
         "load_assignment": {
             "cluster_name": XDS_CLUSTER_NAME,
             "endpoints": [
-                {"lb_endpoints": [{"endpoint": {"address": _socket_address(s.meshca_address, s.meshca_port)}}]}
+                {
+                    "lb_endpoints": [
+                        {"endpoint": {"address": _socket_address(address, port)}} for address, port in s.meshca_endpoints
+                    ]
+                }
             ],
         },
         "typed_extension_protocol_options": {
@@ -157,6 +194,7 @@ def _xds_cluster(s: BootstrapSettings) -> dict[str, Any]:
             },
         },
     }
+    return cluster
 
 
 def _grpc_service(s: BootstrapSettings) -> dict[str, Any]:
@@ -184,7 +222,7 @@ def _grpc_service(s: BootstrapSettings) -> dict[str, Any]:
     # gRPC's connection backoff (default 1 s .. 120 s) from adding to it.
     return {
         "google_grpc": {
-            "target_uri": _target_uri(s.meshca_address, s.meshca_port),
+            "target_uri": _grpc_target(s.meshca_endpoints),
             "stat_prefix": XDS_CLUSTER_NAME,
             "channel_credentials": {
                 "ssl_credentials": {"root_certs": {"filename": str(s.meshca_ca_path)}}
