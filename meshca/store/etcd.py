@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
-from etcd3aio import Etcd3Client, EtcdError, prefix_range_end
+from etcd3aio import Etcd3Client, EtcdConnectionError, EtcdError, EtcdTransientError, prefix_range_end
 from etcd3aio.kv import KVService
 
 from meshca.fields import FieldReader, parse_host_port
@@ -198,15 +198,26 @@ class EtcdStore:
         return self._client
 
     async def _rpc(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
-        try:
-            result = await asyncio.wait_for(call(), self.settings.timeout)
-        except (asyncio.TimeoutError, grpc.aio.AioRpcError, EtcdError, OSError) as error:
-            self.failures += 1
-            if self.reachable:
-                self._log.error("etcd unreachable (%s): %s", what, _describe(error))
-            self.reachable = False
-            raise StoreUnavailable(f"etcd at {', '.join(self.settings.endpoints)} did not answer ({what}): "
-                                   f"{_describe(error)}") from None
+        """`call`, retried on a transient failure (a member down, "leader changed" during an election) until
+        `settings.timeout` has passed; then StoreUnavailable."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.timeout
+        pause = 0.05
+        while True:
+            try:
+                result = await asyncio.wait_for(call(), max(deadline - loop.time(), 0.01))
+                break
+            except (asyncio.TimeoutError, grpc.aio.AioRpcError, EtcdError, OSError) as error:
+                if _transient(error) and loop.time() + pause < deadline:
+                    await asyncio.sleep(pause)
+                    pause = min(pause * 2, 0.5)
+                    continue
+                self.failures += 1
+                if self.reachable:
+                    self._log.error("etcd unreachable (%s): %s", what, _describe(error))
+                self.reachable = False
+                raise StoreUnavailable(f"etcd at {', '.join(self.settings.endpoints)} did not answer ({what}): "
+                                       f"{_describe(error)}") from None
         if not self.reachable and self._client is not None:
             self._log.info("etcd reachable at %s", ", ".join(self.settings.endpoints))
         self.reachable = True
@@ -335,6 +346,13 @@ def resolve_endpoints(
 
 async def _as_coroutine(awaitable: Awaitable[T]) -> T:
     return await awaitable
+
+
+def _transient(error: BaseException) -> bool:
+    """Worth another try within the call's time: etcd answered UNAVAILABLE (no leader yet, a member down)."""
+    if isinstance(error, (EtcdTransientError, EtcdConnectionError)):
+        return True
+    return isinstance(error, grpc.aio.AioRpcError) and error.code() is grpc.StatusCode.UNAVAILABLE
 
 
 def _describe(error: BaseException) -> str:
