@@ -29,17 +29,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
         except ValueError as error:
             raise CliError(f"{option}: {error}") from None
 
-    settings = DemoSettings(
-        check=args.check,
-        requests=args.requests,
-        workdir=workdir,
-        # the HA run watches leaves rotate across the failovers: 20 s unless told
-        cert_ttl=duration(args.cert_ttl, "--cert-ttl") or (timedelta(seconds=20) if args.ha else None),
-        duration=duration(args.duration, "--duration"),
-        rotate_intermediate_at=duration(args.rotate_intermediate_at, "--rotate-intermediate-at"),
-        ca=args.ca,
-        ha=args.ha,
-    )
+    try:
+        settings = DemoSettings(
+            check=args.check,
+            requests=args.requests,
+            workdir=workdir,
+            # the HA run watches leaves rotate across the failovers: 20 s unless told
+            cert_ttl=duration(args.cert_ttl, "--cert-ttl") or (timedelta(seconds=20) if args.ha else None),
+            duration=duration(args.duration, "--duration"),
+            rotate_intermediate_at=duration(args.rotate_intermediate_at, "--rotate-intermediate-at"),
+            ca=args.ca,
+            ha=args.ha,
+        )
+    except ValueError as error:
+        raise CliError(str(error)) from None
     if settings.ha and not settings.check:
         raise CliError("--ha needs --check (it kills a replica and the etcd leader, then reports)")
     if settings.duration is not None and not settings.check:
