@@ -237,3 +237,46 @@ def test_bad_worker_settings_fail_in_one_line(
     )
     assert result.returncode == 2
     assert message in result.stderr.splitlines()[-1] and "Traceback" not in result.stderr
+
+
+def test_workers_on_a_store_are_replicas_that_share_the_ca_in_etcd(tmp_path: Path) -> None:
+    from meshca.dev.etcd_process import EtcdProcess
+
+    port, metrics = free_port(), free_port()
+    while metrics + 1 == port or not _free(metrics + 1):
+        metrics = free_port()
+    with EtcdProcess() as etcd:
+        (tmp_path / "kek").write_bytes(os.urandom(32))
+        store = {"etcd": {"endpoints": [etcd.endpoint], "kek_file": str(tmp_path / "kek"), "lease_ttl": "3s"}}
+        material = create_dev_material(tmp_path / "dev", "mesh.local", system_clock, listen=f"127.0.0.1:{port}",
+                                       metrics_port=metrics, extra_settings={"store": store})
+        imported = subprocess.run(
+            meshca_command("ca", "import", "--config", str(material.serve_config), "--state-dir", str(material.state_dir)),
+            capture_output=True, text=True, timeout=60,
+        )
+        assert imported.returncode == 0, imported.stderr
+        run = Workers(material, port, metrics, tmp_path / "workers.log")
+        try:
+            run.wait_serving()
+            workers = children(run.process.pid)
+            assert len(workers) == 2
+
+            def replica_keys() -> set[str]:
+                result = subprocess.run(
+                    [str(Path(sys.executable).parent / "etcdctl"), f"--endpoints={etcd.endpoint}", "get",
+                     "--prefix", "--keys-only", "/meshca/"], capture_output=True, text=True, timeout=10,
+                )
+                return {line for line in result.stdout.split() if line.startswith("/meshca/replicas/") or
+                        line == "/meshca/ca/leader"}
+
+            # each worker is a replica of its own (its registry key) and one of them leads the CA
+            expected = {f"/meshca/replicas/{os.uname().nodename}-{pid}" for pid in workers} | {"/meshca/ca/leader"}
+            wait_until(lambda: replica_keys() == expected, 20, 0.2, "both workers registered, one CA leader")
+            run.process.send_signal(signal.SIGTERM)
+            assert run.process.wait(30) == 0
+            # stopped cleanly: their leases are revoked, not left to expire
+            assert replica_keys() == set()
+        finally:
+            if run.process.poll() is None:
+                run.process.kill()
+                run.process.wait()
