@@ -63,7 +63,7 @@ def http_text(url: str, timeout: float = 1.0) -> tuple[int, str]:
         return 0, ""
 
 
-class Demo(HaDemo):
+class HaSetup(HaDemo):
     """The HA demo with short leases, a stopped-replica state and direct reads of etcd and of each replica."""
 
     lease_ttl = "2s"
@@ -134,7 +134,7 @@ class Demo(HaDemo):
         return {name: chain_intermediate_id(envoy_chain(envoy)) for name, envoy in self.envoys.items()}
 
 
-class ShortIntermediateDemo(Demo):
+class ShortIntermediateSetup(HaSetup):
     """The CA imported into etcd has a 60 s intermediate whose scheduled prepare comes SETUP_ALLOWANCE s after it
     is made, just after the replicas and Envoys are up; the activation follows 6 s later."""
 
@@ -156,7 +156,7 @@ class Sampler:
     """Every SAMPLE_EVERY s, from a thread: each live replica's active intermediate(s) from /metrics, each Envoy's
     chain; everything seen is kept with the time it was seen."""
 
-    def __init__(self, demo: Demo) -> None:
+    def __init__(self, demo: HaSetup) -> None:
         self._demo = demo
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -198,7 +198,7 @@ class Sampler:
 
 
 @contextmanager
-def running(demo: Demo) -> Iterator[Demo]:
+def running(demo: HaSetup) -> Iterator[HaSetup]:
     try:
         demo.start()
         yield demo
@@ -210,7 +210,7 @@ def running(demo: Demo) -> Iterator[Demo]:
         demo.stop()
 
 
-def wait_for(demo: Demo, predicate: Callable[[], object], what: str, timeout: float = 30.0,
+def wait_for(demo: HaSetup, predicate: Callable[[], object], what: str, timeout: float = 30.0,
              every: float = 0.05) -> float:
     """Seconds until `predicate` holds (children checked meanwhile); TimeoutError naming `what`."""
     started = time.monotonic()
@@ -232,7 +232,7 @@ def log_lines(path: Path, *needles: str) -> list[str]:
 
 @pytest.mark.parametrize("death", ["kill -9", "SIGSTOP"])
 def test_the_ca_leader_dies_between_prepare_and_activation(tmp_path: Path, death: str) -> None:
-    demo = ShortIntermediateDemo(tmp_path)
+    demo = ShortIntermediateSetup(tmp_path)
     with running(demo):
         assert demo.ca is not None
         old = demo.ca.active_intermediate_id
@@ -310,7 +310,7 @@ def test_the_ca_leader_dies_between_prepare_and_activation(tmp_path: Path, death
 
 
 def test_etcd_entirely_down_for_longer_than_half_a_leaf_life(tmp_path: Path) -> None:
-    demo = Demo(tmp_path)
+    demo = HaSetup(tmp_path)
     with running(demo):
         assert demo.etcd is not None
         old = yaml.safe_load(demo.ca_command("status", "--json"))["active_intermediate_id"]
