@@ -263,3 +263,31 @@ async def test_a_summary_not_written_while_etcd_was_down_is_written_when_it_is_b
             assert [p["node_id"] for p in await reader(store).fleet_async([])] == ["n-1", "n-2"]
         finally:
             await store.close()
+
+
+async def test_the_fleet_view_answers_at_once_with_etcd_down_and_warns_once(
+    prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """/status (the admin thread) must not wait out the store's 5 s timeout on each call while etcd is down."""
+    local = [{"node_id": "n-1", "stream_id": 1}]
+    with EtcdProcess() as member:
+        store = EtcdStore(EtcdSettings((member.endpoint,), prefix=prefix), logging.getLogger(LOGGER))
+        await store.connect()
+        try:
+            view = reader(store)
+            assert await asyncio.to_thread(view.fleet, local) == [{**local[0], "replica": "reader"}]
+            member.kill()
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            first = await asyncio.to_thread(view.fleet, local)  # etcd still believed reachable: a bounded wait
+            first_took = loop.time() - started
+            with contextlib.suppress(StoreUnavailable):
+                await store.revision()  # what the leader election's next step finds out
+            started = loop.time()
+            for _ in range(5):
+                assert await asyncio.to_thread(view.fleet, local) == first
+            assert [p["node_id"] for p in first] == ["n-1"]
+            assert first_took < 3.0 and loop.time() - started < 0.5, (first_took, loop.time() - started)
+            assert len([r for r in caplog.records if "fleet view" in r.getMessage()]) == 1
+        finally:
+            await store.close()

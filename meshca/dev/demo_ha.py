@@ -34,6 +34,8 @@ _EXTRA_SERVICE = "audit"  # the service the mesh edit after the etcd leader's de
 class HaDemo(Demo):
     """The demo with meshca as three replicas sharing a three-member etcd (docs/ha.md)."""
 
+    lease_ttl = "4s"  # the replicas' leader and registry leases (tests take a shorter one)
+
     def __init__(self, settings: DemoSettings, out: TextIO, clock: Clock) -> None:
         super().__init__(settings, out, clock)
         self.replica_ports = [self.ports.meshca, *(free_port() for _ in range(REPLICAS - 1))]
@@ -63,15 +65,20 @@ class HaDemo(Demo):
         base = yaml.safe_load(self.material.serve_config.read_text())
         base.pop("mesh", None)
         base.pop("state_dir", None)
-        base["store"] = {"etcd": {"endpoints": self.etcd.endpoints, "kek_file": str(kek), "lease_ttl": "4s"}}
+        base["store"] = {"etcd": {"endpoints": self.etcd.endpoints, "kek_file": str(kek),
+                                  "lease_ttl": self.lease_ttl}}
         for index in range(REPLICAS):
             settings = {**base, "listen": f"127.0.0.1:{self.replica_ports[index]}",
                         "metrics_port": self.replica_admin[index]}
             write_atomic(self.replica_config(index), yaml.safe_dump(settings, sort_keys=False).encode(), 0o644)
-        self.say("  " + self.meshca_command("ca", "import", "--state-dir", str(self.material.state_dir)).strip())
+        self.say("  " + self.meshca_command("ca", "import", "--state-dir", str(self.ca_state_dir())).strip())
         self.say("  " + self.meshca_command("mesh", "apply", "-f", str(self.mesh_path)).strip())
         for index in range(REPLICAS):
             self.start_replica(index)
+
+    def ca_state_dir(self) -> Path:
+        """The internal CA imported into etcd: the dev material's (a test may make one with its own schedule)."""
+        return self.material.state_dir
 
     def start_replica(self, index: int) -> None:
         port = self.replica_ports[index]
@@ -168,7 +175,7 @@ class HaDemo(Demo):
         leader.kill()
         return leader.name
 
-    def apply_mesh_edit(self) -> float:
+    def apply_mesh_edit(self, after: str = "the etcd leader's death") -> float:
         """Add a service through the store; seconds until every sidecar has its cluster."""
         config = mesh_config(self.ports)
         config["services"][_EXTRA_SERVICE] = {
@@ -178,7 +185,7 @@ class HaDemo(Demo):
         }
         self.write_mesh(config)
         applied_at = time.monotonic()
-        self.say("meshca mesh apply (a new service, `audit`) through the store, after the etcd leader's death")
+        self.say(f"meshca mesh apply (a new service, `audit`) through the store, after {after}")
         self.say("  " + self.meshca_command("mesh", "apply", "-f", str(self.mesh_path)).strip())
         cluster = f"outbound|{_EXTRA_SERVICE}"
         self.wait_for(

@@ -22,6 +22,7 @@ REPLICAS_PREFIX = "replicas/"
 DEFAULT_INTERVAL = 1.0  # seconds: at most one registry write per replica per interval
 CHUNK_BYTES = 1_000_000  # a value above this is split: etcd refuses requests over 1.5 MiB
 MAX_NACK_MESSAGE = 256  # characters of a NACK message kept in the summary
+FLEET_TIMEOUT = 2.0  # seconds /status waits for the other replicas' summaries before showing its own proxies only
 _ZLIB_MAGIC = 0x78  # the first byte of a zlib stream; a chunked summary's header is JSON ("{")
 
 ProxyJson = dict[str, Any]  # one proxy as /status shows it
@@ -150,6 +151,7 @@ class RegistryPublisher:
         self._written_digest: str | None = None
         self._written_chunks = 0
         self._loop_thread: int | None = None
+        self._fleet_failing = False
         self.registry_writes = 0  # etcd requests this publisher sent (puts and deletes of its keys)
         self.last_bytes = 0  # the size of the last summary written (compressed)
         self.last_proxies = 0
@@ -248,16 +250,28 @@ class RegistryPublisher:
 
     def fleet(self, local: list[ProxyJson]) -> list[ProxyJson]:
         """The fleet view from another thread (the admin server's): local proxies are fresh, the others as of
-        their replica's last write; with etcd unreachable, this replica's own proxies only."""
+        their replica's last write; with etcd unreachable, this replica's own proxies only, at once (one warning per
+        outage): /status and `meshca status` must not wait for the store's timeout on every call."""
         self._remember_loop()
         if self._loop_thread == threading.get_ident():  # blocking here would block the loop it needs
             return fleet_view(self.replica_id, local, ())
+        if not self._store.reachable:  # known down: answer at once rather than wait out the store's timeout
+            self._fleet_left_out("etcd unreachable")
+            return fleet_view(self.replica_id, local, ())
         try:
-            summaries = self._store.call(self.read_fleet())
+            summaries = self._store.call(self.read_fleet(), timeout=FLEET_TIMEOUT)
         except (StoreUnavailable, TimeoutError) as error:
-            self._log.warning("fleet view: other replicas' proxies left out: %s", error)
+            self._fleet_left_out(str(error) or f"no answer from etcd within {FLEET_TIMEOUT:g}s")
             summaries = []
+        else:
+            self._fleet_failing = False
         return fleet_view(self.replica_id, local, summaries)
+
+    def _fleet_left_out(self, why: str) -> None:
+        """One warning per outage, however often /status is asked for."""
+        if not self._fleet_failing:
+            self._log.warning("fleet view: other replicas' proxies left out until etcd answers: %s", why)
+        self._fleet_failing = True
 
     def _remember_loop(self) -> None:
         if self._loop_thread is None:
