@@ -110,7 +110,7 @@ def test_xds_cluster_is_http2_over_verified_tls() -> None:
     assert cluster["type"] == "STATIC"
     assert cluster["connect_timeout"] == "5s"
     h2 = cluster["typed_extension_protocol_options"][HTTP_OPTIONS]["explicit_http_config"]["http2_protocol_options"]
-    assert h2["connection_keepalive"]["interval"] == "30s"
+    assert h2["connection_keepalive"]["interval"] == "10s"
     tls = cluster["transport_socket"]["typed_config"]
     assert tls["@type"].endswith("UpstreamTlsContext")
     assert tls["sni"] == "meshca.local"

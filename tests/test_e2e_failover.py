@@ -134,7 +134,10 @@ def bootstrap(material: DevMaterial, workload: Workload, ports: Ports, first: in
     return render_yaml(settings)
 
 
-def test_envoys_fail_over_to_the_surviving_replica_without_a_failed_request(tmp_path: Path) -> None:
+@pytest.mark.parametrize("fault", ["kill -9", "SIGSTOP"])
+def test_envoys_fail_over_to_the_surviving_replica_without_a_failed_request(tmp_path: Path, fault: str) -> None:
+    """kill -9: the streams break at once. SIGSTOP (a hung replica or host): only the HTTP/2 keepalive
+    pings of the bootstrap (10 s, 5 s timeout) tell Envoy, so moving takes up to ~17 s."""
     ports = Ports()
     port_b, metrics_b = free_port(), free_port()
     mesh_path = tmp_path / "mesh.yaml"
@@ -169,23 +172,31 @@ def test_envoys_fail_over_to_the_surviving_replica_without_a_failed_request(tmp_
         with TrafficLoop(lambda: one_request(ports)) as traffic:
             time.sleep(1.0)
             before = traffic.ok
-            replica_a.kill()  # a crash: no goodbye to the streams
+            if fault == "kill -9":
+                replica_a.kill()  # a crash: no goodbye to the streams
+                replica_a.wait()
+            else:
+                replica_a.send_signal(signal.SIGSTOP)  # hung: its sockets stay open, nothing answers
             killed = time.monotonic()
-            replica_a.wait()
             acked: dict[str, float] = {}
-            while len(acked) < len(envoys) and time.monotonic() - killed < 30:
+            # A token-file bootstrap's stream (google_grpc) to a hung replica is not given up within 30 s here,
+            # although its channel pings like Envoy's own client (docs/ha.md, failure matrix): left out.
+            moving = set(envoys) if fault == "kill -9" else set(envoys) - {INTRUDER.name}
+            while not moving <= set(acked) and time.monotonic() - killed < 30:
                 now_acked = acked_by(metrics_b)
                 for name in envoys:
                     if name not in acked and f"{name}-1" in now_acked:
                         acked[name] = round(time.monotonic() - killed, 2)
                 time.sleep(0.05)
             time.sleep(TRAFFIC_AFTER_S)  # and traffic keeps flowing on what the survivor sent
-        print(f"\nfailover: s from kill -9 of the replica until each Envoy ACKed everything on the survivor: {acked}")
-        assert set(acked) == set(envoys), f"not every Envoy moved within 30 s: {acked}"
+        print(f"\nfailover: s from {fault} of the replica until each Envoy ACKed everything on the survivor: {acked}")
+        assert moving <= set(acked), f"not every Envoy moved within 30 s: {acked}"
         assert traffic.failures == [], traffic.failures[:5]
         assert traffic.ok > before
-        assert acked_by(metrics_b) == names
+        assert {f"{name}-1" for name in moving} <= acked_by(metrics_b)
         for name, envoy in envoys.items():
+            if name not in moving:
+                continue
             assert connected(envoy)
             assert envoy_chain(envoy)[0].serial_number != serials[name]  # the survivor's certificate, applied
             assert envoy.stats().get("control_plane.connected_state") == 1

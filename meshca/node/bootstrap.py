@@ -21,8 +21,11 @@ _TYPE_URL_PREFIX = "type.googleapis.com/"
 
 # Fixed tuning for the control-plane connection (not user settings: sensible for every node).
 _CONNECT_TIMEOUT_S = 5.0
-_H2_KEEPALIVE_INTERVAL_S = 30.0
-_H2_KEEPALIVE_TIMEOUT_S = 10.0
+# A replica that hangs (SIGSTOP, a stuck host) is noticed by these pings alone: 10 s (+-15 % jitter) + 5 s,
+# so its proxies move to another replica within ~17 s, well inside a short leaf's renewal margin. meshca
+# accepts pings every 5 s (meshca.app's grpc.http2.min_ping_interval_without_data_ms).
+_H2_KEEPALIVE_INTERVAL_S = 10.0
+_H2_KEEPALIVE_TIMEOUT_S = 5.0
 _TCP_KEEPALIVE_TIME_S = 60
 _TCP_KEEPALIVE_INTERVAL_S = 15
 _TCP_KEEPALIVE_PROBES = 4
@@ -247,6 +250,9 @@ def _grpc_service(s: BootstrapSettings) -> dict[str, Any]:
                     "grpc.default_authority": {"string_value": s.meshca_server_name},
                     "grpc.keepalive_time_ms": {"int_value": int(_H2_KEEPALIVE_INTERVAL_S * 1000)},
                     "grpc.keepalive_timeout_ms": {"int_value": int(_H2_KEEPALIVE_TIMEOUT_S * 1000)},
+                    # gRPC stops pinging after 2 pings with no data between them (its default): a quiet
+                    # stream to a hung replica would never be noticed
+                    "grpc.http2.max_pings_without_data": {"int_value": 0},
                     "grpc.initial_reconnect_backoff_ms": {"int_value": int(_RETRY_BASE_S * 1000)},
                     "grpc.min_reconnect_backoff_ms": {"int_value": int(_RETRY_BASE_S * 1000)},
                     "grpc.max_reconnect_backoff_ms": {"int_value": int(_RETRY_MAX_S * 1000)},
