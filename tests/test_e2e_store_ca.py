@@ -134,3 +134,16 @@ async def test_serve_issues_from_the_ca_in_etcd_and_follows_a_rotation(tmp_path:
         refused = meshca("serve", "--config", str(no_kek))
         assert refused.returncode == 2 and "store.etcd.kek_file" in refused.stderr and "MESHCA_STORE_KEK" in refused.stderr
         assert len(error_lines(refused.stderr)) == 1, refused.stderr
+
+
+def test_a_replica_cannot_start_without_etcd_and_says_so_in_one_line(tmp_path: Path) -> None:
+    """A new replica has no CA and no mesh until etcd answers: it refuses to start, naming the setting."""
+    dead = f"127.0.0.1:{free_port()}"
+    material = store_material(tmp_path, dead, free_port())
+    (material.directory / "kek").write_bytes(secrets.token_bytes(32))
+    config = without_state_dir(material.serve_config, "down.yaml", timeout=1)
+    refused = meshca("serve", "--config", str(config))
+    assert refused.returncode == 2
+    lines = error_lines(refused.stderr)
+    assert len(lines) == 1, refused.stderr
+    assert "store.etcd.endpoints" in lines[0] and f"etcd at {dead} did not answer" in lines[0]
