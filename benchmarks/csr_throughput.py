@@ -25,17 +25,23 @@ from typing import Any
 from benchmarks.common import TRUST_DOMAIN, Child, Profile, Row, cpu_seconds, failed_row, server_args, stop_all
 from benchmarks.streams import tls_material
 from meshca.ca.vault.setup import setup_pki
+from meshca.dev.envoy_process import free_port
 from meshca.dev.openbao_process import OpenBaoProcess
 
 NAME = "csr_service_throughput"
 TARGET = ">= 5x OpenBao pki/sign"
+WORKERS = 2
+WORKERS_NAME = "csr_service_throughput_workers2"
+WORKERS_TARGET = ">= 3x OpenBao pki/sign"
 UNIT = "certs/s"
 
 
 def _drive(
-    profile: Profile, workdir: Path, round_no: int, mode: str, server_pid: int, args: dict[str, Any]
+    profile: Profile, workdir: Path, round_no: int, mode: str, server_pid: int | list[int], args: dict[str, Any]
 ) -> dict[str, Any]:
-    """One load-generator run of `mode` (N clients, warm-up, timed seconds) with the server's CPU seconds."""
+    """One load-generator run of `mode` (N clients, warm-up, timed seconds) with the server's CPU seconds
+    (summed over its processes when there are several)."""
+    pids = server_pid if isinstance(server_pid, list) else [server_pid]
     gen = Child(
         "loadgen",
         {
@@ -49,9 +55,11 @@ def _drive(
     )
     try:
         gen.ready()
-        cpu_before = cpu_seconds(server_pid)
+        cpu_before = [cpu_seconds(pid) for pid in pids]
         result = gen.call("run", timeout=profile.csr_seconds + profile.csr_warmup + 300)
-        result["server_cpu_seconds"] = cpu_seconds(server_pid) - cpu_before
+        by_process = [cpu_seconds(pid) - before for pid, before in zip(pids, cpu_before)]
+        result["server_cpu_seconds"] = sum(by_process)
+        result["server_cpu_seconds_by_process"] = [round(c, 2) for c in by_process]
         return result
     finally:
         stop_all([gen])
@@ -67,6 +75,33 @@ def _meshca_round(profile: Profile, workdir: Path, round_no: int) -> dict[str, A
         return _drive(profile, workdir, round_no, "csr", server.pid, args)
     finally:
         stop_all([server])
+
+
+def _workers_round(profile: Profile, workdir: Path, round_no: int, workers: int = WORKERS) -> dict[str, Any]:
+    """meshca as `workers` processes sharing one port (SO_REUSEPORT, as `meshca serve --workers`), the same CA and
+    JWT issuer; the same load generator, whose TLS connections the kernel spreads over them."""
+    port = free_port()
+    first = workdir / f"meshca-w{round_no}-0"
+
+    def start(i: int) -> Child:  # a Child runs at once: the others only once the first has made the CA
+        return Child(
+            "meshca_server",
+            server_args(workdir=str(workdir / f"meshca-w{round_no}-{i}"), port=port, share_port=True,
+                        **({"state_from": str(first)} if i else {})),
+            workdir / f"meshca-w{round_no}-{i}.log",
+        )
+
+    servers = [start(0)]
+    try:
+        info = servers[0].ready()
+        for i in range(1, workers):
+            servers.append(start(i))
+            servers[-1].ready()
+        args = {"port": port, "root": info["root"], "signing_key": info["signing_key"]}
+        result = _drive(profile, workdir, round_no, "csr", [s.pid for s in servers], args)
+        return result
+    finally:
+        stop_all(servers)
 
 
 def _floor_round(profile: Profile, workdir: Path, round_no: int, sizes: dict[str, int]) -> dict[str, Any]:
@@ -106,11 +141,13 @@ def run(profile: Profile, workdir: Path) -> list[Row]:
     meshca: list[dict[str, Any]] = []
     bao: list[dict[str, Any]] = []
     floor: list[dict[str, Any]] = []
+    workers: list[dict[str, Any]] = []
     try:
         for round_no in range(rounds):
             meshca.append(_meshca_round(profile, workdir, round_no))
             bao.append(_bao_round(profile, workdir, round_no))
             floor.append(_floor_round(profile, workdir, round_no, meshca[0]["message_sizes"]))
+            workers.append(_workers_round(profile, workdir, round_no))
     except Exception as error:
         return [failed_row(NAME, UNIT, TARGET, error, **parameters)]
 
@@ -146,6 +183,21 @@ def run(profile: Profile, workdir: Path) -> list[Row]:
         }
     )
     errors = any(r["errors"] for r in meshca)
+    workers_rate = total(workers, "completed") / total(workers, "seconds")
+    workers_parameters = {
+        **{k: v for k, v in parameters.items() if k.startswith(("concurrency", "seconds", "rounds", "key", "openbao"))},
+        "workers": WORKERS,
+        "how": "benchmarks.meshca_server x2 on one port with SO_REUSEPORT (as `meshca serve --workers 2`), same CA",
+        "rounds_certs_per_s": [round(r["rate"]) for r in workers],
+        "one_process_certs_per_s": round(rate),
+        "speedup_over_one_process": round(workers_rate / rate, 2),
+        "server_cpu_seconds_by_worker": [r["server_cpu_seconds_by_process"] for r in workers],
+        "server_cpu_per_cert_us": round(
+            total(workers, "server_cpu_seconds") / max(1, total(workers, "completed_total")) * 1e6
+        ),
+        "grpc_floor_calls_per_s_one_process": round(floor_rate),
+        "errors": workers[-1]["errors"],
+    }
     return [
         Row(
             NAME,
@@ -156,5 +208,15 @@ def run(profile: Profile, workdir: Path) -> list[Row]:
             TARGET,
             (rate >= 5 * bao_rate) and not errors,
             parameters,
-        )
+        ),
+        Row(
+            WORKERS_NAME,
+            workers_rate,
+            UNIT,
+            "OpenBao pki/sign via hvac, same concurrency",
+            bao_rate,
+            WORKERS_TARGET,
+            (workers_rate >= 3 * bao_rate) and not any(r["errors"] for r in workers),
+            workers_parameters,
+        ),
     ]

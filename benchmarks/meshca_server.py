@@ -118,8 +118,18 @@ async def main() -> None:
         started = time.perf_counter()
         app.apply_mesh_config(config)
         apply_seconds = time.perf_counter() - started
+    store = None
+    if args.get("etcd"):  # a replica on a store: the mesh comes from etcd (meshca mesh apply), as with `store:`
+        from meshca.cli.replica import attach_store
+        from meshca.store.etcd import EtcdSettings, EtcdStore
+
+        store = EtcdStore(EtcdSettings(tuple(args["etcd"]["endpoints"]), prefix=args["etcd"]["prefix"]),
+                          log.getChild("store"))
+        await store.connect()
+        await attach_store(store, app, log, f"bench-{os.getpid()}")
     gc.collect()
-    port = await app.start("127.0.0.1", 0, credentials)
+    # `share_port`: one of several processes on one port (SO_REUSEPORT), as `meshca serve --workers N` runs them
+    port = await app.start("127.0.0.1", args.get("port", 0), credentials, share_port=bool(args.get("share_port")))
 
     async def change_endpoint(cmd: dict[str, Any]) -> dict[str, Any]:
         nonlocal config
@@ -133,12 +143,14 @@ async def main() -> None:
 
     async def apply_file(cmd: dict[str, Any]) -> dict[str, Any]:
         nonlocal config
+        parse_t0 = time.monotonic()  # what the file source does on a change: parse, then apply
         changed = load_mesh_config(Path(cmd["path"]))
         t0 = time.monotonic()
         version = app.apply_mesh_config(changed)
         t1 = time.monotonic()
         config = changed
-        return {"t0": t0, "apply_seconds": t1 - t0, "version": version}
+        return {"t0": t0, "parse_t0": parse_t0, "apply_seconds": t1 - t0, "parse_seconds": t0 - parse_t0,
+                "version": version}
 
     async def renew_all(cmd: dict[str, Any]) -> dict[str, Any]:
         identities = [c.spiffe_id for c in app.secrets.certificates()]
@@ -179,6 +191,10 @@ async def main() -> None:
         taken, probe.samples = probe.samples, []
         return {"samples": taken}
 
+    async def store_writes(cmd: dict[str, Any]) -> dict[str, Any]:
+        assert store is not None, "started without etcd"
+        return {"writes": store.writes}
+
     async def stats(cmd: dict[str, Any]) -> dict[str, Any]:
         if cmd.get("gc"):
             gc.collect()
@@ -211,6 +227,7 @@ async def main() -> None:
                 "registry": registry,
                 "samples": samples,
                 "stats": stats,
+                "store_writes": store_writes,
             }
         )
     finally:

@@ -38,6 +38,7 @@ BENCHMARKS: dict[str, str] = {
     "csr_service_throughput": "benchmarks.csr_throughput",
     "ads_streams_rss": "benchmarks.ads_streams_rss",
     "convergence": "benchmarks.convergence",
+    "store_apply_to_push": "benchmarks.store_apply",
     "envoy_push_to_ack": "benchmarks.envoy_push_ack",
     "failover_reconnect": "benchmarks.failover",
     "rotation_storm": "benchmarks.rotation_storm",

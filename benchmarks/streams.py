@@ -52,12 +52,12 @@ def start_loadgens(
 
     `extra`: more arguments for every load generator (e.g. raw mode's "ack")."""
     processes = max(1, min(processes, total))
-    share, extra = divmod(total, processes)
+    share, remainder = divmod(total, processes)
     children: list[Child] = []
     first = 0
     try:
         for p in range(processes):
-            count = share + (1 if p < extra else 0)
+            count = share + (1 if p < remainder else 0)
             args: dict[str, Any] = {
                 "mode": mode,
                 "port": port,

@@ -67,3 +67,16 @@ def test_failover_row_moves_every_stream_to_the_other_replica(tmp_path: Path) ->
     assert row["name"] == "failover_reconnect" and row["value"] > 0 and row["baseline_value"] > 0
     parameters = row["parameters"]
     assert parameters["streams"] == parameters["streams_on_b"] == parameters["identities_issued_by_b"] == 40
+
+
+def test_store_apply_row_reaches_every_stream_on_three_replicas(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    profile = replace(TINY, convergence_streams=30, convergence_services=20, stream_processes=1)
+    (row,) = run_benchmarks(["store_apply_to_push"], profile, tmp_path)
+    assert set(row) == ROW_KEYS and "error" not in row["parameters"], row["parameters"]
+    assert row["name"] == "store_apply_to_push" and row["value"] > 0 and row["baseline_value"] > 0
+    parameters = row["parameters"]
+    assert parameters["streams_per_replica"] == [10, 10, 10]
+    # the push and its ACKs change every replica's registry: each rewrites its summary, at most a few times
+    assert all(1 <= writes <= 6 for writes in parameters["etcd_writes_per_push_by_replica"]), parameters
