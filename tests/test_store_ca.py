@@ -32,11 +32,6 @@ TRUST_DOMAIN = "mesh.test"
 KEK = secrets.token_bytes(32)
 
 
-@pytest.fixture(scope="module")
-def etcd() -> EtcdProcess:
-    with EtcdProcess() as member:
-        yield member
-
 
 @dataclass
 class Replica:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import socket
-from collections.abc import Iterator
 
 import pytest
 
@@ -25,11 +24,6 @@ def loopback_name() -> str:
         pytest.skip(f"the host name {name!r} does not resolve to 127.0.0.1 alone")
     return name
 
-
-@pytest.fixture(scope="module")
-def etcd() -> Iterator[EtcdProcess]:
-    with EtcdProcess() as member:
-        yield member
 
 
 async def round_trip(endpoints: tuple[str, ...], key: str) -> bytes:

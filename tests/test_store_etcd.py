@@ -18,11 +18,6 @@ from meshca.store.etcd import EtcdSettings, EtcdStore, StoreUnavailable, parse_s
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture(scope="module")
-def etcd() -> EtcdProcess:
-    with EtcdProcess() as member:
-        yield member
-
 
 async def test_keys_live_under_the_prefix_and_transactions_compare(etcd: EtcdProcess) -> None:
     store = EtcdStore(EtcdSettings((etcd.endpoint,), prefix="/t1"), logging.getLogger("t"))

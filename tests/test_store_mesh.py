@@ -7,44 +7,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import yaml
+from etcd_store import connected
 from meshca_harness import TRUST_DOMAIN, make_ca
+from test_sources import mesh_text
 
 from meshca.cli.main import main
 from meshca.dev.etcd_process import EtcdProcess
 from meshca.fields import ConfigError
 from meshca.mesh.model import MeshConfig
-from meshca.store.etcd import EtcdSettings, EtcdStore
 from meshca.store.mesh import MESH_APPLIED_KEY, MESH_KEY, AppliedMesh, EtcdMeshSource, sha256_hex
 
 pytestmark = pytest.mark.e2e
 
 LOGGER = "meshca.test.store-mesh"
-
-
-def mesh_text(inbound_port: int = 15006, trust_domain: str = TRUST_DOMAIN) -> str:
-    return f"""\
-trust_domain: {trust_domain}
-services:
-  backend:
-    namespace: shop
-    inbound:
-      port: {inbound_port}
-      app: 127.0.0.1:8080
-    allow: [spiffe://{trust_domain}/ns/shop/sa/frontend]
-  frontend:
-    namespace: shop
-    outbound:
-      port: 15001
-routes:
-  - prefix: /
-    to: backend
-"""
 
 
 @dataclass
@@ -67,28 +47,10 @@ class RecordingSink:
         return backend.inbound.port
 
 
-@pytest.fixture(scope="module")
-def etcd() -> EtcdProcess:
-    with EtcdProcess() as member:
-        yield member
-
-
-_prefixes = iter(range(1_000_000))
-
 
 @pytest.fixture
-def prefix() -> str:
-    return f"/mesh-test-{next(_prefixes)}"
-
-
-@contextlib.asynccontextmanager
-async def connected(endpoint: str, prefix: str, timeout: float = 5.0) -> AsyncIterator[EtcdStore]:
-    store = EtcdStore(EtcdSettings((endpoint,), prefix=prefix, timeout=timeout), logging.getLogger("meshca.test.store"))
-    await store.connect()
-    try:
-        yield store
-    finally:
-        await store.close()
+def prefix(etcd_prefix: str) -> str:
+    return etcd_prefix
 
 
 async def until(condition: object, timeout: float = 10.0) -> None:

@@ -15,6 +15,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from etcd_store import connected as store_connection
 from meshca_harness import RunningMeshca, running_meshca
 from xds_client import XdsClient
 
@@ -33,28 +34,14 @@ CDS = ResourceType.CLUSTER.type_url
 LOGGER = "meshca.test.registry"
 
 
-@pytest.fixture(scope="module")
-def etcd() -> EtcdProcess:
-    with EtcdProcess() as member:
-        yield member
-
-
-_prefixes = iter(range(1_000_000))
-
 
 @pytest.fixture
-def prefix() -> str:
-    return f"/registry-test-{next(_prefixes)}"
+def prefix(etcd_prefix: str) -> str:
+    return etcd_prefix
 
 
-@contextlib.asynccontextmanager
-async def connected(endpoint: str, prefix: str) -> AsyncIterator[EtcdStore]:
-    store = EtcdStore(EtcdSettings((endpoint,), prefix=prefix, lease_ttl=timedelta(seconds=2)), logging.getLogger(LOGGER))
-    await store.connect()
-    try:
-        yield store
-    finally:
-        await store.close()
+def connected(endpoint: str, prefix: str) -> contextlib.AbstractAsyncContextManager[EtcdStore]:
+    return store_connection(endpoint, prefix, lease_ttl=timedelta(seconds=2))
 
 
 @contextlib.asynccontextmanager
