@@ -100,6 +100,14 @@ def _wait_for_port(port: int, timeout: float, process: subprocess.Popen[bytes], 
     raise RuntimeError(f"meshca did not listen on port {port} within {timeout} s")
 
 
+def meshca_cli(*args: str) -> str:
+    """Run a meshca command as an operator would; its output, or RuntimeError with its error line."""
+    result = subprocess.run([sys.executable, "-m", "meshca.cli.main", *args], capture_output=True, text=True, timeout=60)
+    if result.returncode != 0:
+        raise RuntimeError(f"meshca {' '.join(args[:2])} failed: {result.stderr.strip()}")
+    return result.stdout
+
+
 class ChildDied(RuntimeError):
     """A process the demo started (meshca or an Envoy) exited while the demo ran."""
 
@@ -308,15 +316,7 @@ class Demo:
             if self.settings.vault_mode is not None
             else ["--state-dir", str(self.material.state_dir)]
         )
-        result = subprocess.run(
-            [sys.executable, "-m", "meshca.cli.main", "ca", *args, *where],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        if result.returncode != 0:
-            raise RuntimeError(f"meshca ca {' '.join(args)} failed: {result.stderr.strip()}")
-        return result.stdout
+        return meshca_cli("ca", *args, *where)
 
     def serve_app(self, port: int, respond: Responder) -> None:
         self.servers.append(serve_app(port, respond))

@@ -20,7 +20,7 @@ from typing import Any, TextIO
 import yaml
 
 from meshca.clock import Clock
-from meshca.dev.demo import ChildDied, Demo, DemoSettings, _wait_for_port
+from meshca.dev.demo import ChildDied, Demo, DemoSettings, _wait_for_port, meshca_cli
 from meshca.dev.envoy_process import dynamic_active_clusters, free_port
 from meshca.dev.etcd_process import EtcdCluster
 from meshca.dev.harness import INTRUDER, TRUST_DOMAIN, ChainWatcher, TrafficLoop, mesh_config
@@ -94,15 +94,7 @@ class HaDemo(Demo):
 
     def meshca_command(self, *args: str) -> str:
         """A meshca command against the store, as an operator runs it (replica 0's settings name the store)."""
-        result = subprocess.run(
-            [sys.executable, "-m", "meshca.cli.main", *args, "--config", str(self.replica_config(0))],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        if result.returncode != 0:
-            raise RuntimeError(f"meshca {' '.join(args)} failed: {result.stderr.strip()}")
-        return result.stdout
+        return meshca_cli(*args, "--config", str(self.replica_config(0)))
 
     def ca_command(self, *args: str) -> str:
         return self.meshca_command("ca", *args)
