@@ -38,7 +38,7 @@ pytestmark = pytest.mark.e2e
 LEAF_TTL = timedelta(seconds=20)
 INTERMEDIATE_TTL = timedelta(seconds=60)
 PREPARE_AT, ACTIVATE_AT = 0.5, 0.6  # prepare 30 s into the intermediate's life, activate 6 s later
-SETUP_ALLOWANCE = 15.0  # seconds from the CA's creation to the prepare: the replicas and Envoys start meanwhile
+SETUP_ALLOWANCE = 25.0  # seconds from the CA's creation to the prepare: the replicas and Envoys start meanwhile
 SAMPLE_EVERY = 0.25
 ETCD_OUTAGE = 14.0  # seconds: longer than half a leaf's life (renewal at 40-60 % of it)
 _ACTIVE_INTERMEDIATE = re.compile(
