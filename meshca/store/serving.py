@@ -47,7 +47,8 @@ class StoreCa:
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     def start(self) -> None:
-        if self.election is not None:
+        """Campaign for the CA leader (once: two campaigns of one election would race over its lease)."""
+        if self.election is not None and not self._tasks:
             self._tasks.append(asyncio.create_task(self.election.run()))
 
     async def close(self) -> None:
