@@ -75,9 +75,7 @@ class Workers:
 
 @pytest.fixture
 def workers(tmp_path: Path) -> Iterator[Workers]:
-    port, metrics = free_port(), free_port()
-    while metrics + 1 == port or not _free(metrics + 1):
-        metrics = free_port()
+    port, metrics = free_port(), admin_ports()
     material = create_dev_material(
         tmp_path / "dev", "mesh.local", system_clock, listen=f"127.0.0.1:{port}", sample_mesh=True, metrics_port=metrics
     )
@@ -93,11 +91,28 @@ def workers(tmp_path: Path) -> Iterator[Workers]:
             running.process.wait()
 
 
-def _free(port: int) -> bool:
+def _bindable(port: int) -> bool:
     import socket
 
     with socket.socket() as sock:
-        return sock.connect_ex(("127.0.0.1", port)) != 0
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def admin_ports() -> int:
+    """A first admin port whose next one is free too (worker i serves on metrics_port + i), below the ephemeral
+    range: a port from free_port() is ephemeral, so any outgoing connection of the suite may take its neighbour
+    before the workers bind it."""
+    import random
+
+    low, _ = (int(p) for p in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    while True:
+        port = random.randrange(20_000, min(low, 32_000) - 1)
+        if _bindable(port) and _bindable(port + 1):
+            return port
 
 
 async def open_streams(workers: Workers, count: int) -> list[tuple[grpc.aio.Channel, DeltaXdsClient]]:
@@ -242,9 +257,7 @@ def test_bad_worker_settings_fail_in_one_line(
 def test_workers_on_a_store_are_replicas_that_share_the_ca_in_etcd(tmp_path: Path) -> None:
     from meshca.dev.etcd_process import EtcdProcess
 
-    port, metrics = free_port(), free_port()
-    while metrics + 1 == port or not _free(metrics + 1):
-        metrics = free_port()
+    port, metrics = free_port(), admin_ports()
     with EtcdProcess() as etcd:
         (tmp_path / "kek").write_bytes(os.urandom(32))
         store = {"etcd": {"endpoints": [etcd.endpoint], "kek_file": str(tmp_path / "kek"), "lease_ttl": "3s"}}
