@@ -145,8 +145,6 @@ async def _serve_with(
     )
     if store_ca is not None:
         store_ca.start()
-    if store_ca is not None:
-        store_ca.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
