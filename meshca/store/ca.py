@@ -258,14 +258,17 @@ class ReplicatedCa:
         return changed
 
     def _adopt(self, files: dict[str, bytes], revision: int) -> bool:
-        """Write a committed state (ca.json at `revision`) into the mirror unless it holds a newer one; reload."""
+        """Write a committed state (ca.json at `revision`) into the mirror unless it holds a newer one; reload.
+
+        The reload is under the lock too: a commit's own adopt that finds the watch's got there first returns only
+        once the CA serves that state."""
         with self._lock:
             if revision <= self._revision:
                 return False
             with state_lock(self._mirror, exclusive=True):
                 write_state_files(self._mirror, files, self._files)
             self._files, self._revision = files, revision
-        self._ca.reload_if_changed()
+            self._ca.reload_if_changed()
         return True
 
     async def follow(self) -> None:
