@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import os
 import secrets
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +27,7 @@ from meshca.dev.envoy_process import free_port
 from meshca.dev.etcd_process import EtcdProcess
 from meshca.dev.material import DevMaterial, create_dev_material
 from meshca.dev.tokens import mint_token
+from meshca.store.etcd import EtcdSettings, EtcdStore
 from meshca.xds.snapshot import ResourceType
 
 pytestmark = pytest.mark.e2e
@@ -147,3 +150,56 @@ def test_a_replica_cannot_start_without_etcd_and_says_so_in_one_line(tmp_path: P
     lines = error_lines(refused.stderr)
     assert len(lines) == 1, refused.stderr
     assert "store.etcd.endpoints" in lines[0] and f"etcd at {dead} did not answer" in lines[0]
+
+
+async def every_lease_holds_a_key(store: EtcdStore, within: float = 1.0) -> bool:
+    """True once every lease in etcd has a key under it (a registry lease is granted just before its put)."""
+    lease = store.client.lease
+    assert lease is not None
+    deadline = asyncio.get_running_loop().time() + within
+    while True:
+        ids = [item.ID for item in (await lease.leases()).leases]
+        keys = [len((await lease.time_to_live(i, keys=True)).keys) for i in ids]
+        if ids and all(keys):
+            return True
+        if asyncio.get_running_loop().time() > deadline:
+            return False
+        await asyncio.sleep(0.05)
+
+
+async def test_serve_on_etcd_holds_one_election_lease_and_stops_at_once_on_sigterm(tmp_path: Path) -> None:
+    """One leader election per process (serve started it twice: two leases, the key under the other one), and
+    SIGTERM ends the watches, the election and the registry at once: exit 0, no traceback, the leader key and
+    the replica's registry entry gone (revoked, not left to expire)."""
+    port = free_port()
+    with EtcdProcess() as etcd:
+        material = store_material(tmp_path, etcd.endpoint, port)
+        kek = material.directory / "kek"
+        kek.write_bytes(secrets.token_bytes(32))
+        kek.chmod(0o600)
+        imported = meshca("ca", "import", "--config", str(material.serve_config), "--state-dir", str(material.state_dir))
+        assert imported.returncode == 0, imported.stderr
+        store = EtcdStore(EtcdSettings((etcd.endpoint,), prefix="/serve"), logging.getLogger("test"))
+        await store.connect()
+        try:
+            log = tmp_path / "meshca.log"
+            with meshca_serve(material, port, log) as process:
+                await served_intermediate(material, port, "web")  # a stream open while it stops
+                for _ in range(100):
+                    if await store.get("ca/leader") is not None:
+                        break
+                    await asyncio.sleep(0.1)
+                assert await every_lease_holds_a_key(store)  # none granted for nothing
+                await asyncio.sleep(2.5)  # past the TTL: the leader key stayed under the lease the election refreshes
+                assert await store.get("ca/leader") is not None
+                process.send_signal(signal.SIGTERM)
+                assert await asyncio.to_thread(process.wait, 15) == 0
+            text = log.read_text()
+            assert "no longer the leader" not in text.split("signal received")[0]
+            for bad in ("Traceback", "Task was destroyed", "aclose()", "did not end within", "never retrieved"):
+                assert bad not in text, text[-3000:]
+            assert await store.get("ca/leader") is None
+            replicas, _ = await store.get_prefix("replicas/")
+            assert replicas == []
+        finally:
+            await store.close()

@@ -11,6 +11,7 @@ import os
 import re
 import secrets
 import stat
+import threading
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -22,7 +23,7 @@ from meshca.ca.internal import CertificateAuthority
 from meshca.clock import system_clock
 from meshca.dev.etcd_process import EtcdProcess
 from meshca.identity.spiffe import SpiffeId
-from meshca.store.ca import ReplicatedCa, import_state_dir
+from meshca.store.ca import ReplicatedCa, import_state_dir, read_store_files
 from meshca.store.etcd import EtcdSettings, EtcdStore
 from meshca.store.leader import LeaderElection
 
@@ -241,3 +242,37 @@ async def test_issuing_goes_on_while_etcd_is_down_and_rotation_resumes(tmp_path:
             assert active_intermediates(await etcd_ca_files(a.store)) == [a.ca.active_intermediate_id]
         finally:
             await close(a)
+
+
+async def test_a_commit_returns_only_once_the_mirror_serves_it_even_when_the_watch_adopted_it_first(
+    etcd: EtcdProcess, tmp_path: Path
+) -> None:
+    """The watch and the commit adopt the same state from two threads: the one that finds it already written waits
+    for the other's reload (it returned at once, and a caller read the CA before it served the commit)."""
+    settings = settings_for(etcd.endpoint, "/ca6")
+    await imported(tmp_path, settings)
+    a = await replica(settings, "a")
+    b = await replica(settings, "b", watch=False)
+    try:
+        await a.election.step()
+        await asyncio.to_thread(a.ca.tick, rotation_due(a.ca))
+        files, revision = await read_store_files(b.store, KEK)
+        reloading, release = threading.Event(), threading.Event()
+        real_reload = b.ca._ca.reload_if_changed
+
+        def slow_reload() -> bool:  # the real reload, held until released: the watch's thread in mid-reload
+            reloading.set()
+            release.wait(10)
+            return real_reload()
+
+        b.ca._ca.reload_if_changed = slow_reload  # type: ignore[method-assign]
+        watch_adopt = asyncio.create_task(asyncio.to_thread(b.ca._adopt, files, revision))
+        await asyncio.to_thread(reloading.wait, 10)
+        commit_adopt = asyncio.create_task(asyncio.to_thread(b.ca._adopt, files, revision))
+        await asyncio.sleep(0.3)
+        assert not commit_adopt.done()
+        release.set()
+        assert await watch_adopt and not await commit_adopt
+        assert b.ca.active_intermediate_id == a.ca.active_intermediate_id
+    finally:
+        await close(a, b)

@@ -4,7 +4,6 @@ registry summary this replica publishes, the fleet view and the store's metrics.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from dataclasses import dataclass, field
 
@@ -15,6 +14,7 @@ from meshca.cli.errors import CliError
 from meshca.store.etcd import EtcdStore, StoreUnavailable
 from meshca.store.mesh import EtcdMeshSource
 from meshca.store.registry import RegistryPublisher
+from meshca.store.tasks import stop_tasks
 
 
 @dataclass
@@ -22,14 +22,11 @@ class ReplicaParts:
     store: EtcdStore
     mesh: EtcdMeshSource
     registry: RegistryPublisher
+    log: logging.Logger
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     async def stop(self) -> None:
-        for task in self.tasks:
-            task.cancel()
-        for task in self.tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await stop_tasks(self.tasks, self.log)
         await self.registry.close()
 
 
@@ -48,8 +45,9 @@ async def attach_store(store: EtcdStore, app: MeshcaApp, logger: logging.Logger,
         replica_id=replica_id, interval=registry_interval,
     )
     app.observability.set_fleet(registry)
-    parts = ReplicaParts(store, mesh, registry)
-    parts.tasks = [asyncio.create_task(mesh.run()), asyncio.create_task(registry.run())]
+    parts = ReplicaParts(store, mesh, registry, logger)
+    parts.tasks = [asyncio.create_task(mesh.run(), name="mesh-store-watch"),
+                   asyncio.create_task(registry.run(), name="registry-publisher")]
     logger.info("replica %s on etcd %s (prefix %s)", registry.replica_id, ", ".join(store.settings.endpoints),
                 store.settings.prefix)
     return parts

@@ -35,6 +35,7 @@ from meshca.files import write_atomic
 from meshca.identity.spiffe import SpiffeId
 from meshca.store.etcd import KEK_ENV, EtcdStore, StoreUnavailable
 from meshca.store.leader import Fence, LeaderElection
+from meshca.store.tasks import stop_tasks
 
 CA_PREFIX = "ca/"
 FILES_PREFIX = "ca/files/"
@@ -220,7 +221,7 @@ class ReplicatedCa:
         replica = cls(store, kek, mirror, files, revision, ca, clock, logger, leader, mirror_base)
         replica._loop = asyncio.get_running_loop()
         if watch:
-            replica._watch_task = asyncio.create_task(replica.follow())
+            replica._watch_task = asyncio.create_task(replica.follow(), name="ca-store-watch")
         return replica
 
     @staticmethod
@@ -230,8 +231,7 @@ class ReplicatedCa:
 
     async def close(self) -> None:
         if self._watch_task is not None:
-            self._watch_task.cancel()
-            await asyncio.wait({self._watch_task}, timeout=5.0)  # bounded: a gRPC stream may be slow to end
+            await stop_tasks([self._watch_task], self._log)
             self._watch_task = None
         shutil.rmtree(self._mirror, ignore_errors=True)
 
@@ -258,14 +258,17 @@ class ReplicatedCa:
         return changed
 
     def _adopt(self, files: dict[str, bytes], revision: int) -> bool:
-        """Write a committed state (ca.json at `revision`) into the mirror unless it holds a newer one; reload."""
+        """Write a committed state (ca.json at `revision`) into the mirror unless it holds a newer one; reload.
+
+        The reload is under the lock too: a commit's own adopt that finds the watch's got there first returns only
+        once the CA serves that state."""
         with self._lock:
             if revision <= self._revision:
                 return False
             with state_lock(self._mirror, exclusive=True):
                 write_state_files(self._mirror, files, self._files)
             self._files, self._revision = files, revision
-        self._ca.reload_if_changed()
+            self._ca.reload_if_changed()
         return True
 
     async def follow(self) -> None:

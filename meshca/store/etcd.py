@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 import grpc
 from etcd3aio import Etcd3Client, EtcdConnectionError, EtcdError, EtcdTransientError, prefix_range_end
+from etcd3aio._protobuf import LeaseKeepAliveRequest, WatchCreateRequest, WatchRequest
 from etcd3aio.kv import KVService
 
 from meshca.fields import FieldReader, parse_host_port
@@ -27,6 +28,7 @@ KEK_BYTES = 32
 DEFAULT_PREFIX = "/meshca"
 DEFAULT_LEASE_TTL = timedelta(seconds=10)
 DEFAULT_TIMEOUT = 5.0  # seconds per etcd call: past it etcd counts as unreachable
+WATCH_BACKOFF = (0.25, 5.0)  # seconds: first and longest pause before a failed watch stream is created again
 
 T = TypeVar("T")
 
@@ -199,15 +201,30 @@ class EtcdStore:
 
     async def _rpc(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
         """`call`, retried on a transient failure (a member down, "leader changed" during an election) until
-        `settings.timeout` has passed; then StoreUnavailable."""
+        `settings.timeout` has passed; then StoreUnavailable.
+
+        A cancellation of the calling task always ends it (see `_cancel_lost`); asyncio.timeout, not
+        asyncio.wait_for: Python 3.11's wait_for returns the result when the task is cancelled as the call
+        completes, and the cancelled task goes on."""
         loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
         deadline = loop.time() + self.settings.timeout
         pause = 0.05
         while True:
+            if self._client is None:
+                raise StoreUnavailable(f"etcd client closed ({what})")
+            cancelling = _cancelling(task)
             try:
-                result = await asyncio.wait_for(call(), max(deadline - loop.time(), 0.01))
+                async with asyncio.timeout(max(deadline - loop.time(), 0.01)):
+                    result = await call()
+                _cancel_lost(task, cancelling)
                 break
-            except (asyncio.TimeoutError, grpc.aio.AioRpcError, EtcdError, OSError) as error:
+            except (asyncio.CancelledError, grpc.aio.AioRpcError, EtcdError, OSError) as error:
+                _cancel_lost(task, cancelling)
+                if isinstance(error, asyncio.CancelledError):
+                    if self._client is None:  # close() cancelled the call: not this task's cancellation
+                        raise StoreUnavailable(f"etcd client closed ({what})") from None
+                    raise
                 if _transient(error) and loop.time() + pause < deadline:
                     await asyncio.sleep(pause)
                     pause = min(pause * 2, 0.5)
@@ -273,18 +290,21 @@ class EtcdStore:
         return int(response.ID)
 
     async def refresh_lease(self, lease_id: int) -> bool:
-        """One keep-alive; False when the lease is gone (expired or revoked)."""
+        """One keep-alive; False when the lease is gone (expired or revoked).
+
+        The stream is written and read here, not through etcd3aio's keep_alive(): its request generator is
+        consumed by a task grpc leaves running when the call has already ended."""
         assert self._client is not None and self._client.lease is not None
         lease = self._client.lease
 
         async def once() -> int:
-            call = lease.keep_alive(lease_id)
+            call = lease._stub.LeaseKeepAlive(metadata=lease._metadata or None)  # etcd3aio 0.3.0 (pinned)
             try:
-                async for response in call:
-                    return int(response.TTL)
-                return 0
+                await _write(call, LeaseKeepAliveRequest(ID=lease_id))
+                response = await call.read()
             finally:
                 call.cancel()
+            return 0 if response is grpc.aio.EOF else int(response.TTL)
 
         return await self._rpc("lease keep-alive", once) > 0
 
@@ -294,17 +314,63 @@ class EtcdStore:
         await self._rpc("lease revoke", lambda: lease.revoke(lease_id))
 
     async def watch_prefix(self, key_prefix: str, start_revision: int) -> AsyncIterator[list[WatchEvent]]:
-        """Changes under `key_prefix` from `start_revision` on, one list per etcd response; the client
-        reconnects by itself and resumes after the last revision seen."""
+        """Changes under `key_prefix` from `start_revision` on, one list per etcd response. A transient failure
+        (a member down, no quorum) creates the watch again after the last revision seen, with backoff; a
+        compaction resumes after the compacted revision. Ends when the store is closed.
+
+        Iterate it in one task; cancel that task (or close the generator from it) to stop: the stream is
+        cancelled then. The stream is written and read here rather than through etcd3aio's watch(), whose
+        request generator waits forever in a task grpc does not cancel once etcd has ended the stream ("Task
+        was destroyed but it is pending", "aclose(): asynchronous generator is already running")."""
         start = self.full_key(key_prefix)
-        async for response in self.client.watch.watch(start, prefix_range_end(start), start_revision=start_revision):  # type: ignore[union-attr]
-            events = [
-                WatchEvent(self.short_key(event.kv.key), None if event.type == 1 else bytes(event.kv.value),
-                           int(event.kv.mod_revision))
-                for event in response.events
-            ]
-            if events:
-                yield events
+        request = WatchCreateRequest(key=start, range_end=prefix_range_end(start))
+        task = asyncio.current_task()
+        next_revision = start_revision
+        pause = WATCH_BACKOFF[0]
+        while True:
+            client = self._client
+            if client is None or client.watch is None:
+                return
+            call = client.watch._stub.Watch(metadata=client.watch._metadata or None)  # etcd3aio 0.3.0 (pinned)
+            cancelling = _cancelling(task)
+            try:
+                request.start_revision = next_revision
+                await _write(call, WatchRequest(create_request=request))
+                while True:
+                    response = await call.read()
+                    _cancel_lost(task, cancelling)
+                    if response is grpc.aio.EOF:
+                        return
+                    if response.compact_revision > 0:
+                        self._log.warning("watch on %s: revisions up to %d were compacted; resuming after them",
+                                          key_prefix, response.compact_revision)
+                        next_revision = response.compact_revision + 1
+                        break
+                    if response.canceled:
+                        raise EtcdError(f"etcd cancelled the watch on {key_prefix}: {response.cancel_reason}")
+                    pause = WATCH_BACKOFF[0]
+                    events = [
+                        WatchEvent(self.short_key(event.kv.key), None if event.type == 1 else bytes(event.kv.value),
+                                   int(event.kv.mod_revision))
+                        for event in response.events
+                    ]
+                    if events:
+                        next_revision = events[-1].revision + 1
+                        yield events
+            except asyncio.CancelledError:
+                _cancel_lost(task, cancelling)
+                if self._client is not None:
+                    raise
+                return  # the store was closed under the watch
+            except grpc.aio.AioRpcError as error:
+                _cancel_lost(task, cancelling)
+                if not _transient(error):
+                    raise
+                self._log.debug("watch on %s: %s; again in %.2fs", key_prefix, _describe(error), pause)
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, WATCH_BACKOFF[1])
+            finally:
+                call.cancel()
 
 
 def _is_ip_endpoint(endpoint: str) -> bool:
@@ -342,6 +408,27 @@ def resolve_endpoints(
     if not resolved:
         raise OSError(f"no etcd endpoint resolves to an IPv4 address ({'; '.join(failures)})")
     return tuple(resolved)
+
+
+async def _write(call: Any, request: Any) -> None:
+    """The first request of a stream; when the call has already ended, the read that follows says why."""
+    try:
+        await call.write(request)
+    except asyncio.InvalidStateError:
+        pass
+
+
+def _cancelling(task: asyncio.Task[Any] | None) -> int:
+    return task.cancelling() if task is not None else 0
+
+
+def _cancel_lost(task: asyncio.Task[Any] | None, cancelling: int) -> None:
+    """Raise CancelledError when `task` was cancelled while awaiting a grpc.aio call and the call returned
+    anyway: grpc runs a call in a task of its own that catches a CancelledError arriving as the call completes,
+    and then returns the result (or an RPC error), so the cancelled task would go on (a watch loop never ends,
+    and whoever awaits it waits forever)."""
+    if task is not None and task.cancelling() > cancelling:
+        raise asyncio.CancelledError()
 
 
 async def _as_coroutine(awaitable: Awaitable[T]) -> T:

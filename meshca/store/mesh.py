@@ -93,7 +93,7 @@ class EtcdMeshSource:
     No stored config at start serves an empty mesh (one log line says how to add one); an invalid one
     at start raises, as an invalid file does. Later an invalid value is logged in one bounded line,
     counted rejected, and the last good config keeps serving. The watch resumes by itself after etcd
-    comes back (etcd3aio re-creates it from the last revision seen), so an unreachable etcd changes nothing.
+    comes back (EtcdStore.watch_prefix re-creates it after the last revision seen), so an unreachable etcd changes nothing.
     """
 
     def __init__(
@@ -105,7 +105,7 @@ class EtcdMeshSource:
         sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
     ) -> None:
         """`retry`: seconds between attempts when the watch itself fails (not the transient errors
-        etcd3aio resumes from by itself)."""
+        the store's watch resumes from by itself)."""
         self._store = store
         self._retry = retry
         self._sleep = sleep

@@ -4,7 +4,6 @@ replicated CA with its leader election."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import socket
@@ -17,6 +16,7 @@ from meshca.fields import ConfigError
 from meshca.store.ca import ReplicatedCa, missing_kek_message
 from meshca.store.etcd import EtcdSettings, EtcdStore
 from meshca.store.leader import LeaderElection
+from meshca.store.tasks import stop_tasks
 
 
 def replica_id() -> str:
@@ -44,18 +44,17 @@ class StoreCa:
     backend: CaBackend
     replicated: ReplicatedCa | None = None
     election: LeaderElection | None = None
+    log: logging.Logger = field(default_factory=lambda: logging.getLogger("meshca.store"))
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     def start(self) -> None:
         """Campaign for the CA leader (once: two campaigns of one election would race over its lease)."""
         if self.election is not None and not self._tasks:
-            self._tasks.append(asyncio.create_task(self.election.run()))
+            self._tasks.append(asyncio.create_task(self.election.run(), name="ca-leader-election"))
 
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await stop_tasks(self._tasks, self.log)
+        self._tasks.clear()
         if self.election is not None:
             await self.election.resign()
         if self.replicated is not None:
@@ -79,4 +78,4 @@ async def build_store_ca(config_path: Path, store: EtcdStore, clock: Clock, logg
     election = LeaderElection(store, replica_id, logger.getChild("leader"))
     replicated = await ReplicatedCa.open(store, store.settings.kek, clock, logger.getChild("ca-store"),
                                          leader=election)
-    return StoreCa(CaBackend(mode, replicated, None), replicated, election)
+    return StoreCa(CaBackend(mode, replicated, None), replicated, election, logger)
