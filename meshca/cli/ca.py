@@ -103,17 +103,10 @@ def _store_of(args: argparse.Namespace) -> EtcdSettings | None:
 def _with_store(settings: EtcdSettings, action: Callable[[EtcdStore], Any]) -> Any:
     """Run `action(store)` (a coroutine function) on a connected store; etcd not answering is one CaError."""
     from meshca.store.etcd import StoreUnavailable
-    from meshca.store.serving import connect_store
-
-    async def run() -> Any:
-        store = await connect_store(settings, logging.getLogger("meshca.cli.store"))
-        try:
-            return await action(store)
-        finally:
-            await store.close()
+    from meshca.store.serving import run_with_store
 
     try:
-        return asyncio.run(run())
+        return run_with_store(settings, action, logging.getLogger("meshca.cli.store"))
     except StoreUnavailable as error:
         raise CaError(str(error)) from None
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import getpass
 import json
 import logging
@@ -25,6 +24,7 @@ from meshca.sds.workloads import ALL_BUNDLES_SECRET
 from meshca.store.ca import FILES_PREFIX
 from meshca.store.etcd import EtcdSettings, EtcdStore, StoreUnavailable, parse_store_settings
 from meshca.store.mesh import AppliedMesh, check_trust_domain, parse_stored_mesh, read_mesh, sha256_hex, write_mesh
+from meshca.store.serving import run_with_store
 from meshca.xds.snapshot import InconsistentSnapshot, Overlay, Reference, ResourceType, Snapshot
 
 T = TypeVar("T")
@@ -78,17 +78,10 @@ def check_mesh(config: MeshConfig, where: Path) -> None:
 
 
 def _with_store(settings: EtcdSettings, work: Callable[[EtcdStore], Awaitable[T]]) -> T:
-    async def run() -> T:
-        store = EtcdStore(settings, logging.getLogger("meshca.store"))
-        try:
-            await store.connect()
-            return await work(store)
-        except StoreUnavailable as error:
-            raise CliError(str(error)) from None
-        finally:
-            await store.close()
-
-    return asyncio.run(run())
+    try:
+        return run_with_store(settings, work, logging.getLogger("meshca.store"))
+    except StoreUnavailable as error:
+        raise CliError(str(error)) from None
 
 
 def _who() -> str:

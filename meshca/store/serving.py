@@ -7,8 +7,10 @@ import asyncio
 import logging
 import os
 import socket
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from meshca.ca.backends import CaBackend, build_ca_backend, read_ca_mode
 from meshca.clock import Clock
@@ -17,6 +19,8 @@ from meshca.store.ca import ReplicatedCa, missing_kek_message
 from meshca.store.etcd import EtcdSettings, EtcdStore
 from meshca.store.leader import LeaderElection
 from meshca.store.tasks import stop_tasks
+
+T = TypeVar("T")
 
 
 def replica_id() -> str:
@@ -34,6 +38,19 @@ async def connect_store(settings: EtcdSettings, logger: logging.Logger) -> EtcdS
         await store.close()
         raise
     return store
+
+
+def run_with_store(settings: EtcdSettings, work: Callable[[EtcdStore], Awaitable[T]], logger: logging.Logger) -> T:
+    """`work(store)` on a store connected for it alone (the CLI's commands); StoreUnavailable passes through."""
+
+    async def run() -> T:
+        store = await connect_store(settings, logger)
+        try:
+            return await work(store)
+        finally:
+            await store.close()
+
+    return asyncio.run(run())
 
 
 @dataclass
