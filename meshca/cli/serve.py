@@ -48,7 +48,8 @@ async def _open_store(config_path: Path, log: logging.Logger) -> tuple[EtcdStore
     """With `store:`, the process's one EtcdStore (connected on this loop: every store part shares it) and the CA
     built on it; (None, None) without."""
     from meshca.store.etcd import StoreUnavailable
-    from meshca.store.serving import build_store_ca, connect_store, replica_id
+    from meshca.store.registry import default_replica_id
+    from meshca.store.serving import build_store_ca, connect_store
 
     settings = read_store_settings(config_path)
     if settings is None:
@@ -58,7 +59,7 @@ async def _open_store(config_path: Path, log: logging.Logger) -> tuple[EtcdStore
     except StoreUnavailable as error:
         raise ConfigError(config_path, "store.etcd.endpoints", str(error)) from None
     try:
-        store_ca = await build_store_ca(config_path, store, system_clock, log, replica_id())
+        store_ca = await build_store_ca(config_path, store, system_clock, log, default_replica_id())
     except BaseException:
         await store.close()
         raise
@@ -78,7 +79,7 @@ async def _serve_with(
     from meshca.app import MeshcaApp
     from meshca.cli.replica import ReplicaParts, attach_store
     from meshca.sds.server_tls import FileServerCertificate, IssuedServerCertificate, ServerTlsError
-    from meshca.store.serving import replica_id
+    from meshca.store.registry import default_replica_id
 
     ca = backend.ca
     settings = load_serve_settings(config_path, ca.trust_domain)
@@ -128,7 +129,7 @@ async def _serve_with(
     source_task = None
     replica: ReplicaParts | None = None
     if store is not None:
-        replica = await attach_store(store, app, log, replica_id())
+        replica = await attach_store(store, app, log, default_replica_id())
     elif settings.mesh_file is not None:
         from meshca.mesh.source import FileMeshSource
 

@@ -29,7 +29,8 @@ ProxyJson = dict[str, Any]  # one proxy as /status shows it
 
 
 def default_replica_id() -> str:
-    """hostname-pid: unique per process on a host, readable in `meshca status`."""
+    """hostname-pid: this process's name among the replicas (the CA leader key, `replicas/<id>`, /status), unique
+    per process on a host and readable in `meshca status`; leases, not names, tell a restarted process apart."""
     return f"{socket.gethostname()}-{os.getpid()}".replace("/", "_")
 
 

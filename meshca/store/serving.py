@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,12 +19,6 @@ from meshca.store.leader import LeaderElection
 from meshca.store.tasks import stop_tasks
 
 T = TypeVar("T")
-
-
-def replica_id() -> str:
-    """This process's name among the replicas (the CA leader key, `replicas/<id>`, /status): host and pid, so an
-    operator finds the process; leases, not names, tell a restarted process from its predecessor."""
-    return f"{socket.gethostname()}-{os.getpid()}"
 
 
 async def connect_store(settings: EtcdSettings, logger: logging.Logger) -> EtcdStore:
