@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from datetime import timedelta
+from typing import cast
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -15,6 +17,7 @@ from meshca.admin.metrics import GcPauseCollector, RotationCollector, VaultColle
 from meshca.admin.server import Observability
 from meshca.ca import csr_service
 from meshca.ca.api import CaError, MeshCa
+from meshca.ca.revocation import CrlSettings
 from meshca.ca.vault.session import VaultSession
 from meshca.clock import Clock
 from meshca.gcpolicy import CollectorPause
@@ -31,11 +34,12 @@ from meshca.identity.spiffe import SpiffeId
 from meshca.listen import ListenError, check_bindable, format_address
 from meshca.mesh.build import ResourceMemo, build_mesh
 from meshca.mesh.model import MeshConfig
+from meshca.sds.crl import CrlAuthority, RevocationPublisher, RevocationSource
 from meshca.sds.retention import IdentityRetention
 from meshca.sds.rotation import ApschedulerJobs, CaWatcher, LeafRotator, RotationSettings
 from meshca.sds.server_tls import ServerCredentials, ServingCertificate
 from meshca.sds.server_tls import issue_server_credentials as issue_server_credentials  # for cli and dev
-from meshca.sds.workloads import ForeignTrustDomain, MeshPublisher, WorkloadSecrets
+from meshca.sds.workloads import ForeignTrustDomain, IdentityRevoked, MeshPublisher, WorkloadSecrets
 from meshca.xds.cache import SnapshotCache
 from meshca.xds.server import (
     DEFAULT_FIRST_REQUEST_TIMEOUT,
@@ -51,6 +55,20 @@ from meshca.xds.snapshot import InconsistentSnapshot
 from meshca.xds.status import ProxyRegistry
 
 DEFAULT_IDENTITY_GRACE = timedelta(minutes=10)
+
+
+def crl_publishing(
+    source: RevocationSource, settings: CrlSettings = CrlSettings()
+) -> Callable[[MeshcaApp], RevocationPublisher]:
+    """MeshcaApp's `revocations` for the internal CA (state dir or ReplicatedCa) and its revocation list."""
+
+    def make(app: MeshcaApp) -> RevocationPublisher:
+        return RevocationPublisher(
+            cast(CrlAuthority, app.ca), source, app.secrets, app.publisher, app.clock,
+            app.log.getChild("revocation"), settings, app.on_revoked_identities,
+        )
+
+    return make
 
 
 class JwtStreamGate:
@@ -91,13 +109,15 @@ class JwtStreamGate:
         except NodeBindingError as error:
             raise StreamRefused(grpc.StatusCode.PERMISSION_DENIED, str(error)) from None
         spiffe_id = principal.spiffe_id
+        if self._publisher.is_revoked(spiffe_id):
+            raise StreamRefused(grpc.StatusCode.PERMISSION_DENIED, f"identity {spiffe_id} is revoked")
         self._retention.opened(spiffe_id)  # before the lookup: an identity being forgotten is kept or re-issued
         try:
             key = self._publisher.current_key(spiffe_id)
             if key is None:
                 loop = asyncio.get_running_loop()
                 key = await loop.run_in_executor(self._ca_executor, self._publisher.ensure_identity, spiffe_id)
-        except ForeignTrustDomain as error:
+        except (ForeignTrustDomain, IdentityRevoked) as error:
             self._retention.closed(spiffe_id)
             raise StreamRefused(grpc.StatusCode.PERMISSION_DENIED, str(error)) from None
         except CaError as error:  # e.g. the intermediate expired or Vault is down: the log says which
@@ -140,11 +160,14 @@ class MeshcaApp:
         identity_grace: timedelta = DEFAULT_IDENTITY_GRACE,
         xds_max_stream_age: timedelta | None = DEFAULT_MAX_STREAM_AGE,
         xds_first_request_timeout: timedelta = DEFAULT_FIRST_REQUEST_TIMEOUT,
+        revocations: Callable[[MeshcaApp], RevocationPublisher] | None = None,
     ) -> None:
         """`collector_pause`: defers CPython's garbage collection while a push is written (default:
         one on the `gc` module, see meshca.gcpolicy). `identity_grace`: how long an identity's
         certificate is kept (and renewed) after its last stream closed. `xds_max_stream_age`: streams
-        are closed with UNAVAILABLE after about this long (±10%), so proxies reconnect (None: never)."""
+        are closed with UNAVAILABLE after about this long (±10%), so proxies reconnect (None: never).
+        `revocations`: makes the RevocationPublisher of the internal CA (meshca.sds.crl) from this app; it is
+        started here, so the first bundle secrets carry the CRLs (None: no CRLs, nothing revocable)."""
         self.ca = ca
         self.vault = vault
         self.clock = clock
@@ -197,6 +220,13 @@ class MeshcaApp:
         if vault is not None:
             self.observability.add_collector(VaultCollector(vault, clock))
         self.health = health.HealthServicer()
+        self._mesh_lock = threading.Lock()
+        self._mesh_config: MeshConfig | None = None
+        self._denied_uris: frozenset[str] = frozenset()
+        self.revocations: RevocationPublisher | None = None
+        if revocations is not None:
+            self.revocations = revocations(self)
+            self.revocations.start()
         self._server: grpc.aio.Server | None = None
         self.port: int | None = None
         self.server_certificate: ServingCertificate | None = None
@@ -207,9 +237,34 @@ class MeshcaApp:
             raise InconsistentSnapshot(
                 [f"mesh trust_domain {config.trust_domain!r} is not the CA's trust domain {self.ca.trust_domain!r}"]
             )
-        mesh = build_mesh(config, self.mesh_memo)
-        self.publisher.set_mesh(mesh)
-        return self.publisher.mesh_version()
+        with self._mesh_lock:
+            mesh = build_mesh(config, self.mesh_memo, denied_spiffe_ids=self._denied_uris)
+            self.publisher.set_mesh(mesh)
+            self._mesh_config = config
+            return self.publisher.mesh_version()
+
+    def on_revoked_identities(self, denied: frozenset[SpiffeId], newly: frozenset[SpiffeId]) -> None:
+        """The revoked identities changed: newly revoked ones lose their certificate here (no renewal, no
+        snapshot), and the mesh is rebuilt so every sidecar refuses their requests."""
+        for spiffe_id in newly:
+            self.rotator.forget(spiffe_id)
+            self.publisher.forget(spiffe_id)
+            self.secrets.forget(spiffe_id)
+            self.log.info("identity %s revoked: its certificate is no longer served or renewed", spiffe_id)
+        with self._mesh_lock:
+            self._denied_uris = frozenset(spiffe_id.uri for spiffe_id in denied)
+            config = self._mesh_config
+        if config is not None:
+            try:
+                self.apply_mesh_config(config)
+            except InconsistentSnapshot as error:  # cannot happen for a config that applied before
+                self.log.error("mesh not rebuilt after a revocation: %s", error)
+
+    def _check_ca(self) -> None:
+        """The CA check, then the CRLs (in this order, on the scheduler's one worker: see RevocationPublisher)."""
+        self.ca_watcher.check()
+        if self.revocations is not None:
+            self.revocations.check()
 
     def record_rejected(self) -> None:
         self.publisher.record_rejected()
@@ -248,7 +303,10 @@ class MeshcaApp:
         self.xds.add_to_server(server)
         csr_executor = self.ca_executor if self.ca.signs_remotely else None
         csr_service.add_to_server(
-            server, csr_service.CertificateServicer(self.identity_gate, self.ca, ca_executor=csr_executor)
+            server,
+            csr_service.CertificateServicer(
+                self.identity_gate, self.ca, ca_executor=csr_executor, revoked=self.secrets.is_denied
+            ),
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         address = format_address(host, port)
@@ -273,7 +331,7 @@ class MeshcaApp:
                 raise
         await server.start()
         self._server = server
-        self.jobs.every("ca-watch", self.rotation.ca_check_interval.total_seconds(), self.ca_watcher.check)
+        self.jobs.every("ca-watch", self.rotation.ca_check_interval.total_seconds(), self._check_ca)
         if self.server_certificate is not None:
             self.jobs.every(
                 "server-certificate", self.rotation.ca_check_interval.total_seconds(), self.server_certificate.check

@@ -310,6 +310,67 @@ def is_self_signed(certificate_pem: bytes) -> bool:
     return certificate_issued_by(certificate_pem, certificate_pem)
 
 
+CRL_REASONS: tuple[str, ...] = tuple(flag.value for flag in x509.ReasonFlags if flag is not x509.ReasonFlags.remove_from_crl)
+
+
+@dataclass(frozen=True)
+class RevokedSerial:
+    """One CRL entry: a certificate serial, when it was revoked, and its RFC 5280 reason name (CRL_REASONS)."""
+
+    serial_number: int
+    revoked_at: datetime
+    reason: str = "unspecified"
+
+
+@dataclass(frozen=True)
+class CrlInfo:
+    """A parsed CRL as plain facts."""
+
+    issuer: str  # RFC 4514
+    this_update: datetime
+    next_update: datetime | None
+    crl_number: int | None
+    revoked: tuple[RevokedSerial, ...]
+
+
+_PEM_CRL = re.compile(rb"-----BEGIN X509 CRL-----\r?\n.*?-----END X509 CRL-----\r?\n?", re.DOTALL)
+
+
+def split_pem_crls(pem: bytes) -> list[bytes]:
+    """The PEM CRL blocks of a concatenation, in order (no parsing)."""
+    return [match.group(0) for match in _PEM_CRL.finditer(pem)]
+
+
+def parse_crl_pem(crl_pem: bytes) -> CrlInfo:
+    """Facts about a PEM CRL; raises CryptoError when it is not one."""
+    try:
+        crl = x509.load_pem_x509_crl(crl_pem)
+    except ValueError as e:
+        raise CryptoError(f"not a PEM CRL: {e}") from None
+    revoked = []
+    for item in crl:
+        try:
+            reason = item.extensions.get_extension_for_class(x509.CRLReason).value.reason.value
+        except x509.ExtensionNotFound:
+            reason = "unspecified"
+        revoked.append(RevokedSerial(item.serial_number, item.revocation_date_utc, reason))
+    try:
+        number: int | None = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+    except x509.ExtensionNotFound:
+        number = None
+    return CrlInfo(crl.issuer.rfc4514_string(), crl.last_update_utc, crl.next_update_utc, number, tuple(revoked))
+
+
+def crl_issued_by(crl_pem: bytes, issuer_certificate_pem: bytes) -> bool:
+    """True when the CRL names the issuer's subject and carries a valid signature by its key."""
+    try:
+        crl = x509.load_pem_x509_crl(crl_pem)
+        issuer = _load_certificate(issuer_certificate_pem)
+    except (CryptoError, ValueError):
+        return False
+    return crl.issuer == issuer.subject and crl.is_signature_valid(issuer.public_key())  # type: ignore[arg-type]
+
+
 # --- signing ------------------------------------------------------------------------------------
 
 
@@ -677,6 +738,32 @@ class Issuer:
         ).sign(self._key, self._hash)
         return cert.public_bytes(serialization.Encoding.PEM), key.private_bytes(*_PRIVATE_KEY_PEM)
 
+
+    def sign_crl(
+        self,
+        revoked: Sequence[RevokedSerial],
+        *,
+        this_update: datetime,
+        next_update: datetime,
+        crl_number: int,
+    ) -> bytes:
+        """A v2 CRL signed by this CA listing `revoked` (AKI and CRL number set), as PEM."""
+        builder = (
+            x509.CertificateRevocationListBuilder()
+            .issuer_name(self._name)
+            .last_update(_utc_seconds(this_update))
+            .next_update(_utc_seconds(next_update))
+            .add_extension(self._aki, critical=False)
+            .add_extension(x509.CRLNumber(crl_number), critical=False)
+        )
+        for entry in revoked:
+            item = x509.RevokedCertificateBuilder().serial_number(entry.serial_number).revocation_date(
+                _utc_seconds(entry.revoked_at)
+            )
+            if entry.reason != "unspecified":  # RFC 5280 5.3.1: leave the reason code out rather than unspecified
+                item = item.add_extension(x509.CRLReason(x509.ReasonFlags(entry.reason)), critical=False)
+            builder = builder.add_revoked_certificate(item.build())
+        return builder.sign(self._key, self._hash).public_bytes(serialization.Encoding.PEM)
 
 # --- sealing (CA private keys at rest in a shared store) ------------------------------------------
 

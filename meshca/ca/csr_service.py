@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from datetime import timedelta
 from typing import Protocol
@@ -53,13 +53,16 @@ class CertificateServicer(certificate_pb2_grpc.CertificateServiceServicer):
         signer: CsrSigner,
         logger: logging.Logger | None = None,
         ca_executor: Executor | None = None,
+        revoked: Callable[[SpiffeId], bool] | None = None,
     ) -> None:
-        """`ca_executor`: where signing runs when the signer may block (a Vault-backed signer may wait
+        """`revoked`: True for an identity `meshca revoke --spiffe-id` revoked (refused, PERMISSION_DENIED).
+        `ca_executor`: where signing runs when the signer may block (a Vault-backed signer may wait
         seconds on Vault, and the event loop with every other call would wait with it); None signs on
         the loop (an in-memory CA: a thread hop would only cost)."""
         self._authenticator = authenticator
         self._signer = signer
         self._ca_executor = ca_executor
+        self._revoked = revoked
         self._log = logger or logging.getLogger(__name__)
         self._chain_tail: tuple[bytes, tuple[str, ...]] = (b"", ())
 
@@ -98,6 +101,9 @@ class CertificateServicer(certificate_pb2_grpc.CertificateServiceServicer):
             ttl = timedelta(seconds=request.ttl_seconds)
 
         spiffe_id = identity.spiffe_id
+        if self._revoked is not None and self._revoked(spiffe_id):
+            self._log.info("Sign refused for %s: the identity is revoked", spiffe_id)
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"identity {spiffe_id} is revoked")
         try:
             csr_pem = request.csr_pem.encode("utf-8")
             if self._ca_executor is None:

@@ -474,6 +474,10 @@ class CertificateAuthority(StateDirCa[_Loaded, _Plan]):
     def can_rotate_root(self) -> bool:
         return True
 
+    def crl_signers(self) -> list[tuple[SlotRecord, Issuer]]:
+        """Every root and intermediate of the state (any slot state) with its key: each signs a CRL."""
+        return [(s.record, s.issuer) for s in self._state.slots]
+
     def status(self) -> CaStatus:
         state = self._state
         slots = tuple(

@@ -32,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     from meshca.cli.demo import add_demo_parser
     from meshca.cli.dev import add_dev_parser
     from meshca.cli.mesh import add_mesh_parser
+    from meshca.cli.revoke import add_revoke_parsers
     from meshca.cli.serve import add_serve_parser
     from meshca.cli.status import add_status_parser
 
@@ -43,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_bootstrap_parser(commands)
     add_status_parser(commands)
     add_mesh_parser(commands)
+    add_revoke_parsers(commands)
     add_vault_parser(commands)
     parser.epilog = "commands:\n" + "\n".join(
         f"  {name:<14} {help_text}" for name, help_text in command_list(parser)

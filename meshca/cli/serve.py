@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
     from meshca.ca.backends import CaBackend
     from meshca.cli.workers import WorkerRole
+    from meshca.sds.crl import RevocationSource
     from meshca.store.etcd import EtcdStore
     from meshca.store.serving import StoreCa
 
@@ -100,6 +101,9 @@ async def _serve_with(
         check_bindable("listen", settings.listen_host, settings.listen_port)
     if admin_port is not None:
         check_bindable("metrics_port", settings.admin_address, admin_port)
+    from meshca.app import crl_publishing
+
+    revocation_source = await _revocation_source(backend, store, log)
     app = MeshcaApp(
         ca,
         settings.issuers,
@@ -111,6 +115,7 @@ async def _serve_with(
         xds_send_timeout=settings.xds_send_timeout,
         identity_grace=settings.identity_grace,
         xds_max_stream_age=settings.xds_max_stream_age,
+        revocations=crl_publishing(revocation_source) if revocation_source is not None else None,
     )
     # Served through grpc's dynamic credentials: a renewed certificate (at 2/3 of its 30 days, or when the
     # signing intermediate changes) or changed `tls:` files reach new connections without a restart.
@@ -163,7 +168,25 @@ async def _serve_with(
     if replica is not None:
         await replica.stop()
     await app.stop(grace=5)
+    if revocation_source is not None and hasattr(revocation_source, "close"):
+        await revocation_source.close()
     return 0
+
+
+async def _revocation_source(backend: CaBackend, store: EtcdStore | None, log: logging.Logger) -> RevocationSource | None:
+    """The internal CA's revocation list: revocations.json in its state dir, or the key in etcd with `store:`.
+    None in the Vault modes (Vault keeps their revocations; meshca sends no CRLs there)."""
+    if backend.mode != "internal":
+        return None
+    if store is not None:
+        from meshca.store.revocation import EtcdRevocations
+
+        return await EtcdRevocations.open(store, log.getChild("revocations"))
+    from meshca.ca.revocation import StateDirRevocations
+    from meshca.ca.statedir import StateDirCa
+
+    assert isinstance(backend.ca, StateDirCa)
+    return StateDirRevocations(backend.ca.state_dir)
 
 
 async def _stop_when_orphaned(supervisor_pid: int, stop: asyncio.Event) -> None:

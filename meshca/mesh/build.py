@@ -180,8 +180,13 @@ def _sidecar(service: Service, trust_domain: str, encode: _Encoder) -> list[Enco
     return resources
 
 
-def build_mesh(config: MeshConfig, memo: ResourceMemo | None = None) -> MeshResources:
-    """Every resource of the mesh; with a memo, resources whose spec did not change are reused."""
+def build_mesh(
+    config: MeshConfig, memo: ResourceMemo | None = None, *, denied_spiffe_ids: frozenset[str] = frozenset()
+) -> MeshResources:
+    """Every resource of the mesh; with a memo, resources whose spec did not change are reused.
+
+    `denied_spiffe_ids`: revoked identities (URIs), to be refused per request on every sidecar (the per-route
+    authorization of issue 14 item 1 implements it; accepted here so that revocation is wired to it)."""
     encode = _Encoder(memo)
     per_identity: dict[SpiffeId, list[EncodedResource]] = {}
     for service in config.services:

@@ -123,10 +123,11 @@ def tls_certificate_secret(name: str, certificate_chain_pem: bytes, private_key_
     return encode_payload(ResourceType.SECRET, name, _plain_text(1, name) + _msg(2, tls_certificate))
 
 
-def validation_context_secret(name: str, trusted_ca_pem: bytes) -> EncodedResource:
-    """An SDS secret holding a trust bundle (e.g. `ROOTCA`)."""
-    # Secret{name = 1, validation_context = 4: CertificateValidationContext{trusted_ca = 1}}
-    payload = _plain_text(1, name) + _msg(4, _msg(1, _data_source(trusted_ca_pem)))
+def validation_context_secret(name: str, trusted_ca_pem: bytes, crl_pem: bytes = b"") -> EncodedResource:
+    """An SDS secret holding a trust bundle (e.g. `ROOTCA`) and, when given, the CRLs of its CAs."""
+    # Secret{name = 1, validation_context = 4: CertificateValidationContext{trusted_ca = 1, crl = 7}}
+    crl = _msg(7, _data_source(crl_pem)) if crl_pem else b""
+    payload = _plain_text(1, name) + _msg(4, _msg(1, _data_source(trusted_ca_pem)) + crl)
     return encode_payload(ResourceType.SECRET, name, payload)
 
 

@@ -50,6 +50,10 @@ class ForeignTrustDomain(ValueError):
     """An identity outside the CA's trust domain asked for a certificate."""
 
 
+class IdentityRevoked(ValueError):
+    """A revoked identity (`meshca revoke --spiffe-id`) asked for a certificate."""
+
+
 @dataclass(frozen=True)
 class WorkloadCertificate:
     """The certificate currently served as one identity's `default` secret."""
@@ -95,19 +99,36 @@ class WorkloadSecrets:
         self._issuing: dict[SpiffeId, threading.Lock] = {}
         self._issued_total = 0
         self._bundle: tuple[bytes, list[EncodedResource]] = (b"", [])
+        self._crls = b""
+        self._denied: frozenset[SpiffeId] = frozenset()
 
     def bundle_secrets(self) -> list[EncodedResource]:
-        """`ROOTCA`, `ALL` and `spiffe://<trust-domain>` all carry this CA's bundle."""
+        """`ROOTCA`, `ALL` and `spiffe://<trust-domain>` all carry this CA's bundle (and the CRLs, if set)."""
         bundle = self._issuer.trust_bundle_pem()
         with self._lock:
+            crls = self._crls
             cached_pem, cached = self._bundle
-            if cached_pem == bundle:
+            if cached_pem == bundle + crls:
                 return list(cached)
         names = (ROOT_CA_SECRET, ALL_BUNDLES_SECRET, f"spiffe://{self._issuer.trust_domain}")
-        encoded = [validation_context_secret(name, bundle) for name in names]
+        encoded = [validation_context_secret(name, bundle, crls) for name in names]
         with self._lock:
-            self._bundle = (bundle, encoded)
+            self._bundle = (bundle + crls, encoded)
         return list(encoded)
+
+    def set_crls(self, crls_pem: bytes) -> None:
+        """The CRLs every bundle secret carries from now on (the caller republishes)."""
+        with self._lock:
+            self._crls = crls_pem
+
+    def set_denied(self, denied: frozenset[SpiffeId]) -> None:
+        """Revoked identities: issuing for them raises IdentityRevoked from now on."""
+        with self._lock:
+            self._denied = denied
+
+    def is_denied(self, spiffe_id: SpiffeId) -> bool:
+        with self._lock:
+            return spiffe_id in self._denied
 
     def set_issue_listener(self, listener: Callable[[WorkloadCertificate], object]) -> None:
         """Called (outside the lock) after every issuance: the rotation scheduler tracks leaves so."""
@@ -173,6 +194,8 @@ class WorkloadSecrets:
 
     def _issue(self, spiffe_id: SpiffeId) -> _Issued:
         """Call the CA (the caller holds the identity's issuing lock, not the table's)."""
+        if self.is_denied(spiffe_id):
+            raise IdentityRevoked(f"identity {spiffe_id} is revoked (`meshca unrevoke --spiffe-id` lifts it)")
         leaf = self._issuer.issue_workload(spiffe_id, self._leaf_ttl)
         assert leaf.private_key_pem is not None, "issue_workload returns the generated key"
         info = WorkloadCertificate(spiffe_id, leaf.serial_number, leaf.not_before, leaf.not_after, self._clock())
@@ -280,7 +303,10 @@ class MeshPublisher:
         for spiffe_id in identities:
             secrets = held.get(spiffe_id)
             if secrets is None:
-                self._publish(spiffe_id)
+                try:
+                    self._publish(spiffe_id)
+                except IdentityRevoked:  # being forgotten
+                    continue
             else:
                 compose = partial(_published, shared_view, overlays.get(spiffe_id), secrets)
                 pending.append((self.snapshot_key(spiffe_id), compose))
@@ -319,6 +345,10 @@ class MeshPublisher:
         if published is None or published.of_type(ResourceType.SECRET).resources.get(DEFAULT_CERT_SECRET) is not secret:
             return None
         return key
+
+    def is_revoked(self, spiffe_id: SpiffeId) -> bool:
+        """True for an identity `meshca revoke --spiffe-id` revoked: it gets no certificate."""
+        return self._secrets.is_denied(spiffe_id)
 
     def forget(self, spiffe_id: SpiffeId) -> None:
         """Stop publishing for the identity and drop its snapshot (no stream of it is left)."""
@@ -364,7 +394,10 @@ class MeshPublisher:
         with self._lock:
             identities = list(self._identities)
         for spiffe_id in identities:
-            self._publish(spiffe_id)
+            try:
+                self._publish(spiffe_id)
+            except IdentityRevoked:  # being forgotten (meshca.app.MeshcaApp.on_revoked_identities)
+                continue
 
     def _publish(self, spiffe_id: SpiffeId) -> None:
         with self._publishing:

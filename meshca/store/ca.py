@@ -451,6 +451,9 @@ class ReplicatedCa:
     def trust_bundle_pem(self) -> bytes:
         return self._ca.trust_bundle_pem()
 
+    def crl_signers(self) -> list[tuple[Any, Any]]:
+        return self._ca.crl_signers()
+
     def status(self) -> CaStatus:
         return self._ca.status()
 

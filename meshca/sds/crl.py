@@ -1,0 +1,180 @@
+"""Revocations reaching the proxies: CRLs in every bundle secret, re-signed before expiry; revoked identities denied."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from typing import Any, Protocol
+
+from meshca.ca.api import CaError
+from meshca.ca.revocation import CrlSettings, Revocation, RevocationList, build_crls
+from meshca.clock import Clock
+from meshca.identity.spiffe import SpiffeId
+from meshca.sds.workloads import WorkloadSecrets
+
+
+class RevocationSource(Protocol):
+    """Where the revocation list lives (meshca.ca.revocation.StateDirRevocations, meshca.store.revocation)."""
+
+    def read(self) -> RevocationList: ...
+
+    def changed(self) -> RevocationList | None: ...
+
+    def update(self, change: Callable[[RevocationList], RevocationList]) -> RevocationList: ...
+
+
+class CrlAuthority(Protocol):
+    """The internal CA (CertificateAuthority, ReplicatedCa): every CA certificate with its key."""
+
+    @property
+    def generation(self) -> int: ...
+
+    def crl_signers(self) -> Sequence[tuple[Any, Any]]: ...
+
+
+class BundleRepublisher(Protocol):
+    def refresh_all(self) -> None: ...
+
+
+class RevocationPublisher:
+    """Keeps every bundle secret's CRLs current: after a revocation (another process's write, seen by `check`),
+    after a CA change (every CA certificate needs a CRL), and when the CRLs reach `settings.refresh` of their
+    validity. A newly revoked identity is denied issuance, the serials this replica issued for it are added to
+    the list, and `on_denied` hears the new set (the composition root forgets its leaves and rebuilds the mesh).
+
+    `check` runs on the CA-check job, right after the CA's own check: a renewal under a new intermediate never
+    runs before that intermediate's CRL is published (the scheduler runs one job at a time).
+    """
+
+    def __init__(
+        self,
+        ca: CrlAuthority,
+        source: RevocationSource,
+        secrets: WorkloadSecrets,
+        publisher: BundleRepublisher,
+        clock: Clock,
+        logger: logging.Logger,
+        settings: CrlSettings = CrlSettings(),
+        on_denied: Callable[[frozenset[SpiffeId], frozenset[SpiffeId]], None] | None = None,
+    ) -> None:
+        """`on_denied(denied, newly_denied)`: called with every revoked identity after a change."""
+        self._ca = ca
+        self._source = source
+        self._secrets = secrets
+        self._publisher = publisher
+        self._clock = clock
+        self._log = logger
+        self._settings = settings
+        self._on_denied = on_denied
+        self._lock = threading.Lock()
+        self._list = RevocationList()
+        self._denied: frozenset[SpiffeId] = frozenset()
+        self._generation: int | None = None
+        self._refresh_at: datetime | None = None
+        self._signed_at: datetime | None = None
+        self._crls = b""
+        self._updates = 0
+        self._failing = False
+
+    def start(self) -> None:
+        """Read the list and sign the first CRLs (before any proxy connects); CaError when unreadable."""
+        with self._lock:
+            self._adopt(self._source.read())
+            self._sign(self._clock())
+
+    def check(self) -> bool:
+        """Adopt a changed list and re-sign when due; True when the bundle secrets were republished."""
+        with self._lock:
+            try:
+                changed = self._source.changed()
+                if self._failing:
+                    self._log.info("revocation list readable again")
+                self._failing = False
+            except (CaError, OSError) as error:  # keep the list in force; the CRLs are still re-signed when due
+                if not self._failing:
+                    self._log.error("cannot read the revocation list; the current one stays in force: %s", error)
+                self._failing = True
+                changed = None
+            now = self._clock()
+            if changed is not None:
+                self._adopt(changed)
+            due = (
+                changed is not None
+                or self._ca.generation != self._generation
+                or (self._refresh_at is not None and now >= self._refresh_at)
+            )
+            if not due:
+                return False
+            self._sign(now)
+        self._publisher.refresh_all()
+        return True
+
+    @property
+    def revocations(self) -> RevocationList:
+        with self._lock:
+            return self._list
+
+    @property
+    def denied(self) -> frozenset[SpiffeId]:
+        with self._lock:
+            return self._denied
+
+    @property
+    def crls_pem(self) -> bytes:
+        with self._lock:
+            return self._crls
+
+    @property
+    def signed_at(self) -> datetime | None:
+        with self._lock:
+            return self._signed_at
+
+    def updates(self) -> int:
+        with self._lock:
+            return self._updates
+
+    def _adopt(self, revocations: RevocationList) -> None:
+        denied = frozenset(SpiffeId.parse(uri) for uri in revocations.denied_spiffe_ids)
+        previous = self._denied
+        newly = denied - previous
+        self._secrets.set_denied(denied)
+        if newly:
+            revocations = self._list_serials_of(revocations, newly)
+        self._list, self._denied = revocations, denied
+        self._log.info("revocation list version %d: %d entries, %d revoked identities",
+                       revocations.version, len(revocations.entries), len(denied))
+        if self._on_denied is not None and denied != previous:
+            self._on_denied(denied, newly)
+
+    def _list_serials_of(self, revocations: RevocationList, identities: frozenset[SpiffeId]) -> RevocationList:
+        """The list plus the serials of the certificates this replica holds for newly revoked identities, written
+        back so that every replica's CRLs list them (kept here alone if the write fails)."""
+        by_uri = {e.value: e for e in revocations.entries if e.kind == "spiffe_id"}
+        extra = []
+        for leaf in self._secrets.certificates():
+            if leaf.spiffe_id in identities:
+                cause = by_uri[leaf.spiffe_id.uri]
+                extra.append(Revocation("serial", f"{leaf.serial_number:x}", cause.reason, cause.revoked_at,
+                                        leaf.not_after, None, leaf.serial_number))
+        if not extra:
+            return revocations
+        try:
+            return self._source.update(lambda current: current.with_entries(extra))
+        except (CaError, OSError) as error:
+            self._log.error("cannot record the serials of revoked identities (this replica's CRLs list them): %s",
+                            error)
+            return revocations.with_entries(extra)
+
+    def _sign(self, now: datetime) -> None:
+        generation = self._ca.generation
+        signers = self._ca.crl_signers()
+        self._crls = build_crls(signers, self._list, now, self._settings)
+        self._secrets.set_crls(self._crls)
+        self._generation = generation
+        self._signed_at = now
+        self._refresh_at = now + self._settings.validity * self._settings.refresh
+        self._updates += 1
+        self._log.info("CRLs signed for %d CA certificates (%d revocations in force), next re-sign at %s",
+                       len(signers), len(self._list.pruned(now).entries), self._refresh_at.isoformat())
