@@ -4,7 +4,6 @@ under continuous traffic; the time from the command's exit to every Envoy holdin
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import socket
 import ssl
@@ -22,12 +21,11 @@ from meshca.clock import system_clock
 from meshca.dev.demo import Demo, DemoSettings, meshca_cli
 from meshca.dev.envoy_process import (
     EnvoyProcess,
-    dynamic_active_secrets,
     dynamic_listeners,
     dynamic_route_configs,
     wait_until,
 )
-from meshca.dev.harness import BACKEND, FRONTEND, TrafficLoop, envoy_chain
+from meshca.dev.harness import BACKEND, FRONTEND, TrafficLoop, crl_serials, envoy_chain
 from meshca.dev.tokens import mint_token
 from meshca.v1 import certificate_pb2, certificate_pb2_grpc
 
@@ -42,14 +40,6 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo]:
         yield running
     finally:
         running.stop()
-
-
-def crl_serials(envoy: EnvoyProcess) -> set[int]:
-    """Every serial the CRLs of Envoy's ROOTCA secret list (what it checks handshakes against)."""
-    secret = dynamic_active_secrets(envoy.config_dump()).get("ROOTCA", {})
-    inline = secret.get("validation_context", {}).get("crl", {}).get("inline_bytes", "")
-    pem = base64.b64decode(inline) if inline else b""
-    return {r.serial_number for block in crypto.split_pem_crls(pem) for r in crypto.parse_crl_pem(block).revoked}
 
 
 def own_frontend_leaf(demo: Demo, workdir: Path) -> tuple[Path, Path, int]:

@@ -43,6 +43,7 @@ from meshca.dev.harness import (
     Responder,
     TrafficLoop,
     backend_app,
+    crl_serials,
     envoy_certificate,
     envoy_chain,
     frontend_app,
@@ -382,6 +383,27 @@ class Demo:
         stats = self.envoys[BACKEND.name].stats()
         return sum(int(v) for k, v in stats.items() if k.endswith("ssl.fail_verify_san") and str(v).isdigit())
 
+    def revocation_check(self) -> bool | None:
+        """`meshca revoke --spiffe-id` frontend, as after a leak (the last step of a check: frontend stays revoked):
+        True when its certificate reached every peer's CRL and its next request is refused. None in the Vault
+        modes (Vault keeps their revocations)."""
+        if self.settings.vault_mode is not None:
+            return None
+        serial = envoy_chain(self.envoys[FRONTEND.name])[0].serial_number
+        meshca_cli("revoke", "--spiffe-id", FRONTEND.spiffe_id, "--config", str(self.material.serve_config))
+        started = time.monotonic()
+        peers = [envoy for name, envoy in self.envoys.items() if name != FRONTEND.name]
+        try:
+            wait_until(lambda: all(serial in crl_serials(envoy) for envoy in peers), 10, 0.05, "CRLs")
+        except TimeoutError:
+            self.say("revoked frontend: its certificate did not reach every peer's CRL within 10 s")
+            return False
+        propagated = time.monotonic() - started
+        refused = not self.one_request().ok
+        self.say(f"revoked {FRONTEND.spiffe_id}: its serial on every peer's CRL after {propagated:.2f} s; "
+                 f"its next request {'refused' if refused else 'still served (no per-request authorization)'}")
+        return refused
+
     def print_workloads(self, report: dict[str, dict[str, str | None]]) -> None:
         self.say("workloads (certificates as held by each Envoy, from its admin /certs):")
         for name, info in report.items():
@@ -471,6 +493,9 @@ class Demo:
             "peer_seen_by_backend": sorted(peers),
             "workloads": report,
         }
+        revoked = self.revocation_check()
+        if revoked is not None:
+            summary["revoked_refused"] = revoked
         vault_ok = True
         if self.settings.vault_mode is not None:
             summary["vault"] = self.vault_root_report()

@@ -15,6 +15,7 @@ from typing import Any
 
 from cryptography import x509
 
+from meshca.ca import crypto
 from meshca.dev.envoy_process import EnvoyProcess, dynamic_active_secrets, free_port
 
 TRUST_DOMAIN = "mesh.local"
@@ -193,6 +194,14 @@ def envoy_chain(envoy: EnvoyProcess) -> list[x509.Certificate]:
         return []
     inline = secret.get("tls_certificate", {}).get("certificate_chain", {}).get("inline_bytes", "")
     return x509.load_pem_x509_certificates(base64.b64decode(inline)) if inline else []
+
+
+def crl_serials(envoy: EnvoyProcess) -> set[int]:
+    """Every serial the CRLs of Envoy's ROOTCA secret list (what it checks handshakes against)."""
+    secret = dynamic_active_secrets(envoy.config_dump()).get("ROOTCA", {})
+    inline = secret.get("validation_context", {}).get("crl", {}).get("inline_bytes", "")
+    pem = base64.b64decode(inline) if inline else b""
+    return {r.serial_number for block in crypto.split_pem_crls(pem) for r in crypto.parse_crl_pem(block).revoked}
 
 
 def envoy_certificate(envoy: EnvoyProcess) -> CertificateView | None:
