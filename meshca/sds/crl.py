@@ -81,8 +81,8 @@ class RevocationPublisher:
     def start(self) -> None:
         """Read the list and sign the first CRLs (before any proxy connects); CaError when unreadable."""
         with self._lock:
-            self._adopt(self._source.read())
-            self._sign(self._clock())
+            self._adopt(self._source.read(), quiet=True)
+            self._sign(self._clock(), quiet=True)
 
     def check(self) -> bool:
         """Adopt a changed list and re-sign when due; True when the bundle secrets were republished."""
@@ -135,7 +135,7 @@ class RevocationPublisher:
         with self._lock:
             return self._updates
 
-    def _adopt(self, revocations: RevocationList) -> None:
+    def _adopt(self, revocations: RevocationList, quiet: bool = False) -> None:
         denied = frozenset(SpiffeId.parse(uri) for uri in revocations.denied_spiffe_ids)
         previous = self._denied
         newly = denied - previous
@@ -143,8 +143,10 @@ class RevocationPublisher:
         if newly:
             revocations = self._list_serials_of(revocations, newly)
         self._list, self._denied = revocations, denied
-        self._log.info("revocation list version %d: %d entries, %d revoked identities",
-                       revocations.version, len(revocations.entries), len(denied))
+        (self._log.debug if quiet else self._log.info)(
+            "revocation list version %d: %d entries, %d revoked identities",
+            revocations.version, len(revocations.entries), len(denied),
+        )
         if self._on_denied is not None and denied != previous:
             self._on_denied(denied, newly)
 
@@ -167,7 +169,7 @@ class RevocationPublisher:
                             error)
             return revocations.with_entries(extra)
 
-    def _sign(self, now: datetime) -> None:
+    def _sign(self, now: datetime, quiet: bool = False) -> None:
         generation = self._ca.generation
         signers = self._ca.crl_signers()
         self._crls = build_crls(signers, self._list, now, self._settings)
@@ -176,5 +178,5 @@ class RevocationPublisher:
         self._signed_at = now
         self._refresh_at = now + self._settings.validity * self._settings.refresh
         self._updates += 1
-        self._log.info("CRLs signed for %d CA certificates (%d revocations in force), next re-sign at %s",
+        (self._log.debug if quiet else self._log.info)("CRLs signed for %d CA certificates (%d revocations in force), next re-sign at %s",
                        len(signers), len(self._list.pruned(now).entries), self._refresh_at.isoformat())
