@@ -65,7 +65,7 @@ def crl_publishing(
     def make(app: MeshcaApp) -> RevocationPublisher:
         return RevocationPublisher(
             cast(CrlAuthority, app.ca), source, app.secrets, app.publisher, app.clock,
-            app.log.getChild("revocation"), settings, app.on_revoked_identities,
+            app.log.getChild("revocation"), settings, app.on_revoked_identities, app.on_leaves_revoked,
         )
 
     return make
@@ -221,6 +221,7 @@ class MeshcaApp:
             self.observability.add_collector(VaultCollector(vault, clock))
         self.health = health.HealthServicer()
         self._mesh_lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None  # the serving loop, once started
         self._mesh_config: MeshConfig | None = None
         self._denied_uris: frozenset[str] = frozenset()
         self.revocations: RevocationPublisher | None = None
@@ -251,6 +252,7 @@ class MeshcaApp:
             self.publisher.forget(spiffe_id)
             self.secrets.forget(spiffe_id)
             self.log.info("identity %s revoked: its certificate is no longer served or renewed", spiffe_id)
+            self._close_streams_of(spiffe_id)
         with self._mesh_lock:
             self._denied_uris = frozenset(spiffe_id.uri for spiffe_id in denied)
             config = self._mesh_config
@@ -259,6 +261,22 @@ class MeshcaApp:
                 self.apply_mesh_config(config)
             except InconsistentSnapshot as error:  # cannot happen for a config that applied before
                 self.log.error("mesh not rebuilt after a revocation: %s", error)
+
+    def on_leaves_revoked(self, identities: frozenset[SpiffeId]) -> None:
+        """Certificates held for these identities were revoked (by serial): renew them now, so that their sidecars
+        present a certificate the CRLs do not list."""
+        for spiffe_id in identities:
+            self.log.info("the certificate of %s was revoked: renewing it now", spiffe_id)
+            self.rotator.renew_soon(spiffe_id)
+
+    def _close_streams_of(self, spiffe_id: SpiffeId) -> None:
+        """End a revoked identity's xDS streams (PERMISSION_DENIED): its proxies keep what they have, are refused
+        while it stays revoked, and get a certificate again on their next attempt after `meshca unrevoke`."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(
+                self.xds.close_identity, spiffe_id.uri, grpc.StatusCode.PERMISSION_DENIED, f"identity {spiffe_id} is revoked"
+            )
 
     def _check_ca(self) -> None:
         """The CA check, then the CRLs (in this order, on the scheduler's one worker: see RevocationPublisher)."""
@@ -331,6 +349,7 @@ class MeshcaApp:
                 raise
         await server.start()
         self._server = server
+        self._loop = asyncio.get_running_loop()
         self.jobs.every("ca-watch", self.rotation.ca_check_interval.total_seconds(), self._check_ca)
         if self.server_certificate is not None:
             self.jobs.every(

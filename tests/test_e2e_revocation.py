@@ -108,6 +108,23 @@ def test_a_revoked_serial_is_refused_by_every_sidecar_and_other_traffic_goes_on(
     assert propagation < 5
 
 
+def test_a_revoked_serial_in_use_is_replaced_at_once_without_a_failed_request(demo: Demo) -> None:
+    frontend = demo.envoys[FRONTEND.name]
+    serial = envoy_chain(frontend)[0].serial_number
+    with TrafficLoop(demo.one_request) as traffic:
+        time.sleep(0.5)
+        meshca_cli("revoke", "--serial", f"{serial:x}", "--force", "--state-dir", str(demo.material.state_dir))
+        revoked_at = time.monotonic()
+        wait_until(lambda: envoy_chain(frontend)[0].serial_number != serial, 15, 0.05,
+                   "frontend's sidecar presents a new certificate")
+        replaced = time.monotonic() - revoked_at
+        wait_until(lambda: all(serial in crl_serials(e) for e in demo.envoys.values()), 15, 0.05,
+                   "every Envoy holds the CRL listing the revoked serial")
+        time.sleep(1.0)
+    print(f"\nrevoked serial in use: replaced in frontend's sidecar {replaced:.2f} s after meshca revoke")
+    assert traffic.failures == [] and traffic.ok > 10
+
+
 def test_a_revoked_identity_gets_no_certificate_and_its_current_one_is_listed(demo: Demo, tmp_path: Path) -> None:
     frontend = demo.envoys[FRONTEND.name]
     serial = envoy_chain(frontend)[0].serial_number
@@ -127,3 +144,7 @@ def test_a_revoked_identity_gets_no_certificate_and_its_current_one_is_listed(de
     meshca_cli("unrevoke", "--spiffe-id", FRONTEND.spiffe_id, "--state-dir", str(demo.material.state_dir))
     wait_until(lambda: isinstance(own_frontend_leaf(demo, tmp_path)[2], int), 10, 0.2,
                "the identity gets certificates again")
+    # its sidecar's stream was ended at the revocation: it reconnects, gets a new certificate and calls again
+    wait_until(lambda: envoy_chain(frontend)[0].serial_number != serial, 20, 0.1,
+               "frontend's sidecar holds a new certificate after unrevoke")
+    wait_until(lambda: demo.one_request().ok, 10, 0.1, "frontend's requests go through again")

@@ -58,8 +58,11 @@ class RevocationPublisher:
         logger: logging.Logger,
         settings: CrlSettings = CrlSettings(),
         on_denied: Callable[[frozenset[SpiffeId], frozenset[SpiffeId]], None] | None = None,
+        on_leaves_revoked: Callable[[frozenset[SpiffeId]], None] | None = None,
     ) -> None:
-        """`on_denied(denied, newly_denied)`: called with every revoked identity after a change."""
+        """`on_denied(denied, newly_denied)`: called with every revoked identity after a change.
+        `on_leaves_revoked(identities)`: identities (not revoked themselves) whose certificate held here now has a
+        revoked serial: the composition root renews them at once, so their sidecars stop presenting it."""
         self._ca = ca
         self._source = source
         self._secrets = secrets
@@ -68,6 +71,7 @@ class RevocationPublisher:
         self._log = logger
         self._settings = settings
         self._on_denied = on_denied
+        self._on_leaves_revoked = on_leaves_revoked
         self._lock = threading.Lock()
         self._list = RevocationList()
         self._denied: frozenset[SpiffeId] = frozenset()
@@ -149,6 +153,14 @@ class RevocationPublisher:
         )
         if self._on_denied is not None and denied != previous:
             self._on_denied(denied, newly)
+        revoked_serials = {e.serial for e in revocations.entries if e.kind != "spiffe_id" and e.serial is not None}
+        in_use = frozenset(
+            leaf.spiffe_id
+            for leaf in self._secrets.certificates()
+            if leaf.serial_number in revoked_serials and leaf.spiffe_id not in denied
+        )
+        if in_use and self._on_leaves_revoked is not None:
+            self._on_leaves_revoked(in_use)
 
     def _list_serials_of(self, revocations: RevocationList, identities: frozenset[SpiffeId]) -> RevocationList:
         """The list plus the serials of the certificates this replica holds for newly revoked identities, written

@@ -193,6 +193,10 @@ class LeafRotator:
         self._log.info("rotated workload certificate: identity=%s serial=%x", spiffe_id, leaf.serial_number)
         self._publisher.refresh(spiffe_id)
 
+    def renew_soon(self, spiffe_id: SpiffeId) -> None:
+        """Renew now, on the scheduler (e.g. its current certificate was revoked)."""
+        self._scheduler.schedule(self.job_id(spiffe_id), self._clock(), lambda: self.renew(spiffe_id))
+
     def reissue_all(self, window: timedelta, max_rate: float, deadline: datetime | None = None) -> list[datetime]:
         """After a CA change: re-issue every tracked leaf, spread out (herd control).
 

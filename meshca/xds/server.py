@@ -263,6 +263,7 @@ class _Inbox:
         self._pause = pause
         self._holding = False
         self._close: _Close | None = None
+        self.identity: str | None = None  # set once the stream is admitted
 
     def close(self, code: grpc.StatusCode, message: str) -> None:
         """End the stream with this status at its next step (before any request or push still waiting)."""
@@ -446,6 +447,7 @@ class XdsServer:
 
             allowed = [fixed_type] if fixed_type is not None else list(ResourceType)
             protocol = variant.new_stream(allowed, lambda: str(next(self._nonces)))
+            inbox.identity = admission.identity
             stream_id = self._registry.open(node.id, admission.identity, admission.snapshot_key)
             self._log.info(
                 "xds stream opened: node=%s identity=%s stream=%d protocol=%s",
@@ -537,6 +539,13 @@ class XdsServer:
             client_text(refused.message),
             extra={"peer": peer},
         )
+
+    def close_identity(self, identity: str, code: grpc.StatusCode, message: str) -> int:
+        """End every admitted stream of this identity with `code` at its next step; how many were ended."""
+        inboxes = [inbox for inbox in self._streams if inbox.identity == identity]
+        for inbox in inboxes:
+            inbox.close(code, message)
+        return len(inboxes)
 
     def shutdown(self) -> None:
         """End every stream now with UNAVAILABLE, so proxies reconnect (to another replica); refuse new ones.
