@@ -25,9 +25,11 @@ from meshca.xds.snapshot import ResourceType
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo]:
-    running = Demo(DemoSettings(check=True, workdir=tmp_path_factory.mktemp("authz")), sys.stdout, system_clock)
+@pytest.fixture(scope="module", params=["DELTA_GRPC", "GRPC"])
+def demo(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo]:
+    """The demo's mesh with its sidecars on delta ADS (the default) and on state of the world."""
+    settings = DemoSettings(check=True, workdir=tmp_path_factory.mktemp("authz"), api_type=request.param)
+    running = Demo(settings, sys.stdout, system_clock)
     try:
         running.start()
         yield running
@@ -78,8 +80,8 @@ def test_removed_caller_is_refused_on_its_open_connection_within_a_second_of_the
     after_ack = removal.refused_at - applied_at
     assert removal.seconds is not None
     print(
-        f"\ncaller removed -> first refusal on the open connection: {removal.seconds:.3f} s after the mesh "
-        f"edit, {after_ack:.3f} s after backend's Envoy applied the route configuration"
+        f"\n{demo.settings.api_type}: caller removed -> first refusal on the open connection: {removal.seconds:.3f} s "
+        f"after the mesh edit, {after_ack:.3f} s after backend's Envoy applied the route configuration"
     )
     assert after_ack < 1.0
     assert removal.readmitted
