@@ -153,3 +153,6 @@ def test_demo_check_command_exits_zero_with_json_summary(tmp_path: Path) -> None
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["requests_ok"] == 5 and summary["requests_failed"] == 0
     assert summary["denied_as_expected"] is True
+    # an edit during the run removed frontend from backend's callers: refused on its open connection, then put back
+    assert summary["caller_removed_refused"] is True and summary["caller_readmitted"] is True
+    assert "removed frontend from backend's allow" in result.stdout

@@ -4,7 +4,6 @@ under continuous traffic; the time from the command's exit to every Envoy holdin
 from __future__ import annotations
 
 import asyncio
-import json
 import socket
 import ssl
 import sys
@@ -21,8 +20,6 @@ from meshca.clock import system_clock
 from meshca.dev.demo import Demo, DemoSettings, meshca_cli
 from meshca.dev.envoy_process import (
     EnvoyProcess,
-    dynamic_listeners,
-    dynamic_route_configs,
     wait_until,
 )
 from meshca.dev.harness import BACKEND, FRONTEND, TrafficLoop, crl_serials, envoy_chain
@@ -137,10 +134,10 @@ def test_a_revoked_identity_gets_no_certificate_and_its_current_one_is_listed(de
     with pytest.raises(grpc.RpcError) as refused:
         own_frontend_leaf(demo, tmp_path)
     assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED and "revoked" in (refused.value.details() or "")
-    dump = demo.envoys[BACKEND.name].config_dump()
-    backend_config = json.dumps([dynamic_listeners(dump), dynamic_route_configs(dump)])
-    if "filters.http.rbac.v3.RBAC" in backend_config:  # the per-request authorization (issue 14 item 1) is there
-        wait_until(lambda: not demo.one_request().ok, 5, 0.05, "the revoked identity's next request refused")
+    # refused per request (RBAC over RDS) also on frontend's open connection to backend
+    denied_before = int(demo.envoys[BACKEND.name].stats().get("http.inbound_backend.rbac.denied", 0))
+    wait_until(lambda: not demo.one_request().ok, 5, 0.05, "the revoked identity's next request refused")
+    assert int(demo.envoys[BACKEND.name].stats().get("http.inbound_backend.rbac.denied", 0)) > denied_before
     meshca_cli("unrevoke", "--spiffe-id", FRONTEND.spiffe_id, "--state-dir", str(demo.material.state_dir))
     wait_until(lambda: isinstance(own_frontend_leaf(demo, tmp_path)[2], int), 10, 0.2,
                "the identity gets certificates again")

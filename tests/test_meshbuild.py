@@ -12,7 +12,9 @@ import yaml
 from envoy_data_plane.envoy.config.cluster.v3 import Cluster, ClusterDiscoveryType
 from envoy_data_plane.envoy.config.endpoint.v3 import ClusterLoadAssignment
 from envoy_data_plane.envoy.config.listener.v3 import Listener
+from envoy_data_plane.envoy.config.rbac.v3 import Principal
 from envoy_data_plane.envoy.config.route.v3 import RouteConfiguration
+from envoy_data_plane.envoy.extensions.filters.http.rbac.v3 import Rbac, RbacPerRoute
 from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import HttpConnectionManager
 from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import (
     CommonTlsContext,
@@ -239,6 +241,101 @@ def test_allow_rules_become_san_matchers_and_mtls_is_always_required(
     context = tls_context(Listener.parse(own[ResourceType.LISTENER, f"inbound|{service}"].payload))
     assert context.require_client_certificate is True
     assert san_matchers(context.common_tls_context) == expected
+
+
+def _matcher(principal: Principal) -> tuple[str, str]:
+    name = principal.authenticated.principal_name
+    return ("exact", name.exact) if name.exact else ("prefix", name.prefix)
+
+
+def request_policy(routes: RouteConfiguration) -> tuple[list[tuple[str, str]], list[str]]:
+    """(allowed matchers, denied exact IDs) of the RBACPerRoute on the inbound route's virtual host."""
+    per_route = routes.virtual_hosts[0].typed_per_filter_config["envoy.filters.http.rbac"].unpack()
+    assert isinstance(per_route, RbacPerRoute)
+    policies = per_route.rbac.rules.policies
+    assert list(policies) == ["callers"] and policies["callers"].permissions[0].any is True
+    principals = policies["callers"].principals
+    if principals[0].and_ids is None:
+        return [_matcher(p) for p in principals], []
+    allowed, denied = principals[0].and_ids.ids
+    return [_matcher(p) for p in allowed.or_ids.ids], [_matcher(p)[1] for p in denied.not_id.or_ids.ids]
+
+
+@pytest.mark.parametrize(
+    "service, expected",
+    [
+        ("backend", [("exact", f"spiffe://{TD}/ns/shop/sa/frontend")]),
+        ("backend-v2", [("exact", f"spiffe://{TD}/ns/ops/sa/probe"), ("prefix", f"spiffe://{TD}/ns/shop/sa/")]),
+        ("catalog", [("prefix", f"spiffe://{TD}/")]),
+        ("ledger", [("prefix", f"spiffe://{TD}/")]),
+    ],
+)
+def test_allow_rules_are_also_checked_per_request_by_rbac_on_the_inbound_route(
+    service: str, expected: list[tuple[str, str]]
+) -> None:
+    config = parse()
+    served = config.service(service)
+    assert served is not None
+    own = by_key(build_mesh(config).per_identity[served.spiffe_id])
+    manager = connection_manager(Listener.parse(own[ResourceType.LISTENER, f"inbound|{service}"].payload))
+    assert [f.name for f in manager.http_filters] == ["envoy.filters.http.rbac", "envoy.filters.http.router"]
+    base = manager.http_filters[0].typed_config.unpack()
+    assert isinstance(base, Rbac) and base.rules is not None and base.rules.policies == {}  # fail closed
+    routes = RouteConfiguration.parse(own[ResourceType.ROUTE, f"inbound|{service}"].payload)
+    assert request_policy(routes) == (expected, [])
+    # the outbound side has no per-request check: the app's own calls
+    intruder = by_key(build_mesh(config).per_identity[identity("attic", "intruder")])
+    outbound = Listener.parse(intruder[ResourceType.LISTENER, "outbound|15001"].payload)
+    assert [f.name for f in connection_manager(outbound).http_filters] == ["envoy.filters.http.router"]
+
+
+def test_denied_identities_are_refused_per_request_wherever_a_rule_would_admit_them() -> None:
+    probe, frontend = f"spiffe://{TD}/ns/ops/sa/probe", f"spiffe://{TD}/ns/shop/sa/frontend"
+    stranger = f"spiffe://{TD}/ns/nowhere/sa/x"
+    config = parse()
+    plain = build_mesh(config)
+    mesh = build_mesh(config, denied_spiffe_ids=frozenset({probe, frontend, stranger}))
+
+    def inbound(m: MeshResources, service: str) -> EncodedResource:
+        served = config.service(service)
+        assert served is not None
+        return by_key(m.per_identity[served.spiffe_id])[ResourceType.ROUTE, f"inbound|{service}"]
+
+    expected = {
+        "backend": [frontend],  # its exact ID
+        "backend-v2": [probe, frontend],  # an exact ID and a namespace rule
+        "catalog": [probe, frontend, stranger],  # '*': the whole trust domain
+        "ledger": [probe, frontend, stranger],  # no allow: the whole trust domain
+        "frontend-admin": [probe, frontend, stranger],
+    }
+    for service, denied in expected.items():
+        allowed, refused = request_policy(RouteConfiguration.parse(inbound(mesh, service).payload))
+        assert allowed == request_policy(RouteConfiguration.parse(inbound(plain, service).payload))[0]
+        assert refused == sorted(denied), service
+    # the handshake check (the listener) is unchanged: a denied identity's connections are refused per request
+    def listener(m: MeshResources) -> bytes:
+        return by_key(m.per_identity[identity("shop", "backend")])[ResourceType.LISTENER, "inbound|backend"].payload
+
+    assert listener(mesh) == listener(plain)
+    # a denied ID no rule admits changes nothing
+    only_stranger = build_mesh(parse(), denied_spiffe_ids=frozenset({f"spiffe://{TD}/ns/shop/sa/nobody"}))
+    assert inbound(only_stranger, "backend").payload == inbound(plain, "backend").payload
+
+
+def test_denying_through_a_memo_reencodes_only_the_affected_routes() -> None:
+    memo = ResourceMemo()
+    config = parse()
+    first = build_mesh(config, memo)
+    second = build_mesh(config, memo, denied_spiffe_ids=frozenset({f"spiffe://{TD}/ns/ops/sa/probe"}))
+
+    def everything(m: MeshResources) -> list[EncodedResource]:
+        return [*m.shared, *(res for own in m.per_identity.values() for res in own)]
+
+    before = {(res.type, res.name): res for res in everything(first)}
+    changed = sorted(res.name for res in everything(second) if before[res.type, res.name] is not res)
+    # backend admits only frontend; the others admit ops/probe by ID, by '*' or by an empty allow
+    assert changed == ["inbound|backend-v2", "inbound|catalog", "inbound|frontend-admin", "inbound|ledger"]
+    assert build_mesh(config, memo).version == first.version
 
 
 def test_calling_identity_gets_a_loopback_outbound_listener_on_the_outbound_routes() -> None:

@@ -22,6 +22,15 @@ from envoy_data_plane.envoy.config.core.v3 import (
 )
 from envoy_data_plane.envoy.config.endpoint.v3 import ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints
 from envoy_data_plane.envoy.config.listener.v3 import Filter, FilterChain, Listener
+from envoy_data_plane.envoy.config.rbac.v3 import (
+    Permission,
+    Policy,
+    Principal,
+    PrincipalAuthenticated,
+    PrincipalSet,
+    RbacAction,
+)
+from envoy_data_plane.envoy.config.rbac.v3 import Rbac as RbacRules
 from envoy_data_plane.envoy.config.route.v3 import (
     Route,
     RouteAction,
@@ -31,6 +40,7 @@ from envoy_data_plane.envoy.config.route.v3 import (
     WeightedCluster,
     WeightedClusterClusterWeight,
 )
+from envoy_data_plane.envoy.extensions.filters.http.rbac.v3 import Rbac, RbacPerRoute
 from envoy_data_plane.envoy.extensions.filters.http.router.v3 import Router
 from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import (
     HttpConnectionManager,
@@ -149,6 +159,24 @@ def _ref_action(spec: r.RouteSpec) -> RouteAction:
     )
 
 
+def _ref_authenticated(exact: str | None = None, prefix: str | None = None) -> Principal:
+    return Principal(authenticated=PrincipalAuthenticated(principal_name=StringMatcher(exact=exact, prefix=prefix)))
+
+
+def ref_rbac_per_route(policy: r.CallerPolicy) -> RbacPerRoute:
+    allowed = [_ref_authenticated(exact=i) for i in policy.allowed_spiffe_ids]
+    allowed += [_ref_authenticated(prefix=p) for p in policy.allowed_spiffe_prefixes]
+    policies = {}
+    if allowed:
+        principals = allowed
+        if policy.denied_spiffe_ids:
+            denied = Principal(or_ids=PrincipalSet(ids=[_ref_authenticated(exact=i) for i in policy.denied_spiffe_ids]))
+            principals = [Principal(and_ids=PrincipalSet(ids=[Principal(or_ids=PrincipalSet(ids=allowed)),
+                                                              Principal(not_id=denied)]))]
+        policies["callers"] = Policy(permissions=[Permission(any=True)], principals=principals)
+    return RbacPerRoute(rbac=Rbac(rules=RbacRules(action=RbacAction.ALLOW, policies=policies)))
+
+
 def ref_route_configuration(name: str, virtual_hosts: tuple[r.VirtualHostSpec, ...]) -> RouteConfiguration:
     return RouteConfiguration(
         name=name,
@@ -157,6 +185,9 @@ def ref_route_configuration(name: str, virtual_hosts: tuple[r.VirtualHostSpec, .
                 name=vh.name,
                 domains=list(vh.domains),
                 routes=[Route(match=RouteMatch(prefix=rt.prefix), route=_ref_action(rt)) for rt in vh.routes],
+                typed_per_filter_config=(
+                    {} if vh.callers is None else {"envoy.filters.http.rbac": AnyMessage.pack(ref_rbac_per_route(vh.callers))}
+                ),
             )
             for vh in virtual_hosts
         ],
@@ -167,7 +198,14 @@ def ref_http_listener(spec: r.HttpListenerSpec) -> Listener:
     manager = HttpConnectionManager(
         stat_prefix=spec.stat_prefix or spec.name,
         rds=Rds(config_source=_ADS, route_config_name=spec.route_config_name),
-        http_filters=[HttpFilter(name="envoy.filters.http.router", typed_config=AnyMessage.pack(Router()))],
+        http_filters=[
+            *(
+                [HttpFilter(name="envoy.filters.http.rbac", typed_config=AnyMessage.pack(Rbac(rules=RbacRules())))]
+                if spec.authorize_requests
+                else []
+            ),
+            HttpFilter(name="envoy.filters.http.router", typed_config=AnyMessage.pack(Router())),
+        ],
         forward_client_cert_details=(
             HttpConnectionManagerForwardClientCertDetails.SANITIZE_SET
             if spec.downstream_tls is not None
@@ -315,6 +353,23 @@ def cla_cases() -> Iterator[tuple[str, tuple[tuple[str, int], ...]]]:
         )
 
 
+CALLER_POLICIES = (
+    r.CallerPolicy(),  # nothing allowed: RBAC without policies refuses every request
+    r.CallerPolicy(allowed_spiffe_ids=(f"{TD}/ns/shop/sa/frontend",)),
+    r.CallerPolicy(allowed_spiffe_prefixes=(f"{TD}/",)),
+    r.CallerPolicy((f"{TD}/ns/a/sa/b", f"{TD}/ns/c/sa/d"), (f"{TD}/ns/shop/sa/",), (f"{TD}/ns/shop/sa/evil",)),
+    r.CallerPolicy(allowed_spiffe_prefixes=(f"{TD}/",), denied_spiffe_ids=(f"{TD}/ns/x/sa/y", f"{TD}/ns/ü/sa/z")),
+    r.CallerPolicy(denied_spiffe_ids=(f"{TD}/ns/x/sa/y",)),  # denied without allowed: still refuses everything
+    r.CallerPolicy(allowed_spiffe_ids=("",), allowed_spiffe_prefixes=("",)),
+)
+
+
+def _callers(rng: random.Random) -> r.CallerPolicy:
+    peer = _peer(rng)
+    denied = tuple(f"{TD}/ns/{_names(rng)}/sa/{_names(rng)}" for _ in range(rng.choice([0, 0, 1, 3])))
+    return r.CallerPolicy(peer.allowed_spiffe_ids, peer.allowed_spiffe_prefixes, denied)
+
+
 def route_cases() -> Iterator[tuple[str, tuple[r.VirtualHostSpec, ...]]]:
     yield "none", ()
     yield "", (r.VirtualHostSpec(""),)
@@ -342,6 +397,9 @@ def route_cases() -> Iterator[tuple[str, tuple[r.VirtualHostSpec, ...]]]:
             ),
         ),
     )
+    inbound = (r.RouteSpec("/", (("local|backend", 1),)),)
+    for callers in CALLER_POLICIES:
+        yield "inbound|backend", (r.VirtualHostSpec("backend", ("*",), inbound, callers),)
     rng = random.Random(3)
     for _ in range(100):
         hosts = []
@@ -357,7 +415,7 @@ def route_cases() -> Iterator[tuple[str, tuple[r.VirtualHostSpec, ...]]]:
                 for _ in range(rng.choice([0, 1, 3, 8]))
             )
             domains = tuple(rng.choice(["*", "", "shop.example", _names(rng)]) for _ in range(rng.choice([0, 1, 3])))
-            hosts.append(r.VirtualHostSpec(_names(rng), domains, routes))
+            hosts.append(r.VirtualHostSpec(_names(rng), domains, routes, rng.choice([None, _callers(rng)])))
         yield _names(rng), tuple(hosts)
 
 
@@ -365,6 +423,7 @@ def listener_specs() -> Iterator[r.HttpListenerSpec]:
     for peer in (None, r.MtlsPeer(), r.MtlsPeer(allowed_spiffe_prefixes=(f"{TD}/ns/shop/sa/",))):
         for stat_prefix in ("", "inbound_backend"):
             yield r.HttpListenerSpec("inbound|backend", "0.0.0.0", 15006, "inbound|backend", peer, stat_prefix)
+            yield r.HttpListenerSpec("inbound|backend", "0.0.0.0", 15006, "inbound|backend", peer, stat_prefix, True)
     yield r.HttpListenerSpec("", "", 0, "")
     for port in PORTS:
         yield r.HttpListenerSpec("l", "::", port, "routes")
@@ -377,6 +436,7 @@ def listener_specs() -> Iterator[r.HttpListenerSpec]:
             _names(rng),
             downstream_tls=rng.choice([None, _peer(rng)]),
             stat_prefix=rng.choice(["", _names(rng)]),
+            authorize_requests=rng.random() < 0.5,
         )
 
 
@@ -478,6 +538,28 @@ def test_nested_any_type_urls() -> None:
     assert isinstance(cluster.transport_socket.typed_config.unpack(), UpstreamTlsContext)
     options = cluster.typed_extension_protocol_options["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
     assert isinstance(options.unpack(), HttpProtocolOptions)
+
+
+def test_request_authorization_decodes_to_the_reference_messages() -> None:
+    """The listener's RBAC filter comes before the router and refuses by default (rules present, no
+    policies); the route's RBACPerRoute, keyed by the filter's name, allows the callers, minus the denied."""
+    spec = r.HttpListenerSpec("l", "0.0.0.0", 1, "rc", downstream_tls=r.MtlsPeer(), authorize_requests=True)
+    manager = Listener.parse(r.http_listener(spec).payload).filter_chains[0].filters[0].typed_config.unpack()
+    assert [f.name for f in manager.http_filters] == ["envoy.filters.http.rbac", "envoy.filters.http.router"]
+    base = manager.http_filters[0].typed_config.unpack()
+    assert isinstance(base, Rbac) and base.rules == RbacRules(action=RbacAction.ALLOW, policies={})
+    policy = CALLER_POLICIES[3]
+    host = RouteConfiguration.parse(r.route_configuration("rc", (r.VirtualHostSpec("vh", callers=policy),)).payload)
+    per_route = host.virtual_hosts[0].typed_per_filter_config["envoy.filters.http.rbac"].unpack()
+    assert isinstance(per_route, RbacPerRoute) and per_route == ref_rbac_per_route(policy)
+    principal = per_route.rbac.rules.policies["callers"].principals[0]
+    allowed, denied = principal.and_ids.ids
+    assert [p.authenticated.principal_name for p in allowed.or_ids.ids] == [
+        StringMatcher(exact=f"{TD}/ns/a/sa/b"),
+        StringMatcher(exact=f"{TD}/ns/c/sa/d"),
+        StringMatcher(prefix=f"{TD}/ns/shop/sa/"),
+    ]
+    assert denied.not_id.or_ids.ids[0].authenticated.principal_name == StringMatcher(exact=f"{TD}/ns/shop/sa/evil")
 
 
 INVALID: list[tuple[str, Callable[[], Any], Callable[[], Any] | None]] = [

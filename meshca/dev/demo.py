@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -107,6 +108,29 @@ def meshca_cli(*args: str) -> str:
     if result.returncode != 0:
         raise RuntimeError(f"meshca {' '.join(args[:2])} failed: {result.stderr.strip()}")
     return result.stdout
+
+
+@dataclass(frozen=True)
+class CallerRemoval:
+    """What happened when frontend was removed from backend's callers and then put back."""
+
+    changed_at: float  # wall-clock time of the mesh file edit (comparable with Envoy's last_updated)
+    refused_at: float | None  # the first request answered other than 200, or None if none within the timeout
+    status: int  # that request's status (403 from backend's RBAC; 503 would be a refused new connection)
+    same_connection: bool  # frontend's sidecar opened no new connection to backend up to that refusal
+    readmitted: bool  # after the edit was undone, requests passed again
+
+    @property
+    def refused(self) -> bool:
+        return self.refused_at is not None and self.status == 403 and self.same_connection
+
+    @property
+    def seconds(self) -> float | None:
+        return None if self.refused_at is None else self.refused_at - self.changed_at
+
+
+UPSTREAM_CONNECTIONS = "cluster.outbound|backend.upstream_cx_total"  # in frontend's sidecar
+ABSENT_CALLER = f"spiffe://{TRUST_DOMAIN}/ns/shop/sa/auditor"  # an allowed caller no workload is
 
 
 class ChildDied(RuntimeError):
@@ -379,6 +403,45 @@ class Demo:
         status, _ = http_get(f"http://127.0.0.1:{self.ports.intruder_outbound}/steal")
         return status
 
+    def _now(self) -> float:
+        """Wall-clock seconds from the injected clock (comparable with Envoy's `last_updated`)."""
+        return self.clock().timestamp()
+
+    def caller_removal(self, timeout: float = 10.0, when_refused: Callable[[], object] | None = None) -> CallerRemoval:
+        """Remove frontend from backend's `allow` while frontend's sidecar holds a kept-alive connection
+        to backend, send requests until one is refused, then undo the edit.
+
+        Requests go to frontend's sidecar directly (what frontend's app does), one after another, so
+        its pooled connection to backend is reused: the refusal comes from backend's RBAC filter, per
+        request (the route configuration over RDS), not from a new handshake. `when_refused` runs
+        after the refusal, before the edit is undone (a test inspects the Envoys there)."""
+        outbound = f"http://127.0.0.1:{self.ports.frontend_outbound}/hello"
+        frontend = self.envoys[FRONTEND.name]
+        self.wait_for(lambda: http_get(outbound)[0] == 200, "frontend -> backend answering")
+        opened = frontend.stats().get(UPSTREAM_CONNECTIONS)
+        original = mesh_config(self.ports)
+        edited = copy.deepcopy(original)
+        edited["services"][BACKEND.name]["allow"] = [ABSENT_CALLER]  # an empty list would admit the trust domain
+        changed_at = self._now()
+        self.write_mesh(edited)
+        status, refused_at = 200, None
+        while self._now() - changed_at < timeout:
+            status, _ = http_get(outbound)
+            if status != 200:
+                refused_at = self._now()
+                break
+            time.sleep(0.01)
+        same_connection = frontend.stats().get(UPSTREAM_CONNECTIONS) == opened
+        if when_refused is not None:
+            when_refused()
+        self.write_mesh(original)
+        readmitted_at = self._now()
+        readmitted = False
+        while not readmitted and self._now() - readmitted_at < timeout:
+            readmitted = http_get(outbound)[0] == 200
+            time.sleep(0.01)
+        return CallerRemoval(changed_at, refused_at, status, same_connection, readmitted)
+
     def backend_refused_handshakes(self) -> int:
         stats = self.envoys[BACKEND.name].stats()
         return sum(int(v) for k, v in stats.items() if k.endswith("ssl.fail_verify_san") and str(v).isdigit())
@@ -399,10 +462,14 @@ class Demo:
             self.say("revoked frontend: its certificate did not reach every peer's CRL within 10 s")
             return False
         propagated = time.monotonic() - started
-        refused = not self.one_request().ok
-        self.say(f"revoked {FRONTEND.spiffe_id}: its serial on every peer's CRL after {propagated:.2f} s; "
-                 f"its next request {'refused' if refused else 'still served (no per-request authorization)'}")
-        return refused
+        try:  # the CRL and the rebuilt routes (RBAC) are separate pushes: the refusal may trail the CRL a little
+            wait_until(lambda: not self.one_request().ok, 5, 0.05, "refused")
+            refused_after: float | None = time.monotonic() - started
+        except TimeoutError:
+            refused_after = None
+        self.say(f"revoked {FRONTEND.spiffe_id}: its serial on every peer's CRL after {propagated:.2f} s; its requests "
+                 + (f"refused after {refused_after:.2f} s" if refused_after is not None else "still served after 5 s"))
+        return refused_after is not None
 
     def print_workloads(self, report: dict[str, dict[str, str | None]]) -> None:
         self.say("workloads (certificates as held by each Envoy, from its admin /certs):")
@@ -484,12 +551,22 @@ class Demo:
             f"intruder ({INTRUDER.spiffe_id}) -> backend: HTTP {intruder_status}; "
             f"backend sidecar refused {refused} TLS handshake(s) for a SPIFFE ID not allowed"
         )
+        removal = self.caller_removal()
+        when = f"{removal.seconds:.2f} s after the edit" if removal.seconds is not None else "never"
+        self.say(
+            f"removed frontend from backend's allow: its next request on its open connection got HTTP "
+            f"{removal.status} ({when}; same connection: {removal.same_connection}); put back: "
+            f"{'requests pass again' if removal.readmitted else 'requests still refused'}"
+        )
         summary = {
             "requests_ok": ok,
             "requests_failed": failed,
             "denied_as_expected": denied,
             "intruder_status": intruder_status,
             "backend_refused_handshakes": refused,
+            "caller_removed_refused": removal.refused,
+            "caller_removed_refused_seconds": None if removal.seconds is None else round(removal.seconds, 3),
+            "caller_readmitted": removal.readmitted,
             "peer_seen_by_backend": sorted(peers),
             "workloads": report,
         }
@@ -503,7 +580,8 @@ class Demo:
             self.say(f"workload chains verify to Vault's root {summary['vault']['root_subject']}: "
                      f"{summary['vault']['chains_verify_to_vault_root']}; "
                      f"leaves have basicConstraints CA:FALSE: {summary['vault']['leaves_basic_constraints_ca_false']}")
-        return (0 if ok == self.settings.requests and failed == 0 and denied and vault_ok else 1), summary
+        held = removal.refused and removal.readmitted and revoked is not False
+        return (0 if ok == self.settings.requests and failed == 0 and denied and held and vault_ok else 1), summary
 
     def run_forever(self, stop: threading.Event) -> int:
         self.print_workloads(self.workloads_report())

@@ -110,6 +110,18 @@ def _allowed_callers(rules: tuple[AllowRule, ...], trust_domain: str) -> r.MtlsP
     )
 
 
+def _caller_policy(callers: r.MtlsPeer, denied_spiffe_ids: frozenset[str]) -> r.CallerPolicy:
+    """The per-request policy for the callers the handshake admits; only denied IDs these callers
+    would include are listed, so denying an identity changes only the sidecars it could call."""
+    denied = sorted(
+        spiffe_id
+        for spiffe_id in denied_spiffe_ids
+        if spiffe_id in callers.allowed_spiffe_ids
+        or any(spiffe_id.startswith(prefix) for prefix in callers.allowed_spiffe_prefixes)
+    )
+    return r.CallerPolicy(callers.allowed_spiffe_ids, callers.allowed_spiffe_prefixes, tuple(denied))
+
+
 def _outbound(service: Service, encode: _Encoder) -> tuple[EncodedResource, ...]:
     """What every caller of a service needs: its mTLS cluster and its endpoints."""
     name = outbound_cluster_name(service.name)
@@ -139,7 +151,7 @@ def _shared(config: MeshConfig, encode: _Encoder) -> list[EncodedResource]:
     return resources
 
 
-def _sidecar(service: Service, trust_domain: str, encode: _Encoder) -> list[EncodedResource]:
+def _sidecar(service: Service, trust_domain: str, denied: frozenset[str], encode: _Encoder) -> list[EncodedResource]:
     resources: list[EncodedResource] = []
     if service.inbound is not None:
         inbound = service.inbound
@@ -147,11 +159,14 @@ def _sidecar(service: Service, trust_domain: str, encode: _Encoder) -> list[Enco
         resources.append(encode.cluster(r.ClusterSpec(local)))
         resources.append(encode.cluster_load_assignment(local, ((inbound.app_host, inbound.app_port),)))
         route_name = inbound_listener_name(service.name)
-        resources.append(
-            encode.route_configuration(
-                route_name, (r.VirtualHostSpec(service.name, ("*",), (r.RouteSpec("/", ((local, 1),)),)),)
-            )
+        callers = _allowed_callers(service.allow, trust_domain)
+        # Callers are checked twice: at the handshake (the listener, LDS) and on every request (RBAC
+        # on the route, RDS). Envoy keeps connections of a changed listener for its drain time, but
+        # every request on them follows the current route configuration.
+        host = r.VirtualHostSpec(
+            service.name, ("*",), (r.RouteSpec("/", ((local, 1),)),), callers=_caller_policy(callers, denied)
         )
+        resources.append(encode.route_configuration(route_name, (host,)))
         resources.append(
             encode.http_listener(
                 r.HttpListenerSpec(
@@ -159,8 +174,9 @@ def _sidecar(service: Service, trust_domain: str, encode: _Encoder) -> list[Enco
                     inbound.listen_address,
                     inbound.port,
                     route_name,
-                    downstream_tls=_allowed_callers(service.allow, trust_domain),
+                    downstream_tls=callers,
                     stat_prefix=f"inbound_{service.name}",
+                    authorize_requests=True,
                 )
             )
         )
@@ -185,14 +201,16 @@ def build_mesh(
 ) -> MeshResources:
     """Every resource of the mesh; with a memo, resources whose spec did not change are reused.
 
-    `denied_spiffe_ids`: revoked identities (URIs), to be refused per request on every sidecar (the per-route
-    authorization of issue 14 item 1 implements it; accepted here so that revocation is wired to it)."""
+    `denied_spiffe_ids` (e.g. revoked identities) are refused per request on every sidecar, also
+    where a namespace or trust-domain rule would admit them."""
     encode = _Encoder(memo)
     per_identity: dict[SpiffeId, list[EncodedResource]] = {}
     for service in config.services:
         sidecar = encode.get(
-            ("sidecar", service, config.trust_domain),
-            lambda service=service: tuple(_sidecar(service, config.trust_domain, encode)),  # type: ignore[misc]
+            ("sidecar", service, config.trust_domain, denied_spiffe_ids),
+            lambda service=service: tuple(  # type: ignore[misc]
+                _sidecar(service, config.trust_domain, denied_spiffe_ids, encode)
+            ),
         )
         per_identity.setdefault(service.spiffe_id, []).extend(sidecar)
     mesh = MeshResources(tuple(_shared(config, encode)), {k: tuple(v) for k, v in per_identity.items()})

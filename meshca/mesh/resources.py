@@ -50,6 +50,10 @@ _UPSTREAM_TLS_URL = _TYPE_PREFIX + "envoy.extensions.transport_sockets.tls.v3.Up
 _DOWNSTREAM_TLS_URL = _TYPE_PREFIX + "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext"
 _HCM_URL = _TYPE_PREFIX + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 _ROUTER_URL = _TYPE_PREFIX + "envoy.extensions.filters.http.router.v3.Router"
+_RBAC_URL = _TYPE_PREFIX + "envoy.extensions.filters.http.rbac.v3.RBAC"
+_RBAC_PER_ROUTE_URL = _TYPE_PREFIX + "envoy.extensions.filters.http.rbac.v3.RBACPerRoute"
+RBAC_FILTER = "envoy.filters.http.rbac"  # also the key of its per-route config: the names must match
+CALLERS_POLICY = "callers"
 _HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 _TLS_SOCKET = "envoy.transport_sockets.tls"
 
@@ -65,6 +69,10 @@ _CLUSTER_HTTP2 = _msg(
 )
 # HttpConnectionManager.http_filters = 5: HttpFilter{name = 1, typed_config = 4: Any(Router{})}
 _HCM_ROUTER = _msg(5, _text(1, "envoy.filters.http.router") + _msg(4, _any(_ROUTER_URL, b"")))
+# HttpFilter{name = 1, typed_config = 4: Any(RBAC{rules = 1: config.rbac.v3.RBAC{action ALLOW (0, the
+# default), no policies}})}: refuses every request unless the route's RBACPerRoute (over RDS) authorizes it.
+# Without `rules` the filter would let everything through, hence the empty but present message.
+_HCM_RBAC_DENY_ALL = _msg(5, _text(1, RBAC_FILTER) + _msg(4, _any(_RBAC_URL, _msg(1, b""))))
 # HttpConnectionManager.forward_client_cert_details = 16 (varint): SANITIZE_SET (3); SANITIZE (0) is the default
 _HCM_SANITIZE_SET = b"\x80\x01\x03"
 # HttpConnectionManager.set_current_client_cert_details = 17: {uri = 5: true}
@@ -191,10 +199,49 @@ class RouteSpec:
 
 
 @dataclass(frozen=True)
+class CallerPolicy:
+    """Who may send requests, checked by Envoy's RBAC filter on every request against the peer
+    certificate's URI SAN (`authenticated.principal_name`). Nothing allowed: every request is refused."""
+
+    allowed_spiffe_ids: tuple[str, ...] = ()  # exact IDs
+    allowed_spiffe_prefixes: tuple[str, ...] = ()  # e.g. 'spiffe://td/ns/shop/sa/' or 'spiffe://td/'
+    denied_spiffe_ids: tuple[str, ...] = ()  # refused even where an allowed ID or prefix matches
+
+
+@dataclass(frozen=True)
 class VirtualHostSpec:
     name: str
     domains: tuple[str, ...] = ("*",)
     routes: tuple[RouteSpec, ...] = ()
+    callers: CallerPolicy | None = None  # with a listener built with `authorize_requests`
+
+
+def _authenticated(matcher_field: int, value: str) -> bytes:
+    """Principal{authenticated = 4: {principal_name = 2: StringMatcher{exact = 1 | prefix = 2}}}."""
+    return _msg(4, _msg(2, _text(matcher_field, value)))
+
+
+def _principal_set(field_number: int, principals: Sequence[bytes]) -> bytes:
+    """Principal{and_ids = 1 | or_ids = 2: Principal.Set{ids = 1}}."""
+    return _msg(field_number, b"".join([_msg(1, principal) for principal in principals]))
+
+
+def _rbac_per_route(policy: CallerPolicy) -> bytes:
+    """RBACPerRoute{rbac = 2: RBAC{rules = 1: config.rbac.v3.RBAC{action: ALLOW (0), policies = 2}}}."""
+    allowed = [_authenticated(1, spiffe_id) for spiffe_id in policy.allowed_spiffe_ids]
+    allowed += [_authenticated(2, prefix) for prefix in policy.allowed_spiffe_prefixes]
+    rules = b""
+    if allowed:
+        if policy.denied_spiffe_ids:
+            # and_ids[or_ids(allowed), not_id = 8: or_ids(denied)]
+            denied = _principal_set(2, [_authenticated(1, spiffe_id) for spiffe_id in policy.denied_spiffe_ids])
+            principals = [_principal_set(1, [_principal_set(2, allowed), _msg(8, denied)])]
+        else:
+            principals = allowed
+        # Policy{permissions = 1: [Permission{any = 3: true}], principals = 2}
+        body = _msg(1, b"\x18\x01") + b"".join([_msg(2, principal) for principal in principals])
+        rules = _msg(2, _text(1, CALLERS_POLICY) + _msg(2, body))  # map entry {key = 1, value = 2}
+    return _msg(2, _msg(1, rules))
 
 
 def _route(spec: RouteSpec) -> bytes:
@@ -212,17 +259,21 @@ def _route(spec: RouteSpec) -> bytes:
     return _msg(1, _text(1, spec.prefix)) + _msg(2, action)
 
 
+def _virtual_host(vh: VirtualHostSpec) -> bytes:
+    """VirtualHost{name = 1, domains = 2, routes = 3, typed_per_filter_config = 15 (map<string, Any>)}."""
+    host = (
+        _plain_text(1, vh.name)
+        + b"".join([_text(2, domain) for domain in vh.domains])
+        + b"".join([_msg(3, _route(route)) for route in vh.routes])
+    )
+    if vh.callers is not None:
+        host += _msg(15, _text(1, RBAC_FILTER) + _msg(2, _any(_RBAC_PER_ROUTE_URL, _rbac_per_route(vh.callers))))
+    return host
+
+
 def route_configuration(name: str, virtual_hosts: Sequence[VirtualHostSpec]) -> EncodedResource:
-    # RouteConfiguration{name = 1, virtual_hosts = 2: [VirtualHost{name = 1, domains = 2, routes = 3}]}
-    hosts = [
-        _msg(
-            2,
-            _plain_text(1, vh.name)
-            + b"".join([_text(2, domain) for domain in vh.domains])
-            + b"".join([_msg(3, _route(route)) for route in vh.routes]),
-        )
-        for vh in virtual_hosts
-    ]
+    # RouteConfiguration{name = 1, virtual_hosts = 2}
+    hosts = [_msg(2, _virtual_host(vh)) for vh in virtual_hosts]
     references = [
         Reference(ResourceType.CLUSTER, cluster_name)
         for vh in virtual_hosts
@@ -242,6 +293,7 @@ class HttpListenerSpec:
     route_config_name: str
     downstream_tls: MtlsPeer | None = None
     stat_prefix: str = ""
+    authorize_requests: bool = False  # an RBAC filter refusing what the route's CallerPolicy does not allow
 
 
 def http_listener(spec: HttpListenerSpec) -> EncodedResource:
@@ -250,6 +302,7 @@ def http_listener(spec: HttpListenerSpec) -> EncodedResource:
     manager = (
         _plain_text(2, spec.stat_prefix or spec.name)
         + _msg(3, _msg(1, _ADS) + _plain_text(2, spec.route_config_name))
+        + (_HCM_RBAC_DENY_ALL if spec.authorize_requests else b"")
         + _HCM_ROUTER
         + (_HCM_SANITIZE_SET if spec.downstream_tls is not None else b"")
         + _HCM_CLIENT_CERT_DETAILS
