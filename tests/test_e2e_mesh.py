@@ -156,3 +156,6 @@ def test_demo_check_command_exits_zero_with_json_summary(tmp_path: Path) -> None
     # an edit during the run removed frontend from backend's callers: refused on its open connection, then put back
     assert summary["caller_removed_refused"] is True and summary["caller_readmitted"] is True
     assert "removed frontend from backend's allow" in result.stdout
+    # the last step revokes frontend's identity: its serial on every peer's CRL, its next request refused
+    assert summary["revoked_refused"] is True
+    assert "revoked spiffe://" in result.stdout
