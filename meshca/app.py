@@ -11,8 +11,9 @@ from datetime import timedelta
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from meshca.admin.metrics import GcPauseCollector, RotationCollector, VaultCollector
+from meshca.admin.metrics import AuditCollector, GcPauseCollector, RotationCollector, VaultCollector
 from meshca.admin.server import Observability
+from meshca.audit import AuditLog, AuditSink, CaTransitions
 from meshca.ca import csr_service
 from meshca.ca.api import CaError, MeshCa
 from meshca.ca.vault.session import VaultSession
@@ -96,7 +97,9 @@ class JwtStreamGate:
             key = self._publisher.current_key(spiffe_id)
             if key is None:
                 loop = asyncio.get_running_loop()
-                key = await loop.run_in_executor(self._ca_executor, self._publisher.ensure_identity, spiffe_id)
+                key = await loop.run_in_executor(
+                    self._ca_executor, self._publisher.ensure_identity, spiffe_id, node.id
+                )
         except ForeignTrustDomain as error:
             self._retention.closed(spiffe_id)
             raise StreamRefused(grpc.StatusCode.PERMISSION_DENIED, str(error)) from None
@@ -140,11 +143,14 @@ class MeshcaApp:
         identity_grace: timedelta = DEFAULT_IDENTITY_GRACE,
         xds_max_stream_age: timedelta | None = DEFAULT_MAX_STREAM_AGE,
         xds_first_request_timeout: timedelta = DEFAULT_FIRST_REQUEST_TIMEOUT,
+        audit: AuditSink | None = None,
     ) -> None:
         """`collector_pause`: defers CPython's garbage collection while a push is written (default:
         one on the `gc` module, see meshca.gcpolicy). `identity_grace`: how long an identity's
         certificate is kept (and renewed) after its last stream closed. `xds_max_stream_age`: streams
-        are closed with UNAVAILABLE after about this long (±10%), so proxies reconnect (None: never)."""
+        are closed with UNAVAILABLE after about this long (±10%), so proxies reconnect (None: never).
+        `audit`: where issuances, renewals, signed CSRs and CA transitions are recorded (an AuditLog's
+        counters are also served as metrics); revocation and taint record there too (meshca.audit)."""
         self.ca = ca
         self.vault = vault
         self.clock = clock
@@ -153,8 +159,9 @@ class MeshcaApp:
         self.registry = ProxyRegistry(clock)
         self.identity_gate = IdentityGate(TokenVerifier(issuers, clock, logger=logger.getChild("jwt")))
         self.rotation = rotation
+        self.audit = audit
         self.secrets = WorkloadSecrets(
-            ca, clock, logger.getChild("sds"), leaf_ttl, reuse_until=1 - rotation.policy.hard_zone
+            ca, clock, logger.getChild("sds"), leaf_ttl, reuse_until=1 - rotation.policy.hard_zone, audit=audit
         )
         self.publisher = MeshPublisher(self.cache, self.secrets, logger.getChild("mesh"))
         self.mesh_memo = ResourceMemo()
@@ -169,7 +176,10 @@ class MeshcaApp:
         )
         # CA calls (issuing, signing CSRs) run here, off the event loop: Vault may take seconds.
         self.ca_executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="meshca-ca")
-        self.ca_watcher = CaWatcher(ca, self.publisher, self.rotator, rotation, clock, logger.getChild("ca"))
+        self.ca_watcher = CaWatcher(
+            ca, self.publisher, self.rotator, rotation, clock, logger.getChild("ca"),
+            audit=None if audit is None else CaTransitions(ca, audit),
+        )
         self.collector_pause = collector_pause if collector_pause is not None else CollectorPause()
         self.xds = XdsServer(
             self.cache,
@@ -196,6 +206,8 @@ class MeshcaApp:
         self.observability.add_collector(GcPauseCollector(self.collector_pause))
         if vault is not None:
             self.observability.add_collector(VaultCollector(vault, clock))
+        if isinstance(audit, AuditLog):
+            self.observability.add_collector(AuditCollector(audit))
         self.health = health.HealthServicer()
         self._server: grpc.aio.Server | None = None
         self.port: int | None = None
@@ -248,7 +260,8 @@ class MeshcaApp:
         self.xds.add_to_server(server)
         csr_executor = self.ca_executor if self.ca.signs_remotely else None
         csr_service.add_to_server(
-            server, csr_service.CertificateServicer(self.identity_gate, self.ca, ca_executor=csr_executor)
+            server,
+            csr_service.CertificateServicer(self.identity_gate, self.ca, ca_executor=csr_executor, audit=self.audit),
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         address = format_address(host, port)

@@ -117,6 +117,69 @@ def slot_changes(
     return changes
 
 
+class _Slot(Protocol):
+    @property
+    def kind(self) -> str: ...
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def state(self) -> str: ...
+
+
+class _Status(Protocol):
+    @property
+    def generation(self) -> int: ...
+
+    @property
+    def slots(self) -> Sequence[_Slot]: ...
+
+
+class _StatusSource(Protocol):
+    def status(self) -> _Status: ...
+
+
+class _CaEvent(Protocol):
+    @property
+    def kind(self) -> str: ...
+
+    @property
+    def event(self) -> str: ...
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def generation(self) -> int: ...
+
+
+class CaTransitions:
+    """Records CA transitions: the events of those this process committed, and for a change committed
+    elsewhere (noticed by reload), what changed in the slots."""
+
+    def __init__(self, ca: _StatusSource, sink: AuditSink) -> None:
+        self._ca = ca
+        self._sink = sink
+        self._slots = self._read()
+
+    def _read(self) -> list[tuple[str, str, str]]:
+        return [(slot.kind, slot.id, slot.state) for slot in self._ca.status().slots]
+
+    def committed(self, events: Sequence[_CaEvent]) -> None:
+        for event in events:
+            self._sink.record(ca_event(event.kind, event.event, event.id, event.generation))
+        if events:
+            self._slots = self._read()
+
+    def reloaded(self) -> None:
+        status = self._ca.status()
+        slots = [(slot.kind, slot.id, slot.state) for slot in status.slots]
+        for kind, event, ident in slot_changes(self._slots, slots):
+            self._sink.record(ca_event(kind, event, ident, status.generation, "committed by another process"))
+        self._slots = slots
+
+
 _BEGIN = b"-----BEGIN CERTIFICATE-----"
 _END = b"-----END CERTIFICATE-----"
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Protocol
 
+from meshca.audit import CaTransitions
 from meshca.backoff import backoff_delay
 from meshca.clock import Clock, format_duration
 from meshca.files import describe_os_error
@@ -330,8 +331,11 @@ class CaWatcher:
         clock: Clock,
         logger: logging.Logger,
         max_backoff: timedelta = timedelta(seconds=60),
+        audit: CaTransitions | None = None,
     ) -> None:
+        """`audit`: records every transition committed here or noticed on reload."""
         self._ca = ca
+        self._audit = audit
         self._publisher = publisher
         self._rotator = rotator
         self._settings = settings
@@ -352,8 +356,12 @@ class CaWatcher:
             if self._retry_at is not None and now < self._retry_at:
                 return
             try:
-                self._ca.reload_if_changed()
+                reloaded = self._ca.reload_if_changed()
+                if reloaded and self._audit is not None:
+                    self._audit.reloaded()
                 events = self._ca.tick(now)
+                if events and self._audit is not None:
+                    self._audit.committed(events)  # type: ignore[arg-type]
             except Exception as error:  # a failed transition must not stop issuance
                 self._failures += 1
                 self._failed_in_row += 1
