@@ -303,12 +303,8 @@ def verify_bytes(path: Path, data: bytes) -> VerifyResult:
         if isinstance(record, str):
             return VerifyResult(path, good, head, number, record)
         seq = record["seq"]
-        if seq > number:
-            return VerifyResult(path, good, head, number, f"seq {seq} where {number} was expected: "
-                                f"{seq - number} line(s) before it were dropped")
-        if seq < number:
-            return VerifyResult(path, good, head, number, f"seq {seq} where {number} was expected: "
-                                "lines were reordered or duplicated")
+        if seq != number:
+            return VerifyResult(path, good, head, number, _misplaced(data, seq, number))
         if record["prev"] != head:
             if number == 1:
                 return VerifyResult(path, 0, GENESIS, 1, "prev is not the genesis value (64 zeros): "
@@ -317,6 +313,20 @@ def verify_bytes(path: Path, data: bytes) -> VerifyResult:
                                 f"{number} carries (this line, or line {number}'s prev, was changed)")
         hashes = [head, line_hash(line)]
     return VerifyResult(path, number, hashes[1])
+
+
+def _misplaced(data: bytes, seq: int, number: int) -> str:
+    """Why line `number` carries `seq`: the expected line further down (reordered), or nowhere (dropped)."""
+    found = ""
+    for later, line in enumerate(_lines(data), start=1):
+        record = _record(line) if later > number else None
+        if isinstance(record, dict) and record["seq"] == number:
+            found = f"lines were reordered: seq {number} is on line {later}"
+            break
+    if not found:
+        found = (f"{seq - number} line(s) before it were dropped" if seq > number
+                 else "lines were reordered or duplicated")
+    return f"seq {seq} where {number} was expected: {found}"
 
 
 def verify_file(path: Path) -> VerifyResult:
@@ -556,3 +566,85 @@ def describe_events(records: Sequence[dict[str, Any]]) -> str:
     for record in records:
         counts[str(record.get("event"))] = counts.get(str(record.get("event")), 0) + 1
     return ", ".join(f"{n} {name}" for name, n in sorted(counts.items()))
+
+
+# --- the inventory (`meshca certs list`) ----------------------------------------------------------------
+
+CertificateState = Literal["valid", "expired", "revoked"]
+
+
+@dataclass(frozen=True)
+class CertificateEntry:
+    """One issued certificate as the audit log(s) tell it."""
+
+    spiffe_id: str
+    serial: str
+    issuer: str | None
+    not_before: datetime | None
+    not_after: datetime
+    node_id: str | None
+    replica: str
+    event: str  # issue, renew or sign
+    issued_at: datetime
+    state: CertificateState
+
+    def to_json(self) -> dict[str, Any]:
+        def when(value: datetime | None) -> str | None:
+            return None if value is None else format_time(value)
+
+        return {
+            "spiffe_id": self.spiffe_id, "serial": self.serial, "issuer": self.issuer,
+            "not_before": when(self.not_before), "not_after": when(self.not_after), "node_id": self.node_id,
+            "replica": self.replica, "event": self.event, "issued_at": when(self.issued_at), "state": self.state,
+        }
+
+
+def inventory(records: Iterable[dict[str, Any]], now: datetime) -> list[CertificateEntry]:
+    """Every issued certificate in `records` (of one or more logs), oldest first, with its state now.
+
+    Revoked: its serial was revoked, or its issuing intermediate (a revoke with `issuer` only), or its
+    identity is revoked now (a revoke with `spiffe_id` only not followed by an unrevoke). Otherwise
+    expired past not_after, else valid.
+    """
+    ordered = sorted(records, key=lambda r: (str(r.get("time", "")), int(r.get("seq", 0))))
+    serials: set[str] = set()
+    intermediates: set[str] = set()
+    identities: dict[str, bool] = {}
+    issued: list[dict[str, Any]] = []
+    for record in ordered:
+        event = record.get("event")
+        if event in CERTIFICATE_EVENTS and record.get("serial") and record.get("not_after"):
+            issued.append(record)
+        elif event == "revoke":
+            if record.get("serial"):
+                serials.add(str(record["serial"]))
+            elif record.get("spiffe_id"):
+                identities[str(record["spiffe_id"])] = True
+            elif record.get("issuer"):
+                intermediates.add(str(record["issuer"]))
+        elif event == "unrevoke" and record.get("spiffe_id") and not record.get("serial"):
+            identities[str(record["spiffe_id"])] = False
+    entries = []
+    for record in issued:
+        serial, spiffe_id = str(record["serial"]), str(record.get("spiffe_id", ""))
+        not_after = parse_time(record["not_after"])
+        state: CertificateState
+        if serial in serials or record.get("issuer") in intermediates or identities.get(spiffe_id, False):
+            state = "revoked"
+        elif now >= not_after:
+            state = "expired"
+        else:
+            state = "valid"
+        entries.append(CertificateEntry(
+            spiffe_id=spiffe_id,
+            serial=serial,
+            issuer=record.get("issuer"),
+            not_before=parse_time(record["not_before"]) if record.get("not_before") else None,
+            not_after=not_after,
+            node_id=record.get("node_id"),
+            replica=str(record.get("replica", "")),
+            event=str(record["event"]),
+            issued_at=parse_time(record["time"]),
+            state=state,
+        ))
+    return entries

@@ -104,7 +104,7 @@ def test_reordered_lines_are_found(tmp_path: Path) -> None:
     content[1], content[3] = content[3], content[1]
     path.write_bytes(b"".join(content))
     result = verify_file(path)
-    assert result.bad_line == 2 and "seq 4 where 2" in (result.problem or "")
+    assert result.bad_line == 2 and result.problem == "seq 4 where 2 was expected: lines were reordered: seq 2 is on line 4"
 
 
 def test_renumbered_lines_still_break_the_chain(tmp_path: Path) -> None:
