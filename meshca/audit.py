@@ -15,6 +15,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from json.encoder import encode_basestring  # type: ignore[attr-defined]
 from typing import Any, Literal, Protocol
 
 from meshca.clock import Clock
@@ -44,8 +45,8 @@ REVOCATION_EVENTS: frozenset[str] = frozenset({"revoke", "unrevoke", "taint"})
 _CA_EVENTS = {"prepared": "ca_prepared", "activated": "ca_activated", "retired": "ca_retired",
               "pruned": "ca_pruned", "migrated": "ca_migrated"}
 # Key order of a line; keys whose value is None are left out (seq, time, event, replica and prev never are).
-_KEYS = ("seq", "time", "event", "spiffe_id", "serial", "node_id", "issuer", "not_before", "not_after", "ca_kind",
-         "generation", "reason", "replica", "prev")
+KEYS = ("seq", "time", "event", "spiffe_id", "serial", "node_id", "issuer", "not_before", "not_after", "ca_kind",
+        "generation", "reason", "replica", "prev")
 
 
 class AuditError(Exception):
@@ -211,7 +212,10 @@ class IssuerIds:
 
 def format_time(when: datetime) -> str:
     """RFC 3339 UTC with milliseconds: 2026-12-06T16:44:07.123Z."""
-    return when.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.") + f"{when.microsecond // 1000:03d}Z"
+    if when.tzinfo is not timezone.utc:
+        when = when.astimezone(timezone.utc)
+    return (f"{when.year:04d}-{when.month:02d}-{when.day:02d}T{when.hour:02d}:{when.minute:02d}:{when.second:02d}."
+            f"{when.microsecond // 1000:03d}Z")
 
 
 def parse_time(text: str) -> datetime:
@@ -224,24 +228,30 @@ def line_hash(line: bytes) -> str:
 
 
 def encode_line(seq: int, when: datetime, event: AuditEvent, replica: str, prev: str) -> bytes:
-    values: dict[str, Any] = {
-        "seq": seq,
-        "time": format_time(when),
-        "event": event.event,
-        "spiffe_id": event.spiffe_id,
-        "serial": None if event.serial is None else f"{event.serial:x}",
-        "node_id": event.node_id,
-        "issuer": event.issuer,
-        "not_before": None if event.not_before is None else format_time(event.not_before),
-        "not_after": None if event.not_after is None else format_time(event.not_after),
-        "ca_kind": event.ca_kind,
-        "generation": event.generation,
-        "reason": event.reason,
-        "replica": replica,
-        "prev": prev,
-    }
-    fields = {key: values[key] for key in _KEYS if values[key] is not None or key in ("replica", "prev")}
-    return json.dumps(fields, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+    """The line, as json.dumps(separators=(",", ":"), ensure_ascii=False) of the keys in KEYS order would write
+    it (None values left out), built by hand: this runs once per issued certificate."""
+    text = encode_basestring
+    parts = [f'{{"seq":{seq},"time":"{format_time(when)}","event":"{event.event}"']
+    if event.spiffe_id is not None:
+        parts.append(f',"spiffe_id":{text(event.spiffe_id)}')
+    if event.serial is not None:
+        parts.append(f',"serial":"{event.serial:x}"')
+    if event.node_id is not None:
+        parts.append(f',"node_id":{text(event.node_id)}')
+    if event.issuer is not None:
+        parts.append(f',"issuer":{text(event.issuer)}')
+    if event.not_before is not None:
+        parts.append(f',"not_before":"{format_time(event.not_before)}"')
+    if event.not_after is not None:
+        parts.append(f',"not_after":"{format_time(event.not_after)}"')
+    if event.ca_kind is not None:
+        parts.append(f',"ca_kind":{text(event.ca_kind)}')
+    if event.generation is not None:
+        parts.append(f',"generation":{int(event.generation)}')
+    if event.reason is not None:
+        parts.append(f',"reason":{text(event.reason)}')
+    parts.append(f',"replica":{text(replica)},"prev":"{prev}"}}\n')
+    return "".join(parts).encode()
 
 
 # --- verification -----------------------------------------------------------------------------------

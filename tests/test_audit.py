@@ -252,3 +252,18 @@ def test_issuer_id_is_the_slot_id_of_the_ca_after_the_leaf(tmp_path: Path) -> No
     assert ids.of_chain(leaf.chain_pem) == ca.active_intermediate_id
     assert ids.of_chain(leaf.chain_pem) == ca.active_intermediate_id  # cached
     assert ids.of_chain(leaf.certificate_pem) is None
+
+
+def test_a_line_is_the_json_of_its_fields_in_order() -> None:
+    from meshca.audit import KEYS, encode_line
+
+    event = AuditEvent("ca_prepared", spiffe_id='spiffe://x/ns/"q"/sa/é\n', serial=255, node_id="n\\1", issuer="ab",
+                       not_before=T0, not_after=T0.astimezone(timezone(timedelta(hours=2))), ca_kind="root",
+                       generation=3, reason="r\t")
+    line = encode_line(9, T0, event, "rep", GENESIS)
+    parsed = json.loads(line)
+    assert list(parsed) == list(KEYS)
+    assert line == json.dumps(parsed, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+    assert parsed["not_after"] == "2026-12-06T12:00:00.123Z" and parsed["serial"] == "ff"
+    short = json.loads(encode_line(1, T0, AuditEvent("renew"), "rep", GENESIS))
+    assert list(short) == ["seq", "time", "event", "replica", "prev"]

@@ -330,10 +330,17 @@ class StoreCollector(Collector):
 
 
 class AuditStatsView(Protocol):
-    written: int
-    write_failures: int
-    dropped: int
-    pending: int
+    @property
+    def written(self) -> int: ...
+
+    @property
+    def write_failures(self) -> int: ...
+
+    @property
+    def dropped(self) -> int: ...
+
+    @property
+    def pending(self) -> int: ...
 
 
 class AuditStatsSource(Protocol):
