@@ -53,6 +53,10 @@ class AuditError(Exception):
     """The audit file cannot be opened or continued; the message names the file and the cause."""
 
 
+class AuditFileBusy(AuditError):
+    """Another process holds the audit file (one writer per file)."""
+
+
 @dataclass(frozen=True)
 class AuditEvent:
     """What happened; the writer adds time, seq, replica and prev. Never holds a key or a token."""
@@ -371,10 +375,16 @@ def worker_path(path: Path, index: int) -> Path:
     return path.with_name(f"{path.stem}-worker{index}{path.suffix}")
 
 
+def replica_path(path: Path, replica: str) -> Path:
+    """The file of a process that found `path` held by another (e.g. a new `meshca serve` started on the same
+    state dir before the old one stopped): audit.jsonl -> audit-<replica>.jsonl."""
+    return path.with_name(f"{path.stem}-{replica}{path.suffix}")
+
+
 def chain_files(path: Path) -> list[Path]:
-    """`path` and its workers' files (worker_path) that exist."""
+    """`path` and the files beside it of workers (worker_path) and of other processes (replica_path)."""
     found = [path] if path.exists() else []
-    found += sorted(path.parent.glob(f"{path.stem}-worker*{path.suffix}"))
+    found += sorted(path.parent.glob(f"{path.stem}-*{path.suffix}"))
     return found
 
 
@@ -442,8 +452,8 @@ class AuditLog:
         except OSError as error:
             os.close(fd)
             if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise AuditError(f"{self.path} is being written by another process: give each process its own "
-                                 "audit path (one hash chain per writer)") from None
+                raise AuditFileBusy(f"{self.path} is being written by another process: give each process its own "
+                                    "audit path (one hash chain per writer)") from None
             raise AuditError(f"cannot lock {self.path}: {describe_os_error(error)}") from None
         try:
             partial = self._continue_chain(fd)

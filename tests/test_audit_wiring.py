@@ -208,3 +208,24 @@ def test_audit_settings(tmp_path: Path) -> None:
         parse_audit(reader(tmp_path, {"audit": {"flush_interval": "1m"}}), state)
     with pytest.raises(ConfigError, match=r"audit.pth: unknown field"):
         parse_audit(reader(tmp_path, {"audit": {"pth": "x"}}), state)
+
+
+def test_serve_never_shares_an_audit_file_with_another_process(tmp_path: Path) -> None:
+    from meshca.cli.serve import _open_audit
+    from meshca.cli.workers import WorkerRole
+    from meshca.store.registry import default_replica_id
+
+    config = tmp_path / "meshca.yaml"
+    config.write_text("state_dir: .\n")
+    holder = audit_log(tmp_path / AUDIT_FILE, FakeClock(T0))  # an older serve still running
+    try:
+        second = _open_audit(config, None, LOG)
+        assert second is not None and second.path == tmp_path / f"audit-{default_replica_id()}.jsonl"
+        second.close()
+        worker = _open_audit(config, WorkerRole(3, 1), LOG)
+        assert worker is not None and worker.path == tmp_path / "audit-worker3.jsonl"
+        worker.close()
+    finally:
+        holder.close()
+    config.write_text("state_dir: .\naudit: false\n")
+    assert _open_audit(config, None, LOG) is None

@@ -51,7 +51,7 @@ async def _serve(config_path: Path, worker: WorkerRole | None = None) -> int:
 
 def _open_audit(config_path: Path, worker: WorkerRole | None, log: logging.Logger) -> AuditLog | None:
     """The process's audit log writer (None when `audit:` is off); worker i of --workers N writes its own file."""
-    from meshca.audit import AuditError, AuditLog, worker_path
+    from meshca.audit import AuditError, AuditFileBusy, AuditLog, replica_path, worker_path
     from meshca.config import read_audit_settings
     from meshca.store.registry import default_replica_id
 
@@ -59,13 +59,23 @@ def _open_audit(config_path: Path, worker: WorkerRole | None, log: logging.Logge
     if settings.path is None:
         return None
     path = settings.path if worker is None else worker_path(settings.path, worker.index)
-    audit = AuditLog(path, default_replica_id(), system_clock, log.getChild("audit"),
-                     flush_interval=settings.flush_interval.total_seconds())
-    try:
+    replica = default_replica_id()
+
+    def writer(path: Path) -> AuditLog:
+        audit = AuditLog(path, replica, system_clock, log.getChild("audit"),
+                         flush_interval=settings.flush_interval.total_seconds())
         audit.open()
+        return audit
+
+    try:
+        try:
+            return writer(path)
+        except AuditFileBusy as busy:
+            # e.g. a new serve started before the old one stopped: never two writers on one chain
+            log.warning("%s; this process writes %s", busy, replica_path(path, replica))
+            return writer(replica_path(path, replica))
     except AuditError as error:
         raise ConfigError(config_path, "audit.path", str(error)) from None
-    return audit
 
 
 async def _open_store(config_path: Path, log: logging.Logger) -> tuple[EtcdStore | None, StoreCa | None]:
