@@ -129,10 +129,6 @@ async def _serve_with(
             "(set at `meshca ca init`)",
         )
     log = logs.configure(settings.log_level)
-    if audit is not None:
-        log.info("audit log: %s", audit.path)
-    else:
-        log.warning("audit log off (`audit: false`, or `store:` without audit.path): issuances are not recorded")
     admin_port = settings.metrics_port if worker is None else worker.admin_port(settings.metrics_port)
     if worker is None:
         # a taken port fails now, before the mesh is loaded and logged (MeshcaApp.start checks again when it binds)
@@ -176,6 +172,10 @@ async def _serve_with(
         source = FileMeshSource(settings.mesh_file, app, log.getChild("mesh-source"))
         source.load()  # an invalid mesh at start is an error: there is no last good config yet
         source_task = asyncio.create_task(source.run())
+    if audit is not None:
+        log.info("audit log: %s", audit.path)
+    else:
+        log.warning("audit log off (`audit: false`, or `store:` without audit.path): issuances are not recorded")
     await app.start(
         settings.listen_host,
         settings.listen_port,
