@@ -142,6 +142,9 @@ class _Status(Protocol):
 
 
 class _StatusSource(Protocol):
+    @property
+    def generation(self) -> int: ...
+
     def status(self) -> _Status: ...
 
 
@@ -161,28 +164,36 @@ class _CaEvent(Protocol):
 
 class CaTransitions:
     """Records CA transitions: the events of those this process committed, and for a change committed
-    elsewhere (noticed by reload), what changed in the slots."""
+    elsewhere (another process, replica or Vault), what changed in the slots, noticed by the generation."""
 
     def __init__(self, ca: _StatusSource, sink: AuditSink) -> None:
         self._ca = ca
         self._sink = sink
-        self._slots = self._read()
+        self._generation, self._slots = self._read()
 
-    def _read(self) -> list[tuple[str, str, str]]:
-        return [(slot.kind, slot.id, slot.state) for slot in self._ca.status().slots]
+    def _read(self) -> tuple[int, list[tuple[str, str, str]]]:
+        status = self._ca.status()
+        return status.generation, [(slot.kind, slot.id, slot.state) for slot in status.slots]
+
+    def observe(self) -> None:
+        """Record what changed since the last look (cheap when the generation did not move)."""
+        if self._ca.generation != self._generation:
+            self._record_changes(explained=set())
 
     def committed(self, events: Sequence[_CaEvent]) -> None:
+        """Record the events of a transition committed here (and anything else that changed meanwhile)."""
         for event in events:
             self._sink.record(ca_event(event.kind, event.event, event.id, event.generation))
         if events:
-            self._slots = self._read()
+            self._record_changes({(event.kind, event.event, event.id) for event in events})
 
-    def reloaded(self) -> None:
-        status = self._ca.status()
-        slots = [(slot.kind, slot.id, slot.state) for slot in status.slots]
-        for kind, event, ident in slot_changes(self._slots, slots):
-            self._sink.record(ca_event(kind, event, ident, status.generation, "committed by another process"))
-        self._slots = slots
+    def _record_changes(self, explained: set[tuple[str, str, str]]) -> None:
+        generation, slots = self._read()
+        for change in slot_changes(self._slots, slots):
+            if change not in explained:
+                kind, event, ident = change
+                self._sink.record(ca_event(kind, event, ident, generation, "committed by another process"))
+        self._generation, self._slots = generation, slots
 
 
 _BEGIN = b"-----BEGIN CERTIFICATE-----"

@@ -89,6 +89,7 @@ def test_ca_transitions_committed_here_and_elsewhere_are_recorded(tmp_path: Path
     old_intermediate = rig.ca.active_intermediate_id
     other = CertificateAuthority.load(tmp_path / "ca", rig.clock)  # `meshca ca rotate --root --now` elsewhere
     other.rotate_root(now=True)
+    assert rig.ca.reload_if_changed()  # adopted before the watcher looks (as a store replica's watch does)
     watcher.check()
     elsewhere = records(rig.audit)
     assert {(r["event"], r["ca_kind"], r["issuer"]) for r in elsewhere} >= {

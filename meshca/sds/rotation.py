@@ -356,9 +356,9 @@ class CaWatcher:
             if self._retry_at is not None and now < self._retry_at:
                 return
             try:
-                reloaded = self._ca.reload_if_changed()
-                if reloaded and self._audit is not None:
-                    self._audit.reloaded()
+                self._ca.reload_if_changed()
+                if self._audit is not None:  # by the generation: a store's watch may have reloaded the CA already
+                    self._audit.observe()
                 events = self._ca.tick(now)
                 if events and self._audit is not None:
                     self._audit.committed(events)  # type: ignore[arg-type]
