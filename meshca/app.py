@@ -13,8 +13,9 @@ from typing import cast
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from meshca.admin.metrics import GcPauseCollector, RotationCollector, VaultCollector
+from meshca.admin.metrics import AuditCollector, GcPauseCollector, RotationCollector, VaultCollector
 from meshca.admin.server import Observability
+from meshca.audit import AuditLog, AuditSink, CaTransitions
 from meshca.ca import csr_service
 from meshca.ca.api import CaError, MeshCa
 from meshca.ca.revocation import CrlSettings
@@ -66,6 +67,7 @@ def crl_publishing(
         return RevocationPublisher(
             cast(CrlAuthority, app.ca), source, app.secrets, app.publisher, app.clock,
             app.log.getChild("revocation"), settings, app.on_revoked_identities, app.on_leaves_revoked,
+            app.audit,
         )
 
     return make
@@ -116,7 +118,9 @@ class JwtStreamGate:
             key = self._publisher.current_key(spiffe_id)
             if key is None:
                 loop = asyncio.get_running_loop()
-                key = await loop.run_in_executor(self._ca_executor, self._publisher.ensure_identity, spiffe_id)
+                key = await loop.run_in_executor(
+                    self._ca_executor, self._publisher.ensure_identity, spiffe_id, node.id
+                )
         except (ForeignTrustDomain, IdentityRevoked) as error:
             self._retention.closed(spiffe_id)
             raise StreamRefused(grpc.StatusCode.PERMISSION_DENIED, str(error)) from None
@@ -161,13 +165,16 @@ class MeshcaApp:
         xds_max_stream_age: timedelta | None = DEFAULT_MAX_STREAM_AGE,
         xds_first_request_timeout: timedelta = DEFAULT_FIRST_REQUEST_TIMEOUT,
         revocations: Callable[[MeshcaApp], RevocationPublisher] | None = None,
+        audit: AuditSink | None = None,
     ) -> None:
         """`collector_pause`: defers CPython's garbage collection while a push is written (default:
         one on the `gc` module, see meshca.gcpolicy). `identity_grace`: how long an identity's
         certificate is kept (and renewed) after its last stream closed. `xds_max_stream_age`: streams
         are closed with UNAVAILABLE after about this long (±10%), so proxies reconnect (None: never).
         `revocations`: makes the RevocationPublisher of the internal CA (meshca.sds.crl) from this app; it is
-        started here, so the first bundle secrets carry the CRLs (None: no CRLs, nothing revocable)."""
+        started here, so the first bundle secrets carry the CRLs (None: no CRLs, nothing revocable).
+        `audit`: where issuances, renewals, signed CSRs and CA transitions are recorded (an AuditLog's
+        counters are also served as metrics); revocation and taint record there too (meshca.audit)."""
         self.ca = ca
         self.vault = vault
         self.clock = clock
@@ -176,8 +183,9 @@ class MeshcaApp:
         self.registry = ProxyRegistry(clock)
         self.identity_gate = IdentityGate(TokenVerifier(issuers, clock, logger=logger.getChild("jwt")))
         self.rotation = rotation
+        self.audit = audit
         self.secrets = WorkloadSecrets(
-            ca, clock, logger.getChild("sds"), leaf_ttl, reuse_until=1 - rotation.policy.hard_zone
+            ca, clock, logger.getChild("sds"), leaf_ttl, reuse_until=1 - rotation.policy.hard_zone, audit=audit
         )
         self.publisher = MeshPublisher(self.cache, self.secrets, logger.getChild("mesh"))
         self.mesh_memo = ResourceMemo()
@@ -192,7 +200,10 @@ class MeshcaApp:
         )
         # CA calls (issuing, signing CSRs) run here, off the event loop: Vault may take seconds.
         self.ca_executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="meshca-ca")
-        self.ca_watcher = CaWatcher(ca, self.publisher, self.rotator, rotation, clock, logger.getChild("ca"))
+        self.ca_watcher = CaWatcher(
+            ca, self.publisher, self.rotator, rotation, clock, logger.getChild("ca"),
+            audit=None if audit is None else CaTransitions(ca, audit),
+        )
         self.collector_pause = collector_pause if collector_pause is not None else CollectorPause()
         self.xds = XdsServer(
             self.cache,
@@ -219,6 +230,8 @@ class MeshcaApp:
         self.observability.add_collector(GcPauseCollector(self.collector_pause))
         if vault is not None:
             self.observability.add_collector(VaultCollector(vault, clock))
+        if isinstance(audit, AuditLog):
+            self.observability.add_collector(AuditCollector(audit))
         self.health = health.HealthServicer()
         self._mesh_lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None  # the serving loop, once started
@@ -323,7 +336,7 @@ class MeshcaApp:
         csr_service.add_to_server(
             server,
             csr_service.CertificateServicer(
-                self.identity_gate, self.ca, ca_executor=csr_executor, revoked=self.secrets.is_denied
+                self.identity_gate, self.ca, ca_executor=csr_executor, revoked=self.secrets.is_denied, audit=self.audit
             ),
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)

@@ -21,6 +21,18 @@ class ServerTls:
     private_key: Path
 
 
+AUDIT_FILE = "audit.jsonl"  # the audit log's default name, in the CA state dir
+
+
+@dataclass(frozen=True)
+class AuditSettings:
+    """The audit log (meshca.audit): `path` None is off. `meshca serve --workers N` gives worker i its own
+    file (meshca.audit.worker_path), as every process writes its own hash chain."""
+
+    path: Path | None
+    flush_interval: timedelta = timedelta(milliseconds=100)
+
+
 @dataclass(frozen=True)
 class ServeSettings:
     """Everything `meshca serve` needs; paths are resolved relative to the settings file."""
@@ -41,6 +53,7 @@ class ServeSettings:
     identity_grace: timedelta = timedelta(minutes=10)  # an identity without streams this long is forgotten
     xds_max_stream_age: timedelta = timedelta(minutes=30)  # streams are closed after this (±10%) to reconnect
     store: EtcdSettings | None = None  # replicas on etcd: the mesh config (and more) lives there
+    audit: AuditSettings = AuditSettings(None)
 
 
 def _parse_listen(reader: FieldReader) -> tuple[str, int]:
@@ -144,6 +157,40 @@ def _state_dir(path: Path, reader: FieldReader, data: Mapping[str, Any]) -> Path
     return None if value is None else (path.parent / value).resolve()
 
 
+def parse_audit(reader: FieldReader, state_dir: Path | None) -> AuditSettings:
+    """`audit: {path, flush_interval}`; absent: `<state_dir>/audit.jsonl` with a local state dir, off with
+    `store:` and no state dir; `audit: false` turns it off."""
+    data = reader.data.get("audit")
+    if data is None:
+        return AuditSettings(None if state_dir is None else state_dir / AUDIT_FILE)
+    if data is False:
+        return AuditSettings(None)
+    if not isinstance(data, Mapping):
+        raise reader.error("audit", "must be a mapping (path, flush_interval) or false (off)")
+    sub = reader.child("audit", data)
+    sub.check_known({"path", "flush_interval"})
+    value = sub.get("path", str, None)
+    if value is None:
+        if state_dir is None:
+            raise sub.error("path", "is required with store: (there is no local state dir to hold it)")
+        path = state_dir / AUDIT_FILE
+    else:
+        path = (reader.path.parent / value).resolve()
+        if not path.parent.is_dir():
+            raise sub.error("path", f"directory {str(path.parent)!r} does not exist")
+    interval = sub.duration("flush_interval", required=False) or AuditSettings(None).flush_interval
+    if not timedelta(milliseconds=1) <= interval <= timedelta(seconds=10):
+        raise sub.error("flush_interval", f"{format_duration(interval)} must be between 1ms and 10s")
+    return AuditSettings(path, interval)
+
+
+def read_audit_settings(path: Path) -> AuditSettings:
+    """Only the audit log's settings (for `meshca certs list --config`)."""
+    data = read_yaml_mapping(path)
+    reader = FieldReader(path, data)
+    return parse_audit(reader, _state_dir(path, reader, data))
+
+
 def _parse_rotation(reader: FieldReader) -> RotationSettings:
     data = reader.get("rotation", Mapping, None)
     if data is None:
@@ -182,7 +229,7 @@ def parse_serve_settings(path: Path, data: Mapping[str, Any], trust_domain: str)
     reader = FieldReader(path, data)
     reader.check_known(
         {"state_dir", "listen", "issuers", "tls", "server_names", "leaf_ttl", "rotation", "mesh", "metrics_port", "admin_address", "ca", "log_level", "xds_send_timeout",
-         "xds_max_stream_age", "identity_grace", "store"}
+         "xds_max_stream_age", "identity_grace", "store", "audit"}
     )
     store = _parse_store(reader)
     host, port = _parse_listen(reader)
@@ -215,8 +262,9 @@ def parse_serve_settings(path: Path, data: Mapping[str, Any], trust_domain: str)
     if max_stream_age < timedelta(seconds=1):
         raise reader.error("xds_max_stream_age", f"{format_duration(max_stream_age)} is too short (at least 1s)")
     mesh_file = reader.file("mesh", required=False)
+    state_dir = _state_dir(path, reader, data)
     return ServeSettings(
-        state_dir=_state_dir(path, reader, data),
+        state_dir=state_dir,
         listen_host=host,
         listen_port=port,
         issuers=issuers,
@@ -232,4 +280,5 @@ def parse_serve_settings(path: Path, data: Mapping[str, Any], trust_domain: str)
         identity_grace=identity_grace,
         xds_max_stream_age=max_stream_age,
         store=store,
+        audit=parse_audit(reader, state_dir),
     )

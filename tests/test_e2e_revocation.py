@@ -4,6 +4,7 @@ under continuous traffic; the time from the command's exit to every Envoy holdin
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import ssl
 import sys
@@ -145,3 +146,32 @@ def test_a_revoked_identity_gets_no_certificate_and_its_current_one_is_listed(de
     wait_until(lambda: envoy_chain(frontend)[0].serial_number != serial, 20, 0.1,
                "frontend's sidecar holds a new certificate after unrevoke")
     wait_until(lambda: demo.one_request().ok, 10, 0.1, "frontend's requests go through again")
+
+
+def test_revocations_reach_the_audit_log_and_the_inventory(demo: Demo, tmp_path: Path) -> None:
+    """The serving meshca records what it adopted: revoke (serial, identity) and unrevoke lines in its chain."""
+    _, _, serial = own_frontend_leaf(demo, tmp_path)
+    config = str(demo.material.serve_config)
+    audit = demo.material.state_dir / "audit.jsonl"
+    before = audit.read_text().count(f'"event":"unrevoke","spiffe_id":"{FRONTEND.spiffe_id}"')
+    meshca_cli("revoke", "--serial", f"{serial:x}", "--force", "--reason", "superseded", "--config", config)
+    meshca_cli("revoke", "--spiffe-id", FRONTEND.spiffe_id, "--config", config)
+    meshca_cli("unrevoke", "--spiffe-id", FRONTEND.spiffe_id, "--config", config)
+
+    def events() -> list[dict[str, object]]:
+        return [json.loads(line) for line in audit.read_text().splitlines()]
+
+    def seen(want: dict[str, object]) -> bool:
+        return any(all(e.get(k) == v for k, v in want.items()) for e in events())
+
+    # (an earlier test revoked and unrevoked frontend too: its lines are in the same log)
+    wait_until(lambda: seen({"event": "revoke", "serial": f"{serial:x}", "reason": "superseded"}), 15, 0.1,
+               "the serial's revoke line")
+    wait_until(lambda: audit.read_text().count(f'"event":"unrevoke","spiffe_id":"{FRONTEND.spiffe_id}"') > before,
+               15, 0.1, "the identity's unrevoke line")
+    identity_lines = [e["event"] for e in events() if e.get("spiffe_id") == FRONTEND.spiffe_id
+                      and e["event"] in ("revoke", "unrevoke")]
+    assert identity_lines[-2:] == ["revoke", "unrevoke"]
+    meshca_cli("audit", "verify", str(audit))  # raises unless it exits 0 (the chain holds)
+    listed = json.loads(meshca_cli("certs", "list", "--audit", str(audit), "--spiffe-id", FRONTEND.spiffe_id, "--json"))
+    assert any(e["serial"] == f"{serial:x}" and e["state"] == "revoked" for e in listed), listed

@@ -248,3 +248,39 @@ def test_cli_revoke_and_unrevoke(ca: CertificateAuthority, tmp_path: Path, capsy
     code, out, _ = run_cli("unrevoke", "--spiffe-id", FRONTEND.uri, "--state-dir", d, capsys=capsys)
     assert code == 0 and "not revoked" in out
     assert StateDirRevocations(ca.state_dir).read().denied_spiffe_ids == frozenset()
+
+
+class RecordingAudit:
+    def __init__(self) -> None:
+        self.events: list[object] = []
+
+    def record(self, event: object) -> None:
+        self.events.append(event)
+
+
+def test_every_change_is_audited_also_when_several_versions_are_adopted_at_once(
+    ca: CertificateAuthority, clock: FakeClock
+) -> None:
+    audit = RecordingAudit()
+    app = MeshcaApp(ca, [], clock, LOG, revocations=crl_publishing(StateDirRevocations(ca.state_dir)),
+                    audit=audit)  # type: ignore[arg-type]
+    assert app.revocations is not None
+    writer = StateDirRevocations(ca.state_dir)
+    # revoked and lifted between two checks of the serving replica: both are still recorded, in order
+    writer.update(lambda c: c.with_entries([Revocation("spiffe_id", FRONTEND.uri, "keyCompromise", clock())]))
+    writer.update(lambda c: c.without("spiffe_id", FRONTEND.uri))
+    writer.update(lambda c: c.with_entries([Revocation("serial", "abc", "superseded", clock(), serial=0xABC)]))
+    app.revocations.check()
+    seen = [(e.event, e.spiffe_id, e.serial, e.reason) for e in audit.events  # type: ignore[attr-defined]
+            if e.event in ("revoke", "unrevoke")]  # type: ignore[attr-defined]
+    assert seen == [
+        ("revoke", FRONTEND.uri, None, "keyCompromise"),
+        ("unrevoke", FRONTEND.uri, None, None),
+        ("revoke", None, 0xABC, "superseded"),
+    ]
+    assert [c.version for c in writer.read().history] == [1, 2, 3]
+    # a restart reads the list without recording its past again
+    again = RecordingAudit()
+    MeshcaApp(ca, [], clock, LOG, revocations=crl_publishing(StateDirRevocations(ca.state_dir)),
+              audit=again)  # type: ignore[arg-type]
+    assert [e for e in again.events if e.event in ("revoke", "unrevoke")] == []  # type: ignore[attr-defined]

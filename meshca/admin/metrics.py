@@ -327,3 +327,43 @@ class StoreCollector(Collector):
         yield CounterMetricFamily(
             "meshca_store_failures", "etcd calls that failed or timed out.", value=self._store.failures
         )
+
+
+class AuditStatsView(Protocol):
+    @property
+    def written(self) -> int: ...
+
+    @property
+    def write_failures(self) -> int: ...
+
+    @property
+    def dropped(self) -> int: ...
+
+    @property
+    def pending(self) -> int: ...
+
+
+class AuditStatsSource(Protocol):
+    def stats(self) -> AuditStatsView: ...
+
+
+class AuditCollector(Collector):
+    """The audit log writer's counters (meshca.audit.AuditLog)."""
+
+    def __init__(self, audit: AuditStatsSource) -> None:
+        self._audit = audit
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._audit.stats()
+        yield CounterMetricFamily("meshca_audit_records_written", "Audit log lines written and fsynced.",
+                                  value=stats.written)
+        yield CounterMetricFamily(
+            "meshca_audit_write_failures", "Audit log flushes that failed (disk full, read-only); issuing went on.",
+            value=stats.write_failures,
+        )
+        yield CounterMetricFamily(
+            "meshca_audit_records_dropped", "Audit records lost: too many waited while writes failed.",
+            value=stats.dropped,
+        )
+        yield GaugeMetricFamily("meshca_audit_records_pending", "Audit records waiting to be written.",
+                                value=stats.pending)

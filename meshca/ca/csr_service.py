@@ -11,6 +11,7 @@ from typing import Protocol
 
 import grpc
 
+from meshca.audit import AuditEvent, AuditSink, IssuerIds, NoAudit
 from meshca.ca.api import CaError, CsrRejected, IdentityRejected, InvalidTtl, IssuedCertificate, IssuerExpired
 from meshca.ca.crypto import split_pem_certificates
 from meshca.identity.jwt import AuthenticationError, VerifiedIdentity
@@ -21,6 +22,7 @@ from meshca.v1 import certificate_pb2, certificate_pb2_grpc
 _MAX_TTL_SECONDS = 100 * 366 * 24 * 3600
 _PEM_BEGIN = b"-----BEGIN CERTIFICATE-----\n"
 _PEM_END = b"-----END CERTIFICATE-----\n"
+NODE_METADATA_KEY = "x-meshca-node"  # optional: the node id a CSR client sends, recorded in the audit log
 
 
 class Authenticator(Protocol):
@@ -54,12 +56,15 @@ class CertificateServicer(certificate_pb2_grpc.CertificateServiceServicer):
         logger: logging.Logger | None = None,
         ca_executor: Executor | None = None,
         revoked: Callable[[SpiffeId], bool] | None = None,
+        audit: AuditSink | None = None,
     ) -> None:
         """`revoked`: True for an identity `meshca revoke --spiffe-id` revoked (refused, PERMISSION_DENIED).
         `ca_executor`: where signing runs when the signer may block (a Vault-backed signer may wait
         seconds on Vault, and the event loop with every other call would wait with it); None signs on
-        the loop (an in-memory CA: a thread hop would only cost)."""
+        the loop (an in-memory CA: a thread hop would only cost). `audit`: every signed CSR is recorded there."""
         self._authenticator = authenticator
+        self._audit: AuditSink = audit if audit is not None else NoAudit()
+        self._issuer_ids = IssuerIds()
         self._signer = signer
         self._ca_executor = ca_executor
         self._revoked = revoked
@@ -131,6 +136,11 @@ class CertificateServicer(certificate_pb2_grpc.CertificateServiceServicer):
         self._log.info(
             "issued certificate serial %x to %s, expires %s", issued.serial_number, spiffe_id, issued.not_after.isoformat()
         )
+        self._audit.record(AuditEvent(
+            "sign", spiffe_id=spiffe_id.uri, serial=issued.serial_number, node_id=_node_id(metadata),
+            issuer=self._issuer_ids.of_chain(issued.chain_pem), not_before=issued.not_before,
+            not_after=issued.not_after,
+        ))
         return certificate_pb2.SignResponse(
             certificate_chain=self._chain(issued),
             trust_bundle_pem=self._signer.trust_bundle_pem().decode("ascii"),
@@ -139,6 +149,14 @@ class CertificateServicer(certificate_pb2_grpc.CertificateServiceServicer):
             not_before=int(issued.not_before.timestamp()),
             serial_number=f"{issued.serial_number:x}",
         )
+
+
+def _node_id(metadata: Sequence[tuple[str, str | bytes]]) -> str | None:
+    """The caller's `x-meshca-node` metadata, if it sent one (unverified: the audit line says who asked)."""
+    for key, value in metadata:
+        if key == NODE_METADATA_KEY and isinstance(value, str):
+            return value[:256]
+    return None
 
 
 def add_to_server(server: grpc.aio.Server, servicer: CertificateServicer) -> None:

@@ -84,13 +84,51 @@ class Revocation:
         )
 
 
+HISTORY_KEPT = 256
+
+
+@dataclass(frozen=True)
+class RevocationChange:
+    """One operator-visible change of the list: `revoke` (an entry added) or `unrevoke` (an identity lifted), at
+    list `version`. Kept in the list itself, so a replica that adopts several versions at once still audits each."""
+
+    version: int
+    op: Literal["revoke", "unrevoke"]
+    entry: Revocation
+
+    def to_json(self) -> dict[str, Any]:
+        return {"version": self.version, "op": self.op, "entry": self.entry.to_json()}
+
+    @classmethod
+    def from_json(cls, data: Any, where: str) -> RevocationChange:
+        if not isinstance(data, dict) or data.get("op") not in ("revoke", "unrevoke") or type(data.get("version")) is not int:
+            raise ValueError(f"{where} must be an object with an integer version and op revoke or unrevoke")
+        return cls(data["version"], data["op"], Revocation.from_json(data["entry"], f"{where}.entry"))
+
+
 @dataclass(frozen=True)
 class RevocationList:
-    """Every revocation in force; `version` grows with every write (the CRL number follows it)."""
+    """Every revocation in force; `version` grows with every write (the CRL number follows it). `history`: the
+    last HISTORY_KEPT changes (entries leaving because their certificate expired are not changes)."""
 
     entries: tuple[Revocation, ...] = ()
     version: int = 0
     raw: bytes = field(default=b"", compare=False, repr=False)
+    history: tuple[RevocationChange, ...] = ()
+
+    def recorded_after(self, current: RevocationList) -> RevocationList:
+        """This list as the next version after `current`, its changes added to the history."""
+        version = current.version + 1
+        before = {(e.kind, e.value) for e in current.entries}
+        after = {(e.kind, e.value) for e in self.entries}
+        changes = [RevocationChange(version, "revoke", e) for e in self.entries if (e.kind, e.value) not in before]
+        changes += [RevocationChange(version, "unrevoke", e) for e in current.entries
+                    if e.kind == "spiffe_id" and (e.kind, e.value) not in after]
+        history = (current.history + tuple(changes))[-HISTORY_KEPT:]
+        return replace(self, version=version, history=history)
+
+    def changes_since(self, version: int) -> list[RevocationChange]:
+        return [change for change in self.history if change.version > version]
 
     @property
     def denied_spiffe_ids(self) -> frozenset[str]:
@@ -115,7 +153,8 @@ class RevocationList:
         return replace(self, entries=kept) if len(kept) != len(self.entries) else self
 
     def to_bytes(self) -> bytes:
-        data = {"format_version": _FORMAT, "version": self.version, "entries": [e.to_json() for e in self.entries]}
+        data = {"format_version": _FORMAT, "version": self.version, "entries": [e.to_json() for e in self.entries],
+                "history": [c.to_json() for c in self.history]}
         return (json.dumps(data, indent=2) + "\n").encode()
 
     @classmethod
@@ -129,11 +168,15 @@ class RevocationList:
             if type(version) is not int or not isinstance(entries, list):
                 raise TypeError("version must be an integer and entries a list")
             parsed = tuple(Revocation.from_json(e, f"entries[{i}]") for i, e in enumerate(entries))
+            history = data.get("history", [])
+            if not isinstance(history, list):
+                raise TypeError("history must be a list")
+            changes = tuple(RevocationChange.from_json(c, f"history[{i}]") for i, c in enumerate(history))
         except KeyError as e:
             raise CaStateError(f"{where}: missing key {e.args[0]!r}") from None
         except (TypeError, ValueError, UnicodeDecodeError) as e:
             raise CaStateError(f"{where}: invalid content: {e}") from None
-        return cls(parsed, version, raw)
+        return cls(parsed, version, raw, changes)
 
 
 class StateDirRevocations:
@@ -178,7 +221,7 @@ class StateDirRevocations:
             new = change(current)
             if new.entries == current.entries:
                 return current
-            new = replace(new, version=current.version + 1)
+            new = new.recorded_after(current)
             raw = new.to_bytes()
             write_atomic(self._path, raw, 0o600)
             fsync_directory(self._dir)

@@ -27,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     from meshca.ca.vault.setup import add_vault_parser
+    from meshca.cli.audit import add_audit_parsers
     from meshca.cli.bootstrap import add_bootstrap_parser
     from meshca.cli.ca import add_ca_parsers
     from meshca.cli.demo import add_demo_parser
@@ -46,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_mesh_parser(commands)
     add_revoke_parsers(commands)
     add_vault_parser(commands)
+    add_audit_parsers(commands)
     parser.epilog = "commands:\n" + "\n".join(
         f"  {name:<14} {help_text}" for name, help_text in command_list(parser)
     ) + "\n\n`meshca COMMAND --help` describes each one."

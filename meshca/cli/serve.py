@@ -18,6 +18,7 @@ from meshca.listen import check_bindable
 if TYPE_CHECKING:
     import logging
 
+    from meshca.audit import AuditLog
     from meshca.ca.backends import CaBackend
     from meshca.cli.workers import WorkerRole
     from meshca.sds.crl import RevocationSource
@@ -35,14 +36,47 @@ async def _serve(config_path: Path, worker: WorkerRole | None = None) -> int:
     tune_gc_for_serving()
     log = logs.configure("info")
     store, store_ca = await _open_store(config_path, log)
+    audit = None
     try:
         backend = store_ca.backend if store_ca is not None else build_ca_backend(config_path, system_clock, log)
-        return await _serve_with(config_path, log, backend, store, store_ca, worker)
+        audit = _open_audit(config_path, worker, log)
+        return await _serve_with(config_path, log, backend, store, store_ca, worker, audit)
     finally:
+        if audit is not None:
+            audit.close()
         if store_ca is not None:
             await store_ca.close()
         if store is not None:
             await store.close()
+
+
+def _open_audit(config_path: Path, worker: WorkerRole | None, log: logging.Logger) -> AuditLog | None:
+    """The process's audit log writer (None when `audit:` is off); worker i of --workers N writes its own file."""
+    from meshca.audit import AuditError, AuditFileBusy, AuditLog, replica_path, worker_path
+    from meshca.config import read_audit_settings
+    from meshca.store.registry import default_replica_id
+
+    settings = read_audit_settings(config_path)
+    if settings.path is None:
+        return None
+    path = settings.path if worker is None else worker_path(settings.path, worker.index)
+    replica = default_replica_id()
+
+    def writer(path: Path) -> AuditLog:
+        audit = AuditLog(path, replica, system_clock, log.getChild("audit"),
+                         flush_interval=settings.flush_interval.total_seconds())
+        audit.open()
+        return audit
+
+    try:
+        try:
+            return writer(path)
+        except AuditFileBusy as busy:
+            # e.g. a new serve started before the old one stopped: never two writers on one chain
+            log.warning("%s; this process writes %s", busy, replica_path(path, replica))
+            return writer(replica_path(path, replica))
+    except AuditError as error:
+        raise ConfigError(config_path, "audit.path", str(error)) from None
 
 
 async def _open_store(config_path: Path, log: logging.Logger) -> tuple[EtcdStore | None, StoreCa | None]:
@@ -74,6 +108,7 @@ async def _serve_with(
     store: EtcdStore | None,
     store_ca: StoreCa | None,
     worker: WorkerRole | None,
+    audit: AuditLog | None = None,
 ) -> int:
     """`store`/`store_ca`: the connected EtcdStore and its StoreCa with `store:` (None without)."""
     from meshca import logs
@@ -116,6 +151,7 @@ async def _serve_with(
         identity_grace=settings.identity_grace,
         xds_max_stream_age=settings.xds_max_stream_age,
         revocations=crl_publishing(revocation_source) if revocation_source is not None else None,
+        audit=audit,
     )
     # Served through grpc's dynamic credentials: a renewed certificate (at 2/3 of its 30 days, or when the
     # signing intermediate changes) or changed `tls:` files reach new connections without a restart.
@@ -141,6 +177,10 @@ async def _serve_with(
         source = FileMeshSource(settings.mesh_file, app, log.getChild("mesh-source"))
         source.load()  # an invalid mesh at start is an error: there is no last good config yet
         source_task = asyncio.create_task(source.run())
+    if audit is not None:
+        log.info("audit log: %s", audit.path)
+    else:
+        log.warning("audit log off (`audit: false`, or `store:` without audit.path): issuances are not recorded")
     await app.start(
         settings.listen_host,
         settings.listen_port,

@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any, Protocol
 
+from meshca.audit import AuditSink, NoAudit, revocation_event
 from meshca.ca.api import CaError
 from meshca.ca.revocation import CrlSettings, Revocation, RevocationList, build_crls
 from meshca.clock import Clock
@@ -59,6 +60,7 @@ class RevocationPublisher:
         settings: CrlSettings = CrlSettings(),
         on_denied: Callable[[frozenset[SpiffeId], frozenset[SpiffeId]], None] | None = None,
         on_leaves_revoked: Callable[[frozenset[SpiffeId]], None] | None = None,
+        audit: AuditSink | None = None,
     ) -> None:
         """`on_denied(denied, newly_denied)`: called with every revoked identity after a change.
         `on_leaves_revoked(identities)`: identities (not revoked themselves) whose certificate held here now has a
@@ -72,6 +74,7 @@ class RevocationPublisher:
         self._settings = settings
         self._on_denied = on_denied
         self._on_leaves_revoked = on_leaves_revoked
+        self._audit: AuditSink = audit if audit is not None else NoAudit()
         self._lock = threading.Lock()
         self._list = RevocationList()
         self._denied: frozenset[SpiffeId] = frozenset()
@@ -146,6 +149,8 @@ class RevocationPublisher:
         self._secrets.set_denied(denied)
         if newly:
             revocations = self._list_serials_of(revocations, newly)
+        if not quiet:
+            self._record_changes(self._list, revocations)
         self._list, self._denied = revocations, denied
         (self._log.debug if quiet else self._log.info)(
             "revocation list version %d: %d entries, %d revoked identities",
@@ -161,6 +166,17 @@ class RevocationPublisher:
         )
         if in_use and self._on_leaves_revoked is not None:
             self._on_leaves_revoked(in_use)
+
+    def _record_changes(self, before: RevocationList, after: RevocationList) -> None:
+        """Audit every change since the version adopted before (from the list's own history: versions adopted in
+        one step are each recorded). A list read at start is not: its changes were recorded when they were made."""
+        for change in after.changes_since(before.version):
+            entry = change.entry
+            self._audit.record(revocation_event(
+                change.op, spiffe_id=entry.value if entry.kind == "spiffe_id" else None, serial=entry.serial,
+                issuer=entry.value if entry.kind == "intermediate" else entry.issuer_id,
+                not_after=entry.not_after, reason=entry.reason if change.op == "revoke" else None,
+            ))
 
     def _list_serials_of(self, revocations: RevocationList, identities: frozenset[SpiffeId]) -> RevocationList:
         """The list plus the serials of the certificates this replica holds for newly revoked identities, written

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Protocol
 
+from meshca.audit import CaTransitions
 from meshca.backoff import backoff_delay
 from meshca.clock import Clock, format_duration
 from meshca.files import describe_os_error
@@ -334,8 +335,11 @@ class CaWatcher:
         clock: Clock,
         logger: logging.Logger,
         max_backoff: timedelta = timedelta(seconds=60),
+        audit: CaTransitions | None = None,
     ) -> None:
+        """`audit`: records every transition committed here or noticed on reload."""
         self._ca = ca
+        self._audit = audit
         self._publisher = publisher
         self._rotator = rotator
         self._settings = settings
@@ -357,7 +361,11 @@ class CaWatcher:
                 return
             try:
                 self._ca.reload_if_changed()
+                if self._audit is not None:  # by the generation: a store's watch may have reloaded the CA already
+                    self._audit.observe()
                 events = self._ca.tick(now)
+                if events and self._audit is not None:
+                    self._audit.committed(events)  # type: ignore[arg-type]
             except Exception as error:  # a failed transition must not stop issuance
                 self._failures += 1
                 self._failed_in_row += 1

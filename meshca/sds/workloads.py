@@ -9,8 +9,9 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import partial
-from typing import Protocol
+from typing import Literal, Protocol
 
+from meshca.audit import AuditEvent, AuditSink, IssuerIds, NoAudit
 from meshca.clock import Clock
 from meshca.identity.spiffe import SpiffeId
 from meshca.mesh.build import MeshResources
@@ -85,8 +86,12 @@ class WorkloadSecrets:
         logger: logging.Logger,
         leaf_ttl: timedelta | None = None,
         reuse_until: float = 0.9,
+        audit: AuditSink | None = None,
     ) -> None:
+        """`audit`: every issuance and renewal is recorded there (meshca.audit)."""
         self._issuer = issuer
+        self._audit: AuditSink = audit if audit is not None else NoAudit()
+        self._issuer_ids = IssuerIds()
         self._clock = clock
         self._log = logger
         self._leaf_ttl = leaf_ttl
@@ -149,10 +154,11 @@ class WorkloadSecrets:
             return current.secret
         return None
 
-    def default_secret(self, spiffe_id: SpiffeId) -> EncodedResource:
+    def default_secret(self, spiffe_id: SpiffeId, node_id: str | None = None) -> EncodedResource:
         """The identity's `default` secret: the held certificate, or a new one if none is usable.
 
         May call the CA: callers on an event loop run it in a thread unless `held_secret` answered.
+        `node_id`: the node whose stream asked, for the audit log.
         """
         self._check_trust_domain(spiffe_id)
         with self._lock:
@@ -165,7 +171,7 @@ class WorkloadSecrets:
                 secret = self._usable_locked(spiffe_id)  # issued by the caller we waited for
             if secret is not None:
                 return secret
-            issued = self._issue(spiffe_id)
+            issued = self._issue(spiffe_id, "issue", node_id)
         self._issued_event(issued.info)
         return issued.secret
 
@@ -175,7 +181,7 @@ class WorkloadSecrets:
         with self._lock:
             issuing = self._issuing.setdefault(spiffe_id, threading.Lock())
         with issuing:
-            issued = self._issue(spiffe_id)
+            issued = self._issue(spiffe_id, "renew", None)
         self._issued_event(issued.info)
         return issued.info
 
@@ -192,7 +198,7 @@ class WorkloadSecrets:
                 f"this CA issues for {self._issuer.trust_domain!r}"
             )
 
-    def _issue(self, spiffe_id: SpiffeId) -> _Issued:
+    def _issue(self, spiffe_id: SpiffeId, event: Literal["issue", "renew"], node_id: str | None) -> _Issued:
         """Call the CA (the caller holds the identity's issuing lock, not the table's)."""
         if self.is_denied(spiffe_id):
             raise IdentityRevoked(f"identity {spiffe_id} is revoked (`meshca unrevoke --spiffe-id` lifts it)")
@@ -203,6 +209,10 @@ class WorkloadSecrets:
         with self._lock:
             self._issued[spiffe_id] = issued
             self._issued_total += 1
+        self._audit.record(AuditEvent(
+            event, spiffe_id=spiffe_id.uri, serial=leaf.serial_number, node_id=node_id,
+            issuer=self._issuer_ids.of_chain(leaf.chain_pem), not_before=leaf.not_before, not_after=leaf.not_after,
+        ))
         return issued
 
     def _issued_event(self, info: WorkloadCertificate) -> None:
@@ -362,10 +372,10 @@ class MeshPublisher:
         with self._lock:
             return len(self._identities)
 
-    def ensure_identity(self, spiffe_id: SpiffeId) -> str:
+    def ensure_identity(self, spiffe_id: SpiffeId, node_id: str | None = None) -> str:
         """Make sure this identity has a certificate and a published snapshot; return its key.
 
-        May call the CA (see WorkloadSecrets.default_secret)."""
+        May call the CA (see WorkloadSecrets.default_secret); `node_id` (the node asking) is for the audit log."""
         key = self.snapshot_key(spiffe_id)
         with self._lock:
             known = spiffe_id in self._identities
@@ -374,11 +384,13 @@ class MeshPublisher:
             # Another stream of a known identity (or a reconnect): its published snapshot is current
             # unless its certificate was (re)issued meanwhile; mesh and bundle changes republish all.
             published = self._cache.get(key)
-            secret = self._secrets.default_secret(spiffe_id)
+            secret = self._secrets.default_secret(spiffe_id, node_id)
             if published is not None and published.of_type(ResourceType.SECRET).resources.get(
                 DEFAULT_CERT_SECRET
             ) is secret:
                 return key
+        else:
+            self._secrets.default_secret(spiffe_id, node_id)  # issued here, so the audit log names the node
         self._publish(spiffe_id)
         return key
 

@@ -39,7 +39,7 @@ async def update_revocations(store: EtcdStore, change: Change) -> RevocationList
         new = change(current)
         if new.entries == current.entries:
             return current
-        new = replace(new, version=current.version + 1)
+        new = new.recorded_after(current)
         raw = new.to_bytes()
         compare = (kv.txn_compare_create_revision(key, 0) if revision == 0 else
                    Compare(result=Compare.EQUAL, target=Compare.MOD, key=key, mod_revision=revision))
