@@ -175,6 +175,9 @@ class RevocationPublisher:
         self._generation = generation
         self._signed_at = now
         self._refresh_at = now + self._settings.validity * self._settings.refresh
+        pending = self._list.next_effective(now)
+        if pending is not None and pending < self._refresh_at:  # a taint's revocation takes effect then
+            self._refresh_at = pending
         self._updates += 1
         self._log.info("CRLs signed for %d CA certificates (%d revocations in force), next re-sign at %s",
-                       len(signers), len(self._list.pruned(now).entries), self._refresh_at.isoformat())
+                       len(signers), len(self._list.in_force(now)), self._refresh_at.isoformat())
