@@ -199,3 +199,24 @@ def test_a_delayed_entry_round_trips_and_is_left_out_of_the_crls_until_it_takes_
     assert listed.in_force(clock()) == () and listed.next_effective(clock()) == entry.effective_at
     assert listed.in_force(clock() + timedelta(minutes=1)) == (entry,)
     assert listed.next_effective(clock() + timedelta(minutes=1)) is None
+
+
+def test_leaves_of_an_intermediate_revoked_at_once_are_reissued_at_once(tmp_path: Path, clock: FakeClock) -> None:
+    CertificateAuthority.init(tmp_path / "ca", CaSettings(trust_domain=TD), clock)
+    serving = CertificateAuthority.load(tmp_path / "ca", clock)
+    serve = Serve(serving, clock)
+    old = serving.active_intermediate_id
+    for spiffe_id in IDENTITIES:
+        serve.secrets.default_secret(spiffe_id)
+    CertificateAuthority.load(tmp_path / "ca", clock).rotate_intermediate(now=True)
+    serving.reload_if_changed()
+    serve.watcher = CaWatcher(serving, serve.publisher, serve.rotator, RotationSettings(reissue_window=WINDOW),
+                              clock, LOG)
+    args = build_parser().parse_args(["revoke", "--intermediate", old, "--state-dir", str(serving.state_dir)])
+    assert args.handler(args, io.StringIO(), clock) == 0  # `meshca revoke`: in force at once, no herd window
+    serve.check()
+    assert serve.root_crl_serials() == {serial_of(serving, old)}
+    latest = max(when for when, _ in serve.jobs.jobs.values())
+    assert latest <= clock() + timedelta(seconds=len(IDENTITIES) / RotationSettings().reissue_rate)
+    serve.jobs.advance_to(latest)
+    assert set(serve.issuer_ids().values()) == {serving.active_intermediate_id}

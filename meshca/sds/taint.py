@@ -67,6 +67,8 @@ class TaintedLeaves:
         if not revoked:
             return 0
         pems = {record.id: issuer.certificate_pem for record, issuer in self._ca.crl_signers() if record.id in revoked}
+        if not pems:  # pruned from the CA state: every leaf it signed has expired
+            return 0
         held = self._secrets.certificates()
         self._examined &= {leaf.serial_number for leaf in held}
         found: dict[str, list[SpiffeId]] = {}
