@@ -71,7 +71,7 @@ def cmd_ca_taint(args: argparse.Namespace, out: TextIO | None = None, clock: Clo
     from meshca.cli.ca import format_events
 
     out.write(format_events(outcome.events))
-    left = max(effective - clock(), timedelta(0))
+    left = timedelta(seconds=max(round((effective - clock()).total_seconds()), 0))
     out.write(
         f"tainted intermediate {outcome.slot} (reason {outcome.entry.reason}); the active intermediate is "
         f"{outcome.active_intermediate_id}. Its revocation takes effect at {effective.isoformat(timespec='seconds')} "
