@@ -220,3 +220,25 @@ def test_leaves_of_an_intermediate_revoked_at_once_are_reissued_at_once(tmp_path
     assert latest <= clock() + timedelta(seconds=len(IDENTITIES) / RotationSettings().reissue_rate)
     serve.jobs.advance_to(latest)
     assert set(serve.issuer_ids().values()) == {serving.active_intermediate_id}
+
+
+def test_a_replica_that_sees_the_taint_before_the_rotation_still_reissues_before_the_revocation(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    """With `store:` the CA and the revocation list are two watches: the list may arrive first."""
+    CertificateAuthority.init(tmp_path / "ca", CaSettings(trust_domain=TD), clock)
+    serving = CertificateAuthority.load(tmp_path / "ca", clock)  # does not see the rotation until it reloads
+    serve = Serve(serving, clock)
+    tainted = serving.active_intermediate_id
+    for spiffe_id in IDENTITIES:
+        serve.secrets.default_secret(spiffe_id)
+    assert taint(serving.state_dir, clock, "--intermediate", tainted, "--revoke-after", "1m")[0] == 0
+    effective = clock() + timedelta(minutes=1)
+    serve.revocations.check()
+    assert serve.tainted.check(serve.revocations.revocations) == 0  # it still signs here: renewing would not help
+    serve.check()  # the rotation arrives: every leaf re-issued over the 5 min window, then the tainted ones sooner
+    assert serving.active_intermediate_id != tainted
+    assert len(serve.jobs.jobs) == len(IDENTITIES)
+    assert max(when for when, _ in serve.jobs.jobs.values()) < effective
+    serve.jobs.advance_to(effective - timedelta(seconds=1))
+    assert tainted not in serve.issuer_ids().values()

@@ -52,22 +52,27 @@ class TaintedLeaves:
         self._settings = settings
         self._clock = clock
         self._log = logger
-        self._version: int | None = None
+        self._seen: tuple[int, int] | None = None  # (list version, CA generation) the examined set is for
         self._examined: set[int] = set()  # serials looked at under this list version
         self._reissued = 0
 
     def check(self, revocations: RevocationList) -> int:
         """Schedule the re-issue of every newly found leaf of a revoked intermediate; how many were scheduled."""
         now = self._clock()
-        if revocations.version != self._version:
-            self._version = revocations.version
+        # A CA change re-issues every leaf over the whole herd window (CaWatcher): look again, so that the
+        # leaves of a tainted intermediate are brought back before its revocation.
+        seen = (revocations.version, self._ca.generation)
+        if seen != self._seen:
+            self._seen = seen
             self._examined.clear()
         revoked = {e.value: e for e in revocations.entries
                    if e.kind == "intermediate" and (e.not_after is None or e.not_after > now)}
         if not revoked:
             return 0
-        pems = {record.id: issuer.certificate_pem for record, issuer in self._ca.crl_signers() if record.id in revoked}
-        if not pems:  # pruned from the CA state: every leaf it signed has expired
+        # Not while it still signs here (this replica has not seen the rotation yet: a renewal would get it again).
+        pems = {record.id: issuer.certificate_pem for record, issuer in self._ca.crl_signers()
+                if record.id in revoked and record.state != "active"}
+        if not pems:  # pruned from the CA state (every leaf it signed has expired), or not yet replaced
             return 0
         held = self._secrets.certificates()
         self._examined &= {leaf.serial_number for leaf in held}
