@@ -40,6 +40,7 @@ from meshca.sds.retention import IdentityRetention
 from meshca.sds.rotation import ApschedulerJobs, CaWatcher, LeafRotator, RotationSettings
 from meshca.sds.server_tls import ServerCredentials, ServingCertificate
 from meshca.sds.server_tls import issue_server_credentials as issue_server_credentials  # for cli and dev
+from meshca.sds.taint import TaintedLeaves
 from meshca.sds.workloads import ForeignTrustDomain, IdentityRevoked, MeshPublisher, WorkloadSecrets
 from meshca.xds.cache import SnapshotCache
 from meshca.xds.server import (
@@ -238,9 +239,13 @@ class MeshcaApp:
         self._mesh_config: MeshConfig | None = None
         self._denied_uris: frozenset[str] = frozenset()
         self.revocations: RevocationPublisher | None = None
+        self.tainted: TaintedLeaves | None = None
         if revocations is not None:
             self.revocations = revocations(self)
             self.revocations.start()
+            self.tainted = TaintedLeaves(
+                cast(CrlAuthority, ca), self.secrets, self.rotator, rotation, clock, logger.getChild("taint")
+            )
         self._server: grpc.aio.Server | None = None
         self.port: int | None = None
         self.server_certificate: ServingCertificate | None = None
@@ -292,10 +297,13 @@ class MeshcaApp:
             )
 
     def _check_ca(self) -> None:
-        """The CA check, then the CRLs (in this order, on the scheduler's one worker: see RevocationPublisher)."""
+        """The CA check, then the CRLs, then the leaves of tainted intermediates (in this order, on the scheduler's
+        one worker: see RevocationPublisher and meshca.sds.taint)."""
         self.ca_watcher.check()
         if self.revocations is not None:
             self.revocations.check()
+            if self.tainted is not None:
+                self.tainted.check(self.revocations.revocations)
 
     def record_rejected(self) -> None:
         self.publisher.record_rejected()

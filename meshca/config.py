@@ -136,6 +136,11 @@ def read_state_dir(path: Path) -> Path:
     return (path.parent / reader.get("state_dir", str)).resolve()
 
 
+def read_rotation_settings(path: Path) -> RotationSettings:
+    """Only the `rotation:` section (`meshca ca taint` waits out its herd window)."""
+    return _parse_rotation(FieldReader(path, read_yaml_mapping(path)))
+
+
 def read_store_settings(path: Path) -> EtcdSettings | None:
     """Only the `store:` section, needed before the rest (the store is connected first: the CA may live there)."""
     return _parse_store(FieldReader(path, read_yaml_mapping(path)))

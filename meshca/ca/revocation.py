@@ -40,6 +40,7 @@ class Revocation:
     intermediate); None for a leaf of unknown issuer: every intermediate's CRL lists it.
     `not_after`: the revoked certificate's own expiry; the entry leaves the CRLs after it (None: an identity,
     revoked until `meshca unrevoke`).
+    `effective_at`: the CRLs list it from then on (`meshca ca taint`: after the herd window); None: at once.
     """
 
     kind: RevocationKind
@@ -49,9 +50,16 @@ class Revocation:
     not_after: datetime | None = None
     issuer_id: str | None = None
     serial: int | None = None
+    effective_at: datetime | None = None
+
+    def in_force(self, now: datetime) -> bool:
+        """Listed on the CRLs at `now`: effective and its certificate not yet expired."""
+        return (self.effective_at is None or self.effective_at <= now) and (
+            self.not_after is None or self.not_after > now
+        )
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        data = {
             "kind": self.kind,
             "value": self.value,
             "reason": self.reason,
@@ -60,6 +68,9 @@ class Revocation:
             "issuer": self.issuer_id,
             "serial": f"{self.serial:x}" if self.serial is not None else None,
         }
+        if self.effective_at is not None:
+            data["effective_at"] = self.effective_at.isoformat()
+        return data
 
     @classmethod
     def from_json(cls, data: Any, where: str) -> Revocation:
@@ -73,6 +84,7 @@ class Revocation:
         serial = data.get("serial")
         not_after = data.get("not_after")
         issuer = data.get("issuer")
+        effective_at = data.get("effective_at")
         return cls(
             kind,
             value,
@@ -81,6 +93,7 @@ class Revocation:
             parse_time(not_after, f"{where}.not_after") if not_after is not None else None,
             issuer if isinstance(issuer, str) else None,
             int(serial, 16) if isinstance(serial, str) else None,
+            parse_time(effective_at, f"{where}.effective_at") if effective_at is not None else None,
         )
 
 
@@ -151,6 +164,15 @@ class RevocationList:
         """Without the entries whose certificate has expired anyway (a CRL need not list them any more)."""
         kept = tuple(e for e in self.entries if e.not_after is None or e.not_after > now)
         return replace(self, entries=kept) if len(kept) != len(self.entries) else self
+
+    def in_force(self, now: datetime) -> tuple[Revocation, ...]:
+        """The entries the CRLs list at `now` (not yet expired, already effective)."""
+        return tuple(e for e in self.entries if e.in_force(now))
+
+    def next_effective(self, now: datetime) -> datetime | None:
+        """When the next entry recorded with a later `effective_at` takes effect (None: no such entry)."""
+        return min((e.effective_at for e in self.entries if e.effective_at is not None and e.effective_at > now),
+                   default=None)
 
     def to_bytes(self) -> bytes:
         data = {"format_version": _FORMAT, "version": self.version, "entries": [e.to_json() for e in self.entries],
@@ -253,9 +275,10 @@ def build_crls(
 
     Envoy checks the CRL of every CA in a chain once any CRL is configured (X509_V_FLAG_CRL_CHECK_ALL), so
     every CA gets one, empty or not. A root's CRL lists its revoked intermediates; an intermediate's, the
-    revoked leaves it signed (and those of unknown issuer). Entries past their certificate's expiry are left out.
+    revoked leaves it signed (and those of unknown issuer). Entries past their certificate's expiry are left out,
+    and so are those not yet effective (a taint's revocation during its herd window).
     """
-    live = revocations.pruned(now).entries
+    live = revocations.in_force(now)
     crl_number = max(revocations.version, 0) * 1_000_000_000 + int(now.timestamp()) % 1_000_000_000
     pems = []
     for record, issuer in signers:

@@ -36,9 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
     from meshca.cli.revoke import add_revoke_parsers
     from meshca.cli.serve import add_serve_parser
     from meshca.cli.status import add_status_parser
+    from meshca.cli.taint import add_taint_parser
 
     ca = commands.add_parser("ca", help="certificate authority").add_subparsers(dest="ca_command", required=True)
     add_ca_parsers(ca)
+    add_taint_parser(ca)
     add_dev_parser(commands)
     add_serve_parser(commands)
     add_demo_parser(commands)

@@ -169,11 +169,13 @@ class RevocationPublisher:
 
     def _record_changes(self, before: RevocationList, after: RevocationList) -> None:
         """Audit every change since the version adopted before (from the list's own history: versions adopted in
-        one step are each recorded). A list read at start is not: its changes were recorded when they were made."""
+        one step are each recorded; `meshca ca taint`'s delayed revocation of an intermediate is a `taint`). A list
+        read at start is not: its changes were recorded when they were made."""
         for change in after.changes_since(before.version):
             entry = change.entry
+            tainted = change.op == "revoke" and entry.kind == "intermediate" and entry.effective_at is not None
             self._audit.record(revocation_event(
-                change.op, spiffe_id=entry.value if entry.kind == "spiffe_id" else None, serial=entry.serial,
+                "taint" if tainted else change.op, spiffe_id=entry.value if entry.kind == "spiffe_id" else None, serial=entry.serial,
                 issuer=entry.value if entry.kind == "intermediate" else entry.issuer_id,
                 not_after=entry.not_after, reason=entry.reason if change.op == "revoke" else None,
             ))
@@ -205,6 +207,11 @@ class RevocationPublisher:
         self._generation = generation
         self._signed_at = now
         self._refresh_at = now + self._settings.validity * self._settings.refresh
+        pending = self._list.next_effective(now)
+        if pending is not None and pending < self._refresh_at:  # a taint's revocation takes effect then
+            self._refresh_at = pending
         self._updates += 1
-        (self._log.debug if quiet else self._log.info)("CRLs signed for %d CA certificates (%d revocations in force), next re-sign at %s",
-                       len(signers), len(self._list.pruned(now).entries), self._refresh_at.isoformat())
+        (self._log.debug if quiet else self._log.info)(
+            "CRLs signed for %d CA certificates (%d revocations in force), next re-sign at %s",
+            len(signers), len(self._list.in_force(now)), self._refresh_at.isoformat(),
+        )

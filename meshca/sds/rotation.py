@@ -218,6 +218,21 @@ class LeafRotator:
         self._log.info("re-issuing %d workload certificates over %s after a CA change", len(order), format_duration(spread))
         return times
 
+    def reissue(
+        self, identities: Sequence[SpiffeId], window: timedelta, max_rate: float, deadline: datetime
+    ) -> list[datetime]:
+        """Re-issue these tracked identities, spread over `window` and all before `deadline` (the leaves of a
+        tainted intermediate before its revocation takes effect: meshca.sds.taint)."""
+        now = self._clock()
+        with self._lock:
+            chosen = [spiffe_id for spiffe_id in identities if spiffe_id in self._tracked]
+            self._reissues += len(chosen)
+        times = spread_schedule(len(chosen), now, window, max_rate, deadline, self._rng)
+        self._rng.shuffle(chosen)
+        for spiffe_id, when in zip(chosen, times, strict=True):
+            self._scheduler.schedule(self.job_id(spiffe_id), when, lambda s=spiffe_id: self.renew(s))
+        return times
+
     def forget(self, spiffe_id: SpiffeId) -> None:
         with self._lock:
             self._tracked.pop(spiffe_id, None)

@@ -6,7 +6,7 @@ import hashlib
 import logging
 import threading
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import partial
 from typing import Literal, Protocol
@@ -64,6 +64,7 @@ class WorkloadCertificate:
     not_before: datetime
     not_after: datetime
     issued_at: datetime  # when meshca got it: notBefore may be backdated (Vault: by 60 s)
+    chain_pem: bytes = field(default=b"", repr=False, compare=False)  # as served: the leaf, then its issuer(s)
 
 
 @dataclass(frozen=True)
@@ -204,7 +205,9 @@ class WorkloadSecrets:
             raise IdentityRevoked(f"identity {spiffe_id} is revoked (`meshca unrevoke --spiffe-id` lifts it)")
         leaf = self._issuer.issue_workload(spiffe_id, self._leaf_ttl)
         assert leaf.private_key_pem is not None, "issue_workload returns the generated key"
-        info = WorkloadCertificate(spiffe_id, leaf.serial_number, leaf.not_before, leaf.not_after, self._clock())
+        info = WorkloadCertificate(
+            spiffe_id, leaf.serial_number, leaf.not_before, leaf.not_after, self._clock(), leaf.chain_pem
+        )
         issued = _Issued(info, tls_certificate_secret(DEFAULT_CERT_SECRET, leaf.chain_pem, leaf.private_key_pem))
         with self._lock:
             self._issued[spiffe_id] = issued
