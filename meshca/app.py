@@ -13,7 +13,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from meshca.admin.metrics import GcPauseCollector, RotationCollector, VaultCollector
 from meshca.admin.server import Observability
-from meshca.ca import csr_service
+from meshca.ca import csr_service, trust_service
 from meshca.ca.api import CaError, MeshCa
 from meshca.ca.vault.session import VaultSession
 from meshca.clock import Clock
@@ -250,6 +250,7 @@ class MeshcaApp:
         csr_service.add_to_server(
             server, csr_service.CertificateServicer(self.identity_gate, self.ca, ca_executor=csr_executor)
         )
+        trust_service.add_to_server(server, trust_service.TrustBundleServicer(self.ca))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         address = format_address(host, port)
         try:

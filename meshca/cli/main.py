@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     from meshca.cli.mesh import add_mesh_parser
     from meshca.cli.serve import add_serve_parser
     from meshca.cli.status import add_status_parser
+    from meshca.cli.trust import add_trust_parser
 
     ca = commands.add_parser("ca", help="certificate authority").add_subparsers(dest="ca_command", required=True)
     add_ca_parsers(ca)
@@ -44,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_status_parser(commands)
     add_mesh_parser(commands)
     add_vault_parser(commands)
+    add_trust_parser(commands)
     parser.epilog = "commands:\n" + "\n".join(
         f"  {name:<14} {help_text}" for name, help_text in command_list(parser)
     ) + "\n\n`meshca COMMAND --help` describes each one."

@@ -11,6 +11,7 @@ from typing import Any
 import yaml
 
 XDS_CLUSTER_NAME = "meshca_xds"
+TRUST_SECRET_NAME = "meshca_trust"  # the Secret in meshca.node.trust's SDS document
 API_TYPES = ("GRPC", "DELTA_GRPC")
 FILE_BASED_METADATA = "envoy.grpc_credentials.file_based_metadata"
 
@@ -59,6 +60,9 @@ class BootstrapSettings:
     # Further meshca replicas (host, port) after the first: one control-plane cluster with every one of them,
     # so a proxy whose replica dies reconnects to another.
     more_meshca: tuple[tuple[str, int], ...] = ()
+    # A file-based SDS document (meshca.node.trust, kept current by `meshca trust sync`) that the xds cluster
+    # takes meshca's trust from, reloaded when it is replaced in its directory; None: `meshca_ca_path`, read once.
+    meshca_trust_sds_path: Path | None = None
 
     @property
     def meshca_endpoints(self) -> tuple[tuple[str, int], ...]:
@@ -185,19 +189,35 @@ def _xds_cluster(s: BootstrapSettings) -> dict[str, Any]:
             "typed_config": {
                 "@type": _TYPE_URL_PREFIX + _UPSTREAM_TLS_CONTEXT,
                 "sni": s.meshca_server_name,
-                "common_tls_context": {
-                    "alpn_protocols": ["h2"],
-                    "validation_context": {
-                        "trusted_ca": {"filename": str(s.meshca_ca_path)},
-                        "match_typed_subject_alt_names": [
-                            {"san_type": "DNS", "matcher": {"exact": s.meshca_server_name}}
-                        ],
-                    },
-                },
+                "common_tls_context": {"alpn_protocols": ["h2"], **_meshca_validation(s)},
             },
         },
     }
     return cluster
+
+
+def _meshca_validation(s: BootstrapSettings) -> dict[str, Any]:
+    """How the xds cluster checks meshca: the root file read once, or the trust bundle from a file-based SDS
+    secret that Envoy reloads whenever a file is moved into its directory (`meshca trust sync` renames into it);
+    the server name is checked either way."""
+    san = {"match_typed_subject_alt_names": [{"san_type": "DNS", "matcher": {"exact": s.meshca_server_name}}]}
+    if s.meshca_trust_sds_path is None:
+        return {"validation_context": {"trusted_ca": {"filename": str(s.meshca_ca_path)}, **san}}
+    return {
+        "combined_validation_context": {
+            "default_validation_context": san,
+            "validation_context_sds_secret_config": {
+                "name": TRUST_SECRET_NAME,
+                "sds_config": {
+                    "path_config_source": {
+                        "path": str(s.meshca_trust_sds_path),
+                        "watched_directory": {"path": str(s.meshca_trust_sds_path.parent)},
+                    },
+                    "resource_api_version": "V3",
+                },
+            },
+        }
+    }
 
 
 def _grpc_service(s: BootstrapSettings) -> dict[str, Any]:
