@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from meshca.ca.bundle import BundleError, decode_spiffe_bundle, encode_spiffe_bundle
+from meshca.ca.bundle import BundleError, SpiffeBundle, decode_spiffe_bundle, encode_spiffe_bundle
 from meshca.cli.main import main
 from meshca.dev.envoy_process import free_port
 from meshca.node.bootstrap import BootstrapSettings, build_bootstrap
@@ -26,6 +26,7 @@ from meshca.node.trust import (
     TrustSyncSettings,
     sync_loop,
     sync_once,
+    write_bundle,
 )
 from tests.meshca_harness import RunningMeshca, make_ca, running_meshca
 
@@ -177,3 +178,16 @@ def test_bootstrap_takes_meshca_trust_from_the_synced_sds_file(tmp_path: Path) -
     assert sds["sds_config"]["path_config_source"] == {
         "path": str(tmp_path / TRUST_SDS_FILE), "watched_directory": {"path": str(tmp_path)}
     }
+
+
+def test_cli_bootstrap_with_trust_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["bootstrap", "--node-id", "n", "--cluster", "c", "--trust-dir", str(tmp_path), "--token", "a.b.c"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("meshca: error: --trust-dir: ") and "run `meshca trust sync" in err and err.count("\n") == 1
+    ca = make_ca(tmp_path / "ca")
+    write_bundle(TrustSyncSettings((("127.0.0.1", 1),), "localhost", tmp_path), SpiffeBundle((ca.trust_bundle_pem(),)))
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "combined_validation_context" in text and f'path: "{tmp_path / TRUST_SDS_FILE}"' in text
+    assert f'filename: "{tmp_path / TRUST_PEM_FILE}"' not in text  # inline token: envoy_grpc, no gRPC root file
