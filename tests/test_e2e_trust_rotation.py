@@ -71,6 +71,10 @@ def held(demo: Demo, name: str) -> list[bytes]:
     return split_pem_certificates((demo.trust_dir(name) / TRUST_PEM_FILE).read_bytes())
 
 
+def sync_log(demo: Demo, name: str) -> str:
+    return (demo.workdir / f"trust-sync-{name}.log").read_text()
+
+
 def meshca_verifies_with(demo: Demo, root: bytes) -> bool:
     """meshca's server certificate (a new connection's) verifies against this root alone."""
     context = ssl.create_default_context(cadata=root.decode())
@@ -124,10 +128,19 @@ def test_two_root_rotations_with_pruning_then_a_restart_with_no_failed_request(d
         # a new handshake of every running Envoy (meshca restarted: a new certificate under the newest root)
         start = time.monotonic()
         demo.kill_meshca()
+        # the fault on the node's side: the syncs cannot reach meshca, keep the bundle they hold, say so, retry
+        wait_until(lambda: all("trust sync failed (keeping" in sync_log(demo, name) for name in names), 30, 0.05,
+                   "every trust sync reported that meshca is unreachable")
         demo.start_meshca()
         wait_until(lambda: all(connected(demo.envoys[name]) for name in names), 30, 0.05,
                    "every sidecar reconnected to the restarted meshca")
         times["meshca restarted: every running sidecar reconnected"] = time.monotonic() - start
+        wait_until(lambda: all("reached again" in sync_log(demo, name) for name in names), 30, 0.05,
+                   "every trust sync reached meshca again")
+        for name in names:
+            failed = [line for line in sync_log(demo, name).splitlines() if "trust sync failed" in line]
+            assert failed and all("cannot reach meshca at 127.0.0.1:" in line for line in failed), failed
+            assert held(demo, name) == [new_root]
         for _ in range(5):
             assert demo.one_request().ok
     assert traffic.failures == [] and traffic.ok > 100, traffic.failures[:5]
