@@ -191,3 +191,18 @@ def test_cli_bootstrap_with_trust_dir(tmp_path: Path, capsys: pytest.CaptureFixt
     text = capsys.readouterr().out
     assert "combined_validation_context" in text and f'path: "{tmp_path / TRUST_SDS_FILE}"' in text
     assert f'filename: "{tmp_path / TRUST_PEM_FILE}"' not in text  # inline token: envoy_grpc, no gRPC root file
+
+
+def test_cli_bootstrap_warns_that_a_token_file_proxy_reads_the_trust_dir_only_at_start(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write_bundle(TrustSyncSettings((("127.0.0.1", 1),), "localhost", tmp_path),
+                 SpiffeBundle((make_ca(tmp_path / "ca").trust_bundle_pem(),)))
+    (tmp_path / "token").write_text("a.b.c")
+    argv = ["bootstrap", "--node-id", "n", "--cluster", "c", "--trust-dir", str(tmp_path),
+            "--token-file", str(tmp_path / "token")]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert f'filename: "{tmp_path / TRUST_PEM_FILE}"' in captured.out  # google_grpc's root_certs
+    (warning,) = captured.err.splitlines()
+    assert warning.startswith("meshca: warning: --trust-dir with --token-file: ") and "restarted" in warning

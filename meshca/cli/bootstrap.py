@@ -202,6 +202,12 @@ def settings_from_args(args: argparse.Namespace) -> tuple[BootstrapSettings, lis
         if token_path.is_dir():
             raise BootstrapOptionError(f"--token-file: {str(token_path)!r} is a directory")
         warnings += token_file_warnings(token_path)
+        if trust_sds_path is not None:
+            warnings.append(
+                "--trust-dir with --token-file: Envoy's google_grpc client reads the trust bundle only when it "
+                "starts, so this proxy does not follow a root rotation until it is restarted (restart it after "
+                "each new root is published, or use --token); see docs/trust-root.md"
+            )
     try:
         settings = BootstrapSettings(
             node_id=node_id,
