@@ -105,7 +105,7 @@ def test_self_issued_certificate_renews_under_traffic_and_streams_stay(self_issu
     renewed = served(demo)
     assert renewed.not_valid_after_utc > first.not_valid_after_utc
     assert_streams_kept(demo, before)
-    assert traffic.failures == [] and traffic.ok > 20, traffic.failures[:5]
+    assert traffic.failures == [] and traffic.ok >= 20, traffic.failures[:5]
     reconnect = new_connection_verifies(demo, "intruder")  # not on the traffic's path
     print(f"\nself-issued server certificate ({lifetime:.0f} s): renewed {renewed_after:.1f} s into the test, "
           f"{traffic.ok} requests ok, 0 failed; a restarted Envoy connected in {reconnect:.2f} s")
@@ -124,11 +124,11 @@ def test_replaced_tls_files_are_served_under_traffic_and_streams_stay(with_files
         write_atomic(directory / "server.pem", pair.certificate_chain_pem, 0o644)
         wait_until(lambda: served(demo).serial_number != first.serial_number, 30, 0.05, "the new files served")
         switched = time.monotonic() - start
-        for _ in range(20):
-            assert demo.one_request().ok
+        ok_at_switch = traffic.ok
+        wait_until(lambda: traffic.ok >= ok_at_switch + 20, 30, 0.05, "20 more requests after the switch")
     assert served(demo).serial_number == x509.load_pem_x509_certificate(pair.certificate_chain_pem).serial_number
     assert_streams_kept(demo, before)
-    assert traffic.failures == [] and traffic.ok > 20, traffic.failures[:5]
+    assert traffic.failures == [] and traffic.ok >= 20, traffic.failures[:5]
     reconnect = new_connection_verifies(demo, "intruder")
     print(f"\ntls: files replaced: served to new connections {switched:.2f} s later, {traffic.ok} requests ok, "
           f"0 failed; a restarted Envoy connected in {reconnect:.2f} s")
