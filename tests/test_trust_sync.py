@@ -14,8 +14,10 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
+from meshca.app import MeshcaApp
 from meshca.ca.bundle import BundleError, SpiffeBundle, decode_spiffe_bundle, encode_spiffe_bundle
 from meshca.cli.main import main
+from meshca.clock import system_clock
 from meshca.dev.envoy_process import free_port
 from meshca.node.bootstrap import BootstrapSettings, build_bootstrap
 from meshca.node.trust import (
@@ -28,6 +30,8 @@ from meshca.node.trust import (
     sync_once,
     write_bundle,
 )
+from meshca.sds.rotation import RotationSettings
+from meshca.sds.server_tls import IssuedServerCertificate
 from tests.meshca_harness import RunningMeshca, make_ca, running_meshca
 
 
@@ -206,3 +210,35 @@ def test_cli_bootstrap_warns_that_a_token_file_proxy_reads_the_trust_dir_only_at
     assert f'filename: "{tmp_path / TRUST_PEM_FILE}"' in captured.out  # google_grpc's root_certs
     (warning,) = captured.err.splitlines()
     assert warning.startswith("meshca: warning: --trust-dir with --token-file: ") and "restarted" in warning
+
+
+@pytest.mark.parametrize("propagation", [timedelta(0), timedelta(seconds=30)])
+async def test_after_rotate_root_now_the_sync_still_verifies_meshca_only_when_its_certificate_waits(
+    tmp_path: Path, propagation: timedelta
+) -> None:
+    """`rotate --root --now` publishes and uses a root at once: a meshca that moved its own certificate to it at
+    once (propagation 0, the behaviour before) could no longer be verified with the nodes' synced bundles, and
+    the sync's chain of trust would end there."""
+    ca = make_ca(tmp_path)
+    app = MeshcaApp(ca, [], system_clock, logging.getLogger("meshca.test"),
+                    rotation=RotationSettings(ca_check_interval=timedelta(milliseconds=50)))
+    certificate = IssuedServerCertificate(ca, ["localhost"], timedelta(hours=1), system_clock,
+                                          logging.getLogger("meshca.test.tls"), trust_propagation=propagation)
+    port = await app.start("127.0.0.1", 0, certificate)
+    try:
+        (tmp_path / "root.pem").write_bytes(ca.trust_bundle_pem())
+        settings = TrustSyncSettings((("127.0.0.1", port),), "localhost", tmp_path, tmp_path / "root.pem", timeout=5)
+        await asyncio.to_thread(sync_once, settings)
+        serial = certificate.serial_number
+        ca.rotate_root(now=True)
+        await asyncio.sleep(0.5)  # several checks of the server certificate
+        if propagation:
+            assert certificate.serial_number == serial and certificate.held_until is not None
+            result = await asyncio.to_thread(sync_once, settings)
+            assert result.changed and result.roots == 2  # the nodes get the new root before meshca uses it
+        else:
+            assert certificate.serial_number != serial
+            with pytest.raises(TrustSyncError, match="cannot be verified"):
+                await asyncio.to_thread(sync_once, settings)
+    finally:
+        await app.stop(0)
