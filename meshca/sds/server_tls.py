@@ -163,7 +163,7 @@ class IssuedServerCertificate(ServingCertificate):
         self._renew_at = self._due(clock())
         self._failures = 0
         self._retry_at: datetime | None = None
-        self._held: tuple[ServerCredentials, datetime, str] | None = None  # (pair, serve from, why)
+        self._held: tuple[ServerCredentials, datetime, datetime, str] | None = None  # pair, issued, serve from, why
 
     def _note_roots(self, now: datetime) -> list[bytes]:
         roots = split_pem_certificates(self._ca.trust_bundle_pem())
@@ -192,7 +192,7 @@ class IssuedServerCertificate(ServingCertificate):
     @property
     def held_until(self) -> datetime | None:
         """When a certificate issued under a new root will be served (None: none is held back)."""
-        return self._held[1] if self._held is not None else None
+        return self._held[2] if self._held is not None else None
 
     @property
     def renew_at(self) -> datetime:
@@ -207,14 +207,14 @@ class IssuedServerCertificate(ServingCertificate):
         intermediate = self._ca.active_intermediate_id
         roots = self._note_roots(now)
         if self._held is not None:
-            credentials, serve_from, why = self._held
+            credentials, issued_at, serve_from, why = self._held
             current_root = self._root_of(self.current.certificate_chain_pem, roots)
             if intermediate == self._intermediate and now < serve_from and current_root is not None:
                 return
             self._held = None
             if intermediate == self._intermediate:
                 self.replace(credentials, why)
-                self._renew_at = self._due(now)
+                self._renew_at = self._due(issued_at)
                 return
         if now < self._renew_at and intermediate == self._intermediate:
             return
@@ -235,7 +235,7 @@ class IssuedServerCertificate(ServingCertificate):
         self._intermediate = intermediate
         hold_until = self._hold_until(credentials, now, roots)
         if hold_until is not None:
-            self._held = (credentials, hold_until, f"{why}; its new root had time to reach the proxies")
+            self._held = (credentials, now, hold_until, f"{why}; its new root had time to reach the proxies")
             self._log.info("server certificate under a new root held back until %s, so proxies' synced bundles "
                            "hold that root first (%s)", hold_until.isoformat(timespec="seconds"), why)
             return
