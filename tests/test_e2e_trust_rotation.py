@@ -20,7 +20,9 @@ from meshca.ca.internal import CertificateAuthority
 from meshca.clock import system_clock
 from meshca.dev.demo import Demo, DemoSettings
 from meshca.dev.envoy_process import EnvoyProcess, dynamic_active_secrets, dynamic_listeners, free_port, wait_until
-from meshca.dev.harness import TrafficLoop, envoy_chain
+from meshca.dev.harness import INTRUDER, TrafficLoop, envoy_chain
+from meshca.dev.tokens import mint_token
+from meshca.files import write_atomic
 from meshca.node.bootstrap import BootstrapSettings, build_bootstrap
 from meshca.node.trust import TRUST_PEM_FILE
 
@@ -37,8 +39,8 @@ CA = CaSettings(
 )
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo]:
+@pytest.fixture(scope="module", params=["inline token", "token file"])
+def demo(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo]:
     running = Demo(
         DemoSettings(
             check=True,
@@ -47,6 +49,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo]:
             trust_sync=True,
             trust_sync_interval=timedelta(seconds=0.5),
             ca_settings=CA,
+            token_files=request.param == "token file",
         ),
         sys.stdout,
         system_clock,
@@ -127,6 +130,10 @@ def test_two_root_rotations_with_pruning_then_a_restart_with_no_failed_request(d
             assert demo.envoys[name].stats()["cluster.meshca_xds.upstream_cx_total"] == cx_before[name], name
         # a new handshake of every running Envoy (meshca restarted: a new certificate under the newest root)
         start = time.monotonic()
+        if demo.settings.token_files:  # a token replaced on disk is what the next stream sends
+            token = mint_token(demo.material.signing_key.read_bytes(), namespace="attic", service_account="renamed",
+                               node_id=INTRUDER.node_id, now=system_clock())
+            write_atomic(demo.token_file(INTRUDER.name), token.encode(), 0o600)
         demo.kill_meshca()
         # the fault on the node's side: the syncs cannot reach meshca, keep the bundle they hold, say so, retry
         wait_until(lambda: all("trust sync failed (keeping" in sync_log(demo, name) for name in names), 30, 0.05,
@@ -137,6 +144,12 @@ def test_two_root_rotations_with_pruning_then_a_restart_with_no_failed_request(d
         times["meshca restarted: every running sidecar reconnected"] = time.monotonic() - start
         wait_until(lambda: all("reached again" in sync_log(demo, name) for name in names), 30, 0.05,
                    "every trust sync reached meshca again")
+        if demo.settings.token_files:
+            assert f"node={INTRUDER.node_id} identity=spiffe://mesh.local/ns/attic/sa/renamed" in \
+                demo.meshca_log.read_text()
+            token = mint_token(demo.material.signing_key.read_bytes(), namespace="attic", service_account="intruder",
+                               node_id=INTRUDER.node_id, now=system_clock())
+            write_atomic(demo.token_file(INTRUDER.name), token.encode(), 0o600)  # its own identity again
         for name in names:
             failed = [line for line in sync_log(demo, name).splitlines() if "trust sync failed" in line]
             assert failed and all("cannot reach meshca at 127.0.0.1:" in line for line in failed), failed
@@ -161,7 +174,8 @@ def test_two_root_rotations_with_pruning_then_a_restart_with_no_failed_request(d
     wait_until(lambda: demo.one_request().ok, 30, 0.2, "traffic through the restarted sidecars")
     results = [demo.one_request() for _ in range(20)]
     assert all(r.ok for r in results), results
-    print("\nroot rotation end to end (seconds):")
+    mode = "token file" if demo.settings.token_files else "inline token"
+    print(f"\nroot rotation end to end, {mode} (seconds):")
     for what, seconds in times.items():
         print(f"  {what}: {seconds:.2f}")
     print(f"  requests during the rotations: {traffic.ok} ok, {len(traffic.failures)} failed")

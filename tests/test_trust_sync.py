@@ -12,6 +12,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+import yaml
 from cryptography import x509
 
 from meshca.app import MeshcaApp
@@ -19,7 +20,7 @@ from meshca.ca.bundle import BundleError, SpiffeBundle, decode_spiffe_bundle, en
 from meshca.cli.main import main
 from meshca.clock import system_clock
 from meshca.dev.envoy_process import free_port
-from meshca.node.bootstrap import BootstrapSettings, build_bootstrap
+from meshca.node.bootstrap import TOKEN_SDS_FILE, BootstrapSettings, build_bootstrap
 from meshca.node.trust import (
     TRUST_PEM_FILE,
     TRUST_SDS_FILE,
@@ -29,6 +30,7 @@ from meshca.node.trust import (
     sync_loop,
     sync_once,
     write_bundle,
+    write_token_sds,
 )
 from meshca.sds.rotation import RotationSettings
 from meshca.sds.server_tls import IssuedServerCertificate
@@ -197,19 +199,39 @@ def test_cli_bootstrap_with_trust_dir(tmp_path: Path, capsys: pytest.CaptureFixt
     assert f'filename: "{tmp_path / TRUST_PEM_FILE}"' not in text  # inline token: envoy_grpc, no gRPC root file
 
 
-def test_cli_bootstrap_warns_that_a_token_file_proxy_reads_the_trust_dir_only_at_start(
+def test_cli_bootstrap_with_trust_dir_and_token_file_injects_the_token_on_envoys_own_cluster(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     write_bundle(TrustSyncSettings((("127.0.0.1", 1),), "localhost", tmp_path),
                  SpiffeBundle((make_ca(tmp_path / "ca").trust_bundle_pem(),)))
-    (tmp_path / "token").write_text("a.b.c")
-    argv = ["bootstrap", "--node-id", "n", "--cluster", "c", "--trust-dir", str(tmp_path),
-            "--token-file", str(tmp_path / "token")]
+    token = tmp_path / "tokens" / "token"
+    token.parent.mkdir()
+    token.write_text("a.b.c")
+    argv = ["bootstrap", "--node-id", "n", "--cluster", "c", "--trust-dir", str(tmp_path), "--token-file", str(token)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"{TOKEN_SDS_FILE}' does not exist; run `meshca trust sync --dir {tmp_path} --token-file {token}" in err
+    write_token_sds(tmp_path, tmp_path / "other-token")
+    assert main(argv) == 2
+    assert "does not name --token-file" in capsys.readouterr().err
+    assert write_token_sds(tmp_path, token) and not write_token_sds(tmp_path, token)
     assert main(argv) == 0
     captured = capsys.readouterr()
-    assert f'filename: "{tmp_path / TRUST_PEM_FILE}"' in captured.out  # google_grpc's root_certs
-    (warning,) = captured.err.splitlines()
-    assert warning.startswith("meshca: warning: --trust-dir with --token-file: ") and "restarted" in warning
+    assert captured.err == ""
+    bootstrap = yaml.safe_load(captured.out)
+    (service,) = bootstrap["dynamic_resources"]["ads_config"]["grpc_services"]
+    assert "envoy_grpc" in service and "initial_metadata" not in service  # no google_grpc: its roots never reload
+    cluster = bootstrap["static_resources"]["clusters"][0]
+    (injector, codec) = cluster["typed_extension_protocol_options"][
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]["http_filters"]
+    generic = injector["typed_config"]["credential"]["typed_config"]
+    assert generic["header"] == "authorization" and generic["header_value_prefix"] == "Bearer "
+    assert generic["credential"]["sds_config"]["path_config_source"] == {
+        "path": str(tmp_path / TOKEN_SDS_FILE), "watched_directory": {"path": str(token.parent)}
+    }
+    assert codec["name"] == "envoy.filters.http.upstream_codec"
+    sds = json.loads((tmp_path / TOKEN_SDS_FILE).read_text())
+    assert sds["resources"][0]["generic_secret"] == {"secret": {"filename": str(token)}}  # the path, never the token
 
 
 @pytest.mark.parametrize("propagation", [timedelta(0), timedelta(seconds=30)])

@@ -145,6 +145,24 @@ def _trust_dir_files(directory: Path) -> tuple[Path, Path]:
     return pem, sds
 
 
+def _check_token_sds(directory: Path, token_path: Path) -> None:
+    """With --trust-dir, Envoy reads the token file through the SDS document `meshca trust sync --token-file`
+    keeps in the directory: it must be there and name this --token-file."""
+    from meshca.node.bootstrap import TOKEN_SDS_FILE
+    from meshca.node.trust import token_sds_document
+
+    path = directory / TOKEN_SDS_FILE
+    fix = f"run `meshca trust sync --dir {directory} --token-file {token_path} ...` first"
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise BootstrapOptionError(f"--trust-dir: {str(path)!r} does not exist; {fix}") from None
+    except OSError as error:
+        raise BootstrapOptionError(f"--trust-dir: cannot read {str(path)!r} ({error.strerror})") from None
+    if data != token_sds_document(token_path):
+        raise BootstrapOptionError(f"--trust-dir: {str(path)!r} does not name --token-file {token_path}; {fix}")
+
+
 def token_file_warnings(path: Path) -> list[str]:
     """Problems with a token file that Envoy would only reveal as failing streams."""
     try:
@@ -203,11 +221,7 @@ def settings_from_args(args: argparse.Namespace) -> tuple[BootstrapSettings, lis
             raise BootstrapOptionError(f"--token-file: {str(token_path)!r} is a directory")
         warnings += token_file_warnings(token_path)
         if trust_sds_path is not None:
-            warnings.append(
-                "--trust-dir with --token-file: Envoy's google_grpc client reads the trust bundle only when it "
-                "starts, so this proxy does not follow a root rotation until it is restarted (restart it after "
-                "each new root is published, or use --token); see docs/trust-root.md"
-            )
+            _check_token_sds(trust_sds_path.parent, token_path)
     try:
         settings = BootstrapSettings(
             node_id=node_id,
@@ -231,11 +245,12 @@ def settings_from_args(args: argparse.Namespace) -> tuple[BootstrapSettings, lis
 
 
 def _header(settings: BootstrapSettings) -> str:
-    source = (
-        f"token re-read from {settings.token_path} on every new stream"
-        if settings.token_path is not None
-        else "inline token: this file is a credential, keep it private (mode 0600)"
-    )
+    if settings.token_path is None:
+        source = "inline token: this file is a credential, keep it private (mode 0600)"
+    elif settings.uses_google_grpc:
+        source = f"token re-read from {settings.token_path} on every new stream"
+    else:
+        source = f"token read from {settings.token_path} again whenever it is replaced, sent on every new stream"
     return (
         "# Envoy bootstrap written by `meshca bootstrap`; everything else comes from meshca over ADS.\n"
         f"# node.id {settings.node_id!r}: must satisfy meshca's node binding (docs/identity.md).\n"

@@ -13,6 +13,7 @@ from pathlib import Path
 from meshca.cli.bootstrap import DEFAULT_MESHCA, DEFAULT_SERVER_NAME, BootstrapOptionError, _parse_meshca_addresses
 from meshca.cli.errors import CliError
 from meshca.fields import parse_duration
+from meshca.node.bootstrap import TOKEN_SDS_FILE
 from meshca.node.trust import TRUST_PEM_FILE, TRUST_SDS_FILE, TrustSyncError, TrustSyncSettings, sync_loop, sync_once
 
 DEFAULT_INTERVAL = timedelta(seconds=60)
@@ -40,7 +41,11 @@ def _settings(args: argparse.Namespace) -> TrustSyncSettings:
         raise CliError(f"--ca: file {initial_ca} does not exist (meshca's root bundle, e.g. root.pem)")
     if not args.server_name or any(c.isspace() for c in args.server_name):
         raise CliError(f"--server-name: {args.server_name!r} is not a DNS name")
-    return TrustSyncSettings(endpoints, args.server_name, directory, initial_ca, timeout=args.timeout)
+    token_file = Path(args.token_file).expanduser().absolute() if args.token_file else None
+    if token_file is not None and token_file.is_dir():
+        raise CliError(f"--token-file: {token_file} is a directory")
+    return TrustSyncSettings(endpoints, args.server_name, directory, initial_ca, timeout=args.timeout,
+                             token_file=token_file)
 
 
 def _duration(option: str, text: str) -> timedelta:
@@ -97,6 +102,9 @@ def add_trust_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPar
                         help=f"where {TRUST_PEM_FILE} and {TRUST_SDS_FILE} are kept (e.g. /etc/envoy/meshca-trust)")
     parser.add_argument("--ca", metavar="FILE",
                         help="day-one root bundle, used only while DIR holds no bundle yet")
+    parser.add_argument("--token-file", metavar="FILE",
+                        help=f"also keep {TOKEN_SDS_FILE} in DIR, which makes Envoy read this token file (with "
+                        "`meshca bootstrap --trust-dir DIR --token-file FILE`)")
     parser.add_argument("--watch", action="store_true", help="keep syncing every --interval until stopped")
     parser.add_argument("--interval", default="60s",
                         help="time between syncs with --watch (default 60s); keep it well inside meshca's "

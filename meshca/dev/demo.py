@@ -76,6 +76,7 @@ class DemoSettings:
     # (meshca issues its own server certificate then); `trust_sync_interval` is that sync's --interval
     trust_sync: bool = False
     trust_sync_interval: timedelta = timedelta(seconds=1)
+    token_files: bool = False  # sidecars read their JWT from a file (each in its own directory), not inline
     ca_settings: CaSettings | None = None  # the internal CA's settings instead of those derived from cert_ttl
 
     def __post_init__(self) -> None:
@@ -189,9 +190,14 @@ class Demo:
                 node_id=workload.node_id,
                 now=self.clock(),
             )
+            token_path = None
+            if self.settings.token_files:
+                token_path = self.token_file(workload.name)
+                token_path.parent.mkdir(exist_ok=True)
+                write_atomic(token_path, token.encode(), 0o600)
             ca_path, trust_sds = material.root_bundle, None
             if self.settings.trust_sync:
-                ca_path, trust_sds = self._start_trust_sync(workload.name)
+                ca_path, trust_sds = self._start_trust_sync(workload.name, token_path)
             bootstrap = BootstrapSettings(
                 node_id=workload.node_id,
                 cluster=workload.name,
@@ -199,7 +205,8 @@ class Demo:
                 meshca_port=self.ports.meshca,
                 meshca_ca_path=ca_path,
                 meshca_server_name="localhost",
-                token=token,
+                token=None if token_path else token,
+                token_path=token_path,
                 admin_port=self.ports.admin[workload.name],
                 api_type=self.settings.api_type,
                 more_meshca=self.more_meshca(),
@@ -218,12 +225,17 @@ class Demo:
     def trust_dir(self, name: str) -> Path:
         return self.workdir / f"trust-{name}"
 
-    def _start_trust_sync(self, name: str) -> tuple[Path, Path]:
+    def token_file(self, name: str) -> Path:
+        return self.workdir / f"token-{name}" / "token"
+
+    def _start_trust_sync(self, name: str, token_file: Path | None = None) -> tuple[Path, Path]:
         """A first `meshca trust sync` from the day-one root.pem, then one with --watch kept running, as a node
         would; (the PEM bundle, the SDS file) for the sidecar's bootstrap."""
         directory = self.trust_dir(name)
         directory.mkdir(exist_ok=True)
         where = ["--dir", str(directory), "--meshca", f"127.0.0.1:{self.ports.meshca}", "--server-name", "localhost"]
+        if token_file is not None:
+            where += ["--token-file", str(token_file)]
         meshca_cli("trust", "sync", *where, "--ca", str(self.material.root_bundle))
         with (self.workdir / f"trust-sync-{name}.log").open("ab") as log:
             self.trust_syncs[name] = subprocess.Popen(

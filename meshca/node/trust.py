@@ -20,7 +20,7 @@ from meshca.ca.bundle import BundleError, SpiffeBundle, decode_spiffe_bundle
 from meshca.ca.crypto import CryptoError, parse_certificate_pem, split_pem_certificates
 from meshca.ca.trust_service import FULL_METHOD
 from meshca.files import write_atomic
-from meshca.node.bootstrap import TRUST_SECRET_NAME
+from meshca.node.bootstrap import TOKEN_SDS_FILE, TOKEN_SECRET_NAME, TRUST_SECRET_NAME
 
 TRUST_PEM_FILE = "meshca-trust.pem"  # the bundle as PEM: the sync's own anchor, google_grpc's root_certs
 TRUST_SDS_FILE = "meshca-trust-sds.json"  # a DiscoveryResponse with one Secret, for Envoy's file-based SDS
@@ -34,13 +34,15 @@ class TrustSyncError(Exception):
 @dataclass(frozen=True)
 class TrustSyncSettings:
     """Where meshca is, which name its certificate must carry, and the directory Envoy reads the bundle from.
-    `initial_ca` is the day-one anchor, used only while the directory holds no bundle yet."""
+    `initial_ca` is the day-one anchor, used only while the directory holds no bundle yet. `token_file`: also
+    keep the SDS document that makes Envoy inject that token file (`meshca bootstrap --trust-dir --token-file`)."""
 
     endpoints: tuple[tuple[str, int], ...]
     server_name: str
     directory: Path
     initial_ca: Path | None = None
     timeout: float = 10.0
+    token_file: Path | None = None
 
     @property
     def pem_path(self) -> Path:
@@ -73,6 +75,28 @@ def sds_document(bundle_pem: bytes) -> bytes:
         "validation_context": {"trusted_ca": {"inline_string": bundle_pem.decode("ascii")}},
     }
     return json.dumps({"resources": [secret]}, indent=2).encode() + b"\n"
+
+
+def token_sds_document(token_file: Path) -> bytes:
+    """The file-based SDS document naming the token file: Envoy reads the token itself (never copied here)."""
+    secret = {"@type": _SECRET_TYPE, "name": TOKEN_SECRET_NAME, "generic_secret": {"secret": {"filename": str(token_file)}}}
+    return json.dumps({"resources": [secret]}, indent=2).encode() + b"\n"
+
+
+def write_token_sds(directory: Path, token_file: Path) -> bool:
+    """Write DIR/meshca-token-sds.json (0644, temp file and rename) unless it already names `token_file`."""
+    path = directory / TOKEN_SDS_FILE
+    document = token_sds_document(token_file)
+    try:
+        if path.read_bytes() == document:
+            return False
+    except OSError:
+        pass
+    try:
+        write_atomic(path, document, 0o644)
+    except OSError as error:
+        raise TrustSyncError(f"cannot write {error.filename}: {error.strerror}") from None
+    return True
 
 
 def anchor(settings: TrustSyncSettings) -> tuple[bytes, str]:
@@ -177,6 +201,8 @@ def write_bundle(settings: TrustSyncSettings, bundle: SpiffeBundle) -> bool:
 
 
 def sync_once(settings: TrustSyncSettings) -> SyncResult:
+    if settings.token_file is not None:  # needs no meshca: there for Envoy's start even while meshca is down
+        write_token_sds(settings.directory, settings.token_file)
     bundle, source = fetch_bundle(settings)
     changed = write_bundle(settings, bundle)
     return SyncResult(changed, len(bundle.roots_pem), bundle.sequence, source)
