@@ -16,7 +16,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from meshca.admin.metrics import AuditCollector, GcPauseCollector, RotationCollector, VaultCollector
 from meshca.admin.server import Observability
 from meshca.audit import AuditLog, AuditSink, CaTransitions
-from meshca.ca import csr_service
+from meshca.ca import csr_service, trust_service
 from meshca.ca.api import CaError, MeshCa
 from meshca.ca.revocation import CrlSettings
 from meshca.ca.vault.session import VaultSession
@@ -347,6 +347,7 @@ class MeshcaApp:
                 self.identity_gate, self.ca, ca_executor=csr_executor, revoked=self.secrets.is_denied, audit=self.audit
             ),
         )
+        trust_service.add_to_server(server, trust_service.TrustBundleServicer(self.ca))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         address = format_address(host, port)
         try:

@@ -201,7 +201,8 @@ def _parse_rotation(reader: FieldReader) -> RotationSettings:
     if data is None:
         return RotationSettings()
     sub = reader.child("rotation", data)
-    sub.check_known({"renew_at", "jitter", "hard_zone", "reissue_window", "reissue_rate", "ca_check_interval"})
+    sub.check_known({"renew_at", "jitter", "hard_zone", "reissue_window", "reissue_rate", "ca_check_interval",
+                     "trust_propagation"})
     defaults = RotationSettings()
     fraction = float(sub.get("renew_at", (int, float), defaults.policy.fraction))
     jitter = float(sub.get("jitter", (int, float), defaults.policy.jitter))
@@ -227,7 +228,17 @@ def _parse_rotation(reader: FieldReader) -> RotationSettings:
         reissue_window=sub.duration("reissue_window", required=False) or defaults.reissue_window,
         reissue_rate=rate,
         ca_check_interval=sub.duration("ca_check_interval", required=False) or defaults.ca_check_interval,
+        trust_propagation=_trust_propagation(sub, defaults.trust_propagation),
     )
+
+
+def _trust_propagation(sub: FieldReader, default: timedelta) -> timedelta:
+    value = sub.duration("trust_propagation", required=False)
+    if value is None:
+        return default
+    if value < timedelta(0):
+        raise sub.error("trust_propagation", "must not be negative")
+    return value
 
 
 def parse_serve_settings(path: Path, data: Mapping[str, Any], trust_domain: str) -> ServeSettings:

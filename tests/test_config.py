@@ -288,3 +288,14 @@ def test_serve_with_unreachable_jwks_uri_exits_2_with_one_line(tmp_path: Path, j
     assert result.stderr.strip() == (
         f"meshca: error: {config}: issuers[0].jwks_uri: JWKS {jwks_server.url} unusable: cannot fetch: Connection refused"
     )
+
+
+def test_rotation_trust_propagation(tmp_path: Path) -> None:
+    assert load_serve_settings(write(tmp_path, GOOD), "mesh.test").rotation.trust_propagation == timedelta(minutes=10)
+    tuned = load_serve_settings(write(tmp_path, GOOD + "rotation:\n  trust_propagation: 2m\n"), "mesh.test")
+    assert tuned.rotation.trust_propagation == timedelta(minutes=2)
+    off = load_serve_settings(write(tmp_path, GOOD + "rotation:\n  trust_propagation: 0s\n"), "mesh.test")
+    assert off.rotation.trust_propagation == timedelta(0)
+    with pytest.raises(ConfigError) as error:
+        load_serve_settings(write(tmp_path, GOOD + "rotation:\n  trust_propagation: soon\n"), "mesh.test")
+    assert error.value.field == "rotation.trust_propagation"

@@ -16,7 +16,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from meshca.app import MeshcaApp
-from meshca.ca.crypto import CertificateInfo, parse_certificate_pem, split_pem_certificates
+from meshca.ca.crypto import CertificateInfo, certificate_issued_by, parse_certificate_pem, split_pem_certificates
 from meshca.ca.internal import CertificateAuthority
 from meshca.clock import system_clock
 from meshca.sds.rotation import RotationSettings
@@ -190,6 +190,9 @@ class UnavailableCa:
     def active_intermediate_id(self) -> str:
         return self.ca.active_intermediate_id
 
+    def trust_bundle_pem(self) -> bytes:
+        return self.ca.trust_bundle_pem()
+
 
 def test_a_failed_renewal_keeps_the_certificate_and_retries_with_backoff(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
@@ -217,3 +220,42 @@ def test_plain_credentials_are_served_as_they_are(tmp_path: Path) -> None:
     serving.check()
     assert serving.current == credentials and serving.replacements == 0
     assert "PRIVATE KEY" not in repr(credentials)
+
+
+def test_a_certificate_under_a_new_root_is_served_only_once_proxies_can_hold_that_root(tmp_path: Path) -> None:
+    ca = make_ca(tmp_path)
+    clock = FakeClock.at_real_now()
+    certificate = IssuedServerCertificate(ca, NAMES, timedelta(hours=1), clock, logging.getLogger("meshca.test.tls"),
+                                          trust_propagation=timedelta(minutes=10))
+    serial = certificate.serial_number
+    ca.rotate_root(now=True)  # prepared and activated at once: proxies' synced bundles lack the new root yet
+    new_root = split_pem_certificates(ca.trust_bundle_pem())[0]
+    certificate.check()
+    assert certificate.serial_number == serial and certificate.held_until is not None
+    assert certificate.held_until - clock() == timedelta(minutes=10)
+    clock.advance(9 * 60)
+    certificate.check()
+    assert certificate.serial_number == serial
+    clock.advance(60)
+    certificate.check()
+    assert certificate.serial_number != serial and certificate.held_until is None
+    chain = split_pem_certificates(certificate.current.certificate_chain_pem)
+    assert chain[1] == ca.intermediate_certificate_pem and certificate_issued_by(chain[1], new_root)
+    ca.rotate_intermediate(now=True)  # under the same root: served at once
+    certificate.check()
+    assert split_pem_certificates(certificate.current.certificate_chain_pem)[1] == ca.intermediate_certificate_pem
+
+
+def test_a_held_certificate_is_served_when_the_current_one_nears_its_end(tmp_path: Path) -> None:
+    ca = make_ca(tmp_path)
+    clock = FakeClock.at_real_now()
+    certificate = IssuedServerCertificate(ca, NAMES, timedelta(minutes=10), clock, logging.getLogger("meshca.test.tls"),
+                                          trust_propagation=timedelta(hours=1))
+    serial = certificate.serial_number
+    ca.rotate_root(now=True)
+    certificate.check()
+    assert certificate.held_until is not None
+    assert certificate.held_until <= certificate.not_before + (certificate.not_after - certificate.not_before) * 0.9
+    clock.now = certificate.held_until
+    certificate.check()
+    assert certificate.serial_number != serial

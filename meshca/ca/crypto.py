@@ -79,6 +79,30 @@ def public_jwk(public_pem: bytes, key_id: str) -> dict[str, Any]:
     return {**jwk, "kid": key_id, "use": "sig", "alg": alg}
 
 
+def x509_authority_jwk(certificate_pem: bytes) -> dict[str, Any]:
+    """The JWK of a CA certificate as a SPIFFE trust bundle holds it: the public key's parameters,
+    `use: x509-svid` and the certificate itself (DER, base64) as the only `x5c` entry."""
+    cert = _load_certificate(certificate_pem)
+    key = cert.public_key()
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        jwk = jwt.algorithms.ECAlgorithm.to_jwk(key, as_dict=True)
+    elif isinstance(key, rsa.RSAPublicKey):
+        jwk = jwt.algorithms.RSAAlgorithm.to_jwk(key, as_dict=True)
+    else:
+        raise CryptoError("only EC and RSA CA keys can be published in a SPIFFE bundle")
+    der = cert.public_bytes(serialization.Encoding.DER)
+    return {**jwk, "use": "x509-svid", "x5c": [base64.b64encode(der).decode("ascii")]}
+
+
+def certificate_pem_from_der(der: bytes) -> bytes:
+    """A DER certificate as PEM; CryptoError when it does not parse."""
+    try:
+        x509.load_der_x509_certificate(der)
+    except ValueError as e:
+        raise CryptoError(f"not a DER certificate: {e}") from None
+    return _pem(b"CERTIFICATE", der)
+
+
 class CryptoError(ValueError):
     """Input that is not a well-formed key, certificate or CSR, or keys that do not belong together."""
 

@@ -124,6 +124,45 @@ def _check_ca_file(path: Path) -> None:
         raise BootstrapOptionError(f"--ca: {str(path)!r} holds no PEM certificate (expected meshca's root.pem)")
 
 
+def _trust_dir_files(directory: Path) -> tuple[Path, Path]:
+    """(the PEM bundle, the SDS document) that `meshca trust sync` keeps in --trust-dir; both must exist."""
+    from meshca.node.trust import TRUST_PEM_FILE, TRUST_SDS_FILE
+
+    directory = directory.absolute()
+    if not directory.is_dir():
+        raise BootstrapOptionError(f"--trust-dir: directory {str(directory)!r} does not exist")
+    pem, sds = directory / TRUST_PEM_FILE, directory / TRUST_SDS_FILE
+    for path in (pem, sds):
+        if not path.is_file():
+            raise BootstrapOptionError(
+                f"--trust-dir: {str(path)!r} does not exist; run `meshca trust sync --dir {directory} --ca ROOT.pem` "
+                "first (Envoy needs it at start)"
+            )
+    try:
+        _check_ca_file(pem)
+    except BootstrapOptionError as error:
+        raise BootstrapOptionError(str(error).replace("--ca:", "--trust-dir:", 1)) from None
+    return pem, sds
+
+
+def _check_token_sds(directory: Path, token_path: Path) -> None:
+    """With --trust-dir, Envoy reads the token file through the SDS document `meshca trust sync --token-file`
+    keeps in the directory: it must be there and name this --token-file."""
+    from meshca.node.bootstrap import TOKEN_SDS_FILE
+    from meshca.node.trust import token_sds_document
+
+    path = directory / TOKEN_SDS_FILE
+    fix = f"run `meshca trust sync --dir {directory} --token-file {token_path} ...` first"
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise BootstrapOptionError(f"--trust-dir: {str(path)!r} does not exist; {fix}") from None
+    except OSError as error:
+        raise BootstrapOptionError(f"--trust-dir: cannot read {str(path)!r} ({error.strerror})") from None
+    if data != token_sds_document(token_path):
+        raise BootstrapOptionError(f"--trust-dir: {str(path)!r} does not name --token-file {token_path}; {fix}")
+
+
 def token_file_warnings(path: Path) -> list[str]:
     """Problems with a token file that Envoy would only reveal as failing streams."""
     try:
@@ -151,12 +190,18 @@ def settings_from_args(args: argparse.Namespace) -> tuple[BootstrapSettings, lis
     cluster = _non_empty("--cluster", args.cluster)
     server_name = _non_empty("--server-name", args.server_name)
     endpoints = _parse_meshca_addresses(args.meshca)
-    ca_path = Path(args.ca).expanduser()
-    if not ca_path.is_file():
-        raise BootstrapOptionError(f"--ca: file {str(ca_path)!r} does not exist (meshca's root bundle, e.g. root.pem)")
-    _check_ca_file(ca_path)
-    # Envoy resolves relative file names against its own working directory: make them absolute.
-    ca_path = ca_path.resolve()
+    trust_sds_path: Path | None = None
+    if getattr(args, "trust_dir", None):
+        ca_path, trust_sds_path = _trust_dir_files(Path(args.trust_dir).expanduser())
+    else:
+        ca_path = Path(args.ca).expanduser()
+        if not ca_path.is_file():
+            raise BootstrapOptionError(
+                f"--ca: file {str(ca_path)!r} does not exist (meshca's root bundle, e.g. root.pem)"
+            )
+        _check_ca_file(ca_path)
+        # Envoy resolves relative file names against its own working directory: make them absolute.
+        ca_path = ca_path.resolve()
     admin_port = _port("--admin-port", str(args.admin_port), 0)
     if not _is_ip(args.admin_address):
         raise BootstrapOptionError(
@@ -175,6 +220,8 @@ def settings_from_args(args: argparse.Namespace) -> tuple[BootstrapSettings, lis
         if token_path.is_dir():
             raise BootstrapOptionError(f"--token-file: {str(token_path)!r} is a directory")
         warnings += token_file_warnings(token_path)
+        if trust_sds_path is not None:
+            _check_token_sds(trust_sds_path.parent, token_path)
     try:
         settings = BootstrapSettings(
             node_id=node_id,
@@ -190,6 +237,7 @@ def settings_from_args(args: argparse.Namespace) -> tuple[BootstrapSettings, lis
             admin_address=args.admin_address,
             node_metadata=metadata,
             api_type=args.api_type,
+            meshca_trust_sds_path=trust_sds_path,
         )
     except ValueError as error:  # the checks above should catch everything; keep it one line
         raise BootstrapOptionError(str(error)) from None
@@ -197,11 +245,12 @@ def settings_from_args(args: argparse.Namespace) -> tuple[BootstrapSettings, lis
 
 
 def _header(settings: BootstrapSettings) -> str:
-    source = (
-        f"token re-read from {settings.token_path} on every new stream"
-        if settings.token_path is not None
-        else "inline token: this file is a credential, keep it private (mode 0600)"
-    )
+    if settings.token_path is None:
+        source = "inline token: this file is a credential, keep it private (mode 0600)"
+    elif settings.uses_google_grpc:
+        source = f"token re-read from {settings.token_path} on every new stream"
+    else:
+        source = f"token read from {settings.token_path} again whenever it is replaced, sent on every new stream"
     return (
         "# Envoy bootstrap written by `meshca bootstrap`; everything else comes from meshca over ADS.\n"
         f"# node.id {settings.node_id!r}: must satisfy meshca's node binding (docs/identity.md).\n"
@@ -267,7 +316,14 @@ def add_bootstrap_parser(subparsers: argparse._SubParsersAction[argparse.Argumen
         help=f"meshca's gRPC address (default {DEFAULT_MESHCA}); repeat it or give a comma list for several "
         "replicas: one control-plane cluster with all of them, a proxy whose replica dies reconnects to another",
     )
-    parser.add_argument("--ca", required=True, metavar="FILE", help="meshca's root bundle (root.pem); must exist")
+    trust = parser.add_mutually_exclusive_group(required=True)
+    trust.add_argument("--ca", metavar="FILE", help="meshca's root bundle (root.pem), read once at Envoy's start")
+    trust.add_argument(
+        "--trust-dir",
+        metavar="DIR",
+        help="the directory `meshca trust sync` keeps current: Envoy takes meshca's trust from its SDS file and "
+        "reloads it on every change, so the node follows root rotations (docs/trust-root.md)",
+    )
     parser.add_argument(
         "--server-name",
         default=DEFAULT_SERVER_NAME,

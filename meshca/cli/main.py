@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     from meshca.cli.serve import add_serve_parser
     from meshca.cli.status import add_status_parser
     from meshca.cli.taint import add_taint_parser
+    from meshca.cli.trust import add_trust_parser
 
     ca = commands.add_parser("ca", help="certificate authority").add_subparsers(dest="ca_command", required=True)
     add_ca_parsers(ca)
@@ -50,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_revoke_parsers(commands)
     add_vault_parser(commands)
     add_audit_parsers(commands)
+    add_trust_parser(commands)
     parser.epilog = "commands:\n" + "\n".join(
         f"  {name:<14} {help_text}" for name, help_text in command_list(parser)
     ) + "\n\n`meshca COMMAND --help` describes each one."

@@ -165,7 +165,8 @@ async def _serve_with(
             raise ConfigError(config_path, error.field, error.reason) from None
     else:
         credentials = IssuedServerCertificate(
-            ca, settings.server_names, timedelta(days=30), system_clock, log.getChild("tls")
+            ca, settings.server_names, timedelta(days=30), system_clock, log.getChild("tls"),
+            trust_propagation=settings.rotation.trust_propagation,
         )
     source_task = None
     replica: ReplicaParts | None = None

@@ -56,6 +56,7 @@ from meshca.dev.material import create_dev_material
 from meshca.dev.tokens import mint_token
 from meshca.files import write_atomic
 from meshca.node.bootstrap import BootstrapSettings, build_bootstrap
+from meshca.node.trust import TRUST_PEM_FILE, TRUST_SDS_FILE
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,12 @@ class DemoSettings:
     api_type: str = "DELTA_GRPC"  # the sidecars' ADS flavour; GRPC for state of the world
     progress_every: float = 5.0  # with --duration: a progress line this often (seconds)
     ha: bool = False  # three meshca replicas on a three-member etcd (meshca.dev.demo_ha)
+    # each sidecar takes its trust in meshca from a directory a `meshca trust sync --watch` keeps current
+    # (meshca issues its own server certificate then); `trust_sync_interval` is that sync's --interval
+    trust_sync: bool = False
+    trust_sync_interval: timedelta = timedelta(seconds=1)
+    token_files: bool = False  # sidecars read their JWT from a file (each in its own directory), not inline
+    ca_settings: CaSettings | None = None  # the internal CA's settings instead of those derived from cert_ttl
 
     def __post_init__(self) -> None:
         if self.ca == "vault-leaf" and self.rotate_intermediate_at is not None:
@@ -150,6 +157,8 @@ class Demo:
         self.openbao: Any = None
         self.vault_address = ""
         self.envoys: dict[str, EnvoyProcess] = {}
+        self.bootstraps: dict[str, dict[str, Any]] = {}
+        self.trust_syncs: dict[str, subprocess.Popen[bytes]] = {}
         self.servers: list[ThreadingHTTPServer] = []
 
     def say(self, text: str) -> None:
@@ -178,13 +187,18 @@ class Demo:
             ca_settings = CaSettings(trust_domain=TRUST_DOMAIN, leaf_ttl_min=min(self.settings.cert_ttl, timedelta(minutes=5)))
         if self.settings.vault_mode is not None:
             extra.update(self._vault_settings(self.settings.vault_mode))
+        if self.settings.trust_sync:
+            # meshca serves a certificate under a new root once every sync has had a few rounds to fetch it
+            propagation = self.settings.trust_sync_interval * 4
+            extra["rotation"] = {**extra.get("rotation", {}), "trust_propagation": f"{propagation.total_seconds()}s"}
         material = create_dev_material(
             self.workdir / "dev",
             TRUST_DOMAIN,
             self.clock,
             listen=f"127.0.0.1:{self.ports.meshca}",
             extra_settings=extra,
-            ca_settings=ca_settings,
+            ca_settings=self.settings.ca_settings or ca_settings,
+            self_issued_server_certificate=self.settings.trust_sync,
         )
         self.material = material
         self.say(f"workdir {self.workdir}")
@@ -201,19 +215,30 @@ class Demo:
                 node_id=workload.node_id,
                 now=self.clock(),
             )
+            token_path = None
+            if self.settings.token_files:
+                token_path = self.token_file(workload.name)
+                token_path.parent.mkdir(exist_ok=True)
+                write_atomic(token_path, token.encode(), 0o600)
+            ca_path, trust_sds = material.root_bundle, None
+            if self.settings.trust_sync:
+                ca_path, trust_sds = self._start_trust_sync(workload.name, token_path)
             bootstrap = BootstrapSettings(
                 node_id=workload.node_id,
                 cluster=workload.name,
                 meshca_address="127.0.0.1",
                 meshca_port=self.ports.meshca,
-                meshca_ca_path=material.root_bundle,
+                meshca_ca_path=ca_path,
                 meshca_server_name="localhost",
-                token=token,
+                token=None if token_path else token,
+                token_path=token_path,
                 admin_port=self.ports.admin[workload.name],
                 api_type=self.settings.api_type,
                 more_meshca=self.more_meshca(),
+                meshca_trust_sds_path=trust_sds,
             )
-            envoy = EnvoyProcess(build_bootstrap(bootstrap), workdir=self.workdir / f"envoy-{workload.name}")
+            self.bootstraps[workload.name] = build_bootstrap(bootstrap)
+            envoy = EnvoyProcess(self.bootstraps[workload.name], workdir=self.workdir / f"envoy-{workload.name}")
             self.envoys[workload.name] = envoy
             envoy.start()
             envoy.wait_ready(self.settings.startup_timeout, live=False)
@@ -221,6 +246,39 @@ class Demo:
         self._wait_converged()
         admin = f"http://127.0.0.1:{self.ports.metrics}"
         self.say(f"meshca admin: {admin}/status, {admin}/metrics; try: meshca status --admin {admin}")
+
+    def trust_dir(self, name: str) -> Path:
+        return self.workdir / f"trust-{name}"
+
+    def token_file(self, name: str) -> Path:
+        return self.workdir / f"token-{name}" / "token"
+
+    def _start_trust_sync(self, name: str, token_file: Path | None = None) -> tuple[Path, Path]:
+        """A first `meshca trust sync` from the day-one root.pem, then one with --watch kept running, as a node
+        would; (the PEM bundle, the SDS file) for the sidecar's bootstrap."""
+        directory = self.trust_dir(name)
+        directory.mkdir(exist_ok=True)
+        where = ["--dir", str(directory), "--meshca", f"127.0.0.1:{self.ports.meshca}", "--server-name", "localhost"]
+        if token_file is not None:
+            where += ["--token-file", str(token_file)]
+        meshca_cli("trust", "sync", *where, "--ca", str(self.material.root_bundle))
+        with (self.workdir / f"trust-sync-{name}.log").open("ab") as log:
+            self.trust_syncs[name] = subprocess.Popen(
+                [sys.executable, "-m", "meshca.cli.main", "trust", "sync", *where, "--watch",
+                 "--interval", f"{self.settings.trust_sync_interval.total_seconds()}s"],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        return directory / TRUST_PEM_FILE, directory / TRUST_SDS_FILE
+
+    def restart_envoy(self, name: str) -> EnvoyProcess:
+        """Stop a sidecar and start it again from the same bootstrap file, as a node reboot would."""
+        self.envoys[name].stop()
+        envoy = EnvoyProcess(self.bootstraps[name], workdir=self.workdir / f"envoy-{name}")
+        self.envoys[name] = envoy
+        envoy.start()
+        envoy.wait_ready(self.settings.startup_timeout, live=False)
+        return envoy
 
     def _vault_settings(self, mode: Literal["vault-intermediate", "vault-leaf"]) -> dict[str, Any]:
         """Use VAULT_ADDR/VAULT_TOKEN when given, else start an OpenBao dev server; set up PKI and AppRole."""
@@ -609,6 +667,13 @@ class Demo:
     def stop(self) -> None:
         for envoy in self.envoys.values():
             envoy.stop()
+        for sync in self.trust_syncs.values():
+            sync.terminate()
+            try:
+                sync.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                sync.kill()
+                sync.wait()
         for server in self.servers:
             server.shutdown()
             server.server_close()

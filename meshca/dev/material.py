@@ -72,6 +72,7 @@ def create_dev_material(
     ca_settings: CaSettings | None = None,
     sample_mesh: bool = False,
     metrics_port: int | None = None,
+    self_issued_server_certificate: bool = False,
 ) -> DevMaterial:
     """Write everything `meshca serve` needs for local development into `directory`.
 
@@ -99,7 +100,11 @@ def create_dev_material(
     config: dict[str, Any] = {
         "state_dir": "ca",
         "listen": listen,
-        "tls": {"certificate_chain": "server.pem", "private_key": "server-key.pem"},
+        **(
+            {"server_names": list(SERVER_NAMES)}
+            if self_issued_server_certificate  # issued and renewed by serve from the CA it serves
+            else {"tls": {"certificate_chain": "server.pem", "private_key": "server-key.pem"}}
+        ),
         "issuers": [{"issuer": DEV_ISSUER, "audiences": [DEV_AUDIENCE], "jwks": issuer_files.jwks.name}],
         "leaf_ttl": "1h",
         **({"mesh": SAMPLE_MESH_FILE} if sample_mesh else {}),

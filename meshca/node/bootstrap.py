@@ -11,12 +11,18 @@ from typing import Any
 import yaml
 
 XDS_CLUSTER_NAME = "meshca_xds"
+TRUST_SECRET_NAME = "meshca_trust"  # the Secret in meshca.node.trust's SDS document
+TOKEN_SECRET_NAME = "meshca_token"  # the generic Secret naming the token file (meshca.node.trust)
+TOKEN_SDS_FILE = "meshca-token-sds.json"  # beside the trust SDS document, written by `meshca trust sync --token-file`
 API_TYPES = ("GRPC", "DELTA_GRPC")
 FILE_BASED_METADATA = "envoy.grpc_credentials.file_based_metadata"
 
 _HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 _UPSTREAM_TLS_CONTEXT = "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
 _FILE_BASED_METADATA_CONFIG = "envoy.config.grpc_credential.v3.FileBasedMetadataConfig"
+_CREDENTIAL_INJECTOR = "envoy.extensions.filters.http.credential_injector.v3.CredentialInjector"
+_GENERIC_CREDENTIAL = "envoy.extensions.http.injected_credentials.generic.v3.Generic"
+_UPSTREAM_CODEC = "envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec"
 _TYPE_URL_PREFIX = "type.googleapis.com/"
 
 # Fixed tuning for the control-plane connection (not user settings: sensible for every node).
@@ -59,6 +65,15 @@ class BootstrapSettings:
     # Further meshca replicas (host, port) after the first: one control-plane cluster with every one of them,
     # so a proxy whose replica dies reconnects to another.
     more_meshca: tuple[tuple[str, int], ...] = ()
+    # A file-based SDS document (meshca.node.trust, kept current by `meshca trust sync`) that the xds cluster
+    # takes meshca's trust from, reloaded when it is replaced in its directory; None: `meshca_ca_path`, read once.
+    meshca_trust_sds_path: Path | None = None
+
+    @property
+    def uses_google_grpc(self) -> bool:
+        """A token file without --trust-dir: gRPC's own client, which re-reads the token file per stream (but
+        reads its root file only at start). With --trust-dir the token is injected on Envoy's own cluster."""
+        return self.token_path is not None and self.meshca_trust_sds_path is None
 
     @property
     def meshca_endpoints(self) -> tuple[tuple[str, int], ...]:
@@ -85,14 +100,14 @@ class BootstrapSettings:
                 raise ValueError(f"'more_meshca' entry {address!r}:{port} needs an address and a port in 1..65535")
         if len(set(self.meshca_endpoints)) != len(self.meshca_endpoints):
             raise ValueError("a meshca address is given twice")
-        if self.token_path is not None and len(self.meshca_endpoints) > 1 and not all(
+        if self.uses_google_grpc and len(self.meshca_endpoints) > 1 and not all(
             _is_ip(address) for address, _ in self.meshca_endpoints
         ):
             raise ValueError(
                 "several meshca addresses with a token file must all be IP addresses (gRPC lists only those); "
                 "or give one DNS name that resolves to every replica"
             )
-        if self.token_path is not None and len({":" in address for address, _ in self.meshca_endpoints}) > 1:
+        if self.uses_google_grpc and len({":" in address for address, _ in self.meshca_endpoints}) > 1:
             raise ValueError("several meshca addresses with a token file must be all IPv4 or all IPv6 (one gRPC target)")
         if not 0 <= self.admin_port <= 65535:
             raise ValueError(f"'admin_port' {self.admin_port} is not in 0..65535")
@@ -185,25 +200,77 @@ def _xds_cluster(s: BootstrapSettings) -> dict[str, Any]:
             "typed_config": {
                 "@type": _TYPE_URL_PREFIX + _UPSTREAM_TLS_CONTEXT,
                 "sni": s.meshca_server_name,
-                "common_tls_context": {
-                    "alpn_protocols": ["h2"],
-                    "validation_context": {
-                        "trusted_ca": {"filename": str(s.meshca_ca_path)},
-                        "match_typed_subject_alt_names": [
-                            {"san_type": "DNS", "matcher": {"exact": s.meshca_server_name}}
-                        ],
+                "common_tls_context": {"alpn_protocols": ["h2"], **_meshca_validation(s)},
+            },
+        },
+    }
+    if s.token_path is not None and s.meshca_trust_sds_path is not None:
+        options = cluster["typed_extension_protocol_options"][_HTTP_PROTOCOL_OPTIONS]
+        options["http_filters"] = _token_injection(s.token_path, s.meshca_trust_sds_path.parent / TOKEN_SDS_FILE)
+    return cluster
+
+
+def _token_injection(token_path: Path, token_sds_path: Path) -> list[dict[str, Any]]:
+    """Upstream filters of the xds cluster that put `authorization: Bearer <token file>` on every request (each
+    new ADS stream). The token comes from a file-based SDS secret naming the token file; watching the token's
+    directory makes Envoy read it again when it is replaced there (a rename, or the kubelet's ..data swap)."""
+    credential = {
+        "name": TOKEN_SECRET_NAME,
+        "sds_config": {
+            "path_config_source": {"path": str(token_sds_path), "watched_directory": {"path": str(token_path.parent)}},
+            "resource_api_version": "V3",
+        },
+    }
+    return [
+        {
+            "name": "envoy.filters.http.credential_injector",
+            "typed_config": {
+                "@type": _TYPE_URL_PREFIX + _CREDENTIAL_INJECTOR,
+                "overwrite": True,
+                "credential": {
+                    "name": "envoy.http.injected_credentials.generic",
+                    "typed_config": {
+                        "@type": _TYPE_URL_PREFIX + _GENERIC_CREDENTIAL,
+                        "credential": credential,
+                        "header": "authorization",
+                        "header_value_prefix": "Bearer ",
                     },
                 },
             },
         },
+        {"name": "envoy.filters.http.upstream_codec", "typed_config": {"@type": _TYPE_URL_PREFIX + _UPSTREAM_CODEC}},
+    ]
+
+
+def _meshca_validation(s: BootstrapSettings) -> dict[str, Any]:
+    """How the xds cluster checks meshca: the root file read once, or the trust bundle from a file-based SDS
+    secret that Envoy reloads whenever a file is moved into its directory (`meshca trust sync` renames into it);
+    the server name is checked either way."""
+    san = {"match_typed_subject_alt_names": [{"san_type": "DNS", "matcher": {"exact": s.meshca_server_name}}]}
+    if s.meshca_trust_sds_path is None:
+        return {"validation_context": {"trusted_ca": {"filename": str(s.meshca_ca_path)}, **san}}
+    return {
+        "combined_validation_context": {
+            "default_validation_context": san,
+            "validation_context_sds_secret_config": {
+                "name": TRUST_SECRET_NAME,
+                "sds_config": {
+                    "path_config_source": {
+                        "path": str(s.meshca_trust_sds_path),
+                        "watched_directory": {"path": str(s.meshca_trust_sds_path.parent)},
+                    },
+                    "resource_api_version": "V3",
+                },
+            },
+        }
     }
-    return cluster
 
 
 def _grpc_service(s: BootstrapSettings) -> dict[str, Any]:
-    """envoy_grpc with an inline bearer token, or google_grpc re-reading `token_path` per stream."""
-    if s.token is not None:
-        return {
+    """envoy_grpc with an inline bearer token (or, with --trust-dir, the token file injected by the cluster's
+    upstream filter), or google_grpc re-reading `token_path` per stream."""
+    if not s.uses_google_grpc:
+        service: dict[str, Any] = {
             "envoy_grpc": {
                 "cluster_name": XDS_CLUSTER_NAME,
                 # envoy_grpc.retry_policy is what Envoy 1.40 reads for the xDS stream's reconnect backoff
@@ -215,8 +282,10 @@ def _grpc_service(s: BootstrapSettings) -> dict[str, Any]:
                     }
                 },
             },
-            "initial_metadata": [{"key": "authorization", "value": f"Bearer {s.token}"}],
         }
+        if s.token is not None:
+            service["initial_metadata"] = [{"key": "authorization", "value": f"Bearer {s.token}"}]
+        return service
     assert s.token_path is not None
     # Envoy's own cluster cannot carry call credentials; google_grpc can. TLS is checked by
     # gRPC itself here: the server name is enforced with ssl_target_name_override, since the

@@ -42,6 +42,9 @@ class RotationSettings:
     reissue_window: timedelta = timedelta(minutes=5)
     reissue_rate: float = 50.0  # certificates per second at most, unless a deadline forces faster
     ca_check_interval: timedelta = timedelta(seconds=1)
+    # meshca serves its own certificate under a new root only once the root has been in the bundle this long,
+    # so proxies that sync their trust in meshca (`meshca trust sync`) hold it first (meshca.sds.server_tls)
+    trust_propagation: timedelta = timedelta(minutes=10)
 
 
 def renewal_time(not_before: datetime, not_after: datetime, policy: RenewalPolicy, jitter_sample: float) -> datetime:

@@ -14,11 +14,20 @@ from typing import Protocol
 import grpc
 
 from meshca.backoff import backoff_delay
-from meshca.ca.crypto import CryptoError, parse_certificate_pem, private_key_info
+from meshca.ca.crypto import (
+    CryptoError,
+    certificate_issued_by,
+    parse_certificate_pem,
+    private_key_info,
+    split_pem_certificates,
+)
 from meshca.clock import Clock, format_duration
-from meshca.sds.rotation import lifetime_start
+from meshca.sds.rotation import RotationSettings, lifetime_start
 
 RENEW_AT = 2 / 3  # of the certificate's lifetime: a third is left to retry a CA that is down
+# How long a root must have been in the bundle before meshca serves a certificate under it: proxies take
+# their trust in meshca from a synced copy of the bundle (`meshca trust sync`), which must have caught up.
+DEFAULT_TRUST_PROPAGATION = RotationSettings().trust_propagation
 
 
 @dataclass(frozen=True)
@@ -35,6 +44,8 @@ class ServerCertificateCa(Protocol):
 
     @property
     def active_intermediate_id(self) -> str: ...
+
+    def trust_bundle_pem(self) -> bytes: ...
 
 
 class _Issued(Protocol):
@@ -122,7 +133,11 @@ class ServingCertificate:
 class IssuedServerCertificate(ServingCertificate):
     """meshca's certificate from its own CA, issued again at 2/3 of its lifetime and when the signing
     intermediate changes (so the chain it serves is the one the CA signs with). A failed issue is retried
-    with backoff while the current certificate is served."""
+    with backoff while the current certificate is served.
+
+    A certificate under a root that entered the bundle less than `trust_propagation` ago (a root rotation
+    done with `--now`) is held back, and the current one served, until the proxies' synced bundles hold
+    that root; but never past 9/10 of the current certificate's life nor once its root left the bundle."""
 
     def __init__(
         self,
@@ -132,17 +147,52 @@ class IssuedServerCertificate(ServingCertificate):
         clock: Clock,
         logger: logging.Logger,
         renew_at: float = RENEW_AT,
+        trust_propagation: timedelta = DEFAULT_TRUST_PROPAGATION,
     ) -> None:
         self._ca = ca
         self._names = tuple(names)
         self._ttl = ttl
         self._clock = clock
         self._renew_fraction = renew_at
+        self._trust_propagation = trust_propagation
         self._intermediate = ca.active_intermediate_id
+        # when each root was first seen in the bundle (roots there at start: at start, the safe side)
+        self._roots_seen: dict[bytes, datetime] = {}
+        self._note_roots(clock())
         super().__init__(issue_server_credentials(ca, self._names, ttl), logger)
         self._renew_at = self._due(clock())
         self._failures = 0
         self._retry_at: datetime | None = None
+        self._held: tuple[ServerCredentials, datetime, datetime, str] | None = None  # pair, issued, serve from, why
+
+    def _note_roots(self, now: datetime) -> list[bytes]:
+        roots = split_pem_certificates(self._ca.trust_bundle_pem())
+        for root in roots:
+            self._roots_seen.setdefault(root, now)
+        for gone in set(self._roots_seen) - set(roots):
+            del self._roots_seen[gone]
+        return roots
+
+    @staticmethod
+    def _root_of(chain_pem: bytes, roots: list[bytes]) -> bytes | None:
+        last = split_pem_certificates(chain_pem)[-1]
+        return next((root for root in roots if root == last or certificate_issued_by(last, root)), None)
+
+    def _hold_until(self, credentials: ServerCredentials, now: datetime, roots: list[bytes]) -> datetime | None:
+        """When a new pair may be served, if not now: its root is too new to be in every proxy's bundle."""
+        new_root = self._root_of(credentials.certificate_chain_pem, roots)
+        current_root = self._root_of(self.current.certificate_chain_pem, roots)
+        if new_root is None or current_root is None or new_root == current_root:
+            return None
+        trusted_at = self._roots_seen[new_root] + self._trust_propagation
+        latest = self.not_before + (self.not_after - self.not_before) * 0.9
+        until = min(trusted_at, latest)
+        return until if now < until else None
+
+    @property
+    def held_until(self) -> datetime | None:
+        """When a certificate issued under a new root will be served (None: none is held back)."""
+        return self._held[2] if self._held is not None else None
 
     @property
     def renew_at(self) -> datetime:
@@ -155,6 +205,17 @@ class IssuedServerCertificate(ServingCertificate):
     def check(self) -> None:
         now = self._clock()
         intermediate = self._ca.active_intermediate_id
+        roots = self._note_roots(now)
+        if self._held is not None:
+            credentials, issued_at, serve_from, why = self._held
+            current_root = self._root_of(self.current.certificate_chain_pem, roots)
+            if intermediate == self._intermediate and now < serve_from and current_root is not None:
+                return
+            self._held = None
+            if intermediate == self._intermediate:
+                self.replace(credentials, why)
+                self._renew_at = self._due(issued_at)
+                return
         if now < self._renew_at and intermediate == self._intermediate:
             return
         if self._retry_at is not None and now < self._retry_at:
@@ -172,6 +233,12 @@ class IssuedServerCertificate(ServingCertificate):
             return
         self._failures, self._retry_at = 0, None
         self._intermediate = intermediate
+        hold_until = self._hold_until(credentials, now, roots)
+        if hold_until is not None:
+            self._held = (credentials, now, hold_until, f"{why}; its new root had time to reach the proxies")
+            self._log.info("server certificate under a new root held back until %s, so proxies' synced bundles "
+                           "hold that root first (%s)", hold_until.isoformat(timespec="seconds"), why)
+            return
         self.replace(credentials, why)
         self._renew_at = self._due(now)
 
