@@ -256,7 +256,7 @@ def read_unit(path: Path) -> configparser.ConfigParser:
     return parser
 
 
-@pytest.mark.parametrize("name", ["meshca.service", "envoy-sidecar@.service"])
+@pytest.mark.parametrize("name", ["meshca.service", "envoy-sidecar@.service", "meshca-trust-sync.service"])
 def test_systemd_unit_sections(name: str) -> None:
     unit = read_unit(SYSTEMD / name)
     assert {"Unit", "Service", "Install"} <= set(unit.sections())
@@ -283,3 +283,16 @@ def test_envoy_sidecar_template_unit() -> None:
     assert "--config-path /etc/envoy/%i.yaml" in service["ExecStart"]
     assert "--disable-hot-restart" in service["ExecStart"]  # several sidecars per host
     assert service["ExecStartPre"].split()[1:3] == ["--mode", "validate"]
+
+
+def test_trust_sync_unit_runs_the_command_meshca_parses() -> None:
+    """The unit's ExecStart is a `meshca trust sync` command line meshca's own parser accepts."""
+    import shlex
+
+    from meshca.cli.main import build_parser
+
+    service = read_unit(SYSTEMD / "meshca-trust-sync.service")["Service"]
+    argv = shlex.split(service["ExecStart"].replace("\\\n", " "))
+    assert argv[0] == "/opt/meshca/.venv/bin/meshca" and argv[1:3] == ["trust", "sync"]
+    args = build_parser().parse_args(argv[1:])
+    assert args.watch and args.dir == "/etc/envoy/meshca-trust" == service["ReadWritePaths"]
