@@ -40,6 +40,9 @@ async def _serve(config_path: Path, worker: WorkerRole | None = None) -> int:
     audit = None
     try:
         backend = store_ca.backend if store_ca is not None else build_ca_backend(config_path, system_clock, log)
+        if backend.mode == "vault-leaf" and (state_dir := read_state_dir_or_none(config_path)) is not None:
+            # nothing creates vault-leaf's state dir (Vault holds its CA), yet its audit log and revocations live there
+            state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         audit = _open_audit(config_path, worker, log)
         return await _serve_with(config_path, log, backend, store, store_ca, worker, audit)
     finally:
