@@ -18,7 +18,7 @@ from meshca.ca.api import CaSettings
 from meshca.ca.revocation import StateDirRevocations
 from meshca.ca.vault.crl import VaultCrls, VaultCrlSettings
 from meshca.ca.vault.intermediate import VaultIntermediateCa
-from meshca.ca.vault.leaf import VaultLeafCa
+from meshca.ca.vault.leaf import VaultLeafCa, VaultLeafOptions
 from meshca.ca.vault.session import TokenAuth, VaultSession, VaultSettings
 from meshca.ca.vault.setup import policy_text, setup_pki
 from meshca.cli.main import main
@@ -248,3 +248,24 @@ def test_vault_crls_are_read_again_when_due_and_changes_in_vault_are_picked_up(
     assert app.revocations.check()
     root = ca.trust_bundle_pem()
     assert leaf.serial_number in {r.serial_number for r in crls_by_issuer(app.revocations.crls_pem, [root])[root].revoked}
+
+
+def test_after_a_root_rotation_in_vault_both_roots_have_their_crl(bao: Bao, tmp_path: Path, clock: FakeClock) -> None:
+    """Old leaves chain to the old root while it stays trusted: its CRL must be served too (every issuer is read)."""
+    setup_pki(bao.root, trust_domain=TD, mode="vault-leaf", mount="pki-rot", policy="meshca-rot")
+    session = VaultSession(VaultSettings(bao.server.address, TokenAuth(bao.root.token), timeout=1.0), system_clock, LOG)
+    ca = VaultLeafCa(SETTINGS, session, clock, LOG, VaultLeafOptions(mount="pki-rot"))
+    (tmp_path / "ca").mkdir(mode=0o700)
+    external = VaultCrls(session, ["pki-rot"], ca.vault_crl_issuers, clock, LOG)
+    app = MeshcaApp(ca, [], clock, LOG, revocations=crl_publishing(StateDirRevocations(tmp_path / "ca"),  # type: ignore[arg-type]
+                                                                    external=external))
+    assert app.revocations is not None
+    old_root = ca.trust_bundle_pem()
+    bao.root.write_data("pki-rot/root/rotate/internal", data={
+        "common_name": "rotated root", "uri_sans": f"spiffe://{TD}", "ttl": "720h", "key_type": "ec"})
+    bao.root.write_data("pki-rot/root/replace", data={"default": "next"})
+    assert ca.refresh()
+    roots = crypto.split_pem_certificates(ca.trust_bundle_pem())
+    assert len(roots) == 2 and old_root in roots
+    assert app.revocations.check()  # the CA changed: Vault's CRLs are read again, one per root
+    assert set(crls_by_issuer(app.revocations.crls_pem, roots)) == set(roots)

@@ -180,8 +180,9 @@ class VaultCrls:
         return info.this_update + (info.next_update - info.this_update) * self._settings.refresh
 
     def crls(self, now: datetime) -> bytes | None:
-        """One current CRL for every target CA (concatenated PEM, in the targets' order), or None when one is
-        missing or expired: then no CRL may be sent at all. The first missing CA is logged once."""
+        """One current CRL for every target CA (concatenated PEM, in the targets' order), then the other current
+        CRLs read (e.g. of an issuer Vault replaced, whose leaves still live), or None when a target has none: then
+        no CRL may be sent at all. The missing CAs are logged once."""
         with self._lock:
             fetched = self._fetched
         chosen: list[bytes] = []
@@ -202,7 +203,9 @@ class VaultCrls:
         if self._missing_logged:
             self._log.info("Vault's CRLs complete again: CRLs are sent")
             self._missing_logged = frozenset()
-        return b"".join(chosen)
+        others = [c.pem for c in fetched if c.pem not in chosen
+                  and (c.info.next_update is None or c.info.next_update > now)]
+        return b"".join(chosen + list(dict.fromkeys(others)))
 
 
 def vault_revoke(session: VaultCaller, mount: str, *, certificate_pem: bytes | None = None,
