@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Iterator
 from datetime import timedelta
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from etcd_store import connected
 from fakes import FakeClock
 
 from meshca.app import MeshcaApp, crl_publishing
@@ -23,9 +25,11 @@ from meshca.ca.vault.session import TokenAuth, VaultSession, VaultSettings
 from meshca.ca.vault.setup import policy_text, setup_pki
 from meshca.cli.main import main
 from meshca.clock import system_clock
+from meshca.dev.etcd_process import EtcdProcess
 from meshca.dev.openbao_process import OpenBaoProcess
 from meshca.identity.spiffe import SpiffeId
 from meshca.sds.workloads import IdentityRevoked
+from meshca.store.revocation import EtcdRevocations
 
 TD = "vrev.example"
 FRONTEND = SpiffeId.for_service_account(TD, "shop", "frontend")
@@ -269,3 +273,19 @@ def test_after_a_root_rotation_in_vault_both_roots_have_their_crl(bao: Bao, tmp_
     assert len(roots) == 2 and old_root in roots
     assert app.revocations.check()  # the CA changed: Vault's CRLs are read again, one per root
     assert set(crls_by_issuer(app.revocations.crls_pem, roots)) == set(roots)
+
+
+async def test_with_store_the_vault_leaf_list_is_in_etcd(
+    bao: Bao, etcd: EtcdProcess, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = bao.config(tmp_path, "vault-leaf")
+    data = yaml.safe_load(config.read_text())
+    data["store"] = {"etcd": {"endpoints": [etcd.endpoint], "prefix": "/vault-rev"}}
+    config.write_text(yaml.safe_dump(data))
+    code, out, err = await asyncio.to_thread(run_cli, capsys, "revoke", "--spiffe-id", FRONTEND.uri, "--config",
+                                             str(config))
+    assert code == 0 and "etcd /vault-rev/revocations.json" in out, err
+    async with connected(etcd.endpoint, "/vault-rev") as store:
+        view = await EtcdRevocations.open(store, LOG, watch=False)
+        assert view.read().denied_spiffe_ids == {FRONTEND.uri}
+    assert not (tmp_path / "ca" / "revocations.json").exists()
