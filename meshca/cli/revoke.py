@@ -1,5 +1,5 @@
-"""`meshca revoke` and `meshca unrevoke`: record a revocation of the internal CA (a state dir, or a serve config's
-CA: with `store:`, the list in etcd); the running servers push the CRLs and deny revoked identities."""
+"""`meshca revoke` and `meshca unrevoke`: record a revocation (a state dir, or a serve config's CA: with `store:`, the
+list in etcd; in the Vault modes Vault revokes what it signed); the running servers push the CRLs and deny identities."""
 
 from __future__ import annotations
 
@@ -33,7 +33,8 @@ def add_revoke_parsers(commands: Any) -> None:
         description="Recorded next to the CA state (revocations.json in the state dir, or in etcd with a `store:` "
         "config); every running `meshca serve` of that CA re-signs its CRLs and pushes them with the trust bundle "
         "(the ROOTCA secret) within about a second. A revoked identity gets no new certificate and its current "
-        "one is listed too. Only the internal CA: in the Vault modes revoke in Vault.",
+        "one is listed too. In the Vault modes (--config) what Vault signed is revoked in Vault (<mount>/revoke) and "
+        "Vault's CRLs are served with meshca's (docs/vault.md).",
     )
     which = revoke.add_mutually_exclusive_group(required=True)
     which.add_argument("--serial", help="a leaf's serial number (hex); needs --force (see --certificate)")
