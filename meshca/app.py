@@ -35,7 +35,7 @@ from meshca.identity.spiffe import SpiffeId
 from meshca.listen import ListenError, check_bindable, format_address
 from meshca.mesh.build import ResourceMemo, build_mesh
 from meshca.mesh.model import MeshConfig
-from meshca.sds.crl import CrlAuthority, RevocationPublisher, RevocationSource
+from meshca.sds.crl import CrlAuthority, ExternalCrls, RevocationPublisher, RevocationSource
 from meshca.sds.retention import IdentityRetention
 from meshca.sds.rotation import ApschedulerJobs, CaWatcher, LeafRotator, RotationSettings
 from meshca.sds.server_tls import ServerCredentials, ServingCertificate
@@ -60,15 +60,16 @@ DEFAULT_IDENTITY_GRACE = timedelta(minutes=10)
 
 
 def crl_publishing(
-    source: RevocationSource, settings: CrlSettings = CrlSettings()
+    source: RevocationSource, settings: CrlSettings = CrlSettings(), external: ExternalCrls | None = None
 ) -> Callable[[MeshcaApp], RevocationPublisher]:
-    """MeshcaApp's `revocations` for the internal CA (state dir or ReplicatedCa) and its revocation list."""
+    """MeshcaApp's `revocations` for the CA (internal: state dir or ReplicatedCa; the Vault modes with Vault's CRLs
+    as `external`) and its revocation list."""
 
     def make(app: MeshcaApp) -> RevocationPublisher:
         return RevocationPublisher(
             cast(CrlAuthority, app.ca), source, app.secrets, app.publisher, app.clock,
             app.log.getChild("revocation"), settings, app.on_revoked_identities, app.on_leaves_revoked,
-            app.audit,
+            app.audit, external,
         )
 
     return make

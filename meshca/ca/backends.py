@@ -17,7 +17,7 @@ from meshca.clock import Clock, format_duration
 from meshca.fields import FieldReader, read_yaml_mapping
 
 MODES = ("internal", "vault-intermediate", "vault-leaf")
-_VAULT_CA_KEYS = ("mount", "role", "max_rate", "burst")
+_VAULT_CA_KEYS = ("mount", "role", "max_rate", "burst", "crl_mounts")
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,7 @@ class CaBackend:
     mode: str
     ca: MeshCa  # CertificateAuthority, VaultIntermediateCa or VaultLeafCa
     vault: VaultSession | None
+    crl_mounts: tuple[str, ...] = ()  # the Vault modes: the PKI mounts whose issuers' CRLs meshca serves
 
 
 def read_ca_mode(config_path: Path) -> str:
@@ -74,6 +75,9 @@ def build_ca_backend(config_path: Path, clock: Clock, logger: logging.Logger) ->
     vault_reader = ca_reader.child("vault", ca_reader.get("vault", Mapping))
     session = VaultSession(parse_vault_settings(vault_reader, extra_known=_VAULT_CA_KEYS), clock, logger.getChild("vault"))
     mount = vault_reader.get("mount", str, "pki")
+    crl_mounts = tuple(vault_reader.get("crl_mounts", list, [mount]))
+    if not crl_mounts or not all(isinstance(m, str) and m and not m.startswith("/") for m in crl_mounts):
+        raise vault_reader.error("crl_mounts", "must be a non-empty list of PKI mount paths (e.g. [pki_int, pki])")
     if mode == "vault-intermediate":
         if is_vault_state_dir(state_dir):
             ca: MeshCa = VaultIntermediateCa.load(state_dir, None, session, clock, logger=logger.getChild("vault-ca"))
@@ -82,7 +86,7 @@ def build_ca_backend(config_path: Path, clock: Clock, logger: logging.Logger) ->
                 state_dir, ca_settings(), session, clock, mount=mount,
                 logger=logger.getChild("vault-ca"),
             )
-        return CaBackend(mode, ca, session)
+        return CaBackend(mode, ca, session, crl_mounts)
 
     options = VaultLeafOptions(
         mount=mount,
@@ -91,4 +95,4 @@ def build_ca_backend(config_path: Path, clock: Clock, logger: logging.Logger) ->
         burst=vault_reader.get("burst", int, 20),
     )
     leaf_ca = VaultLeafCa(ca_settings(), session, clock, logger.getChild("vault-leaf"), options)
-    return CaBackend(mode, leaf_ca, session)
+    return CaBackend(mode, leaf_ca, session, crl_mounts)

@@ -1,5 +1,5 @@
-"""`meshca revoke` and `meshca unrevoke`: record a revocation of the internal CA (a state dir, or a serve config's
-CA: with `store:`, the list in etcd); the running servers push the CRLs and deny revoked identities."""
+"""`meshca revoke` and `meshca unrevoke`: record a revocation (a state dir, or a serve config's CA: with `store:`, the
+list in etcd; in the Vault modes Vault revokes what it signed); the running servers push the CRLs and deny identities."""
 
 from __future__ import annotations
 
@@ -33,7 +33,8 @@ def add_revoke_parsers(commands: Any) -> None:
         description="Recorded next to the CA state (revocations.json in the state dir, or in etcd with a `store:` "
         "config); every running `meshca serve` of that CA re-signs its CRLs and pushes them with the trust bundle "
         "(the ROOTCA secret) within about a second. A revoked identity gets no new certificate and its current "
-        "one is listed too. Only the internal CA: in the Vault modes revoke in Vault.",
+        "one is listed too. In the Vault modes (--config) what Vault signed is revoked in Vault (<mount>/revoke) and "
+        "Vault's CRLs are served with meshca's (docs/vault.md).",
     )
     which = revoke.add_mutually_exclusive_group(required=True)
     which.add_argument("--serial", help="a leaf's serial number (hex); needs --force (see --certificate)")
@@ -68,6 +69,11 @@ def cmd_revoke(args: argparse.Namespace, out: TextIO | None = None, clock: Clock
     def decide(signers: Any, trust_domain: str, current: RevocationList) -> Revocation:
         now = clock()
         reason = check_reason(args.reason)
+        if isinstance(signers, _VaultCa):
+            made_by_vault = signers.revoke_in_vault(args, reason, now)
+            if made_by_vault is not None:
+                return made_by_vault
+            signers = signers.signers
         if args.intermediate:
             return intermediate_revocation(signers, args.intermediate, reason, now)
         if args.certificate:
@@ -174,10 +180,7 @@ def _update(
         config = Path(args.config)
         mode = read_ca_mode(config)
         if mode != "internal":
-            raise CaError(
-                f"{config}: ca.mode is {mode}: Vault signs these certificates and keeps their revocations; revoke "
-                "in Vault (pki/revoke) — meshca distributes CRLs of its internal CA only"
-            )
+            return _update_vault(config, mode, clock, change)
         store = read_store_settings(config)
         if store is not None:
             from meshca.store.revocation import update_in_store
@@ -190,7 +193,113 @@ def _update(
     from meshca.ca.vault.intermediate import is_vault_state_dir
 
     if is_vault_state_dir(state_dir):
-        raise CaError(f"{state_dir} is a vault-intermediate CA: its root is in Vault; revoke in Vault (pki/revoke)")
+        from meshca.ca.vault.intermediate import VaultIntermediateCa
+
+        vault_ca = VaultIntermediateCa.load(state_dir, None, None, clock)
+        context = _VaultCa("vault-intermediate", vault_ca, None, "", vault_ca.crl_signers())
+        after = StateDirRevocations(state_dir).update(change(vault_ca.trust_domain, context))
+        return after, str(state_dir / "revocations.json")
     ca = CertificateAuthority.load(state_dir, clock)
     after = StateDirRevocations(state_dir).update(change(ca.trust_domain, ca.crl_signers()))
+    return after, str(state_dir / "revocations.json")
+
+
+class _VaultCa:
+    """What `meshca revoke` needs of a Vault-mode CA: meshca's own CRL signers (vault-intermediate's intermediates)
+    and, for what Vault signed, its `<mount>/revoke` (made once, before the entry is recorded)."""
+
+    def __init__(self, mode: str, ca: Any, session: Any, mount: str, signers: Any) -> None:
+        self.mode, self.ca, self.session, self.mount, self.signers = mode, ca, session, mount, signers
+        self._made: Revocation | None = None
+
+    def revoke_in_vault(self, args: argparse.Namespace, reason: str, now: Any) -> Revocation | None:
+        """The entry of a revocation Vault makes (None: meshca signs its CRL, or an identity)."""
+        if self._made is not None:
+            return self._made
+        if self.mode == "vault-intermediate":
+            if not args.intermediate:
+                return None
+            entry = intermediate_revocation(self.signers, args.intermediate, reason, now)
+            pem = next(i.certificate_pem for r, i in self.signers if r.id == entry.value)
+            self._vault_revoke(f"--intermediate {args.intermediate}", certificate_pem=pem)
+        elif args.intermediate:
+            raise RevocationRefused(
+                f"--intermediate {args.intermediate}: in vault-leaf mode the intermediates are Vault's: revoke the "
+                f"issuer in Vault ({self.mount}/issuer/<ref>/revoke, or its parent mount's revoke); meshca serves "
+                "the new CRLs"
+            )
+        elif args.certificate:
+            entry = self._vault_leaf(args, reason, now)
+        elif args.serial:
+            entry = self._vault_serial(args.serial, reason, now)
+        else:
+            return None
+        self._made = entry
+        return entry
+
+    def _vault_revoke(self, what: str, **which: Any) -> None:
+        from meshca.ca.vault.crl import vault_revoke
+        from meshca.ca.vault.session import VaultError
+
+        if self.session is None:
+            raise RevocationRefused(f"{what}: Vault must revoke it: give --config (the serve config's Vault login)")
+        try:
+            vault_revoke(self.session, self.mount, **which)
+        except VaultError as error:
+            raise RevocationRefused(f"{what}: Vault refused the revocation: {error}") from None
+
+    def _vault_leaf(self, args: argparse.Namespace, reason: str, now: Any) -> Revocation:
+        from meshca.ca import crypto
+
+        path = Path(args.certificate)
+        try:
+            pem = path.read_bytes()
+            info = crypto.parse_certificate_pem(pem)
+        except OSError as error:
+            raise RevocationRefused(f"--certificate {path}: cannot be read: {error.strerror or error}") from None
+        except crypto.CryptoError as error:
+            raise RevocationRefused(f"--certificate {path}: {error}") from None
+        self._vault_revoke(f"--certificate {path}", certificate_pem=crypto.split_pem_certificates(pem)[0])
+        return Revocation("serial", f"{info.serial_number:x}", reason, now, info.not_after,
+                          self.ca.active_intermediate_id, info.serial_number)
+
+    def _vault_serial(self, serial: str, reason: str, now: Any) -> Revocation:
+        try:
+            number = int(serial.lower().removeprefix("0x").replace(":", ""), 16)
+        except ValueError:
+            raise RevocationRefused(f"--serial {serial!r}: not a hexadecimal serial number") from None
+        try:
+            self._vault_revoke(f"--serial {serial}", serial=number)
+        except RevocationRefused as refused:
+            if "not found" in str(refused):
+                raise RevocationRefused(
+                    f"--serial {serial}: Vault keeps no record of it (meshca's role signs with no_store): give the "
+                    "certificate (--certificate FILE)") from None
+            raise
+        return Revocation("serial", f"{number:x}", reason, now, None, self.ca.active_intermediate_id, number)
+
+
+def _update_vault(config: Path, mode: str, clock: Clock, change: Callable[[str, Any], Change]) -> tuple[RevocationList, str]:
+    """The Vault modes: the list in the config's state dir (or etcd with `store:`); Vault revokes what it signed."""
+    import logging
+
+    from meshca.ca.backends import build_ca_backend
+    from meshca.ca.vault.intermediate import is_vault_state_dir
+    from meshca.config import read_state_dir, read_store_settings
+
+    state_dir = read_state_dir(config)
+    if mode == "vault-intermediate" and not is_vault_state_dir(state_dir):
+        raise CaError(f"{state_dir}: no vault-intermediate CA yet (`meshca serve --config {config}` creates it)")
+    backend = build_ca_backend(config, clock, logging.getLogger("meshca.cli.revoke"))
+    mount = str(getattr(backend.ca, "mount", None) or getattr(getattr(backend.ca, "options", None), "mount", "pki"))
+    signers = backend.ca.crl_signers()  # type: ignore[attr-defined]
+    context = _VaultCa(mode, backend.ca, backend.vault, mount, signers)
+    trust_domain = backend.ca.trust_domain
+    store = read_store_settings(config)
+    if store is not None:
+        from meshca.store.revocation import update_list_in_store
+
+        return update_list_in_store(store, change(trust_domain, context))
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    after = StateDirRevocations(state_dir).update(change(trust_domain, context))
     return after, str(state_dir / "revocations.json")

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
     from meshca.audit import AuditLog
     from meshca.ca.backends import CaBackend
+    from meshca.ca.vault.crl import VaultCrls
     from meshca.cli.workers import WorkerRole
     from meshca.sds.crl import RevocationSource
     from meshca.store.etcd import EtcdStore
@@ -39,6 +40,9 @@ async def _serve(config_path: Path, worker: WorkerRole | None = None) -> int:
     audit = None
     try:
         backend = store_ca.backend if store_ca is not None else build_ca_backend(config_path, system_clock, log)
+        if backend.mode == "vault-leaf" and (state_dir := read_state_dir_or_none(config_path)) is not None:
+            # nothing creates vault-leaf's state dir (Vault holds its CA), yet its audit log and revocations live there
+            state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         audit = _open_audit(config_path, worker, log)
         return await _serve_with(config_path, log, backend, store, store_ca, worker, audit)
     finally:
@@ -138,7 +142,7 @@ async def _serve_with(
         check_bindable("metrics_port", settings.admin_address, admin_port)
     from meshca.app import crl_publishing
 
-    revocation_source = await _revocation_source(backend, store, log)
+    revocation_source = await _revocation_source(backend, store, log, read_state_dir_or_none(config_path))
     app = MeshcaApp(
         ca,
         settings.issuers,
@@ -150,7 +154,8 @@ async def _serve_with(
         xds_send_timeout=settings.xds_send_timeout,
         identity_grace=settings.identity_grace,
         xds_max_stream_age=settings.xds_max_stream_age,
-        revocations=crl_publishing(revocation_source) if revocation_source is not None else None,
+        revocations=(crl_publishing(revocation_source, external=_vault_crls(backend, log))
+                     if revocation_source is not None else None),
         audit=audit,
     )
     # Served through grpc's dynamic credentials: a renewed certificate (at 2/3 of its 30 days, or when the
@@ -214,11 +219,30 @@ async def _serve_with(
     return 0
 
 
-async def _revocation_source(backend: CaBackend, store: EtcdStore | None, log: logging.Logger) -> RevocationSource | None:
-    """The internal CA's revocation list: revocations.json in its state dir, or the key in etcd with `store:`.
-    None in the Vault modes (Vault keeps their revocations; meshca sends no CRLs there)."""
-    if backend.mode != "internal":
+def read_state_dir_or_none(config_path: Path) -> Path | None:
+    from meshca.config import read_state_dir
+
+    try:
+        return read_state_dir(config_path)
+    except ConfigError:
         return None
+
+
+def _vault_crls(backend: CaBackend, log: logging.Logger) -> VaultCrls | None:
+    """The Vault modes: Vault's CRLs (its roots' and intermediates'), served with meshca's own."""
+    if backend.vault is None or not hasattr(backend.ca, "vault_crl_issuers"):
+        return None
+    from meshca.ca.vault.crl import VaultCrls
+
+    return VaultCrls(backend.vault, backend.crl_mounts or ("pki",), backend.ca.vault_crl_issuers, system_clock,
+                     log.getChild("vault-crl"))
+
+
+async def _revocation_source(
+    backend: CaBackend, store: EtcdStore | None, log: logging.Logger, state_dir: Path | None = None
+) -> RevocationSource | None:
+    """The CA's revocation list: revocations.json in its state dir, or the key in etcd with `store:` (in the Vault
+    modes too: identity revocation does not depend on who signs; vault-leaf's state dir is made if missing)."""
     if store is not None:
         from meshca.store.revocation import EtcdRevocations
 
@@ -226,8 +250,12 @@ async def _revocation_source(backend: CaBackend, store: EtcdStore | None, log: l
     from meshca.ca.revocation import StateDirRevocations
     from meshca.ca.statedir import StateDirCa
 
-    assert isinstance(backend.ca, StateDirCa)
-    return StateDirRevocations(backend.ca.state_dir)
+    if isinstance(backend.ca, StateDirCa):
+        return StateDirRevocations(backend.ca.state_dir)
+    if state_dir is None:
+        return None
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return StateDirRevocations(state_dir)
 
 
 async def _stop_when_orphaned(supervisor_pid: int, stop: asyncio.Event) -> None:

@@ -35,6 +35,16 @@ class CrlAuthority(Protocol):
     def crl_signers(self) -> Sequence[tuple[Any, Any]]: ...
 
 
+class ExternalCrls(Protocol):
+    """CRLs signed elsewhere (Vault's, meshca.ca.vault.crl.VaultCrls) for the CAs whose keys meshca does not hold."""
+
+    def refresh(self) -> bool: ...
+
+    def due(self, now: datetime) -> bool: ...
+
+    def crls(self, now: datetime) -> bytes | None: ...
+
+
 class BundleRepublisher(Protocol):
     def refresh_all(self) -> None: ...
 
@@ -61,8 +71,12 @@ class RevocationPublisher:
         on_denied: Callable[[frozenset[SpiffeId], frozenset[SpiffeId]], None] | None = None,
         on_leaves_revoked: Callable[[frozenset[SpiffeId]], None] | None = None,
         audit: AuditSink | None = None,
+        external: ExternalCrls | None = None,
     ) -> None:
         """`on_denied(denied, newly_denied)`: called with every revoked identity after a change.
+        `external`: the CRLs of the CAs whose keys are elsewhere (the Vault modes: Vault's roots and intermediates),
+        read again when due and after every change of the list; while it has no complete set, NO CRL is sent (Envoy
+        would refuse every chain with a CA that has none).
         `on_leaves_revoked(identities)`: identities (not revoked themselves) whose certificate held here now has a
         revoked serial: the composition root renews them at once, so their sidecars stop presenting it."""
         self._ca = ca
@@ -84,11 +98,15 @@ class RevocationPublisher:
         self._crls = b""
         self._updates = 0
         self._failing = False
+        self._external = external
+        self._external_crls: bytes | None = None
 
     def start(self) -> None:
         """Read the list and sign the first CRLs (before any proxy connects); CaError when unreadable."""
         with self._lock:
             self._adopt(self._source.read(), quiet=True)
+            if self._external is not None:
+                self._external.refresh()
             self._sign(self._clock(), quiet=True)
 
     def check(self) -> bool:
@@ -107,10 +125,17 @@ class RevocationPublisher:
             now = self._clock()
             if changed is not None:
                 self._adopt(changed)
+            external_changed = False
+            if self._external is not None and (
+                changed is not None or self._ca.generation != self._generation or self._external.due(now)
+            ):  # a revocation recorded in Vault by `meshca revoke` is on Vault's CRLs before the list changes
+                external_changed = self._external.refresh()
             due = (
                 changed is not None
+                or external_changed
                 or self._ca.generation != self._generation
                 or (self._refresh_at is not None and now >= self._refresh_at)
+                or (self._external is not None and self._external.crls(now) != self._external_crls)
             )
             if not due:
                 return False
@@ -203,6 +228,9 @@ class RevocationPublisher:
         generation = self._ca.generation
         signers = self._ca.crl_signers()
         self._crls = build_crls(signers, self._list, now, self._settings)
+        if self._external is not None:
+            self._external_crls = self._external.crls(now)
+            self._crls = b"" if self._external_crls is None else self._crls + self._external_crls
         self._secrets.set_crls(self._crls)
         self._generation = generation
         self._signed_at = now

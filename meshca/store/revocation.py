@@ -149,3 +149,17 @@ def update_in_store(
     except StoreUnavailable as error:
         raise CaError(str(error)) from None
     return after, f"etcd {settings.prefix}/{REVOCATIONS_KEY}"
+
+
+def update_list_in_store(settings: EtcdSettings, change: Change) -> tuple[RevocationList, str]:
+    """The CLI's write in the Vault modes (no CA in etcd): `change` applied to the list in etcd."""
+    from meshca.store.serving import run_with_store
+
+    async def run(store: EtcdStore) -> RevocationList:
+        return await update_revocations(store, change)
+
+    try:
+        after = run_with_store(settings, run, logging.getLogger("meshca.cli.store"))
+    except StoreUnavailable as error:
+        raise CaError(str(error)) from None
+    return after, f"etcd {settings.prefix}/{REVOCATIONS_KEY}"

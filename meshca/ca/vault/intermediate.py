@@ -348,6 +348,19 @@ class VaultIntermediateCa(StateDirCa[_State, _Plan]):
         """False: the root lives in Vault (the bundle holds Vault's roots that signed a kept intermediate)."""
         return False
 
+    def crl_signers(self) -> list[tuple[SlotRecord, Issuer]]:
+        """meshca's intermediates (any slot state) with their keys: each signs the CRL of the leaves it signed. The
+        roots' CRLs are Vault's (`vault_crl_issuers`)."""
+        return [(i.record, i.issuer) for i in self._state.intermediates]
+
+    def vault_crl_issuers(self) -> list[bytes]:
+        """The CA certificates whose CRL Vault signs: its roots in the bundle and its CAs carried in the chains."""
+        state = self._state
+        pems = [r.certificate_pem for r in state.roots]
+        for inter in state.intermediates:
+            pems += crypto.split_pem_certificates(inter.chain_pem)[1:]
+        return list(dict.fromkeys(pems))
+
     def status(self) -> CaStatus:
         state = self._state
         slots = [

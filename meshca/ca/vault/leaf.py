@@ -223,6 +223,15 @@ class VaultLeafCa:
         """Vault's current root, then roots it used before while leaves they signed may live."""
         return self._view.bundle_pem
 
+    def crl_signers(self) -> list[tuple[Any, Any]]:
+        """None: Vault signs every leaf and every CRL (`vault_crl_issuers`)."""
+        return []
+
+    def vault_crl_issuers(self) -> list[bytes]:
+        """The CA certificates whose CRL Vault signs: the issuing chain's CAs and every root still trusted."""
+        view = self._view
+        return list(dict.fromkeys(crypto.split_pem_certificates(view.chain.carry_pem) + [r.pem for r in view.roots]))
+
     def stats(self) -> VaultLeafStats:
         with self._lock:
             return VaultLeafStats(**self._counts)
