@@ -27,12 +27,15 @@ from meshca.dev.harness import BACKEND, FRONTEND, INTRUDER, TrafficLoop, Workloa
 from meshca.dev.tokens import mint_token
 from meshca.files import write_atomic
 from meshca.v1 import certificate_pb2, certificate_pb2_grpc
+from meshca.xds.snapshot import ResourceType
 from tests.test_e2e_ha import HaSetup, chain_intermediate_id, running, wait_for
+from tests.xds_client import XdsClient
 
 pytestmark = pytest.mark.e2e
 
 LEAF_TTL = timedelta(minutes=2)  # no scheduled renewal during the run: every new serial comes from a revocation
 REVOKE_AFTER = 10.0  # seconds: the taint's delay before its revocation takes effect
+SDS_TYPE = ResourceType.SECRET.type_url
 PINNED = {BACKEND.name: 0, FRONTEND.name: 1, INTRUDER.name: 2}  # the replica each sidecar's bootstrap names
 
 
@@ -85,6 +88,29 @@ class HaTrust(HaSetup):
 
         response = asyncio.run(sign())
         return crypto.parse_certificate_pem(response.certificate_chain[0].encode()).serial_number
+
+    def xds_status(self, index: int, workload: Workload) -> str | None:
+        """Replica `index`'s answer to a new xDS stream of `workload`'s identity asking for its certificate: the
+        stream's status and details when it is ended, None when the certificate is served."""
+        token = mint_token(self.material.signing_key.read_bytes(), namespace=workload.namespace,
+                           service_account=workload.service_account, node_id=f"{workload.name}-probe",
+                           now=system_clock())
+
+        async def ask() -> str | None:
+            credentials = grpc.ssl_channel_credentials(root_certificates=self.material.root_bundle.read_bytes())
+            async with grpc.aio.secure_channel(f"127.0.0.1:{self.replica_ports[index]}", credentials,
+                                               options=[("grpc.ssl_target_name_override", "localhost")]) as channel:
+                client = XdsClient(channel, token)
+                try:
+                    await client.send(SDS_TYPE, ["default"], node_id=f"{workload.name}-probe")
+                    await client.recv(timeout=10)
+                except EOFError as ended:
+                    return str(ended)
+                finally:
+                    client.close()
+            return None
+
+        return asyncio.run(ask())
 
 
 @pytest.fixture(scope="module")
@@ -173,6 +199,9 @@ def test_a_revoked_identity_is_listed_by_the_replica_holding_its_leaf_even_when_
     assert serial in listed_serials(demo)
     assert int(demo.envoys[BACKEND.name].stats().get("http.inbound_backend.rbac.denied", 0)) > denied_before
     assert all(sign_refused(demo, index) for index in range(REPLICAS))
+    for index in range(REPLICAS):  # no certificate over SDS either, whichever replica its sidecar would reach
+        ended = demo.xds_status(index, FRONTEND) or "served"
+        assert "PERMISSION_DENIED" in ended and "revoked" in ended, (index, ended)
 
     demo.meshca_command("unrevoke", "--spiffe-id", FRONTEND.spiffe_id)
     unrevoked_at = time.monotonic()
@@ -181,6 +210,7 @@ def test_a_revoked_identity_is_listed_by_the_replica_holding_its_leaf_even_when_
     print(f"unrevoke: frontend's sidecar holds a new certificate and its requests go through "
           f"{time.monotonic() - unrevoked_at:.2f} s after the command (the last wait {back:.2f} s)")
     assert all(isinstance(demo.sign(index, FRONTEND), int) for index in range(REPLICAS))
+    assert all(demo.xds_status(index, FRONTEND) is None for index in range(REPLICAS))
 
 
 def test_taint_the_active_intermediate_through_the_store(demo: HaTrust) -> None:
