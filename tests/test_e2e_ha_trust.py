@@ -6,6 +6,7 @@ one setup and run in order; the measured times are printed (`pytest -s`)."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 import json
 import signal
@@ -115,8 +116,9 @@ class HaTrust(HaSetup):
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HaTrust]:
-    with running(HaTrust(tmp_path_factory.mktemp("ha-trust"))) as started:
-        yield started
+    setup = HaTrust(tmp_path_factory.mktemp("ha-trust"))
+    with running(setup):
+        yield setup
 
 
 def listed_serials(demo: HaTrust) -> set[int]:
@@ -182,7 +184,7 @@ def test_a_revoked_identity_is_listed_by_the_replica_holding_its_leaf_even_when_
         refused = wait_for(demo, lambda: not demo.one_request().ok, "frontend's next request refused", 10)
         # a replica signs until its CA check has adopted the list (every `ca_check_interval`, 0.5 s here)
         for index in others:
-            wait_for(demo, lambda index=index: sign_refused(demo, index), f"replica {index} refuses frontend's CSR", 5)
+            wait_for(demo, functools.partial(sign_refused, demo, index), f"replica {index} refuses frontend's CSR", 5)
         signing_refused = time.monotonic() - revoked_at
         time.sleep(max(0.0, 2.0 - (time.monotonic() - revoked_at)))  # every other replica's CA check has run
         assert serial not in listed_serials(demo), "a replica without its leaf listed the serial"
@@ -239,13 +241,17 @@ def test_taint_the_active_intermediate_through_the_store(demo: HaTrust) -> None:
     assert REVOKE_AFTER - 1 <= revoked < REVOKE_AFTER + 5
 
 
+def has_taint_line(path: Path) -> bool:
+    return '"event":"taint"' in path.read_text()
+
+
 def test_every_replicas_audit_log_verifies_and_holds_the_trust_events(demo: HaTrust) -> None:
     serial_entries = [e for e in demo.revocations().entries if e.kind == "serial"]
     tainted = {e.value for e in demo.revocations().entries if e.kind == "intermediate"}
     assert serial_entries and len(tainted) == 1
     for index in range(REPLICAS):
         path = demo.audit_path(index)
-        wait_for(demo, lambda path=path: '"event":"taint"' in path.read_text(), f"replica {index}'s taint line", 10)
+        wait_for(demo, functools.partial(has_taint_line, path), f"replica {index}'s taint line", 10)
         meshca_cli("audit", "verify", str(path))  # raises unless it exits 0
         text = path.read_text()
         events = [json.loads(line) for line in text.splitlines()]
