@@ -9,6 +9,7 @@ import stat
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
@@ -284,3 +285,62 @@ def test_every_change_is_audited_also_when_several_versions_are_adopted_at_once(
     MeshcaApp(ca, [], clock, LOG, revocations=crl_publishing(StateDirRevocations(ca.state_dir)),
               audit=again)  # type: ignore[arg-type]
     assert [e for e in again.events if e.event in ("revoke", "unrevoke")] == []  # type: ignore[attr-defined]
+
+
+class FailingWrites(StateDirRevocations):
+    """A fake fault: the state-dir list whose next `fail` writes by the serving process fail, as an etcd write
+    that times out between the watch delivering a revocation and the replica adding its serials (the real
+    store cannot be made to fail at that instant)."""
+
+    def __init__(self, state_dir: Path, fail: int) -> None:
+        super().__init__(state_dir)
+        self.fail = fail
+
+    def update(self, change: Callable[[RevocationList], RevocationList]) -> RevocationList:
+        if self.fail > 0:
+            self.fail -= 1
+            raise OSError("store unavailable")
+        return super().update(change)
+
+
+def test_the_serial_of_a_revoked_identity_is_written_once_the_list_is_writable_again(
+    ca: CertificateAuthority, clock: FakeClock
+) -> None:
+    source = FailingWrites(ca.state_dir, fail=1)
+    app = MeshcaApp(ca, [], clock, LOG, revocations=crl_publishing(source))
+    assert app.revocations is not None
+    held = app.secrets.renew(FRONTEND)
+    writer = StateDirRevocations(ca.state_dir)  # the CLI
+    writer.update(lambda c: c.with_entries([Revocation("spiffe_id", FRONTEND.uri, "keyCompromise", clock())]))
+    assert app.revocations.check()  # the write of the serial fails: this replica's CRLs list it alone
+
+    def listed() -> list[int]:
+        assert app.revocations is not None
+        return [r.serial_number for r in crls_by_issuer(ca, app.revocations.crls_pem)[ca.active_intermediate_id].revoked]
+
+    assert listed() == [held.serial_number]
+    assert writer.read().find("serial", f"{held.serial_number:x}") is None
+    # another change of the list: the serial stays on this replica's CRLs and is written now
+    writer.update(lambda c: c.with_entries([Revocation("serial", "abc", "superseded", clock(), serial=0xABC)]))
+    app.revocations.check()
+    assert sorted(listed()) == sorted([held.serial_number, 0xABC])
+    assert writer.read().find("serial", f"{held.serial_number:x}") is not None  # every replica's CRLs list it
+
+
+def test_an_unwritten_serial_is_written_on_a_later_check_without_another_change(
+    ca: CertificateAuthority, clock: FakeClock
+) -> None:
+    source = FailingWrites(ca.state_dir, fail=2)
+    app = MeshcaApp(ca, [], clock, LOG, revocations=crl_publishing(source))
+    assert app.revocations is not None
+    held = app.secrets.renew(FRONTEND)
+    writer = StateDirRevocations(ca.state_dir)
+    writer.update(lambda c: c.with_entries([Revocation("spiffe_id", FRONTEND.uri, "keyCompromise", clock())]))
+    app.revocations.check()  # fails (1)
+    app.revocations.check()  # too soon to try again
+    clock.advance(30)
+    app.revocations.check()  # fails (2)
+    assert writer.read().find("serial", f"{held.serial_number:x}") is None
+    clock.advance(30)
+    app.revocations.check()
+    assert writer.read().find("serial", f"{held.serial_number:x}") is not None

@@ -43,6 +43,7 @@ from meshca.dev.harness import (
     RequestResult,
     Responder,
     TrafficLoop,
+    Workload,
     backend_app,
     crl_serials,
     envoy_certificate,
@@ -223,18 +224,19 @@ class Demo:
             ca_path, trust_sds = material.root_bundle, None
             if self.settings.trust_sync:
                 ca_path, trust_sds = self._start_trust_sync(workload.name, token_path)
+            (meshca_address, meshca_port), *more_meshca = self.meshca_endpoints(workload)
             bootstrap = BootstrapSettings(
                 node_id=workload.node_id,
                 cluster=workload.name,
-                meshca_address="127.0.0.1",
-                meshca_port=self.ports.meshca,
+                meshca_address=meshca_address,
+                meshca_port=meshca_port,
                 meshca_ca_path=ca_path,
                 meshca_server_name="localhost",
                 token=None if token_path else token,
                 token_path=token_path,
                 admin_port=self.ports.admin[workload.name],
                 api_type=self.settings.api_type,
-                more_meshca=self.more_meshca(),
+                more_meshca=tuple(more_meshca),
                 meshca_trust_sds_path=trust_sds,
             )
             self.bootstraps[workload.name] = build_bootstrap(bootstrap)
@@ -362,6 +364,10 @@ class Demo:
     def more_meshca(self) -> tuple[tuple[str, int], ...]:
         """meshca addresses beside the first in the sidecars' bootstraps (the HA demo's other replicas)."""
         return ()
+
+    def meshca_endpoints(self, workload: Workload) -> tuple[tuple[str, int], ...]:
+        """The meshca addresses in `workload`'s bootstrap, the first first (a test may pin a sidecar to a replica)."""
+        return (("127.0.0.1", self.ports.meshca), *self.more_meshca())
 
     @property
     def meshca_log(self) -> Path:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 from meshca.audit import AuditSink, NoAudit, revocation_event
@@ -14,6 +14,10 @@ from meshca.ca.revocation import CrlSettings, Revocation, RevocationList, build_
 from meshca.clock import Clock
 from meshca.identity.spiffe import SpiffeId
 from meshca.sds.workloads import WorkloadSecrets
+
+# How soon a failed write of a revoked identity's serials is tried again (sooner when the list changes meanwhile:
+# the store answered). Each try may wait for the store's call timeout on the CA-check job.
+UNWRITTEN_RETRY = timedelta(seconds=30)
 
 
 class RevocationSource(Protocol):
@@ -100,6 +104,8 @@ class RevocationPublisher:
         self._failing = False
         self._external = external
         self._external_crls: bytes | None = None
+        self._unwritten: tuple[Revocation, ...] = ()  # serials of revoked identities not yet in the source
+        self._retry_at: datetime | None = None
 
     def start(self) -> None:
         """Read the list and sign the first CRLs (before any proxy connects); CaError when unreadable."""
@@ -123,6 +129,8 @@ class RevocationPublisher:
                 self._failing = True
                 changed = None
             now = self._clock()
+            if self._unwritten and (changed is not None or self._retry_at is None or now >= self._retry_at):
+                changed = self._write_unwritten(now) or changed
             if changed is not None:
                 self._adopt(changed)
             external_changed = False
@@ -174,6 +182,7 @@ class RevocationPublisher:
         self._secrets.set_denied(denied)
         if newly:
             revocations = self._list_serials_of(revocations, newly)
+        revocations = revocations.with_entries(self._unwritten)  # listed here until written
         if not quiet:
             self._record_changes(self._list, revocations)
         self._list, self._denied = revocations, denied
@@ -220,9 +229,23 @@ class RevocationPublisher:
         try:
             return self._source.update(lambda current: current.with_entries(extra))
         except (CaError, OSError) as error:
-            self._log.error("cannot record the serials of revoked identities (this replica's CRLs list them): %s",
-                            error)
+            self._log.error("cannot record the serials of revoked identities (this replica's CRLs list them; "
+                            "tried again later): %s", error)
+            self._unwritten += tuple(extra)
+            self._retry_at = self._clock() + UNWRITTEN_RETRY
             return revocations.with_entries(extra)
+
+    def _write_unwritten(self, now: datetime) -> RevocationList | None:
+        """Try again to add the serials an earlier write failed to add: the list written, or None (still failing)."""
+        pending = self._unwritten
+        try:
+            written = self._source.update(lambda current: current.with_entries(pending))
+        except (CaError, OSError):
+            self._retry_at = now + UNWRITTEN_RETRY
+            return None
+        self._unwritten = ()
+        self._log.info("recorded the serials of revoked identities in the revocation list (%d)", len(pending))
+        return written
 
     def _sign(self, now: datetime, quiet: bool = False) -> None:
         generation = self._ca.generation
