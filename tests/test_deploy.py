@@ -325,14 +325,34 @@ def test_probes_use_the_admin_healthz_and_the_service_exposes_both_ports() -> No
 
 
 def test_the_workload_example_dials_meshcas_service_by_a_name_its_certificate_has() -> None:
+    """Envoy's xds cluster and the trust sync sidecar both reach meshca's Service and check a name meshca's
+    certificate carries."""
     bootstrap = yaml.safe_load(find("ConfigMap", "frontend-envoy-bootstrap", "shop")["data"]["bootstrap.yaml"])
-    grpc_service = bootstrap["dynamic_resources"]["ads_config"]["grpc_services"][0]["google_grpc"]
-    host, port = grpc_service["target_uri"].rsplit(":", 1)
-    name, namespace, *_ = host.split(".")
+    (xds,) = bootstrap["static_resources"]["clusters"]
+    (endpoint,) = xds["load_assignment"]["endpoints"][0]["lb_endpoints"]
+    address = endpoint["endpoint"]["address"]["socket_address"]
+    tls = xds["transport_socket"]["typed_config"]
+    (san,) = tls["common_tls_context"]["combined_validation_context"]["default_validation_context"][
+        "match_typed_subject_alt_names"]
+    server_name = san["matcher"]["exact"]
+    assert tls["sni"] == server_name
+    sync = container(find("Deployment", "frontend", "shop"), "meshca-trust-sync")["command"]
+    assert sync[sync.index("--meshca") + 1] == f"{address['address']}:{address['port_value']}"
+    assert sync[sync.index("--server-name") + 1] == server_name
+    name, namespace, *_ = address["address"].split(".")
     service = find("Service", name, namespace)
-    assert int(port) in {p["port"] for p in service["spec"]["ports"]}
-    server_name = grpc_service["channel_args"]["args"]["grpc.ssl_target_name_override"]["string_value"]
+    assert address["port_value"] in {p["port"] for p in service["spec"]["ports"]}
     assert server_name in serve_config()["server_names"]
+
+
+def test_the_workload_trust_sync_runs_meshcas_image_as_its_user() -> None:
+    meshca = container(find("Deployment", "meshca"), "meshca")
+    sync = container(find("Deployment", "frontend", "shop"), "meshca-trust-sync")
+    assert sync["image"] == meshca["image"]
+    assert sync["command"][0] == meshca["command"][0]
+    context = pod_spec(find("Deployment", "meshca"))["securityContext"]
+    assert (sync["securityContext"]["runAsUser"], sync["securityContext"]["runAsGroup"]) == (
+        context["runAsUser"], context["runAsGroup"])
 
 
 # -- etcd ----------------------------------------------------------------------------------------------

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import configparser
+import os
+import re
+import shlex
+import signal
 import subprocess
+import sys
 import threading
 from collections.abc import Iterator, Mapping
 from concurrent import futures
@@ -14,13 +20,17 @@ import grpc
 import pytest
 import yaml
 
-from meshca.dev.envoy_process import find_envoy
+from meshca.ca.bundle import SpiffeBundle
+from meshca.dev.envoy_process import find_envoy, wait_until
 from meshca.node.bootstrap import BootstrapSettings, build_bootstrap, render_yaml
+from meshca.node.trust import TRUST_PEM_FILE, TRUST_SDS_FILE, TrustSyncSettings, write_bundle, write_token_sds
+from tests.meshca_harness import TRUST_DOMAIN, make_ca, running_meshca
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 K8S = DEPLOY / "kubernetes"
 SYSTEMD = DEPLOY / "systemd"
 WORKLOAD_MANIFEST = K8S / "workload-example.yaml"
+TRUST_DIR = Path("/etc/meshca-trust")  # the workload example's emptyDir that meshca-trust-sync keeps current
 ADS_SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
 CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "PersistentVolume", "StorageClass"}
 
@@ -53,7 +63,8 @@ def find_doc(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]
 
 
 def container(deployment: Mapping[str, Any], name: str) -> dict[str, Any]:
-    return next(c for c in deployment["spec"]["template"]["spec"]["containers"] if c["name"] == name)
+    spec = deployment["spec"]["template"]["spec"]
+    return next(c for c in [*spec.get("initContainers", []), *spec["containers"]] if c["name"] == name)
 
 
 def volume(deployment: Mapping[str, Any], name: str) -> dict[str, Any]:
@@ -62,6 +73,10 @@ def volume(deployment: Mapping[str, Any], name: str) -> dict[str, Any]:
 
 def mount_path(c: Mapping[str, Any], volume_name: str) -> str:
     return next(m["mountPath"] for m in c["volumeMounts"] if m["name"] == volume_name)
+
+
+def mounts(c: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    return {m["name"]: m for m in c.get("volumeMounts", [])}
 
 
 # -- every file ---------------------------------------------------------------------------------
@@ -107,11 +122,12 @@ def workload_settings() -> BootstrapSettings:
         cluster="frontend",
         meshca_address="meshca.meshca-system.svc.cluster.local",
         meshca_port=15010,
-        meshca_ca_path=Path("/etc/meshca/root.pem"),
+        meshca_ca_path=TRUST_DIR / TRUST_PEM_FILE,
         meshca_server_name="meshca.meshca-system.svc",
         token_path=Path("/var/run/secrets/meshca/meshca-token"),
         admin_port=15000,
         node_metadata={"NAMESPACE": "shop", "SERVICE_ACCOUNT": "frontend"},
+        meshca_trust_sds_path=TRUST_DIR / TRUST_SDS_FILE,
     )
 
 
@@ -154,8 +170,12 @@ def test_workload_wiring() -> None:
     assert source["serviceAccountToken"] == {"audience": "meshca", "expirationSeconds": 3600, "path": "meshca-token"}
     settings = workload_settings()
     assert settings.token_path == Path(mount_path(sidecar, "meshca-token")) / "meshca-token"
-    assert settings.meshca_ca_path.parent == Path(mount_path(sidecar, "meshca-root"))
-    assert volume(deployment, "meshca-root")["configMap"]["name"] == "meshca-root"
+    # Envoy's trust in meshca is the synced SDS file in the shared emptyDir (read-only for Envoy), not the
+    # day-one ConfigMap, which only the trust sync reads.
+    assert settings.meshca_trust_sds_path == Path(mount_path(sidecar, "meshca-trust")) / TRUST_SDS_FILE
+    assert mounts(sidecar)["meshca-trust"]["readOnly"] is True
+    assert set(volume(deployment, "meshca-trust")) == {"name", "emptyDir"}
+    assert "meshca-root" not in mounts(sidecar)
     config_path = args[args.index("--config-path") + 1]
     assert Path(config_path) == Path(mount_path(sidecar, "envoy-bootstrap")) / "bootstrap.yaml"
     assert volume(deployment, "envoy-bootstrap")["configMap"]["name"] == "frontend-envoy-bootstrap"
@@ -164,17 +184,56 @@ def test_workload_wiring() -> None:
     assert all(m["name"] != "meshca-token" for m in app.get("volumeMounts", []))
 
 
-def test_workload_bootstrap_validates_with_envoy(pki: Path, tmp_path: Path) -> None:
-    """Real Envoy loads the ConfigMap's bootstrap with the sidecar's own command-line flags."""
-    token = tmp_path / "meshca-token"
-    token.write_text("eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln")
+def sync_container() -> dict[str, Any]:
+    return container(find_doc(workload_docs(), "Deployment", "frontend"), "meshca-trust-sync")
+
+
+def test_the_trust_sync_sidecar_keeps_the_directory_envoys_bootstrap_reads() -> None:
+    """meshca-trust-sync: a native sidecar whose command meshca's own parser accepts, syncing into the directory
+    and for the token file that Envoy's bootstrap names, from the meshca Envoy dials, with the day-one root."""
+    from meshca.cli.bootstrap import _parse_meshca_addresses
+    from meshca.cli.main import build_parser
+    from meshca.cli.trust import cmd_trust_sync
+
+    deployment = find_doc(workload_docs(), "Deployment", "frontend")
+    pod = deployment["spec"]["template"]["spec"]
+    sync = sync_container()
+    # An init container with restartPolicy Always (Kubernetes >= 1.29): started, and its startupProbe passed,
+    # before the regular containers (Envoy) start; restarted whenever it exits, for as long as the pod runs.
+    assert [c["name"] for c in pod["initContainers"]] == ["meshca-trust-sync"]
+    assert sync["restartPolicy"] == "Always"
+    assert sync["startupProbe"]["exec"]["command"] == ["test", "-s", str(TRUST_DIR / TRUST_SDS_FILE)]
+    assert sync["resources"]["requests"] and sync["resources"]["limits"]["memory"]
+    argv = sync["command"]
+    assert argv[0] == "/opt/meshca/.venv/bin/meshca" and "args" not in sync
+    args = build_parser().parse_args(argv[1:])
+    assert args.handler is cmd_trust_sync and args.watch
     settings = workload_settings()
-    text = embedded_bootstrap()
-    text = text.replace(str(settings.meshca_ca_path), str(pki / "ca.pem"))
-    text = text.replace(str(settings.token_path), str(token))
-    assert "/etc/meshca" not in text and "/var/run/secrets" not in text
+    assert settings.meshca_trust_sds_path is not None
+    assert Path(args.dir) == TRUST_DIR == settings.meshca_trust_sds_path.parent
+    assert Path(mount_path(sync, "meshca-trust")) == TRUST_DIR and not mounts(sync)["meshca-trust"].get("readOnly")
+    assert Path(args.token_file) == settings.token_path
+    assert "meshca-token" not in mounts(sync)  # it writes only the token's path, for Envoy
+    assert _parse_meshca_addresses(args.meshca) == settings.meshca_endpoints
+    assert args.server_name == settings.meshca_server_name
+    # --ca: the day-one root from the ConfigMap, read-only
+    assert Path(args.ca).parent == Path(mount_path(sync, "meshca-root")) and mounts(sync)["meshca-root"]["readOnly"]
+    assert volume(deployment, "meshca-root")["configMap"]["name"] == "meshca-root"
+
+
+def on_host(text: str, trust_dir: Path, token_dir: Path, root_dir: Path | None = None) -> str:
+    """The pod's paths in a bootstrap or command line replaced by the test's directories."""
+    text = text.replace(str(TRUST_DIR), str(trust_dir)).replace("/var/run/secrets/meshca", str(token_dir))
+    if root_dir is not None:
+        text = text.replace("/etc/meshca/", f"{root_dir}/")
+    assert "/etc/meshca" not in text and "/var/run/secrets" not in text, text
+    return text
+
+
+def validate_with_envoy(bootstrap_text: str, tmp_path: Path) -> None:
+    """`envoy --mode validate` with the sidecar's own command-line flags."""
     config = tmp_path / "bootstrap.yaml"
-    config.write_text(text)
+    config.write_text(bootstrap_text)
     args = envoy_args({"POD_NAME": "frontend-7d9f8c6b5-abcde", "POD_NAMESPACE": "shop"})
     args[args.index("--config-path") + 1] = str(config)
     result = subprocess.run(
@@ -182,6 +241,113 @@ def test_workload_bootstrap_validates_with_envoy(pki: Path, tmp_path: Path) -> N
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "OK" in result.stdout + result.stderr
+
+
+def test_workload_bootstrap_validates_with_envoy(pki: Path, tmp_path: Path) -> None:
+    """Real Envoy loads the ConfigMap's bootstrap with the sidecar's own command-line flags, with the files the
+    trust sync writes (here from a throwaway CA) in the trust directory."""
+    token_dir, trust_dir = tmp_path / "tokens", tmp_path / "trust"
+    token_dir.mkdir()
+    trust_dir.mkdir()
+    token = token_dir / "meshca-token"
+    token.write_text("eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln")
+    write_bundle(TrustSyncSettings((("127.0.0.1", 1),), "meshca.local", trust_dir),
+                 SpiffeBundle(((pki / "ca.pem").read_bytes(),)))
+    write_token_sds(trust_dir, token)
+    validate_with_envoy(on_host(embedded_bootstrap(), trust_dir, token_dir), tmp_path)
+
+
+def bootstrap_command_in_comment() -> list[str]:
+    """The `meshca bootstrap` command line the ConfigMap's comment says renders its bootstrap (argv[1:])."""
+    text = WORKLOAD_MANIFEST.read_text()
+    match = re.search(r"^ *# +kubectl -n shop exec deploy/frontend -c meshca-trust-sync -- (meshca bootstrap .*?)\n *#\n",
+                      text, re.MULTILINE | re.DOTALL)
+    assert match, "the ConfigMap's comment names the meshca bootstrap command"
+    command = re.sub(r"\\\n *# *", " ", match.group(1))
+    return shlex.split(command)[1:]
+
+
+def meshca_program() -> list[str]:
+    """The `meshca` console script of this interpreter's environment (the image's /opt/meshca/.venv/bin/meshca)."""
+    script = Path(sys.executable).parent / "meshca"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "meshca.cli"]
+
+
+def stop(proc: subprocess.Popen[bytes]) -> int:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait(5)
+
+
+@pytest.mark.e2e
+async def test_the_pods_commands_run_against_a_real_meshca(tmp_path: Path) -> None:
+    """The trust sync sidecar's exact command (host paths, a loopback meshca) writes what its startup probe waits
+    for; the ConfigMap comment's `meshca bootstrap` command then renders exactly the ConfigMap's bootstrap from
+    those files; real Envoy validates it and, run with the sidecar's flags, is admitted by meshca as the pod."""
+    trust_dir, token_dir, root_dir = tmp_path / "trust", tmp_path / "tokens", tmp_path / "root"
+    for directory in (trust_dir, token_dir, root_dir):
+        directory.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    pod = "frontend-7d9f8c6b5-abcde"
+    async with running_meshca(tmp_path / "meshca") as meshca:
+        (root_dir / "root.pem").write_bytes(meshca.root_pem)  # the ConfigMap meshca-root
+        (token_dir / "meshca-token").write_text(meshca.token("shop", "frontend", pod_name=pod))  # pod-bound
+
+        def to_loopback(text: str) -> str:  # meshca's Service and name -> the test's meshca (it serves "localhost")
+            text = text.replace("meshca.meshca-system.svc.cluster.local:15010", f"127.0.0.1:{meshca.port}")
+            text = text.replace("meshca.meshca-system.svc.cluster.local", "127.0.0.1")
+            text = text.replace("port_value: 15010", f"port_value: {meshca.port}")
+            return text.replace("meshca.meshca-system.svc", "localhost")
+
+        sync = sync_container()
+        argv = [to_loopback(on_host(arg, trust_dir, token_dir, root_dir)) for arg in sync["command"][1:]]
+        probe = [on_host(arg, trust_dir, token_dir) for arg in sync["startupProbe"]["exec"]["command"]]
+        sync_log = open(tmp_path / "sync.log", "wb")  # noqa: SIM115 - closed below
+        sync_proc = subprocess.Popen([*meshca_program(), *argv], env=env, stdin=subprocess.DEVNULL,
+                                     stdout=sync_log, stderr=subprocess.STDOUT)
+        envoy_proc: subprocess.Popen[bytes] | None = None
+        try:
+            await asyncio.to_thread(wait_until, lambda: subprocess.run(probe, check=False).returncode == 0, 30, 0.1,
+                                    "the startup probe passes")
+            assert sync_proc.poll() is None  # --watch: it keeps running
+
+            bootstrap_argv = [on_host(arg, trust_dir, token_dir) for arg in bootstrap_command_in_comment()]
+            rendered = await asyncio.to_thread(subprocess.run, [*meshca_program(), *bootstrap_argv], env=env,
+                                               capture_output=True, text=True, timeout=60, check=False)
+            assert (rendered.returncode, rendered.stderr) == (0, "")
+            body = "".join(line for line in rendered.stdout.splitlines(keepends=True) if not line.startswith("#"))
+            assert body == on_host(embedded_bootstrap(), trust_dir, token_dir)
+            await asyncio.to_thread(validate_with_envoy, body, tmp_path)
+
+            # From here on the ConfigMap's root verifies nothing: Envoy's trust in meshca is the synced file.
+            (root_dir / "root.pem").write_bytes(make_ca(tmp_path / "unrelated").trust_bundle_pem())
+            config = tmp_path / "pod-bootstrap.yaml"
+            config.write_text(to_loopback(body).replace("port_value: 15000", "port_value: 0"))
+            args = envoy_args({"POD_NAME": pod, "POD_NAMESPACE": "shop"})
+            args[args.index("--config-path") + 1] = str(config)
+            envoy_log = open(tmp_path / "envoy.log", "wb")  # noqa: SIM115 - closed below
+            envoy_proc = subprocess.Popen([find_envoy(), *args], stdin=subprocess.DEVNULL, stdout=envoy_log,
+                                          stderr=subprocess.STDOUT, cwd=tmp_path)
+            envoy_log.close()
+
+            def admitted() -> bool:
+                return any(p.node_id == f"{pod}.shop" and p.identity == f"spiffe://{TRUST_DOMAIN}/ns/shop/sa/frontend"
+                           for p in meshca.app.registry.snapshot())
+
+            try:
+                await asyncio.to_thread(wait_until, admitted, 30, 0.1, "meshca admits the pod's Envoy")
+            except Exception:
+                raise AssertionError((tmp_path / "envoy.log").read_text()[-3000:]) from None
+        finally:
+            if envoy_proc is not None:
+                stop(envoy_proc)
+            sync_code = stop(sync_proc)
+            sync_log.close()
+        assert sync_code == 0, (tmp_path / "sync.log").read_text()
 
 
 # -- Envoy's --service-node really replaces node.id on the wire ------------------------------------------
