@@ -22,6 +22,7 @@ import yaml
 
 from meshca.ca.bundle import SpiffeBundle
 from meshca.dev.envoy_process import find_envoy, wait_until
+from meshca.files import write_atomic
 from meshca.node.bootstrap import BootstrapSettings, build_bootstrap, render_yaml
 from meshca.node.trust import TRUST_PEM_FILE, TRUST_SDS_FILE, TrustSyncSettings, write_bundle, write_token_sds
 from tests.meshca_harness import TRUST_DOMAIN, make_ca, running_meshca
@@ -285,16 +286,18 @@ def stop(proc: subprocess.Popen[bytes]) -> int:
 
 @pytest.mark.e2e
 async def test_the_pods_commands_run_against_a_real_meshca(tmp_path: Path) -> None:
-    """The trust sync sidecar's exact command (host paths, a loopback meshca) writes what its startup probe waits
-    for; the ConfigMap comment's `meshca bootstrap` command then renders exactly the ConfigMap's bootstrap from
-    those files; real Envoy validates it and, run with the sidecar's flags, is admitted by meshca as the pod."""
+    """The trust sync sidecar's exact command (host paths, a loopback meshca), started with a stale day-one root,
+    writes nothing until that root is refreshed, then what its startup probe waits for; the ConfigMap comment's
+    `meshca bootstrap` command renders exactly the ConfigMap's bootstrap from those files; real Envoy validates it
+    and, run with the sidecar's flags, is admitted by meshca as the pod."""
     trust_dir, token_dir, root_dir = tmp_path / "trust", tmp_path / "tokens", tmp_path / "root"
     for directory in (trust_dir, token_dir, root_dir):
         directory.mkdir()
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     pod = "frontend-7d9f8c6b5-abcde"
+    unrelated_root = make_ca(tmp_path / "unrelated").trust_bundle_pem()
     async with running_meshca(tmp_path / "meshca") as meshca:
-        (root_dir / "root.pem").write_bytes(meshca.root_pem)  # the ConfigMap meshca-root
+        (root_dir / "root.pem").write_bytes(unrelated_root)  # a stale ConfigMap meshca-root
         (token_dir / "meshca-token").write_text(meshca.token("shop", "frontend", pod_name=pod))  # pod-bound
 
         def to_loopback(text: str) -> str:  # meshca's Service and name -> the test's meshca (it serves "localhost")
@@ -311,6 +314,11 @@ async def test_the_pods_commands_run_against_a_real_meshca(tmp_path: Path) -> No
                                      stdout=sync_log, stderr=subprocess.STDOUT)
         envoy_proc: subprocess.Popen[bytes] | None = None
         try:
+            await asyncio.to_thread(wait_until, lambda: "cannot be verified with --ca" in (tmp_path / "sync.log")
+                                    .read_text(), 30, 0.1, "the sync refuses the meshca its --ca cannot verify")
+            assert subprocess.run(probe, check=False).returncode == 1
+            assert sorted(p.name for p in trust_dir.iterdir()) == ["meshca-token-sds.json"]  # there for Envoy anyway
+            write_atomic(root_dir / "root.pem", meshca.root_pem, 0o644)  # the ConfigMap refreshed
             await asyncio.to_thread(wait_until, lambda: subprocess.run(probe, check=False).returncode == 0, 30, 0.1,
                                     "the startup probe passes")
             assert sync_proc.poll() is None  # --watch: it keeps running
@@ -324,7 +332,7 @@ async def test_the_pods_commands_run_against_a_real_meshca(tmp_path: Path) -> No
             await asyncio.to_thread(validate_with_envoy, body, tmp_path)
 
             # From here on the ConfigMap's root verifies nothing: Envoy's trust in meshca is the synced file.
-            (root_dir / "root.pem").write_bytes(make_ca(tmp_path / "unrelated").trust_bundle_pem())
+            write_atomic(root_dir / "root.pem", unrelated_root, 0o644)
             config = tmp_path / "pod-bootstrap.yaml"
             config.write_text(to_loopback(body).replace("port_value: 15000", "port_value: 0"))
             args = envoy_args({"POD_NAME": pod, "POD_NAMESPACE": "shop"})
