@@ -322,7 +322,7 @@ def add_bootstrap_parser(subparsers: argparse._SubParsersAction[argparse.Argumen
         "--trust-dir",
         metavar="DIR",
         help="the directory `meshca trust sync` keeps current: Envoy takes meshca's trust from its SDS file and "
-        "reloads it on every change, so the node follows root rotations (docs/trust-root.md)",
+        "reloads it on every change, so the node follows root rotations (docs/trust.md, root rotation)",
     )
     parser.add_argument(
         "--server-name",

@@ -24,7 +24,7 @@ DIR as {TRUST_PEM_FILE} and {TRUST_SDS_FILE} (a file-based SDS secret that Envoy
 replaced). meshca's certificate is verified with the bundle DIR already holds (the first time with
 --ca), so the chain of trust carries on across root rotations; a meshca that cannot be verified is
 an error and nothing is written. With --watch, sync every --interval; a failed sync keeps the last
-bundle, says so in one line and is retried. See docs/trust-root.md.
+bundle, says so in one line and is retried. See docs/trust.md (root rotation).
 """
 
 
