@@ -61,10 +61,12 @@ def own_frontend_leaf(demo: Demo, workdir: Path) -> tuple[Path, Path, int]:
     return workdir / "leaf.pem", workdir / "leaf-key.pem", info.serial_number
 
 
-def direct_request(demo: Demo, cert: Path, key: Path) -> str:
-    """One GET straight to backend's sidecar over a new mTLS connection with `cert`: "ok", or why it failed."""
-    bundle = CertificateAuthority.load(demo.material.state_dir, system_clock).trust_bundle_pem()
-    context = ssl.create_default_context(cadata=bundle.decode())
+def direct_request(demo: Demo, cert: Path, key: Path, bundle: str | None = None) -> str:
+    """One GET straight to backend's sidecar over a new mTLS connection with `cert`: "ok", or why it failed.
+    `bundle`: the roots to verify the sidecar with (default: the internal CA's in the demo's state dir)."""
+    if bundle is None:
+        bundle = CertificateAuthority.load(demo.material.state_dir, system_clock).trust_bundle_pem().decode()
+    context = ssl.create_default_context(cadata=bundle)
     context.check_hostname = False  # the sidecar's certificate names a SPIFFE ID, no host name
     context.load_cert_chain(cert, key)
     try:
@@ -84,26 +86,31 @@ def fail_verify(envoy: EnvoyProcess) -> int:
                if ".ssl.fail_verify" in k and str(v).isdigit())
 
 
-def test_a_revoked_serial_is_refused_by_every_sidecar_and_other_traffic_goes_on(demo: Demo, tmp_path: Path) -> None:
+def revoke_under_traffic(demo: Demo, tmp_path: Path, location: list[str], bundle: str | None = None) -> None:
+    """A leaf of frontend's revoked (`meshca revoke --certificate ... <location>`) while traffic runs: every Envoy
+    gets the CRL listing it (the time is printed), a new handshake with it fails, the other traffic goes on."""
     cert, key, serial = own_frontend_leaf(demo, tmp_path)
-    assert direct_request(demo, cert, key) == "ok"
+    assert direct_request(demo, cert, key, bundle) == "ok"  # the CRLs of every CA of the chain are there
     refused_before = fail_verify(demo.envoys[BACKEND.name])
     with TrafficLoop(demo.one_request) as traffic:
         time.sleep(1.0)
-        meshca_cli("revoke", "--certificate", str(cert), "--reason", "keyCompromise",
-                   "--state-dir", str(demo.material.state_dir))
+        meshca_cli("revoke", "--certificate", str(cert), "--reason", "keyCompromise", *location)
         revoked_at = time.monotonic()
         wait_until(lambda: all(serial in crl_serials(e) for e in demo.envoys.values()), 30, 0.05,
                    "every Envoy holds the CRL listing the revoked serial")
         propagation = time.monotonic() - revoked_at
-        print(f"\nrevocation propagation (meshca revoke exit -> CRL in all {len(demo.envoys)} Envoys' "
-              f"config_dump): {propagation:.2f} s")
-        outcome = direct_request(demo, cert, key)
+        print(f"\n{demo.settings.vault_mode or 'internal'}: revocation propagation (meshca revoke exit -> CRL in "
+              f"all {len(demo.envoys)} Envoys' config_dump): {propagation:.2f} s")
+        outcome = direct_request(demo, cert, key, bundle)
         time.sleep(1.0)
     assert outcome.startswith("failed"), outcome
     assert fail_verify(demo.envoys[BACKEND.name]) > refused_before
     assert traffic.failures == [] and traffic.ok > 10
     assert propagation < 5
+
+
+def test_a_revoked_serial_is_refused_by_every_sidecar_and_other_traffic_goes_on(demo: Demo, tmp_path: Path) -> None:
+    revoke_under_traffic(demo, tmp_path, ["--state-dir", str(demo.material.state_dir)])
 
 
 def test_a_revoked_serial_in_use_is_replaced_at_once_without_a_failed_request(demo: Demo) -> None:

@@ -11,10 +11,10 @@ import os
 import shutil
 import tempfile
 import threading
-from collections.abc import AsyncGenerator, Callable, Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 from etcd3aio.kv import Compare
 
@@ -35,7 +35,7 @@ from meshca.files import write_atomic
 from meshca.identity.spiffe import SpiffeId
 from meshca.store.etcd import KEK_ENV, EtcdStore, StoreUnavailable
 from meshca.store.leader import Fence, LeaderElection
-from meshca.store.tasks import stop_tasks
+from meshca.store.tasks import follow_prefix, stop_tasks
 
 CA_PREFIX = "ca/"
 FILES_PREFIX = "ca/files/"
@@ -273,21 +273,11 @@ class ReplicatedCa:
 
     async def follow(self) -> None:
         """Watch `ca/files/` and adopt every commit (runs until cancelled; etcd outages are waited out)."""
-        while True:
-            try:
-                watch = self._store.watch_prefix(FILES_PREFIX, self._revision + 1)
-                try:
-                    async for _ in watch:
-                        await self._sync_logged()
-                finally:
-                    await cast(AsyncGenerator[Any, None], watch).aclose()
-            except asyncio.CancelledError:
-                raise
-            except Exception as error:  # the watch ended (etcd gone long enough for the client to give up)
-                self._stale = True
-                self._log.debug("CA watch ended: %s", error)
-            await asyncio.sleep(1.0)
-            await self._sync_logged()
+        await follow_prefix(self._store, FILES_PREFIX, lambda: self._revision, self._sync_logged, self._watch_ended)
+
+    def _watch_ended(self, error: Exception) -> None:
+        self._stale = True
+        self._log.debug("CA watch ended: %s", error)
 
     async def _sync_logged(self) -> None:
         try:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Any, cast
+from typing import Any
 
 from etcd3aio.kv import Compare
 
@@ -14,7 +14,7 @@ from meshca.ca.api import CaError
 from meshca.ca.revocation import RevocationList
 from meshca.clock import Clock
 from meshca.store.etcd import EtcdSettings, EtcdStore, StoreUnavailable
-from meshca.store.tasks import stop_tasks
+from meshca.store.tasks import follow_prefix, stop_tasks
 
 REVOCATIONS_KEY = "revocations.json"
 _CAS_ATTEMPTS = 8
@@ -85,20 +85,8 @@ class EtcdRevocations:
 
     async def follow(self) -> None:
         """Watch the key and adopt every write (runs until cancelled; etcd outages are waited out)."""
-        while True:
-            try:
-                watch = self._store.watch_prefix(REVOCATIONS_KEY, self._revision + 1)
-                try:
-                    async for _ in watch:
-                        await self._sync_logged()
-                finally:
-                    await cast(AsyncGenerator[Any, None], watch).aclose()
-            except asyncio.CancelledError:
-                raise
-            except Exception as error:
-                self._log.debug("revocations watch ended: %s", error)
-            await asyncio.sleep(1.0)
-            await self._sync_logged()
+        await follow_prefix(self._store, REVOCATIONS_KEY, lambda: self._revision, self._sync_logged,
+                            lambda error: self._log.debug("revocations watch ended: %s", error))
 
     async def _sync_logged(self) -> None:
         try:
