@@ -8,6 +8,7 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from datetime import timedelta
+from functools import partial
 from typing import cast
 
 import grpc
@@ -35,6 +36,7 @@ from meshca.identity.spiffe import SpiffeId
 from meshca.listen import ListenError, check_bindable, format_address
 from meshca.mesh.build import ResourceMemo, build_mesh
 from meshca.mesh.model import MeshConfig
+from meshca.mesh.resources import AGENT_METADATA_KEY, AGENT_METADATA_VALUE
 from meshca.sds.crl import CrlAuthority, ExternalCrls, RevocationPublisher, RevocationSource
 from meshca.sds.retention import IdentityRetention
 from meshca.sds.rotation import ApschedulerJobs, CaWatcher, LeafRotator, RotationSettings
@@ -117,8 +119,15 @@ class JwtStreamGate:
             raise StreamRefused(grpc.StatusCode.PERMISSION_DENIED, f"identity {spiffe_id} is revoked")
         self._retention.opened(spiffe_id)  # before the lookup: an identity being forgotten is kept or re-issued
         try:
-            key = self._publisher.current_key(spiffe_id)
-            if key is None:
+            if node.metadata.get(AGENT_METADATA_KEY) == AGENT_METADATA_VALUE:
+                # Its secrets come from its local agent: a snapshot without any Secret, and no certificate issued.
+                key = self._publisher.current_agent_key(spiffe_id)
+            else:
+                key = self._publisher.current_key(spiffe_id)
+            if key is None and node.metadata.get(AGENT_METADATA_KEY) == AGENT_METADATA_VALUE:
+                loop = asyncio.get_running_loop()
+                key = await loop.run_in_executor(self._ca_executor, self._publisher.ensure_agent_identity, spiffe_id)
+            elif key is None:
                 loop = asyncio.get_running_loop()
                 key = await loop.run_in_executor(
                     self._ca_executor, self._publisher.ensure_identity, spiffe_id, node.id
@@ -191,6 +200,7 @@ class MeshcaApp:
         )
         self.publisher = MeshPublisher(self.cache, self.secrets, logger.getChild("mesh"))
         self.mesh_memo = ResourceMemo()
+        self.agent_mesh_memo = ResourceMemo()  # the agent-mode variant's (used under the publisher's lock)
         self.jobs = ApschedulerJobs(logger.getChild("jobs"))
         self.rotator = LeafRotator(
             self.secrets, self.publisher, self.jobs, rotation.policy, clock, logger.getChild("rotation")
@@ -259,7 +269,10 @@ class MeshcaApp:
             )
         with self._mesh_lock:
             mesh = build_mesh(config, self.mesh_memo, denied_spiffe_ids=self._denied_uris)
-            self.publisher.set_mesh(mesh)
+            agent_mesh = partial(
+                build_mesh, config, self.agent_mesh_memo, denied_spiffe_ids=self._denied_uris, secrets_from_agent=True
+            )
+            self.publisher.set_mesh(mesh, agent_mesh)
             self._mesh_config = config
             return self.publisher.mesh_version()
 

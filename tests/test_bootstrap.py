@@ -186,6 +186,32 @@ def test_invalid_settings_refused(kw: dict[str, Any]) -> None:
         settings(Path("/ca.pem"), **base)
 
 
+def test_agent_socket_adds_metadata_and_the_agent_cluster() -> None:
+    b = build_bootstrap(settings(Path("/ca.pem"), token="a.b.c", node_metadata={"ns": "shop"},
+                                 agent_socket=Path("/run/meshca/web.sock")))
+    assert b["node"]["metadata"] == {"ns": "shop", "MESHCA_AGENT": "sds"}
+    xds, agent = b["static_resources"]["clusters"]
+    assert xds["name"] == XDS_CLUSTER_NAME
+    assert agent["name"] == "meshca_agent" and agent["type"] == "STATIC"
+    (endpoint,) = agent["load_assignment"]["endpoints"][0]["lb_endpoints"]
+    assert endpoint == {"endpoint": {"address": {"pipe": {"path": "/run/meshca/web.sock"}}}}
+    options = agent["typed_extension_protocol_options"][HTTP_OPTIONS]
+    assert options["explicit_http_config"] == {"http2_protocol_options": {}}
+    assert "transport_socket" not in agent  # a local socket, guarded by its file mode
+    plain = build_bootstrap(settings(Path("/ca.pem"), token="a.b.c"))
+    assert [c["name"] for c in plain["static_resources"]["clusters"]] == [XDS_CLUSTER_NAME]
+    assert plain["node"]["metadata"] == {}
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [{"agent_socket": Path("relative.sock")}, {"node_metadata": {"MESHCA_AGENT": "sds"}}],
+)
+def test_agent_settings_refused(kw: dict[str, Any]) -> None:
+    with pytest.raises(ValueError, match="agent"):
+        settings(Path("/ca.pem"), token="a.b.c", **kw)
+
+
 def test_settings_are_frozen() -> None:
     s = settings(Path("/ca.pem"), token="t")
     with pytest.raises(AttributeError):

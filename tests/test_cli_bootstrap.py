@@ -327,6 +327,41 @@ def test_ca_without_a_certificate_is_refused(tmp_path: Path, capsys: pytest.Capt
     assert code == 2 and "holds no PEM certificate" in stderr
 
 
+def test_agent_socket_bootstrap_validates_with_envoy(
+    ca_pem: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "agent.yaml"
+    code, _, err = run(capsys, *base_args(ca_pem), "--token", TOKEN, "--agent-socket", "run/web.sock",
+                       "--out", str(out))
+    assert (code, err) == (0, "")
+    text = out.read_text()
+    assert "# agent mode: certificate, key and trust bundle from the local agent at " in text
+    loaded = yaml.safe_load(text)
+    assert loaded["node"]["metadata"] == {"MESHCA_AGENT": "sds"}
+    agent = loaded["static_resources"]["clusters"][1]
+    path = agent["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["pipe"]["path"]
+    assert path == str((Path.cwd() / "run/web.sock").absolute())  # Envoy's working directory may differ
+    result = envoy_validate(out)
+    assert result.returncode == 0, result.stderr + result.stdout
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--agent-socket", ""], "--agent-socket: must not be empty"),
+        (["--agent-socket", "/"], "--agent-socket: '/' is a directory"),
+        (["--agent-socket", "/run/a.sock", "--metadata", "MESHCA_AGENT=sds"],
+         "--metadata: key 'MESHCA_AGENT' is set by --agent-socket only"),
+        (["--metadata", "MESHCA_AGENT=sds"], "--metadata: key 'MESHCA_AGENT' is set by --agent-socket only"),
+    ],
+)
+def test_agent_socket_errors_are_one_line(
+    argv: list[str], message: str, ca_pem: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = run(capsys, *base_args(ca_pem), "--token", TOKEN, *argv)
+    assert (code, out, err) == (2, "", f"meshca: error: {message}\n")
+
+
 # -- --check against a real meshca ---------------------------------------------------------------------
 
 
@@ -372,6 +407,18 @@ def test_check_ok(api_type: str, serving: tuple[DevMaterial, int], capsys: pytes
     assert (code, stderr) == (0, "")
     assert stdout == f"meshca: check ok: meshca at 127.0.0.1:{port} verified as 'localhost' and admitted node " \
                      f"'web-1' ({api_type})\n"
+
+
+@pytest.mark.parametrize("api_type", ["DELTA_GRPC", "GRPC"])
+def test_check_ok_in_agent_mode(
+    api_type: str, serving: tuple[DevMaterial, int], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """meshca sends an agent-mode node no Secret, so the check asks for clusters: it is answered all the same."""
+    material, port = serving
+    args = check_args(material, port, dev_token(material))
+    code, stdout, stderr = run(capsys, *args, "--api-type", api_type, "--agent-socket", str(tmp_path / "a.sock"))
+    assert (code, stderr) == (0, ""), stdout
+    assert stdout.startswith(f"meshca: check ok: meshca at 127.0.0.1:{port} verified as 'localhost'")
 
 
 def test_check_says_one_line_per_replica(serving: tuple[DevMaterial, int], capsys: pytest.CaptureFixture[str]) -> None:

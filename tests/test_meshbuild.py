@@ -409,6 +409,55 @@ def test_publisher_serves_each_identity_its_own_view(tmp_path: Path) -> None:
     assert listeners(identity("other", "stranger")) == set()  # not in the mesh: shared view only
 
 
+def test_agent_mode_identity_gets_the_same_mesh_without_any_secret_and_no_certificate(tmp_path: Path) -> None:
+    """Agent mode: the same listeners, clusters, routes and endpoints, their TLS secrets read from the local
+    agent's SDS; the snapshot holds no Secret and meshca issues nothing for the identity."""
+    ca = make_ca(tmp_path, TD)
+    cache = SnapshotCache()
+    log = logging.getLogger("meshca.test.meshbuild")
+    secrets = WorkloadSecrets(ca, system_clock, log)
+    publisher = MeshPublisher(cache, secrets, log)
+    builds: list[bool] = []
+    memo = ResourceMemo()
+
+    def agent_mesh(config: MeshConfig) -> MeshResources:
+        builds.append(True)
+        return build_mesh(config, memo, secrets_from_agent=True)
+
+    config = parse()
+    publisher.set_mesh(build_mesh(config), lambda: agent_mesh(config))
+    assert builds == []  # no agent-mode node yet: the variant is not built
+    backend = identity("shop", "backend")
+    key = publisher.ensure_agent_identity(backend)
+    assert key != publisher.snapshot_key(backend) and publisher.current_agent_key(backend) == key
+    agent_view = cache.get(key)
+    assert agent_view is not None and builds == [True]
+    assert not agent_view.of_type(ResourceType.SECRET).resources
+    assert secrets.issued_total() == 0 and secrets.certificates() == []
+    normal = cache.get(publisher.ensure_identity(backend))
+    assert normal is not None and secrets.issued_total() == 1
+    for resource_type in (ResourceType.LISTENER, ResourceType.CLUSTER, ResourceType.ROUTE, ResourceType.ENDPOINT):
+        assert set(agent_view.of_type(resource_type).resources) == set(normal.of_type(resource_type).resources)
+    listener = Listener.parse(agent_view.of_type(ResourceType.LISTENER).resources["inbound|backend"].payload)
+    context = tls_context(listener).common_tls_context
+    for sds in (context.tls_certificate_sds_secret_configs[0],
+                context.combined_validation_context.validation_context_sds_secret_config):
+        assert [g.envoy_grpc.cluster_name for g in sds.sds_config.api_config_source.grpc_services] == ["meshca_agent"]
+    outbound = Cluster.parse(agent_view.of_type(ResourceType.CLUSTER).resources["outbound|backend"].payload)
+    upstream = outbound.transport_socket.typed_config.unpack().common_tls_context
+    assert upstream.tls_certificate_sds_secret_configs[0].sds_config.api_config_source.grpc_services
+    # a mesh edit reaches the agent-mode snapshot too (still without a Secret)
+    edit = edited("\"10.0.0.6:15007\"", "\"10.0.0.7:15007\"")
+    publisher.set_mesh(build_mesh(edit), lambda: agent_mesh(edit))
+    updated = cache.get(key)
+    assert updated is not None and not updated.of_type(ResourceType.SECRET).resources
+    assert endpoints_of(updated.of_type(ResourceType.ENDPOINT).resources["outbound|backend-v2"]) == [
+        ("10.0.0.5", 15007), ("10.0.0.7", 15007)
+    ]
+    publisher.forget(backend)
+    assert cache.get(key) is None and publisher.current_agent_key(backend) is None
+
+
 def test_version_is_stable_for_the_same_config() -> None:
     assert build_mesh(parse()).version == build_mesh(parse()).version
     assert len(build_mesh(parse()).version) == 12

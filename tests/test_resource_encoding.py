@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from datetime import timedelta
 from typing import Any
 
@@ -13,9 +14,13 @@ from envoy_data_plane.envoy.config.cluster.v3 import Cluster, ClusterDiscoveryTy
 from envoy_data_plane.envoy.config.core.v3 import (
     Address,
     AggregatedConfigSource,
+    ApiConfigSource,
+    ApiConfigSourceApiType,
     ApiVersion,
     ConfigSource,
     DataSource,
+    GrpcService,
+    GrpcServiceEnvoyGrpc,
     Http2ProtocolOptions,
     SocketAddress,
     TransportSocket,
@@ -77,8 +82,19 @@ from meshca.xds.snapshot import EncodedResource, Reference, ResourceType
 _ADS = ConfigSource(ads=AggregatedConfigSource(), resource_api_version=ApiVersion.V3)
 
 
-def _sds(name: str) -> SdsSecretConfig:
-    return SdsSecretConfig(name=name, sds_config=_ADS)
+# Agent mode: the local agent's SotW SDS through the bootstrap's static cluster (the contract of docs/agent-mode.md).
+_AGENT_SDS = ConfigSource(
+    api_config_source=ApiConfigSource(
+        api_type=ApiConfigSourceApiType.GRPC,
+        transport_api_version=ApiVersion.V3,
+        grpc_services=[GrpcService(envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name="meshca_agent"))],
+    ),
+    resource_api_version=ApiVersion.V3,
+)
+
+
+def _sds(name: str, from_agent: bool = False) -> SdsSecretConfig:
+    return SdsSecretConfig(name=name, sds_config=_AGENT_SDS if from_agent else _ADS)
 
 
 def ref_common_tls_context(peer: r.MtlsPeer) -> CommonTlsContext:
@@ -90,10 +106,10 @@ def ref_common_tls_context(peer: r.MtlsPeer) -> CommonTlsContext:
         for prefix in peer.allowed_spiffe_prefixes
     ]
     return CommonTlsContext(
-        tls_certificate_sds_secret_configs=[_sds(peer.certificate_secret)],
+        tls_certificate_sds_secret_configs=[_sds(peer.certificate_secret, peer.secrets_from_agent)],
         combined_validation_context=CommonTlsContextCombinedCertificateValidationContext(
             default_validation_context=CertificateValidationContext(match_typed_subject_alt_names=matchers),
-            validation_context_sds_secret_config=_sds(peer.trust_secret),
+            validation_context_sds_secret_config=_sds(peer.trust_secret, peer.secrets_from_agent),
         ),
     )
 
@@ -312,6 +328,8 @@ def cluster_specs() -> Iterator[r.ClusterSpec]:
         r.MtlsPeer(),
         r.MtlsPeer(allowed_spiffe_ids=(f"{TD}/ns/a/sa/b",)),
         r.MtlsPeer(allowed_spiffe_prefixes=(f"{TD}/",)),
+        r.MtlsPeer(allowed_spiffe_ids=(f"{TD}/ns/a/sa/b",), secrets_from_agent=True),
+        r.MtlsPeer(allowed_spiffe_prefixes=(f"{TD}/",), secrets_from_agent=True),
     ]
     for peer in peers:
         for http2 in (False, True):
@@ -420,7 +438,8 @@ def route_cases() -> Iterator[tuple[str, tuple[r.VirtualHostSpec, ...]]]:
 
 
 def listener_specs() -> Iterator[r.HttpListenerSpec]:
-    for peer in (None, r.MtlsPeer(), r.MtlsPeer(allowed_spiffe_prefixes=(f"{TD}/ns/shop/sa/",))):
+    agent = r.MtlsPeer(allowed_spiffe_prefixes=(f"{TD}/ns/shop/sa/",), secrets_from_agent=True)
+    for peer in (None, r.MtlsPeer(), r.MtlsPeer(allowed_spiffe_prefixes=(f"{TD}/ns/shop/sa/",)), agent):
         for stat_prefix in ("", "inbound_backend"):
             yield r.HttpListenerSpec("inbound|backend", "0.0.0.0", 15006, "inbound|backend", peer, stat_prefix)
             yield r.HttpListenerSpec("inbound|backend", "0.0.0.0", 15006, "inbound|backend", peer, stat_prefix, True)
@@ -461,7 +480,7 @@ def _check(new: EncodedResource, reference: betterproto2.Message, resource_type:
 
 
 def _tls_references(peer: r.MtlsPeer | None) -> set[Reference]:
-    if peer is None:
+    if peer is None or peer.secrets_from_agent:  # secrets from the local agent are not in the ADS snapshot
         return set()
     return {Reference(ResourceType.SECRET, peer.certificate_secret), Reference(ResourceType.SECRET, peer.trust_secret)}
 
@@ -524,7 +543,8 @@ def test_secrets() -> None:
 
 def test_common_tls_context_decodes_to_the_reference_message() -> None:
     rng = random.Random(5)
-    for peer in [r.MtlsPeer(), *(_peer(rng) for _ in range(20))]:
+    agent_peers = [replace(_peer(rng), secrets_from_agent=True) for _ in range(20)]
+    for peer in [r.MtlsPeer(), *(_peer(rng) for _ in range(20)), *agent_peers]:
         cluster = Cluster.parse(r.cluster(r.ClusterSpec("c", upstream_tls=peer)).payload)
         assert cluster.transport_socket.typed_config.unpack().common_tls_context == ref_common_tls_context(peer)
 
@@ -600,3 +620,25 @@ def test_invalid_values_are_refused(build: Callable[[], Any], reference: Callabl
     if reference is not None:  # envoy-data-plane (pydantic) refuses them too
         with pytest.raises(ValueError):
             reference()
+
+
+def test_agent_mode_secrets_come_from_the_agent_cluster() -> None:
+    """Agent mode: both SdsSecretConfigs name the local agent's cluster over SotW gRPC; no Secret is referenced."""
+    peer = r.MtlsPeer(allowed_spiffe_ids=(f"{TD}/ns/a/sa/b",), secrets_from_agent=True)
+    for resource in (r.cluster(r.ClusterSpec("c", upstream_tls=peer)), r.http_listener(
+        r.HttpListenerSpec("l", "0.0.0.0", 1, "rc", downstream_tls=peer)
+    )):
+        assert not [ref for ref in resource.references if ref.type is ResourceType.SECRET]
+        if resource.type is ResourceType.CLUSTER:
+            tls = Cluster.parse(resource.payload).transport_socket.typed_config.unpack()
+        else:
+            tls = Listener.parse(resource.payload).filter_chains[0].transport_socket.typed_config.unpack()
+        context = tls.common_tls_context
+        configs = [context.tls_certificate_sds_secret_configs[0],
+                   context.combined_validation_context.validation_context_sds_secret_config]
+        assert [c.name for c in configs] == [r.DEFAULT_CERT_SECRET, r.ROOT_CA_SECRET]
+        for config in configs:
+            source = config.sds_config.api_config_source
+            assert source.api_type == ApiConfigSourceApiType.GRPC
+            assert [g.envoy_grpc.cluster_name for g in source.grpc_services] == [r.AGENT_CLUSTER]
+            assert config.sds_config.ads is None

@@ -10,6 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from meshca.files import write_atomic
+from meshca.mesh.resources import AGENT_METADATA_KEY
 from meshca.node.bootstrap import API_TYPES, BootstrapSettings, render_yaml
 
 DEFAULT_MESHCA = "127.0.0.1:15010"
@@ -208,6 +209,15 @@ def settings_from_args(args: argparse.Namespace) -> tuple[BootstrapSettings, lis
             f"--admin-address: {args.admin_address!r} is not an IP address (Envoy's admin listener needs one)"
         )
     metadata = _parse_metadata(list(args.metadata or []))
+    agent_socket: Path | None = None
+    if getattr(args, "agent_socket", None) is not None:
+        if not args.agent_socket.strip():
+            raise BootstrapOptionError("--agent-socket: must not be empty")
+        agent_socket = Path(args.agent_socket).expanduser().absolute()
+        if agent_socket.is_dir():
+            raise BootstrapOptionError(f"--agent-socket: {str(agent_socket)!r} is a directory")
+    if AGENT_METADATA_KEY in metadata:
+        raise BootstrapOptionError(f"--metadata: key {AGENT_METADATA_KEY!r} is set by --agent-socket only")
     warnings: list[str] = []
     token: str | None = None
     token_path: Path | None = None
@@ -238,6 +248,7 @@ def settings_from_args(args: argparse.Namespace) -> tuple[BootstrapSettings, lis
             node_metadata=metadata,
             api_type=args.api_type,
             meshca_trust_sds_path=trust_sds_path,
+            agent_socket=agent_socket,
         )
     except ValueError as error:  # the checks above should catch everything; keep it one line
         raise BootstrapOptionError(str(error)) from None
@@ -251,10 +262,15 @@ def _header(settings: BootstrapSettings) -> str:
         source = f"token re-read from {settings.token_path} on every new stream"
     else:
         source = f"token read from {settings.token_path} again whenever it is replaced, sent on every new stream"
+    agent = (
+        ""
+        if settings.agent_socket is None
+        else f"# agent mode: certificate, key and trust bundle from the local agent at {settings.agent_socket}\n"
+    )
     return (
         "# Envoy bootstrap written by `meshca bootstrap`; everything else comes from meshca over ADS.\n"
         f"# node.id {settings.node_id!r}: must satisfy meshca's node binding (docs/identity.md).\n"
-        f"# {source}\n"
+        f"# {source}\n{agent}"
     )
 
 
@@ -349,6 +365,12 @@ def add_bootstrap_parser(subparsers: argparse._SubParsersAction[argparse.Argumen
         default="DELTA_GRPC",
         choices=API_TYPES,
         help="ADS flavour: DELTA_GRPC (incremental, the default) or GRPC (state of the world)",
+    )
+    parser.add_argument(
+        "--agent-socket",
+        metavar="PATH",
+        help="agent mode: take the certificate, its key and the trust bundle over SDS from the local `meshca agent` "
+        "on this Unix socket; meshca then sends this node no secret at all (docs/agent-mode.md)",
     )
     parser.add_argument("--out", metavar="FILE", help="write here (atomically) instead of stdout")
     parser.add_argument(

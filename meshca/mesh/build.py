@@ -98,11 +98,12 @@ class _Encoder:
         return self.get(("listener", spec), lambda: r.http_listener(spec))
 
 
-def _allowed_callers(rules: tuple[AllowRule, ...], trust_domain: str) -> r.MtlsPeer:
+def _allowed_callers(rules: tuple[AllowRule, ...], trust_domain: str, from_agent: bool) -> r.MtlsPeer:
     """No rules: any identity of the trust domain (mTLS is still required)."""
     if not rules or any(rule.any_identity for rule in rules):
-        return r.MtlsPeer(allowed_spiffe_prefixes=(f"spiffe://{trust_domain}/",))
+        return r.MtlsPeer(allowed_spiffe_prefixes=(f"spiffe://{trust_domain}/",), secrets_from_agent=from_agent)
     return r.MtlsPeer(
+        secrets_from_agent=from_agent,
         allowed_spiffe_ids=tuple(rule.spiffe_id.uri for rule in rules if rule.spiffe_id is not None),
         allowed_spiffe_prefixes=tuple(
             f"spiffe://{trust_domain}/ns/{rule.namespace}/sa/" for rule in rules if rule.namespace is not None
@@ -122,25 +123,25 @@ def _caller_policy(callers: r.MtlsPeer, denied_spiffe_ids: frozenset[str]) -> r.
     return r.CallerPolicy(callers.allowed_spiffe_ids, callers.allowed_spiffe_prefixes, tuple(denied))
 
 
-def _outbound(service: Service, encode: _Encoder) -> tuple[EncodedResource, ...]:
+def _outbound(service: Service, encode: _Encoder, from_agent: bool) -> tuple[EncodedResource, ...]:
     """What every caller of a service needs: its mTLS cluster and its endpoints."""
     name = outbound_cluster_name(service.name)
-    upstream = r.MtlsPeer(allowed_spiffe_ids=(service.spiffe_id.uri,))
+    upstream = r.MtlsPeer(allowed_spiffe_ids=(service.spiffe_id.uri,), secrets_from_agent=from_agent)
     return (
         encode.cluster(r.ClusterSpec(name, upstream_tls=upstream)),
         encode.cluster_load_assignment(name, service.endpoints),
     )
 
 
-def _shared(config: MeshConfig, encode: _Encoder) -> list[EncodedResource]:
+def _shared(config: MeshConfig, encode: _Encoder, from_agent: bool) -> list[EncodedResource]:
     resources: list[EncodedResource] = []
     for service in config.services:
         if service.inbound is None:
             continue
         resources.extend(
             encode.get(
-                ("outbound", service.name, service.spiffe_id, service.endpoints),
-                lambda service=service: _outbound(service, encode),  # type: ignore[misc]
+                ("outbound", service.name, service.spiffe_id, service.endpoints, from_agent),
+                lambda service=service: _outbound(service, encode, from_agent),  # type: ignore[misc]
             )
         )
     routes = tuple(
@@ -151,7 +152,9 @@ def _shared(config: MeshConfig, encode: _Encoder) -> list[EncodedResource]:
     return resources
 
 
-def _sidecar(service: Service, trust_domain: str, denied: frozenset[str], encode: _Encoder) -> list[EncodedResource]:
+def _sidecar(
+    service: Service, trust_domain: str, denied: frozenset[str], encode: _Encoder, from_agent: bool
+) -> list[EncodedResource]:
     resources: list[EncodedResource] = []
     if service.inbound is not None:
         inbound = service.inbound
@@ -159,7 +162,7 @@ def _sidecar(service: Service, trust_domain: str, denied: frozenset[str], encode
         resources.append(encode.cluster(r.ClusterSpec(local)))
         resources.append(encode.cluster_load_assignment(local, ((inbound.app_host, inbound.app_port),)))
         route_name = inbound_listener_name(service.name)
-        callers = _allowed_callers(service.allow, trust_domain)
+        callers = _allowed_callers(service.allow, trust_domain, from_agent)
         # Callers are checked twice: at the handshake (the listener, LDS) and on every request (RBAC
         # on the route, RDS). Envoy keeps connections of a changed listener for its drain time, but
         # every request on them follows the current route configuration.
@@ -197,23 +200,29 @@ def _sidecar(service: Service, trust_domain: str, denied: frozenset[str], encode
 
 
 def build_mesh(
-    config: MeshConfig, memo: ResourceMemo | None = None, *, denied_spiffe_ids: frozenset[str] = frozenset()
+    config: MeshConfig,
+    memo: ResourceMemo | None = None,
+    *,
+    denied_spiffe_ids: frozenset[str] = frozenset(),
+    secrets_from_agent: bool = False,
 ) -> MeshResources:
     """Every resource of the mesh; with a memo, resources whose spec did not change are reused.
 
     `denied_spiffe_ids` (e.g. revoked identities) are refused per request on every sidecar, also
-    where a namespace or trust-domain rule would admit them."""
+    where a namespace or trust-domain rule would admit them. `secrets_from_agent`: the variant for
+    agent-mode nodes, whose TLS secrets come from their local agent (it references no Secret; give
+    it its own memo, a memo keeps only what its latest build used)."""
     encode = _Encoder(memo)
     per_identity: dict[SpiffeId, list[EncodedResource]] = {}
     for service in config.services:
         sidecar = encode.get(
-            ("sidecar", service, config.trust_domain, denied_spiffe_ids),
+            ("sidecar", service, config.trust_domain, denied_spiffe_ids, secrets_from_agent),
             lambda service=service: tuple(  # type: ignore[misc]
-                _sidecar(service, config.trust_domain, denied_spiffe_ids, encode)
+                _sidecar(service, config.trust_domain, denied_spiffe_ids, encode, secrets_from_agent)
             ),
         )
         per_identity.setdefault(service.spiffe_id, []).extend(sidecar)
-    mesh = MeshResources(tuple(_shared(config, encode)), {k: tuple(v) for k, v in per_identity.items()})
+    mesh = MeshResources(tuple(_shared(config, encode, secrets_from_agent)), {k: tuple(v) for k, v in per_identity.items()})
     if memo is not None:
         memo.finish_build()
     return mesh

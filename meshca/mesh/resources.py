@@ -11,6 +11,11 @@ from meshca.xds.wire import length_delimited, varint
 
 DEFAULT_CERT_SECRET = "default"
 ROOT_CA_SECRET = "ROOTCA"
+# Agent mode (docs/agent-mode.md): a node whose first request's metadata has AGENT_METADATA_KEY: AGENT_METADATA_VALUE
+# takes its secrets from the local meshca agent, reached through the bootstrap's static cluster AGENT_CLUSTER.
+AGENT_METADATA_KEY = "MESHCA_AGENT"
+AGENT_METADATA_VALUE = "sds"
+AGENT_CLUSTER = "meshca_agent"
 
 # Encoding (docs/performance.md, section 3, "Encoder decision"): each builder writes the protobuf
 # bytes of its resource directly, in field-number order (protobuf's canonical order), with the
@@ -59,6 +64,11 @@ _TLS_SOCKET = "envoy.transport_sockets.tls"
 
 # ConfigSource{ads = 3: AggregatedConfigSource{}, resource_api_version = 6: V3 (2)}
 _ADS = _msg(3, b"") + b"\x30\x02"
+# ConfigSource{api_config_source = 2: ApiConfigSource{api_type = 1: GRPC (2), transport_api_version = 8: V3 (2),
+#   grpc_services = 4: [GrpcService{envoy_grpc = 1: {cluster_name = 1}}]}, resource_api_version = 6: V3 (2)}.
+# ApiConfigSource is written in its .proto's declaration order (8 before 4), as envoy-data-plane writes it, so
+# tests/test_resource_encoding.py can compare the bytes inside the Any it sits in (parsers accept either order).
+_AGENT_SDS = _msg(2, b"\x08\x02\x40\x02" + _msg(4, _msg(1, _text(1, AGENT_CLUSTER)))) + b"\x30\x02"
 # Cluster.type = 2: EDS (3); Cluster.eds_cluster_config = 3: {eds_config = 1: ADS}
 _CLUSTER_EDS = b"\x10\x03" + _msg(3, _msg(1, _ADS))
 # Cluster.typed_extension_protocol_options = 36 (map<string, Any>): one entry {key = 1, value = 2}
@@ -82,9 +92,9 @@ _REQUIRE_CLIENT_CERTIFICATE = _msg(2, b"\x08\x01")
 _SAN_TYPE_URI = b"\x08\x03"  # SubjectAltNameMatcher.san_type = 1: URI (3)
 
 
-def _sds(name: str) -> bytes:
-    """SdsSecretConfig{name = 1, sds_config = 2: ADS}."""
-    return _plain_text(1, name) + _msg(2, _ADS)
+def _sds(name: str, from_agent: bool = False) -> bytes:
+    """SdsSecretConfig{name = 1, sds_config = 2: ADS, or the local agent's SDS}."""
+    return _plain_text(1, name) + _msg(2, _AGENT_SDS if from_agent else _ADS)
 
 
 def _transport_socket(type_url: str, tls_context: bytes) -> bytes:
@@ -100,8 +110,12 @@ class MtlsPeer:
     allowed_spiffe_prefixes: tuple[str, ...] = ()  # e.g. 'spiffe://td/ns/shop/sa/' for a whole namespace
     certificate_secret: str = DEFAULT_CERT_SECRET
     trust_secret: str = ROOT_CA_SECRET
+    # Both secrets from the local agent (AGENT_CLUSTER), not over ADS: then they are not references into the snapshot.
+    secrets_from_agent: bool = False
 
     def references(self) -> list[Reference]:
+        if self.secrets_from_agent:
+            return []
         return [
             Reference(ResourceType.SECRET, self.certificate_secret),
             Reference(ResourceType.SECRET, self.trust_secret),
@@ -115,8 +129,8 @@ def _common_tls_context(peer: MtlsPeer) -> bytes:
     matchers += [_msg(15, _SAN_TYPE_URI + _msg(2, _text(2, prefix))) for prefix in peer.allowed_spiffe_prefixes]
     # CombinedCertificateValidationContext{default_validation_context = 1:
     #   CertificateValidationContext{match_typed_subject_alt_names = 15}, validation_context_sds_secret_config = 2}
-    combined = _msg(1, b"".join(matchers)) + _msg(2, _sds(peer.trust_secret))
-    return _msg(6, _sds(peer.certificate_secret)) + _msg(8, combined)
+    combined = _msg(1, b"".join(matchers)) + _msg(2, _sds(peer.trust_secret, peer.secrets_from_agent))
+    return _msg(6, _sds(peer.certificate_secret, peer.secrets_from_agent)) + _msg(8, combined)
 
 
 def _data_source(data: bytes) -> bytes:

@@ -10,6 +10,8 @@ from typing import Any
 
 import yaml
 
+from meshca.mesh.resources import AGENT_CLUSTER, AGENT_METADATA_KEY, AGENT_METADATA_VALUE
+
 XDS_CLUSTER_NAME = "meshca_xds"
 TRUST_SECRET_NAME = "meshca_trust"  # the Secret in meshca.node.trust's SDS document
 TOKEN_SECRET_NAME = "meshca_token"  # the generic Secret naming the token file (meshca.node.trust)
@@ -68,6 +70,9 @@ class BootstrapSettings:
     # A file-based SDS document (meshca.node.trust, kept current by `meshca trust sync`) that the xds cluster
     # takes meshca's trust from, reloaded when it is replaced in its directory; None: `meshca_ca_path`, read once.
     meshca_trust_sds_path: Path | None = None
+    # Agent mode (docs/agent-mode.md): the local meshca agent's Unix socket, where the node's secrets come from
+    # (the static cluster AGENT_CLUSTER, and node metadata AGENT_METADATA_KEY telling meshca to send none).
+    agent_socket: Path | None = None
 
     @property
     def uses_google_grpc(self) -> bool:
@@ -118,6 +123,10 @@ class BootstrapSettings:
         for key, value in self.node_metadata.items():
             if not isinstance(key, str) or not isinstance(value, str):
                 raise ValueError(f"'node_metadata' must map str to str, got {key!r}: {value!r}")
+        if AGENT_METADATA_KEY in self.node_metadata:
+            raise ValueError(f"'node_metadata' key {AGENT_METADATA_KEY!r} is set by agent mode ('agent_socket') only")
+        if self.agent_socket is not None and not self.agent_socket.is_absolute():
+            raise ValueError(f"'agent_socket' {str(self.agent_socket)!r} must be an absolute path")
 
 
 def _duration(seconds: float) -> str:
@@ -331,6 +340,25 @@ def _grpc_service(s: BootstrapSettings) -> dict[str, Any]:
     }
 
 
+def _agent_cluster(socket: Path) -> dict[str, Any]:
+    """The static cluster to the local agent's SDS: gRPC (HTTP/2, plaintext) over its Unix socket."""
+    return {
+        "name": AGENT_CLUSTER,
+        "type": "STATIC",
+        "connect_timeout": _duration(1.0),
+        "load_assignment": {
+            "cluster_name": AGENT_CLUSTER,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"pipe": {"path": str(socket)}}}}]}],
+        },
+        "typed_extension_protocol_options": {
+            _HTTP_PROTOCOL_OPTIONS: {
+                "@type": _TYPE_URL_PREFIX + _HTTP_PROTOCOL_OPTIONS,
+                "explicit_http_config": {"http2_protocol_options": {}},
+            }
+        },
+    }
+
+
 def _config_source(s: BootstrapSettings) -> dict[str, Any]:
     return {
         "ads": {},
@@ -342,11 +370,16 @@ def _config_source(s: BootstrapSettings) -> dict[str, Any]:
 def build_bootstrap(settings: BootstrapSettings) -> dict[str, Any]:
     """The bootstrap as a plain dict (JSON/YAML-ready, proto3 JSON field names in snake_case)."""
     s = settings
+    metadata = dict(s.node_metadata)
+    clusters = [_xds_cluster(s)]
+    if s.agent_socket is not None:
+        metadata[AGENT_METADATA_KEY] = AGENT_METADATA_VALUE
+        clusters.append(_agent_cluster(s.agent_socket))
     return {
         "node": {
             "id": s.node_id,
             "cluster": s.cluster,
-            "metadata": dict(s.node_metadata),
+            "metadata": metadata,
         },
         "admin": {"address": _socket_address(s.admin_address, s.admin_port)},
         "dynamic_resources": {
@@ -359,7 +392,7 @@ def build_bootstrap(settings: BootstrapSettings) -> dict[str, Any]:
             "cds_config": _config_source(s),
             "lds_config": _config_source(s),
         },
-        "static_resources": {"clusters": [_xds_cluster(s)]},
+        "static_resources": {"clusters": clusters},
     }
 
 

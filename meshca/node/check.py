@@ -13,7 +13,7 @@ from envoy_data_plane.envoy.config.core.v3 import Node
 from envoy_data_plane.envoy.service.discovery.v3 import DeltaDiscoveryRequest, DiscoveryRequest
 from envoy_data_plane.google.protobuf import Struct, Value
 
-from meshca.node.bootstrap import BootstrapSettings
+from meshca.node.bootstrap import BootstrapSettings, build_bootstrap
 from meshca.xds.server import ADS_METHOD, DELTA_ADS_METHOD
 from meshca.xds.snapshot import ResourceType
 
@@ -77,13 +77,18 @@ def _tls_problem(settings: BootstrapSettings, timeout: float) -> str | None:
 
 
 def _request(settings: BootstrapSettings) -> tuple[str, bytes]:
-    metadata = Struct(fields={k: Value(string_value=v) for k, v in settings.node_metadata.items()})
+    node_metadata = build_bootstrap(settings)["node"]["metadata"]  # with agent mode's key, as Envoy sends it
+    metadata = Struct(fields={k: Value(string_value=v) for k, v in node_metadata.items()})
     node = Node(id=settings.node_id, cluster=settings.cluster, metadata=metadata)
     type_url = ResourceType.SECRET.value
+    names = [_PROBE_RESOURCE]
+    if settings.agent_socket is not None:
+        # meshca sends an agent-mode node no Secret: ask for every cluster (wildcard), which it always answers
+        type_url, names = ResourceType.CLUSTER.value, []
     if settings.api_type == "DELTA_GRPC":
-        delta = DeltaDiscoveryRequest(node=node, type_url=type_url, resource_names_subscribe=[_PROBE_RESOURCE])
+        delta = DeltaDiscoveryRequest(node=node, type_url=type_url, resource_names_subscribe=names)
         return DELTA_ADS_METHOD, bytes(delta)
-    return ADS_METHOD, bytes(DiscoveryRequest(node=node, type_url=type_url, resource_names=[_PROBE_RESOURCE]))
+    return ADS_METHOD, bytes(DiscoveryRequest(node=node, type_url=type_url, resource_names=names))
 
 
 def _ads_problem(settings: BootstrapSettings, token: str, timeout: float) -> str | None:

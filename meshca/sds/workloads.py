@@ -259,6 +259,11 @@ class MeshPublisher:
         self._provided: frozenset[Reference] = frozenset()
         self._secret_sets: dict[SpiffeId, TypeResources] = {}  # last published per identity (same objects, same version)
         self._identities: set[SpiffeId] = set()
+        # Agent mode: identities with agent-mode nodes get a second snapshot (agent_snapshot_key) built from the
+        # mesh's agent variant, holding no Secret; the variant is built only while such identities exist.
+        self._agent_source: Callable[[], MeshResources] | None = None
+        self._agent_view: tuple[Snapshot, dict[SpiffeId, Overlay]] | None = None
+        self._agent_identities: set[SpiffeId] = set()
         self._version = ""
         self._updates = 0
         self._rejected = 0
@@ -267,14 +272,61 @@ class MeshPublisher:
     def snapshot_key(spiffe_id: SpiffeId) -> str:
         return spiffe_id.uri
 
-    def set_mesh(self, mesh: MeshResources | Iterable[EncodedResource]) -> None:
+    @staticmethod
+    def agent_snapshot_key(spiffe_id: SpiffeId) -> str:
+        return f"agent|{spiffe_id.uri}"
+
+    def set_mesh(
+        self, mesh: MeshResources | Iterable[EncodedResource], agent_mesh: Callable[[], MeshResources] | None = None
+    ) -> None:
         """Validate every identity's view against the secrets it will have, then publish to all.
 
+        `agent_mesh` builds the same mesh for agent-mode nodes (build_mesh(secrets_from_agent=True)); it is
+        called only while identities with agent-mode nodes exist (now, or later by `ensure_agent_identity`).
         Raises InconsistentSnapshot naming every dangling reference; nothing changes then (the
         caller, e.g. a config source, counts the rejection with record_rejected).
         """
         with self._publishing:
+            agent_view = None
+            with self._lock:
+                agent_identities = list(self._agent_identities)
+                previous_agent = self._agent_view
+            if agent_mesh is not None and agent_identities:
+                agent_view = _agent_view(agent_mesh(), previous_agent)  # checked before anything changes
             self._set_mesh(mesh)
+            with self._lock:
+                self._agent_source = agent_mesh
+                self._agent_view = agent_view
+            if agent_view is not None:
+                shared, overlays = agent_view
+                self._cache.set_snapshots(
+                    (self.agent_snapshot_key(spiffe_id), partial(_composed, shared, overlays.get(spiffe_id)))
+                    for spiffe_id in agent_identities
+                )
+
+    def ensure_agent_identity(self, spiffe_id: SpiffeId) -> str:
+        """Publish the identity's agent-mode snapshot (the mesh without any Secret) and return its key; no
+        certificate is issued for it. Builds the agent variant of the mesh if no agent-mode node had it yet."""
+        key = self.agent_snapshot_key(spiffe_id)
+        with self._publishing:
+            with self._lock:
+                self._agent_identities.add(spiffe_id)
+                view, source = self._agent_view, self._agent_source
+            if view is None:
+                view = _agent_view(source() if source is not None else MeshResources(()), None)
+                with self._lock:
+                    self._agent_view = view
+            if self._cache.get(key) is None:
+                shared, overlays = view
+                self._cache.set_snapshot(key, _composed(shared, overlays.get(spiffe_id)))
+        return key
+
+    def current_agent_key(self, spiffe_id: SpiffeId) -> str | None:
+        """The identity's agent-mode key if its snapshot is published (nothing to build)."""
+        key = self.agent_snapshot_key(spiffe_id)
+        with self._lock:
+            known = spiffe_id in self._agent_identities
+        return key if known and self._cache.get(key) is not None else None
 
     def _set_mesh(self, mesh: MeshResources | Iterable[EncodedResource]) -> None:
         if not isinstance(mesh, MeshResources):
@@ -369,7 +421,11 @@ class MeshPublisher:
             with self._lock:
                 self._identities.discard(spiffe_id)
                 self._secret_sets.pop(spiffe_id, None)
+                self._agent_identities.discard(spiffe_id)
+                if not self._agent_identities:
+                    self._agent_view = None  # built again when an agent-mode node comes
             self._cache.remove(self.snapshot_key(spiffe_id))
+            self._cache.remove(self.agent_snapshot_key(spiffe_id))
 
     def identities(self) -> int:
         with self._lock:
@@ -432,6 +488,24 @@ def _published(shared: Snapshot, overlay: Overlay | None, secrets: TypeResources
     checked everything against as `provided`)."""
     view = overlay.compose(shared) if overlay is not None else shared
     return view.fill_provided(ResourceType.SECRET, secrets)
+
+
+def _agent_view(
+    mesh: MeshResources, previous: tuple[Snapshot, dict[SpiffeId, Overlay]] | None
+) -> tuple[Snapshot, dict[SpiffeId, Overlay]]:
+    """The agent variant checked like set_mesh checks the mesh, with no Secret provided: none may be referenced."""
+    shared = Snapshot.build(
+        [r for r in mesh.shared if r.type is not ResourceType.SECRET], previous=previous[0] if previous else None
+    )
+    overlays = {
+        spiffe_id: Overlay.on(shared, [r for r in own if r.type is not ResourceType.SECRET], frozenset())
+        for spiffe_id, own in mesh.per_identity.items()
+    }
+    return shared, overlays
+
+
+def _composed(shared: Snapshot, overlay: Overlay | None) -> Snapshot:
+    return overlay.compose(shared) if overlay is not None else shared
 
 
 def _mesh_version(shared: Snapshot, overlays: Mapping[SpiffeId, Overlay]) -> str:
