@@ -7,6 +7,7 @@ import logging
 import os
 import socket
 import stat
+import sys
 from datetime import timedelta
 from pathlib import Path
 
@@ -280,3 +281,28 @@ async def test_socket_has_its_mode_and_a_stale_one_is_replaced(tmp_path: Path, c
     path.write_text("not a socket")
     with pytest.raises(SocketError, match="exists and is not a socket"):
         check_socket_path(path)
+
+
+async def test_cli_refuses_a_socket_a_live_agent_serves_in_one_line(tmp_path: Path, clock: FakeClock) -> None:
+    directory = short_dir()
+    (tmp_path / "root.pem").write_text("roots")
+    (tmp_path / "f.jwt").write_text("token")
+    config = tmp_path / "agent.yaml"
+    config.write_text(
+        f"meshca: ['127.0.0.1:1']\nserver_name: meshca.local\nca: root.pem\n"
+        f"workloads:\n  - {{name: w, token_file: f.jwt, socket: {directory}/w.sock}}\n"
+    )
+    live = WorkloadSocket(WorkloadSettings("w", tmp_path / "f.jwt", directory / "w.sock"), SnapshotCache(), clock,
+                          logging.getLogger("test.agent"))
+    await live.start()
+    try:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "meshca.cli.main", "agent", "--config", str(config),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )
+        _, stderr = await asyncio.wait_for(process.communicate(), 30)
+    finally:
+        await live.stop()
+    lines = stderr.decode().strip().splitlines()
+    assert process.returncode == 2
+    assert lines == [f"meshca: error: socket {directory}/w.sock: another process is serving it (is another meshca agent running?)"]
