@@ -68,10 +68,12 @@ async def running_meshca(
     *,
     leeway: timedelta = timedelta(seconds=30),
     xds_max_stream_age: timedelta | None = DEFAULT_MAX_STREAM_AGE,
+    port: int = 0,
     **app_options: object,
 ) -> AsyncIterator[RunningMeshca]:
     """`app_options`: further MeshcaApp keyword arguments (e.g. identity_grace). A `directory` another
-    running_meshca used already gives a second replica: the same CA state and the same JWT issuer."""
+    running_meshca used already gives a second replica: the same CA state and the same JWT issuer. `port`: 0 for any
+    free one; the port of an earlier running_meshca brings that meshca back (after an outage)."""
     if (directory / "ca").exists():
         ca = CertificateAuthority.load(directory / "ca", system_clock)
         jwt = directory / "jwt"
@@ -97,7 +99,7 @@ async def running_meshca(
         **app_options,  # type: ignore[arg-type]
     )
     credentials = issue_server_credentials(ca, ["localhost", "127.0.0.1"], timedelta(hours=1))
-    port = await app.start("127.0.0.1", 0, credentials)
+    port = await app.start("127.0.0.1", port, credentials)
     try:
         yield RunningMeshca(app, port, ca.trust_bundle_pem(), issuer_files.signing_key.read_bytes(), directory)
     finally:

@@ -27,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     from meshca.ca.vault.setup import add_vault_parser
+    from meshca.cli.agent import add_agent_parser
     from meshca.cli.audit import add_audit_parsers
     from meshca.cli.bootstrap import add_bootstrap_parser
     from meshca.cli.ca import add_ca_parsers
@@ -52,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_vault_parser(commands)
     add_audit_parsers(commands)
     add_trust_parser(commands)
+    add_agent_parser(commands)
     parser.epilog = "commands:\n" + "\n".join(
         f"  {name:<14} {help_text}" for name, help_text in command_list(parser)
     ) + "\n\n`meshca COMMAND --help` describes each one."

@@ -1,0 +1,99 @@
+"""The node agent: every configured workload's identity (meshca.agent.workload) and SDS socket (meshca.agent.sds)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from meshca.agent.csr import CsrClient
+from meshca.agent.sds import WorkloadSocket
+from meshca.agent.settings import AgentSettings
+from meshca.agent.workload import Retry, Served, Signer, WorkloadIdentity
+from meshca.clock import Clock
+from meshca.sds.rotation import RenewalPolicy
+from meshca.xds.cache import SnapshotCache
+
+
+@dataclass(frozen=True)
+class WorkloadStatus:
+    name: str
+    socket: str
+    served: Served | None
+    issued: int
+    failures: int
+    streams: int
+
+
+class NodeAgent:
+    """Starts each workload's socket, keeps each one's certificate current, and stops them all."""
+
+    def __init__(
+        self,
+        settings: AgentSettings,
+        clock: Clock,
+        logger: logging.Logger,
+        signer: Signer | None = None,
+        policy: RenewalPolicy = RenewalPolicy(),
+        retry: Retry = Retry(),
+        rng: random.Random | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        """`signer`: how CSRs reach meshca (default: a CsrClient over the settings' addresses)."""
+        self.settings = settings
+        self._log = logger
+        self._sleep = sleep
+        self.cache = SnapshotCache()
+        if signer is None:
+            signer = CsrClient(settings.meshca, settings.server_name, settings.ca, settings.timeout)
+        rng = rng if rng is not None else random.Random()
+        self.identities = [
+            WorkloadIdentity(
+                w, signer, self.cache, clock, logger.getChild(w.name), policy, retry, settings.ttl,
+                random.Random(rng.random()),
+            )
+            for w in settings.workloads
+        ]
+        self.sockets = [WorkloadSocket(w, self.cache, clock, logger.getChild(w.name)) for w in settings.workloads]
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        """Listen on every socket (Envoy may connect at once: its streams wait for the first certificate),
+        then start asking meshca for certificates."""
+        started: list[WorkloadSocket] = []
+        try:
+            for workload_socket in self.sockets:
+                await workload_socket.start()
+                started.append(workload_socket)
+        except BaseException:
+            for workload_socket in started:
+                await workload_socket.stop()
+            raise
+        self._tasks = [
+            asyncio.create_task(identity.run(self._sleep), name=f"agent-{identity.name}") for identity in self.identities
+        ]
+
+    async def wait_served(self, timeout: float | None = None) -> None:
+        """Until every workload has had a certificate (asyncio.TimeoutError after `timeout` seconds)."""
+        await asyncio.wait_for(asyncio.gather(*(i.first_served.wait() for i in self.identities)), timeout)
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+        for workload_socket in self.sockets:
+            await workload_socket.stop()
+
+    def status(self) -> list[WorkloadStatus]:
+        return [
+            WorkloadStatus(
+                i.name, str(s.path), i.served, i.issued, i.failures, len(s.registry.snapshot())
+            )
+            for i, s in zip(self.identities, self.sockets, strict=True)
+        ]
