@@ -367,6 +367,8 @@ class MeshcaApp:
                 ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
                 ("grpc.keepalive_time_ms", int(self.keepalive[0].total_seconds() * 1000)),
                 ("grpc.keepalive_timeout_ms", int(self.keepalive[1].total_seconds() * 1000)),
+                # grpc-core 1.85 waits for a ping's ack this long (keepalive_timeout alone did not end the connection)
+                ("grpc.http2.ping_timeout_ms", int(self.keepalive[1].total_seconds() * 1000)),
                 ("grpc.http2.max_pings_without_data", 0),  # keep pinging idle connections (registrations)
                 # proxies ping every 10 s (+-15 %) to notice a hung replica (meshca.node.bootstrap)
                 ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
