@@ -52,6 +52,7 @@ bench: $(DEV_STAMP)
 
 protos: $(DEV_STAMP)
 	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. protos/meshca/v1/certificate.proto
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. protos/meshca/v1/endpoints.proto
 	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. protos/meshca/v1/xds_wire.proto
 
 clean:

@@ -34,7 +34,9 @@ from meshca.identity.jwt import (
 )
 from meshca.identity.spiffe import SpiffeId
 from meshca.listen import ListenError, check_bindable, format_address
+from meshca.mesh import endpoints as registration_service
 from meshca.mesh.build import ResourceMemo, build_mesh
+from meshca.mesh.endpoints import RegisteredEndpoints, RegistrationSink, with_registered
 from meshca.mesh.model import MeshConfig
 from meshca.mesh.resources import AGENT_METADATA_KEY, AGENT_METADATA_VALUE
 from meshca.sds.crl import CrlAuthority, ExternalCrls, RevocationPublisher, RevocationSource
@@ -59,6 +61,10 @@ from meshca.xds.snapshot import InconsistentSnapshot
 from meshca.xds.status import ProxyRegistry
 
 DEFAULT_IDENTITY_GRACE = timedelta(minutes=10)
+# The server pings every connection this often and drops it when a ping is not answered within the timeout: a
+# registering agent's host that died without closing its socket loses its endpoints within about their sum.
+DEFAULT_KEEPALIVE_TIME = timedelta(seconds=4)
+DEFAULT_KEEPALIVE_TIMEOUT = timedelta(seconds=3)
 
 
 def crl_publishing(
@@ -177,6 +183,7 @@ class MeshcaApp:
         xds_first_request_timeout: timedelta = DEFAULT_FIRST_REQUEST_TIMEOUT,
         revocations: Callable[[MeshcaApp], RevocationPublisher] | None = None,
         audit: AuditSink | None = None,
+        keepalive: tuple[timedelta, timedelta] = (DEFAULT_KEEPALIVE_TIME, DEFAULT_KEEPALIVE_TIMEOUT),
     ) -> None:
         """`collector_pause`: defers CPython's garbage collection while a push is written (default:
         one on the `gc` module, see meshca.gcpolicy). `identity_grace`: how long an identity's
@@ -185,7 +192,8 @@ class MeshcaApp:
         `revocations`: makes the RevocationPublisher of the internal CA (meshca.sds.crl) from this app; it is
         started here, so the first bundle secrets carry the CRLs (None: no CRLs, nothing revocable).
         `audit`: where issuances, renewals, signed CSRs and CA transitions are recorded (an AuditLog's
-        counters are also served as metrics); revocation and taint record there too (meshca.audit)."""
+        counters are also served as metrics); revocation and taint record there too (meshca.audit).
+        `keepalive`: the server's HTTP/2 ping interval and ack timeout (how soon a dead peer's streams end)."""
         self.ca = ca
         self.vault = vault
         self.clock = clock
@@ -249,6 +257,11 @@ class MeshcaApp:
         self._loop: asyncio.AbstractEventLoop | None = None  # the serving loop, once started
         self._mesh_config: MeshConfig | None = None
         self._denied_uris: frozenset[str] = frozenset()
+        self.keepalive = keepalive
+        # Registered endpoints (meshca.v1.EndpointService): merged into EDS; `registration_sink` is where a stream's
+        # registration is written (these, or the HA store, whose watch then fills these: meshca.store.endpoints).
+        self.endpoints = RegisteredEndpoints(self._on_endpoints_changed)
+        self.registration_sink: RegistrationSink = self.endpoints
         self.revocations: RevocationPublisher | None = None
         self.tainted: TaintedLeaves | None = None
         if revocations is not None:
@@ -268,13 +281,39 @@ class MeshcaApp:
                 [f"mesh trust_domain {config.trust_domain!r} is not the CA's trust domain {self.ca.trust_domain!r}"]
             )
         with self._mesh_lock:
-            mesh = build_mesh(config, self.mesh_memo, denied_spiffe_ids=self._denied_uris)
-            agent_mesh = partial(
-                build_mesh, config, self.agent_mesh_memo, denied_spiffe_ids=self._denied_uris, secrets_from_agent=True
-            )
-            self.publisher.set_mesh(mesh, agent_mesh)
+            self._publish_locked(config)
             self._mesh_config = config
             return self.publisher.mesh_version()
+
+    def _publish_locked(self, config: MeshConfig) -> None:
+        """Build and publish `config` with what is in effect now: registered endpoints, revoked identities, and the
+        agent-mode variant for identities that have agent-mode nodes (the caller holds the mesh lock)."""
+        merged = with_registered(config, self.endpoints.snapshot())
+        mesh = build_mesh(merged, self.mesh_memo, denied_spiffe_ids=self._denied_uris)
+        agent_mesh = partial(
+            build_mesh, merged, self.agent_mesh_memo, denied_spiffe_ids=self._denied_uris, secrets_from_agent=True
+        )
+        self.publisher.set_mesh(mesh, agent_mesh)
+
+    def _rebuild(self, why: str) -> None:
+        """Publish the last applied config again with what changed (under the lock: a mesh file applied meanwhile
+        is the one rebuilt, never overwritten by an older one)."""
+        with self._mesh_lock:
+            if self._mesh_config is None:
+                return
+            try:
+                self._publish_locked(self._mesh_config)
+            except InconsistentSnapshot as error:  # cannot happen: the config applied before, only `why` changed
+                self.log.error("mesh not rebuilt after %s: %s", why, error)
+
+    @property
+    def mesh_config(self) -> MeshConfig | None:
+        """The mesh file's model last applied (without registered endpoints)."""
+        with self._mesh_lock:
+            return self._mesh_config
+
+    def _on_endpoints_changed(self) -> None:
+        self._rebuild("an endpoint registration")
 
     def on_revoked_identities(self, denied: frozenset[SpiffeId], newly: frozenset[SpiffeId]) -> None:
         """The revoked identities changed: newly revoked ones lose their certificate here (no renewal, no
@@ -287,12 +326,7 @@ class MeshcaApp:
             self._close_streams_of(spiffe_id)
         with self._mesh_lock:
             self._denied_uris = frozenset(spiffe_id.uri for spiffe_id in denied)
-            config = self._mesh_config
-        if config is not None:
-            try:
-                self.apply_mesh_config(config)
-            except InconsistentSnapshot as error:  # cannot happen for a config that applied before
-                self.log.error("mesh not rebuilt after a revocation: %s", error)
+        self._rebuild("a revocation")
 
     def on_leaves_revoked(self, identities: frozenset[SpiffeId]) -> None:
         """Certificates held for these identities were revoked (by serial): renew them now, so that their sidecars
@@ -346,7 +380,11 @@ class MeshcaApp:
         server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
-                ("grpc.keepalive_time_ms", 30_000),
+                ("grpc.keepalive_time_ms", int(self.keepalive[0].total_seconds() * 1000)),
+                ("grpc.keepalive_timeout_ms", int(self.keepalive[1].total_seconds() * 1000)),
+                # grpc-core 1.85 waits for a ping's ack this long (keepalive_timeout alone did not end the connection)
+                ("grpc.http2.ping_timeout_ms", int(self.keepalive[1].total_seconds() * 1000)),
+                ("grpc.http2.max_pings_without_data", 0),  # keep pinging idle connections (registrations)
                 # proxies ping every 10 s (+-15 %) to notice a hung replica (meshca.node.bootstrap)
                 ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
                 ("grpc.keepalive_permit_without_calls", 1),
@@ -362,6 +400,13 @@ class MeshcaApp:
             ),
         )
         trust_service.add_to_server(server, trust_service.TrustBundleServicer(self.ca))
+        registration_service.add_to_server(
+            server,
+            registration_service.EndpointServicer(
+                self.identity_gate, self.registration_sink, lambda: self.mesh_config,
+                self.log.getChild("endpoints"), revoked=self.secrets.is_denied,
+            ),
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         address = format_address(host, port)
         try:

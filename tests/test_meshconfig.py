@@ -153,8 +153,6 @@ BAD_EDITS = (
                  "services.frontend.replicas", "unknown field", id="unknown-field-in-service"),
     pytest.param(("      port: 15001\n", "      port: 15001\n    endpoints: [10.0.0.1:15006]\n"),
                  "services.frontend.endpoints", "without 'inbound' cannot have endpoints", id="endpoints-no-inbound"),
-    pytest.param(("endpoints: [10.0.0.5:15007, \"[fd00::6]:15007\"]", "endpoints: []"),
-                 "services.backend-v2.endpoints", "at least one host:port", id="endpoints-empty"),
     pytest.param(("endpoints: [10.0.0.5:15007, \"[fd00::6]:15007\"]", "endpoints: [10.0.0.5:15007, nowhere]"),
                  "services.backend-v2.endpoints[1]", "is not host:port", id="endpoint-not-host-port"),
     pytest.param(("      - namespace:ops", "      - frontend"), "services.backend.allow[1]",
@@ -224,6 +222,14 @@ def test_bad_config_names_file_field_and_reason(tmp_path: Path, edit: tuple[str,
     assert reason in error.reason
     assert error.path == str(path)
     assert str(error).startswith(f"{path}: {field}: ")
+
+
+def test_empty_endpoints_means_only_registered_ones(tmp_path: Path) -> None:
+    """`endpoints: []`: a service whose endpoints all register themselves (meshca.mesh.endpoints)."""
+    text = GOOD.replace("endpoints: [10.0.0.5:15007, \"[fd00::6]:15007\"]", "endpoints: []")
+    config = load_mesh_config(write(tmp_path, text))
+    canary = config.service("backend-v2")
+    assert canary is not None and canary.inbound is not None and canary.endpoints == ()
 
 
 def test_same_port_on_different_identities_is_fine(tmp_path: Path) -> None:

@@ -58,7 +58,7 @@ class Service:
     spiffe_id: SpiffeId
     inbound: Inbound | None
     outbound: Outbound | None
-    endpoints: tuple[tuple[str, int], ...]  # the service's sidecars' inbound addresses
+    endpoints: tuple[tuple[str, int], ...]  # the service's sidecars' inbound addresses (the mesh file's)
     allow: tuple[AllowRule, ...]
 
     def __hash__(self) -> int:
@@ -171,13 +171,12 @@ def _service(reader: FieldReader, name: str, data: object, trust_domain: str) ->
         outbound = Outbound(_port(ob, "port"), _ip(ob, "listen_address", "127.0.0.1"))
     raw_endpoints = sub.get("endpoints", list, None)
     if raw_endpoints is None:
-        endpoints = ((("127.0.0.1", inbound.port),) if inbound is not None else ())
+        endpoints: tuple[tuple[str, int], ...] = ((("127.0.0.1", inbound.port),) if inbound is not None else ())
     else:
         if inbound is None:
             raise sub.error("endpoints", "a service without 'inbound' cannot have endpoints")
+        # `endpoints: []`: no static endpoints, only those its sidecars register (meshca.mesh.endpoints)
         endpoints = tuple(_host_port(sub, f"endpoints[{i}]", e) for i, e in enumerate(raw_endpoints))
-        if not endpoints:
-            raise sub.error("endpoints", "must list at least one host:port (or be left out)")
     allow = tuple(
         _allow_rule(sub, f"allow[{i}]", rule, trust_domain) for i, rule in enumerate(sub.get("allow", list, []))
     )

@@ -1,0 +1,228 @@
+"""Endpoints that register themselves (meshca.v1.EndpointService): who may register what, and the merge into EDS."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import threading
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Protocol
+
+import grpc
+
+from meshca.identity.jwt import AuthenticationError, VerifiedIdentity
+from meshca.identity.spiffe import SpiffeId
+from meshca.mesh.model import MeshConfig
+from meshca.v1 import endpoints_pb2, endpoints_pb2_grpc
+
+MAX_ENDPOINTS_PER_REQUEST = 256
+
+
+@dataclass(frozen=True)
+class RegisteredEndpoint:
+    service: str
+    address: str
+    port: int
+
+
+@dataclass(frozen=True)
+class Registration:
+    """What one stream registered: endpoints of services whose spiffe_id is `spiffe_id`."""
+
+    spiffe_id: SpiffeId
+    endpoints: tuple[RegisteredEndpoint, ...]
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "spiffe_id": self.spiffe_id.uri,
+            "endpoints": [{"service": e.service, "address": e.address, "port": e.port} for e in self.endpoints],
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, object]) -> Registration:
+        """Raises ValueError (or KeyError/TypeError) on anything but what to_json wrote."""
+        raw = data["endpoints"]
+        if not isinstance(raw, list):
+            raise ValueError("endpoints must be a list")
+        return cls(
+            SpiffeId.parse(str(data["spiffe_id"])),
+            tuple(RegisteredEndpoint(str(e["service"]), str(e["address"]), int(e["port"])) for e in raw),
+        )
+
+
+class EndpointRefused(Exception):
+    """A registration request the mesh does not allow; `code` is the gRPC status to answer with."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def check_registration(
+    config: MeshConfig | None, spiffe_id: SpiffeId, endpoints: Sequence[RegisteredEndpoint]
+) -> tuple[str, ...]:
+    """The services (sorted, once each) `spiffe_id` registers `endpoints` for; raises EndpointRefused naming the
+    first endpoint that is malformed (INVALID_ARGUMENT) or of a service this identity may not serve
+    (PERMISSION_DENIED: not in the mesh, no inbound, or another identity's)."""
+    if len(endpoints) > MAX_ENDPOINTS_PER_REQUEST:
+        raise EndpointRefused(
+            grpc.StatusCode.INVALID_ARGUMENT, f"endpoints: {len(endpoints)} given, at most {MAX_ENDPOINTS_PER_REQUEST}"
+        )
+    for i, endpoint in enumerate(endpoints):
+        where = f"endpoints[{i}]"
+        try:
+            ipaddress.ip_address(endpoint.address)
+        except ValueError:
+            raise EndpointRefused(
+                grpc.StatusCode.INVALID_ARGUMENT, f"{where}.address: {endpoint.address[:64]!r} is not an IP address"
+            ) from None
+        if not 1 <= endpoint.port <= 65535:
+            raise EndpointRefused(grpc.StatusCode.INVALID_ARGUMENT, f"{where}.port: {endpoint.port} is not 1-65535")
+        service = None if config is None else config.service(endpoint.service)
+        name = endpoint.service[:64]
+        if service is None:
+            raise EndpointRefused(grpc.StatusCode.PERMISSION_DENIED, f"{where}: service {name!r} is not in the mesh")
+        if service.inbound is None:
+            raise EndpointRefused(
+                grpc.StatusCode.PERMISSION_DENIED, f"{where}: service {name!r} has no 'inbound': nothing to call"
+            )
+        if service.spiffe_id != spiffe_id:
+            raise EndpointRefused(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"{where}: service {name!r} is served by {service.spiffe_id.uri}, not by {spiffe_id.uri}",
+            )
+    return tuple(sorted({e.service for e in endpoints}))
+
+
+def with_registered(config: MeshConfig, registrations: Iterable[Registration]) -> MeshConfig:
+    """`config` with each service's registered endpoints after its static ones (once each, in a stable order).
+
+    A registration counts only while the mesh still gives its service to its identity (the mesh file may change
+    after it was accepted). Services without registrations are the same objects, so a rebuild's memo re-encodes
+    only the EDS (and cluster) of services whose endpoints changed."""
+    owner = {s.name: s.spiffe_id for s in config.services if s.inbound is not None}
+    added: dict[str, set[tuple[str, int]]] = {}
+    for registration in registrations:
+        for endpoint in registration.endpoints:
+            if owner.get(endpoint.service) == registration.spiffe_id:
+                address = str(ipaddress.ip_address(endpoint.address))
+                added.setdefault(endpoint.service, set()).add((address, endpoint.port))
+    if not added:
+        return config
+    services = []
+    for service in config.services:
+        extra = added.get(service.name)
+        if extra:
+            static = set(service.endpoints)
+            service = replace(service, endpoints=service.endpoints + tuple(sorted(extra - static)))
+        services.append(service)
+    return replace(config, services=tuple(services))
+
+
+class RegisteredEndpoints:
+    """The registrations in effect (thread-safe); `on_change` runs after each change, outside the lock."""
+
+    def __init__(self, on_change: Callable[[], None]) -> None:
+        self._lock = threading.Lock()
+        self._by_id: dict[str, Registration] = {}
+        self._on_change = on_change
+
+    def snapshot(self) -> tuple[Registration, ...]:
+        with self._lock:
+            return tuple(self._by_id.values())
+
+    def count(self) -> int:
+        with self._lock:
+            return sum(len(r.endpoints) for r in self._by_id.values())
+
+    async def put(self, registration_id: str, registration: Registration) -> None:
+        with self._lock:
+            unchanged = self._by_id.get(registration_id) == registration
+            self._by_id[registration_id] = registration
+        if not unchanged:
+            self._on_change()
+
+    async def remove(self, registration_id: str) -> None:
+        with self._lock:
+            found = self._by_id.pop(registration_id, None)
+        if found is not None:
+            self._on_change()
+
+    def replace_all(self, registrations: Mapping[str, Registration]) -> None:
+        """Everything at once (e.g. what the HA store holds under `endpoints/`)."""
+        with self._lock:
+            unchanged = self._by_id == registrations
+            self._by_id = dict(registrations)
+        if not unchanged:
+            self._on_change()
+
+
+class RegistrationSink(Protocol):
+    """Where a stream's registration goes: RegisteredEndpoints, or the HA store (meshca.store.endpoints)."""
+
+    async def put(self, registration_id: str, registration: Registration) -> None: ...
+
+    async def remove(self, registration_id: str) -> None: ...
+
+
+class Authenticator(Protocol):
+    def authenticate(self, metadata: Sequence[tuple[str, str | bytes]]) -> VerifiedIdentity: ...
+
+
+class EndpointServicer(endpoints_pb2_grpc.EndpointServiceServicer):
+    """meshca.v1.EndpointService/Register: each request replaces the stream's endpoints; the stream's end removes them."""
+
+    def __init__(
+        self,
+        authenticator: Authenticator,
+        sink: RegistrationSink,
+        mesh: Callable[[], MeshConfig | None],
+        logger: logging.Logger | None = None,
+        revoked: Callable[[SpiffeId], bool] | None = None,
+    ) -> None:
+        """`mesh`: the mesh file's model now (None before one applied: everything is refused)."""
+        self._authenticator = authenticator
+        self._sink = sink
+        self._mesh = mesh
+        self._log = logger or logging.getLogger(__name__)
+        self._revoked = revoked
+
+    async def Register(  # noqa: N802 - gRPC method name
+        self, request_iterator: AsyncIterator[endpoints_pb2.RegisterRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[endpoints_pb2.RegisterResponse]:
+        metadata = [(m[0], m[1]) for m in (context.invocation_metadata() or ())]
+        try:
+            identity = self._authenticator.authenticate(metadata)
+        except AuthenticationError as e:
+            self._log.info("Register refused: unauthenticated: %s", e)
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(e))
+        spiffe_id = identity.spiffe_id
+        if self._revoked is not None and self._revoked(spiffe_id):
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"identity {spiffe_id} is revoked")
+        registration_id = uuid.uuid4().hex
+        registered = False
+        try:
+            async for request in request_iterator:
+                endpoints = tuple(RegisteredEndpoint(e.service, e.address, e.port) for e in request.endpoints)
+                try:
+                    accepted = check_registration(self._mesh(), spiffe_id, endpoints)
+                except EndpointRefused as e:
+                    self._log.info("Register refused for %s: %s", spiffe_id, e.message)
+                    await context.abort(e.code, e.message)
+                await self._sink.put(registration_id, Registration(spiffe_id, endpoints))
+                if not registered:
+                    self._log.info("%s registered %d endpoint(s) of %s", spiffe_id, len(endpoints), ", ".join(accepted))
+                registered = True
+                yield endpoints_pb2.RegisterResponse(spiffe_id=spiffe_id.uri, accepted_services=accepted)
+        finally:
+            if registered:
+                await self._sink.remove(registration_id)
+                self._log.info("%s: registration %s ended, its endpoints are removed", spiffe_id, registration_id[:8])
+
+
+def add_to_server(server: grpc.aio.Server, servicer: EndpointServicer) -> None:
+    """Register `servicer` on a grpc.aio server."""
+    endpoints_pb2_grpc.add_EndpointServiceServicer_to_server(servicer, server)

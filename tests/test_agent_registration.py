@@ -1,0 +1,103 @@
+"""meshca.agent.registration.keep_registered against a real EndpointService: token re-read, backoff, removal."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from pathlib import Path
+
+import grpc
+import pytest
+from fakes import FakeTokenAuthenticator
+from test_endpoint_registration import BACKEND, TD, mesh
+
+from meshca.agent.registration import Endpoint, Registered, TokenUnreadable, keep_registered, read_token
+from meshca.mesh.endpoints import EndpointServicer, RegisteredEndpoint, RegisteredEndpoints, add_to_server
+
+LOG = logging.getLogger("test.agent.registration")
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[tuple[RegisteredEndpoints, grpc.aio.Channel]]:
+    endpoints = RegisteredEndpoints(lambda: None)
+    served = grpc.aio.server()
+    add_to_server(served, EndpointServicer(FakeTokenAuthenticator({"good": BACKEND}), endpoints, mesh, LOG))
+    port = served.add_insecure_port("127.0.0.1:0")
+    await served.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            yield endpoints, channel
+    finally:
+        await served.stop(None)
+
+
+async def test_the_token_file_is_re_read_and_failures_back_off_up_to_the_cap(
+    server: tuple[RegisteredEndpoints, grpc.aio.Channel], tmp_path: Path
+) -> None:
+    endpoints, channel = server
+    token_file = tmp_path / "token"
+    token_file.write_text("stale\n")
+    delays: list[float] = []
+    registered: list[Registered] = []
+
+    async def sleep(seconds: float) -> None:
+        delays.append(seconds)
+        if len(delays) == 4:
+            token_file.write_text("good\n")  # the token rotated
+
+    task = asyncio.create_task(keep_registered(
+        [channel], token_file, [Endpoint("backend", "10.0.0.7", 15006)], LOG,
+        on_registered=registered.append, initial_backoff=timedelta(seconds=1), max_backoff=timedelta(seconds=4),
+        sleep=sleep,
+    ))
+    try:
+        for _ in range(500):
+            if registered:
+                break
+            await asyncio.sleep(0.01)
+        assert registered == [Registered(BACKEND.uri, ("backend",))]
+        assert delays == [1, 2, 4, 4]
+        (registration,) = endpoints.snapshot()
+        assert registration.spiffe_id == BACKEND and registration.endpoints == (
+            RegisteredEndpoint("backend", "10.0.0.7", 15006),
+        )
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    for _ in range(500):  # the agent's end closes the stream: meshca removes what it registered
+        if not endpoints.snapshot():
+            break
+        await asyncio.sleep(0.01)
+    assert endpoints.snapshot() == ()
+
+
+async def test_a_refusal_is_retried_and_says_why(
+    server: tuple[RegisteredEndpoints, grpc.aio.Channel], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    _, channel = server
+    token_file = tmp_path / "token"
+    token_file.write_text("good")
+    delays: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        delays.append(seconds)
+        if len(delays) == 2:
+            raise asyncio.CancelledError
+
+    with caplog.at_level(logging.WARNING), pytest.raises(asyncio.CancelledError):
+        await keep_registered([channel], token_file, [Endpoint("frontend", "10.0.0.7", 15008)], LOG, sleep=sleep)
+    assert f"PERMISSION_DENIED: endpoints[0]: service 'frontend' is served by spiffe://{TD}/ns/shop/sa/frontend" in (
+        caplog.text
+    )
+    assert "good" not in caplog.text
+
+
+def test_read_token_names_the_file_never_the_content(tmp_path: Path) -> None:
+    with pytest.raises(TokenUnreadable, match=r"token file .*missing: cannot read it \(No such file"):
+        read_token(tmp_path / "missing")
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(TokenUnreadable, match="empty"):
+        read_token(tmp_path / "empty")

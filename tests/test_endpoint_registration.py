@@ -1,0 +1,203 @@
+"""Endpoints that register themselves: the ownership check, the merge with static endpoints, removal at stream end."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+import yaml
+from envoy_data_plane.envoy.config.endpoint.v3 import ClusterLoadAssignment
+from fakes import T0, FakeClock, FakeTokenAuthenticator
+
+from meshca.app import MeshcaApp
+from meshca.ca.api import CaSettings
+from meshca.ca.internal import CertificateAuthority
+from meshca.identity.spiffe import SpiffeId
+from meshca.mesh.endpoints import (
+    EndpointRefused,
+    EndpointServicer,
+    RegisteredEndpoint,
+    RegisteredEndpoints,
+    Registration,
+    add_to_server,
+    check_registration,
+    with_registered,
+)
+from meshca.mesh.model import MeshConfig, parse_mesh_config
+from meshca.sds.workloads import MeshPublisher
+from meshca.v1 import endpoints_pb2, endpoints_pb2_grpc
+from meshca.xds.snapshot import ResourceType
+
+TD = "mesh.test"
+LOG = logging.getLogger("test.endpoints")
+BACKEND = SpiffeId.for_service_account(TD, "shop", "backend")
+FRONTEND = SpiffeId.for_service_account(TD, "shop", "frontend")
+MESH = {
+    "trust_domain": TD,
+    "services": {
+        "backend": {"namespace": "shop", "inbound": {"port": 15006, "app": "127.0.0.1:8080"},
+                    "endpoints": ["10.0.0.1:15006"]},
+        "agent-only": {"namespace": "shop", "service_account": "backend",
+                       "inbound": {"port": 15007, "app": "127.0.0.1:8081"}, "endpoints": []},
+        "frontend": {"namespace": "shop", "inbound": {"port": 15008, "app": "127.0.0.1:8082"},
+                     "outbound": {"port": 15001}},
+        "client": {"namespace": "shop", "service_account": "frontend", "outbound": {"port": 15002}},
+    },
+}
+
+
+def mesh() -> MeshConfig:
+    return parse_mesh_config(Path("mesh.yaml"), yaml.safe_load(yaml.safe_dump(MESH)))
+
+
+def ep(service: str, address: str = "10.0.0.9", port: int = 15006) -> RegisteredEndpoint:
+    return RegisteredEndpoint(service, address, port)
+
+
+def refusal(spiffe_id: SpiffeId, *endpoints: RegisteredEndpoint) -> EndpointRefused:
+    with pytest.raises(EndpointRefused) as caught:
+        check_registration(mesh(), spiffe_id, endpoints)
+    return caught.value
+
+
+def test_an_identity_registers_only_the_services_the_mesh_gives_it() -> None:
+    assert check_registration(mesh(), BACKEND, [ep("backend"), ep("agent-only"), ep("backend", port=1)]) == (
+        "agent-only", "backend"
+    )
+    other = refusal(FRONTEND, ep("frontend"), ep("backend"))
+    assert other.code is grpc.StatusCode.PERMISSION_DENIED
+    assert other.message == (
+        f"endpoints[1]: service 'backend' is served by {BACKEND.uri}, not by {FRONTEND.uri}"
+    )
+    unknown = refusal(BACKEND, ep("nope"))
+    assert (unknown.code, unknown.message) == (grpc.StatusCode.PERMISSION_DENIED,
+                                               "endpoints[0]: service 'nope' is not in the mesh")
+    assert "has no 'inbound'" in refusal(FRONTEND, ep("client")).message
+    bad_address = refusal(BACKEND, ep("backend", address="backend.local"))
+    assert bad_address.code is grpc.StatusCode.INVALID_ARGUMENT and "endpoints[0].address" in bad_address.message
+    assert "endpoints[0].port: 0" in refusal(BACKEND, ep("backend", port=0)).message
+    with pytest.raises(EndpointRefused, match="not in the mesh"):
+        check_registration(None, BACKEND, [ep("backend")])  # no mesh applied yet
+
+
+def test_registered_endpoints_follow_the_static_ones_and_count_only_for_their_owner() -> None:
+    config = mesh()
+    merged = with_registered(config, [
+        Registration(BACKEND, (ep("backend", "10.0.0.9"), ep("backend", "10.0.0.1"), ep("agent-only", "fd00::0:7"))),
+        Registration(BACKEND, (ep("backend", "10.0.0.2"),)),
+        Registration(FRONTEND, (ep("backend", "10.6.6.6"),)),  # accepted once, the mesh changed since: ignored
+    ])
+    backend, agent_only = merged.service("backend"), merged.service("agent-only")
+    assert backend is not None and agent_only is not None
+    assert backend.endpoints == (("10.0.0.1", 15006), ("10.0.0.2", 15006), ("10.0.0.9", 15006))
+    assert agent_only.endpoints == (("fd00::7", 15006),)
+    assert merged.service("frontend") is config.service("frontend")  # unchanged: the same object for the memo
+    assert with_registered(config, []) is config
+
+
+def cla(app: MeshcaApp, cluster: str) -> list[tuple[str, int]]:
+    snapshot = app.cache.get(MeshPublisher.snapshot_key(FRONTEND))
+    assert snapshot is not None
+    resource = snapshot.of_type(ResourceType.ENDPOINT).resources[cluster]
+    decoded = ClusterLoadAssignment().parse(resource.payload)
+    return [(lb.endpoint.address.socket_address.address, lb.endpoint.address.socket_address.port_value)
+            for group in decoded.endpoints for lb in group.lb_endpoints]
+
+
+@pytest.fixture
+async def served(tmp_path: Path) -> AsyncIterator[tuple[MeshcaApp, endpoints_pb2_grpc.EndpointServiceStub]]:
+    clock = FakeClock(T0)
+    ca = CertificateAuthority.init(tmp_path / "ca", CaSettings(trust_domain=TD), clock)
+    app = MeshcaApp(ca, [], clock, LOG)
+    app.apply_mesh_config(mesh())
+    app.publisher.ensure_identity(FRONTEND)
+    server = grpc.aio.server()
+    tokens = FakeTokenAuthenticator({"backend-token": BACKEND, "frontend-token": FRONTEND})
+    add_to_server(server, EndpointServicer(tokens, app.registration_sink, lambda: app.mesh_config, LOG))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            yield app, endpoints_pb2_grpc.EndpointServiceStub(channel)
+    finally:
+        await server.stop(None)
+
+
+def request(*endpoints: tuple[str, str, int]) -> endpoints_pb2.RegisterRequest:
+    return endpoints_pb2.RegisterRequest(
+        endpoints=[endpoints_pb2.Endpoint(service=s, address=a, port=p) for s, a, p in endpoints]
+    )
+
+
+async def eventually(check: object, timeout: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not check():  # type: ignore[operator]
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
+async def test_a_registration_is_in_eds_while_its_stream_lives(
+    served: tuple[MeshcaApp, endpoints_pb2_grpc.EndpointServiceStub],
+) -> None:
+    app, stub = served
+    assert cla(app, "outbound|backend") == [("10.0.0.1", 15006)]
+    assert cla(app, "outbound|agent-only") == []
+    memo_before = app.cache.get(MeshPublisher.snapshot_key(FRONTEND))
+    assert memo_before is not None
+    listeners_before = memo_before.of_type(ResourceType.LISTENER).resources
+    call = stub.Register(metadata=(("authorization", "Bearer backend-token"),))
+    await call.write(request(("agent-only", "10.0.0.7", 15007), ("backend", "10.0.0.7", 15006)))
+    answer = await call.read()
+    assert answer.spiffe_id == BACKEND.uri and list(answer.accepted_services) == ["agent-only", "backend"]
+    assert cla(app, "outbound|backend") == [("10.0.0.1", 15006), ("10.0.0.7", 15006)]
+    assert cla(app, "outbound|agent-only") == [("10.0.0.7", 15007)]
+    after = app.cache.get(MeshPublisher.snapshot_key(FRONTEND))
+    assert after is not None
+    for name, listener in after.of_type(ResourceType.LISTENER).resources.items():
+        assert listener is listeners_before[name]  # the memo: only EDS (and the clusters beside it) re-encoded
+    await call.write(request(("agent-only", "10.0.0.8", 15007)))  # replaces the stream's whole set
+    await call.read()
+    assert cla(app, "outbound|backend") == [("10.0.0.1", 15006)]
+    assert cla(app, "outbound|agent-only") == [("10.0.0.8", 15007)]
+    call.cancel()
+    await eventually(lambda: cla(app, "outbound|agent-only") == [])
+    assert app.endpoints.snapshot() == ()
+
+
+async def test_a_refused_endpoint_ends_the_stream_naming_the_service(
+    served: tuple[MeshcaApp, endpoints_pb2_grpc.EndpointServiceStub],
+) -> None:
+    app, stub = served
+    call = stub.Register(metadata=(("authorization", "Bearer frontend-token"),))
+    await call.write(request(("frontend", "10.0.0.3", 15008)))
+    await call.read()
+    assert cla(app, "outbound|frontend") == [("127.0.0.1", 15008), ("10.0.0.3", 15008)]
+    await call.write(request(("frontend", "10.0.0.3", 15008), ("backend", "10.0.0.3", 15006)))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call.read()
+    assert caught.value.code() is grpc.StatusCode.PERMISSION_DENIED
+    assert "service 'backend' is served by" in (caught.value.details() or "")
+    await eventually(lambda: cla(app, "outbound|frontend") == [("127.0.0.1", 15008)])  # its earlier set went too
+    unauthenticated = stub.Register(metadata=(("authorization", "Bearer nope"),))
+    await unauthenticated.write(request(("backend", "10.0.0.3", 15006)))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await unauthenticated.read()
+    assert caught.value.code() is grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_the_collection_notifies_only_on_change() -> None:
+    changes: list[int] = []
+    collection = RegisteredEndpoints(lambda: changes.append(1))
+    registration = Registration(BACKEND, (ep("backend"),))
+    asyncio.run(collection.put("a", registration))
+    asyncio.run(collection.put("a", registration))
+    collection.replace_all({"a": registration})
+    asyncio.run(collection.remove("b"))
+    assert len(changes) == 1 and collection.count() == 1
+    asyncio.run(collection.remove("a"))
+    assert len(changes) == 2 and collection.snapshot() == ()
+    assert Registration.from_json(registration.to_json()) == registration
