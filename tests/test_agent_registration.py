@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
+import tempfile
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
@@ -11,9 +13,14 @@ from pathlib import Path
 import grpc
 import pytest
 from fakes import FakeTokenAuthenticator
+from meshca_harness import running_meshca
 from test_endpoint_registration import BACKEND, TD, mesh
 
 from meshca.agent.registration import Endpoint, Registered, TokenUnreadable, keep_registered, read_token
+from meshca.agent.service import NodeAgent
+from meshca.agent.settings import AgentSettings, EndpointSettings, WorkloadSettings
+from meshca.clock import system_clock
+from meshca.dev.envoy_process import wait_until
 from meshca.mesh.endpoints import EndpointServicer, RegisteredEndpoint, RegisteredEndpoints, add_to_server
 
 LOG = logging.getLogger("test.agent.registration")
@@ -101,3 +108,47 @@ def test_read_token_names_the_file_never_the_content(tmp_path: Path) -> None:
     (tmp_path / "empty").write_text("\n")
     with pytest.raises(TokenUnreadable, match="empty"):
         read_token(tmp_path / "empty")
+
+
+async def test_the_agent_keeps_its_workloads_endpoints_registered_and_a_refusal_harms_nothing_else(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """NodeAgent registers each workload's `endpoints:` over TLS to meshca with the workload's token; a workload
+    claiming a service its identity does not serve is refused (one line, retried), the agent and SDS carry on."""
+    sockets = Path(tempfile.mkdtemp(prefix="agentreg", dir="/tmp"))  # a Unix socket path is short; tmp_path may not be
+    try:
+        async with running_meshca(tmp_path / "meshca") as meshca:
+            meshca.app.apply_mesh_config(mesh())
+            (tmp_path / "root.pem").write_bytes(meshca.root_pem)
+            (tmp_path / "backend.jwt").write_text(meshca.token("shop", "backend"))
+            (tmp_path / "frontend.jwt").write_text(meshca.token("shop", "frontend"))
+            settings = AgentSettings(
+                meshca=(("127.0.0.1", meshca.port),), server_name="localhost", ca=tmp_path / "root.pem",
+                workloads=(
+                    WorkloadSettings("backend", tmp_path / "backend.jwt", sockets / "backend.sock",
+                                     endpoints=(EndpointSettings("agent-only", "10.0.0.7", 15007),)),
+                    WorkloadSettings("frontend", tmp_path / "frontend.jwt", sockets / "frontend.sock",
+                                     endpoints=(EndpointSettings("backend", "10.0.0.8", 15006),)),
+                ),
+            )
+            agent = NodeAgent(settings, system_clock, logging.getLogger("test.agent"))
+            with caplog.at_level(logging.WARNING):
+                await agent.start()
+                try:
+                    await asyncio.to_thread(
+                        wait_until, lambda: meshca.app.endpoints.count() == 1, 10, 0.05, "the backend registered"
+                    )
+                    (registration,) = meshca.app.endpoints.snapshot()
+                    assert registration.spiffe_id == BACKEND
+                    assert registration.endpoints == (RegisteredEndpoint("agent-only", "10.0.0.7", 15007),)
+                    refusal = "endpoint registration: PERMISSION_DENIED: endpoints[0]: service 'backend' is served by"
+                    await asyncio.to_thread(wait_until, lambda: refusal in caplog.text, 10, 0.05, "the refusal logged")
+                    await agent.wait_served(10)  # both workloads still get certificates over SDS
+                finally:
+                    await agent.stop()
+            await asyncio.to_thread(
+                wait_until, lambda: meshca.app.endpoints.count() == 0, 10, 0.05, "the registration gone with the agent"
+            )
+            assert "eyJ" not in caplog.text  # no token in the logs
+    finally:
+        shutil.rmtree(sockets, ignore_errors=True)

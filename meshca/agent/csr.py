@@ -33,7 +33,7 @@ class SignedCertificate:
     not_after: datetime
 
 
-def _target(host: str, port: int) -> str:
+def grpc_target(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
@@ -81,7 +81,7 @@ class CsrClient:
         problems: list[str] = []
         retryable = False
         for host, port in self._addresses:
-            where = _target(host, port)
+            where = grpc_target(host, port)
             async with grpc.aio.secure_channel(where, credentials, options=options) as channel:
                 stub = certificate_pb2_grpc.CertificateServiceStub(channel)
                 try:

@@ -8,11 +8,16 @@ import logging
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import timedelta
 
-from meshca.agent.csr import CsrClient
+import grpc
+
+from meshca.agent.csr import CsrClient, grpc_target
+from meshca.agent.registration import CHANNEL_OPTIONS, Endpoint, keep_registered
 from meshca.agent.sds import WorkloadSocket
-from meshca.agent.settings import AgentSettings
+from meshca.agent.settings import AgentSettings, WorkloadSettings
 from meshca.agent.workload import Retry, Served, Signer, WorkloadIdentity
+from meshca.backoff import backoff_delay
 from meshca.clock import Clock
 from meshca.sds.rotation import RenewalPolicy
 from meshca.xds.cache import SnapshotCache
@@ -75,6 +80,11 @@ class NodeAgent:
         self._tasks = [
             asyncio.create_task(identity.run(self._sleep), name=f"agent-{identity.name}") for identity in self.identities
         ]
+        self._tasks += [
+            asyncio.create_task(self._keep_registered(w), name=f"agent-{w.name}-endpoints")
+            for w in self.settings.workloads
+            if w.endpoints
+        ]
 
     async def wait_served(self, timeout: float | None = None) -> None:
         """Until every workload has had a certificate (asyncio.TimeoutError after `timeout` seconds)."""
@@ -89,6 +99,37 @@ class NodeAgent:
         self._tasks = []
         for workload_socket in self.sockets:
             await workload_socket.stop()
+
+    async def _keep_registered(self, workload: WorkloadSettings) -> None:
+        """Keep `workload`'s endpoints registered with meshca (its replicas and TLS as for the CSRs) until cancelled.
+
+        Refusals and outages are logged by keep_registered and retried there with capped backoff; this task
+        never ends on its own, so neither the agent nor its SDS is affected by them."""
+        log = self._log.getChild(workload.name)
+        endpoints = [Endpoint(e.service, e.address, e.port) for e in workload.endpoints]
+        attempt = 0
+        while True:
+            try:
+                roots = self.settings.ca.read_bytes()
+                break
+            except OSError as error:
+                attempt += 1
+                delay = backoff_delay(attempt, timedelta(seconds=1), timedelta(seconds=30))
+                log.error("endpoint registration: cannot read ca %s (%s); retrying in %.1f s",
+                          self.settings.ca, error.strerror, delay.total_seconds())
+                await self._sleep(delay.total_seconds())
+        credentials = grpc.ssl_channel_credentials(root_certificates=roots)
+        options = [
+            *CHANNEL_OPTIONS,
+            ("grpc.ssl_target_name_override", self.settings.server_name),
+            ("grpc.default_authority", self.settings.server_name),
+        ]
+        channels = [grpc.aio.secure_channel(grpc_target(h, p), credentials, options=options) for h, p in self.settings.meshca]
+        try:
+            await keep_registered(channels, workload.token_file, endpoints, log, sleep=self._sleep)
+        finally:
+            for channel in channels:
+                await channel.close()
 
     def status(self) -> list[WorkloadStatus]:
         return [
