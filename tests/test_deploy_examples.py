@@ -430,7 +430,9 @@ def read_unit(path: Path) -> configparser.ConfigParser:
     return parser
 
 
-@pytest.mark.parametrize("name", ["meshca.service", "envoy-sidecar@.service", "meshca-trust-sync.service"])
+@pytest.mark.parametrize(
+    "name", ["meshca.service", "envoy-sidecar@.service", "meshca-trust-sync.service", "meshca-agent.service"]
+)
 def test_systemd_unit_sections(name: str) -> None:
     unit = read_unit(SYSTEMD / name)
     assert {"Unit", "Service", "Install"} <= set(unit.sections())
@@ -470,3 +472,27 @@ def test_trust_sync_unit_runs_the_command_meshca_parses() -> None:
     assert argv[0] == "/opt/meshca/.venv/bin/meshca" and argv[1:3] == ["trust", "sync"]
     args = build_parser().parse_args(argv[1:])
     assert args.watch and args.dir == "/etc/envoy/meshca-trust" == service["ReadWritePaths"]
+
+
+def test_agent_unit_runs_the_command_meshca_parses() -> None:
+    """The unit's ExecStart is a `meshca agent` command line meshca's own parser accepts; the sockets' directory is
+    the unit's RuntimeDirectory, reachable by group envoy only, and the example config's sockets live there."""
+    from meshca.cli.main import build_parser
+
+    text = (SYSTEMD / "meshca-agent.service").read_text()
+    service = read_unit(SYSTEMD / "meshca-agent.service")["Service"]
+    argv = shlex.split(service["ExecStart"])
+    assert argv[0] == "/opt/meshca/.venv/bin/meshca" and argv[1] == "agent"
+    args = build_parser().parse_args(argv[1:])
+    assert args.config == "/etc/meshca/agent.yaml" and args.handler.__name__ == "cmd_agent"
+    assert service["RuntimeDirectory"] == "meshca" and service["RuntimeDirectoryMode"] == "0750"
+    assert service["Group"] == "envoy" and service["User"] != "root"
+    assert service["CapabilityBoundingSet"] == "" and service["LimitCORE"] == "0"
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("# /etc/meshca/agent.yaml")) + 1
+    end = next(i for i, line in enumerate(lines) if line.startswith("# Render"))
+    example = yaml.safe_load("\n".join(line.removeprefix("#") for line in lines[start:end]))
+    assert set(example) == {"meshca", "server_name", "ca", "workloads"}
+    (workload,) = example["workloads"]
+    assert workload["socket"].startswith("/run/meshca/") and workload["socket_group"] == service["Group"]
+    assert "--agent-socket /run/meshca/" in text
