@@ -18,7 +18,7 @@ from test_endpoint_registration import BACKEND, TD, mesh
 
 from meshca.agent.registration import Endpoint, Registered, TokenUnreadable, keep_registered, read_token
 from meshca.agent.service import NodeAgent
-from meshca.agent.settings import AgentSettings, EndpointSettings, WorkloadSettings
+from meshca.agent.settings import AgentSettings, WorkloadSettings
 from meshca.clock import system_clock
 from meshca.dev.envoy_process import wait_until
 from meshca.mesh.endpoints import EndpointServicer, RegisteredEndpoint, RegisteredEndpoints, add_to_server
@@ -126,9 +126,9 @@ async def test_the_agent_keeps_its_workloads_endpoints_registered_and_a_refusal_
                 meshca=(("127.0.0.1", meshca.port),), server_name="localhost", ca=tmp_path / "root.pem",
                 workloads=(
                     WorkloadSettings("backend", tmp_path / "backend.jwt", sockets / "backend.sock",
-                                     endpoints=(EndpointSettings("agent-only", "10.0.0.7", 15007),)),
+                                     endpoints=(Endpoint("agent-only", "10.0.0.7", 15007),)),
                     WorkloadSettings("frontend", tmp_path / "frontend.jwt", sockets / "frontend.sock",
-                                     endpoints=(EndpointSettings("backend", "10.0.0.8", 15006),)),
+                                     endpoints=(Endpoint("backend", "10.0.0.8", 15006),)),
                 ),
             )
             agent = NodeAgent(settings, system_clock, logging.getLogger("test.agent"))

@@ -13,7 +13,7 @@ from datetime import timedelta
 import grpc
 
 from meshca.agent.csr import CsrClient, grpc_target
-from meshca.agent.registration import CHANNEL_OPTIONS, Endpoint, keep_registered
+from meshca.agent.registration import CHANNEL_OPTIONS, keep_registered
 from meshca.agent.sds import WorkloadSocket
 from meshca.agent.settings import AgentSettings, WorkloadSettings
 from meshca.agent.workload import Retry, Served, Signer, WorkloadIdentity
@@ -106,7 +106,7 @@ class NodeAgent:
         Refusals and outages are logged by keep_registered and retried there with capped backoff; this task
         never ends on its own, so neither the agent nor its SDS is affected by them."""
         log = self._log.getChild(workload.name)
-        endpoints = [Endpoint(e.service, e.address, e.port) for e in workload.endpoints]
+        endpoints = list(workload.endpoints)
         attempt = 0
         while True:
             try:

@@ -9,18 +9,10 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from meshca.agent.registration import Endpoint
 from meshca.fields import FieldReader, parse_host_port, read_yaml_mapping
 
 _SOCKET_MODES = {"0600": 0o600, "0660": 0o660}
-
-
-@dataclass(frozen=True)
-class EndpointSettings:
-    """An endpoint the workload serves (registered with meshca by meshca.agent.registration)."""
-
-    service: str
-    address: str
-    port: int
 
 
 @dataclass(frozen=True)
@@ -32,7 +24,7 @@ class WorkloadSettings:
     socket: Path
     socket_mode: int = 0o600
     socket_group: str | None = None
-    endpoints: tuple[EndpointSettings, ...] = ()
+    endpoints: tuple[Endpoint, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -117,7 +109,7 @@ def _workload(parent: FieldReader, index: int, data: object) -> WorkloadSettings
     return WorkloadSettings(name, token_file, socket, mode, group, endpoints)
 
 
-def _endpoint(parent: FieldReader, index: int, data: object) -> EndpointSettings:
+def _endpoint(parent: FieldReader, index: int, data: object) -> Endpoint:
     key = f"endpoints[{index}]"
     if not isinstance(data, Mapping):
         raise parent.error(key, f"must be a mapping, got {type(data).__name__}")
@@ -126,4 +118,4 @@ def _endpoint(parent: FieldReader, index: int, data: object) -> EndpointSettings
     port = reader.get("port", int)
     if not 0 < port < 65536:
         raise reader.error("port", f"{port} is not a port (1..65535)")
-    return EndpointSettings(reader.get("service", str), reader.get("address", str), port)
+    return Endpoint(reader.get("service", str), reader.get("address", str), port)
