@@ -125,19 +125,16 @@ class JwtStreamGate:
             raise StreamRefused(grpc.StatusCode.PERMISSION_DENIED, f"identity {spiffe_id} is revoked")
         self._retention.opened(spiffe_id)  # before the lookup: an identity being forgotten is kept or re-issued
         try:
+            ensure: Callable[[], str]
             if node.metadata.get(AGENT_METADATA_KEY) == AGENT_METADATA_VALUE:
                 # Its secrets come from its local agent: a snapshot without any Secret, and no certificate issued.
                 key = self._publisher.current_agent_key(spiffe_id)
+                ensure = partial(self._publisher.ensure_agent_identity, spiffe_id)
             else:
                 key = self._publisher.current_key(spiffe_id)
-            if key is None and node.metadata.get(AGENT_METADATA_KEY) == AGENT_METADATA_VALUE:
-                loop = asyncio.get_running_loop()
-                key = await loop.run_in_executor(self._ca_executor, self._publisher.ensure_agent_identity, spiffe_id)
-            elif key is None:
-                loop = asyncio.get_running_loop()
-                key = await loop.run_in_executor(
-                    self._ca_executor, self._publisher.ensure_identity, spiffe_id, node.id
-                )
+                ensure = partial(self._publisher.ensure_identity, spiffe_id, node.id)
+            if key is None:
+                key = await asyncio.get_running_loop().run_in_executor(self._ca_executor, ensure)
         except (ForeignTrustDomain, IdentityRevoked) as error:
             self._retention.closed(spiffe_id)
             raise StreamRefused(grpc.StatusCode.PERMISSION_DENIED, str(error)) from None

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import shutil
+import tempfile
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
@@ -55,3 +58,13 @@ _etcd_prefixes = itertools.count()
 def etcd_prefix(request: pytest.FixtureRequest) -> str:
     """A key prefix of this test's own in the module's etcd."""
     return f"/{request.module.__name__.removeprefix('test_')}-{next(_etcd_prefixes)}"
+
+
+@pytest.fixture
+def socket_dir() -> Iterator[Path]:
+    """A short directory for Unix sockets (a socket path has ~107 bytes at most; tmp_path may be longer)."""
+    directory = Path(tempfile.mkdtemp(prefix="agent", dir="/tmp"))
+    try:
+        yield directory
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)

@@ -9,9 +9,7 @@ import base64
 import contextlib
 import hashlib
 import logging
-import shutil
-import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -146,15 +144,6 @@ class Node:
             return None
         leaf = crypto.split_pem_certificates(base64.b64decode(inline))[0]
         return hashlib.sha256(crypto.parse_certificate_pem(leaf).public_key.spki_der).hexdigest()
-
-
-@pytest.fixture
-def socket_dir() -> Iterator[Path]:
-    directory = Path(tempfile.mkdtemp(prefix="agent", dir="/tmp"))  # a Unix socket path is short; tmp_path may not be
-    try:
-        yield directory
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 @contextlib.asynccontextmanager

@@ -5,13 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,15 +20,6 @@ from meshca.dev.envoy_process import free_port, wait_until
 from meshca.dev.harness import backend_app, http_get, serve_app
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture
-def socket_dir() -> Iterator[Path]:
-    directory = Path(tempfile.mkdtemp(prefix="agent", dir="/tmp"))  # a Unix socket path is short; tmp_path may not be
-    try:
-        yield directory
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 def agent_config(tmp_path: Path, socket_dir: Path, port: int, inbound: int) -> Path:

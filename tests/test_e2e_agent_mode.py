@@ -18,7 +18,7 @@ from meshca.agent.service import NodeAgent
 from meshca.agent.settings import AgentSettings, WorkloadSettings
 from meshca.ca import crypto
 from meshca.clock import system_clock
-from meshca.dev.envoy_process import EnvoyProcess, config_of_type, free_port, wait_until
+from meshca.dev.envoy_process import EnvoyProcess, config_of_type, wait_until
 from meshca.dev.harness import BACKEND, FRONTEND, Ports, Workload, backend_app, http_get, mesh_config, serve_app
 from meshca.identity.spiffe import SpiffeId
 from meshca.mesh.model import parse_mesh_config
@@ -64,7 +64,7 @@ def sidecar(meshca: RunningMeshca, workload: Workload, directory: Path, api_type
 
 @pytest.mark.parametrize("api_type", ["DELTA_GRPC", "GRPC"])
 async def test_agent_mode_sidecar_calls_a_normal_one_over_mtls_and_meshca_sends_it_no_secret(
-    api_type: str, tmp_path: Path
+    api_type: str, tmp_path: Path, socket_dir: Path
 ) -> None:
     ports = Ports()
     data = mesh_config(ports)
@@ -72,7 +72,7 @@ async def test_agent_mode_sidecar_calls_a_normal_one_over_mtls_and_meshca_sends_
     data["services"]["backend"]["allow"] = [spiffe_id(FRONTEND)]
     config = parse_mesh_config(Path("mesh.yaml"), yaml.safe_load(yaml.safe_dump(data)))
     app = serve_app(ports.backend_app, backend_app("backend"))
-    socket = Path(f"/tmp/meshca-agent-{free_port()}.sock")  # short: a Unix socket path has ~107 bytes at most
+    socket = socket_dir / "frontend.sock"
     sent: list[tuple[str, bytes]] = []
     try:
         async with running_meshca(tmp_path) as meshca:
@@ -123,7 +123,6 @@ async def test_agent_mode_sidecar_calls_a_normal_one_over_mtls_and_meshca_sends_
             assert issued == {spiffe_id(BACKEND)}
     finally:
         app.shutdown()
-        socket.unlink(missing_ok=True)
     to_frontend = [message for node, message in sent if node == FRONTEND.node_id]
     to_backend = [message for node, message in sent if node == BACKEND.node_id]
     assert to_frontend and to_backend

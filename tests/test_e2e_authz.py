@@ -19,7 +19,7 @@ from meshca.dev.envoy_process import EnvoyProcess, config_of_type, free_port, wa
 from meshca.dev.harness import BACKEND, FRONTEND, backend_app, http_get, serve_app
 from meshca.mesh import resources as r
 from meshca.mesh.build import build_mesh, inbound_listener_name
-from meshca.mesh.model import parse_mesh_config
+from meshca.mesh.model import MeshConfig, parse_mesh_config
 from meshca.xds.snapshot import ResourceType
 
 pytestmark = pytest.mark.e2e
@@ -93,17 +93,21 @@ def test_removed_caller_is_refused_on_its_open_connection_within_a_second_of_the
 FRONTEND_ID = f"spiffe://{TRUST_DOMAIN}/ns/shop/sa/frontend"
 
 
-def self_calling_mesh(inbound: int, outbound: int, app: int) -> Any:
-    """frontend serves `echo` (allowing its whole namespace) and calls it through its own outbound listener."""
+def self_calling_mesh(inbound: int, outbound: int, app: int, endpoints: list[str] | None = None) -> MeshConfig:
+    """frontend serves `echo` (allowing its whole namespace) and calls it through its own outbound listener;
+    `endpoints=[]`: echo has no static endpoint (only registered ones)."""
+    echo: dict[str, Any] = {
+        "namespace": "shop",
+        "service_account": "frontend",
+        "inbound": {"port": inbound, "app": f"127.0.0.1:{app}", "listen_address": "127.0.0.1"},
+        "allow": ["namespace:shop"],
+    }
+    if endpoints is not None:
+        echo["endpoints"] = endpoints
     data = {
         "trust_domain": TRUST_DOMAIN,
         "services": {
-            "echo": {
-                "namespace": "shop",
-                "service_account": "frontend",
-                "inbound": {"port": inbound, "app": f"127.0.0.1:{app}", "listen_address": "127.0.0.1"},
-                "allow": ["namespace:shop"],
-            },
+            "echo": echo,
             "caller": {"namespace": "shop", "service_account": "frontend", "outbound": {"port": outbound}},
         },
         "routes": [{"prefix": "/", "to": "echo"}],

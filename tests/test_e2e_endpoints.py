@@ -12,12 +12,12 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
-from meshca_harness import TRUST_DOMAIN, RunningMeshca, frontend_envoy, running_meshca
+from meshca_harness import RunningMeshca, frontend_envoy, running_meshca
+from test_e2e_authz import self_calling_mesh
 
 from meshca.dev.envoy_process import EnvoyProcess, dynamic_endpoint_configs, free_port, wait_until
 from meshca.dev.harness import backend_app, http_get, serve_app
-from meshca.mesh.model import MeshConfig, parse_mesh_config
+from meshca.mesh.model import MeshConfig
 
 pytestmark = pytest.mark.e2e
 
@@ -40,21 +40,7 @@ asyncio.run(main())
 
 def agent_only_mesh(inbound: int, outbound: int, app: int) -> MeshConfig:
     """frontend serves `echo`, which has no static endpoint, and calls it through its own outbound listener."""
-    data = {
-        "trust_domain": TRUST_DOMAIN,
-        "services": {
-            "echo": {
-                "namespace": "shop",
-                "service_account": "frontend",
-                "inbound": {"port": inbound, "app": f"127.0.0.1:{app}", "listen_address": "127.0.0.1"},
-                "endpoints": [],
-                "allow": ["namespace:shop"],
-            },
-            "caller": {"namespace": "shop", "service_account": "frontend", "outbound": {"port": outbound}},
-        },
-        "routes": [{"prefix": "/", "to": "echo"}],
-    }
-    return parse_mesh_config(Path("mesh.yaml"), yaml.safe_load(yaml.safe_dump(data)))
+    return self_calling_mesh(inbound, outbound, app, endpoints=[])
 
 
 def registrar(meshca: RunningMeshca, tmp_path: Path, inbound: int) -> subprocess.Popen[str]:

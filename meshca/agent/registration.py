@@ -12,6 +12,7 @@ from pathlib import Path
 import grpc
 
 from meshca.backoff import backoff_delay
+from meshca.mesh.endpoints import RegisteredEndpoint as Endpoint  # the one endpoint value type, both sides
 from meshca.v1 import endpoints_pb2, endpoints_pb2_grpc
 
 DEFAULT_INITIAL_BACKOFF = timedelta(milliseconds=200)
@@ -24,15 +25,6 @@ CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
 )
-
-
-@dataclass(frozen=True)
-class Endpoint:
-    """One endpoint of a local workload: `address`:`port` is its sidecar's inbound listener for `service`."""
-
-    service: str
-    address: str
-    port: int
 
 
 @dataclass(frozen=True)

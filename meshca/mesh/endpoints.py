@@ -22,6 +22,8 @@ MAX_ENDPOINTS_PER_REQUEST = 256
 
 @dataclass(frozen=True)
 class RegisteredEndpoint:
+    """One endpoint of a workload: `address`:`port` is its sidecar's inbound listener for `service`."""
+
     service: str
     address: str
     port: int

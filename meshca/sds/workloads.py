@@ -104,7 +104,7 @@ class WorkloadSecrets:
         self._issued: dict[SpiffeId, _Issued] = {}
         self._issuing: dict[SpiffeId, threading.Lock] = {}
         self._issued_total = 0
-        self._bundle: tuple[bytes, list[EncodedResource]] = (b"", [])
+        self._bundle: tuple[tuple[bytes, bytes], list[EncodedResource]] = ((b"", b""), [])  # (bundle, CRLs), encoded
         self._crls = b""
         self._denied: frozenset[SpiffeId] = frozenset()
 
@@ -113,13 +113,13 @@ class WorkloadSecrets:
         bundle = self._issuer.trust_bundle_pem()
         with self._lock:
             crls = self._crls
-            cached_pem, cached = self._bundle
-            if cached_pem == bundle + crls:
+            cached_for, cached = self._bundle
+            if cached_for == (bundle, crls):  # compared, not concatenated: this runs once per identity published
                 return list(cached)
         names = (ROOT_CA_SECRET, ALL_BUNDLES_SECRET, f"spiffe://{self._issuer.trust_domain}")
         encoded = [validation_context_secret(name, bundle, crls) for name in names]
         with self._lock:
-            self._bundle = (bundle + crls, encoded)
+            self._bundle = ((bundle, crls), encoded)
         return list(encoded)
 
     def set_crls(self, crls_pem: bytes) -> None:
