@@ -27,9 +27,9 @@ from meshca.dev.demo_ha import REPLICAS, HaDemo
 from meshca.dev.harness import BACKEND, FRONTEND, INTRUDER, TrafficLoop, Workload, crl_serials, envoy_chain
 from meshca.dev.tokens import mint_token
 from meshca.files import write_atomic
-from meshca.v1 import certificate_pb2, certificate_pb2_grpc
 from meshca.xds.snapshot import ResourceType
 from tests.test_e2e_ha import HaSetup, chain_intermediate_id, running, wait_for
+from tests.test_e2e_revocation import csr_signed
 from tests.xds_client import XdsClient
 
 pytestmark = pytest.mark.e2e
@@ -75,20 +75,8 @@ class HaTrust(HaSetup):
     def sign(self, index: int, workload: Workload) -> int:
         """A CSR of `workload`'s identity signed by replica `index`'s CSR service: the leaf's serial
         (grpc.RpcError when refused)."""
-        key = crypto.generate_private_key_pem()
-        token = mint_token(self.material.signing_key.read_bytes(), namespace=workload.namespace,
-                           service_account=workload.service_account, now=system_clock())
-
-        async def sign() -> certificate_pb2.SignResponse:
-            credentials = grpc.ssl_channel_credentials(root_certificates=self.material.root_bundle.read_bytes())
-            async with grpc.aio.secure_channel(f"127.0.0.1:{self.replica_ports[index]}", credentials,
-                                               options=[("grpc.ssl_target_name_override", "localhost")]) as channel:
-                stub = certificate_pb2_grpc.CertificateServiceStub(channel)
-                return await stub.Sign(certificate_pb2.SignRequest(csr_pem=crypto.build_csr_pem(key).decode()),
-                                       metadata=[("authorization", f"Bearer {token}")], timeout=10)
-
-        response = asyncio.run(sign())
-        return crypto.parse_certificate_pem(response.certificate_chain[0].encode()).serial_number
+        chain = csr_signed(self.material, self.replica_ports[index], workload, crypto.generate_private_key_pem())
+        return crypto.parse_certificate_pem(chain[0].encode()).serial_number
 
     def xds_status(self, index: int, workload: Workload) -> str | None:
         """Replica `index`'s answer to a new xDS stream of `workload`'s identity asking for its certificate: the

@@ -23,7 +23,8 @@ from meshca.dev.envoy_process import (
     EnvoyProcess,
     wait_until,
 )
-from meshca.dev.harness import BACKEND, FRONTEND, TrafficLoop, crl_serials, envoy_chain
+from meshca.dev.harness import BACKEND, FRONTEND, TrafficLoop, Workload, crl_serials, envoy_chain
+from meshca.dev.material import DevMaterial
 from meshca.dev.tokens import mint_token
 from meshca.v1 import certificate_pb2, certificate_pb2_grpc
 
@@ -40,24 +41,30 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo]:
         running.stop()
 
 
-def own_frontend_leaf(demo: Demo, workdir: Path) -> tuple[Path, Path, int]:
-    """A leaf of frontend's identity with a key this test holds: meshca's CSR service, as a workload would."""
-    key = crypto.generate_private_key_pem()
-    token = mint_token(demo.material.signing_key.read_bytes(), namespace=FRONTEND.namespace,
-                       service_account=FRONTEND.service_account, now=system_clock())
+def csr_signed(material: DevMaterial, port: int, workload: Workload, key: bytes) -> list[str]:
+    """`key`'s CSR for `workload`'s identity signed by the meshca on `port` (its CSR service, as a workload calls
+    it): the chain, leaf first (grpc.RpcError when refused)."""
+    token = mint_token(material.signing_key.read_bytes(), namespace=workload.namespace,
+                       service_account=workload.service_account, now=system_clock())
 
     async def sign() -> certificate_pb2.SignResponse:
-        credentials = grpc.ssl_channel_credentials(root_certificates=demo.material.root_bundle.read_bytes())
-        async with grpc.aio.secure_channel(f"127.0.0.1:{demo.ports.meshca}", credentials,
+        credentials = grpc.ssl_channel_credentials(root_certificates=material.root_bundle.read_bytes())
+        async with grpc.aio.secure_channel(f"127.0.0.1:{port}", credentials,
                                            options=[("grpc.ssl_target_name_override", "localhost")]) as channel:
             stub = certificate_pb2_grpc.CertificateServiceStub(channel)
             return await stub.Sign(certificate_pb2.SignRequest(csr_pem=crypto.build_csr_pem(key).decode()),
-                                   metadata=[("authorization", f"Bearer {token}")])
+                                   metadata=[("authorization", f"Bearer {token}")], timeout=10)
 
-    response = asyncio.run(sign())
-    (workdir / "leaf.pem").write_text("".join(response.certificate_chain))
+    return list(asyncio.run(sign()).certificate_chain)
+
+
+def own_frontend_leaf(demo: Demo, workdir: Path) -> tuple[Path, Path, int]:
+    """A leaf of frontend's identity with a key this test holds: meshca's CSR service, as a workload would."""
+    key = crypto.generate_private_key_pem()
+    chain = csr_signed(demo.material, demo.ports.meshca, FRONTEND, key)
+    (workdir / "leaf.pem").write_text("".join(chain))
     (workdir / "leaf-key.pem").write_bytes(key)
-    info = crypto.parse_certificate_pem(response.certificate_chain[0].encode())
+    info = crypto.parse_certificate_pem(chain[0].encode())
     return workdir / "leaf.pem", workdir / "leaf-key.pem", info.serial_number
 
 
