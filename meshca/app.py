@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from datetime import timedelta
 from functools import partial
@@ -36,7 +36,13 @@ from meshca.identity.spiffe import SpiffeId
 from meshca.listen import ListenError, check_bindable, format_address
 from meshca.mesh import endpoints as registration_service
 from meshca.mesh.build import ResourceMemo, build_mesh
-from meshca.mesh.endpoints import RegisteredEndpoints, RegistrationSink, with_registered
+from meshca.mesh.endpoints import (
+    RegisteredEndpoints,
+    RegistrationSink,
+    RegistrationTiming,
+    registered_only_services,
+    with_registered,
+)
 from meshca.mesh.model import MeshConfig
 from meshca.mesh.resources import AGENT_METADATA_KEY, AGENT_METADATA_VALUE
 from meshca.sds.crl import CrlAuthority, ExternalCrls, RevocationPublisher, RevocationSource
@@ -99,9 +105,12 @@ class JwtStreamGate:
         leeways: Mapping[str, timedelta] | None = None,
         ca_executor: Executor | None = None,
         logger: logging.Logger | None = None,
+        hold: Callable[[NodeInfo], Awaitable[None]] | None = None,
     ) -> None:
-        """`leeways`: per issuer, how long after `exp` a token is still accepted (as the verifier does)."""
+        """`leeways`: per issuer, how long after `exp` a token is still accepted (as the verifier does). `hold`: waited
+        for before an authenticated node is served (MeshcaApp holds reconnecting proxies in its registration warmup)."""
         self._identity_gate = identity_gate
+        self._hold = hold
         self._log = logger or logging.getLogger(__name__)
         self._publisher = publisher
         self._retention = retention
@@ -123,6 +132,8 @@ class JwtStreamGate:
         spiffe_id = principal.spiffe_id
         if self._publisher.is_revoked(spiffe_id):
             raise StreamRefused(grpc.StatusCode.PERMISSION_DENIED, f"identity {spiffe_id} is revoked")
+        if self._hold is not None:
+            await self._hold(node)
         self._retention.opened(spiffe_id)  # before the lookup: an identity being forgotten is kept or re-issued
         try:
             ensure: Callable[[], str]
@@ -181,6 +192,7 @@ class MeshcaApp:
         revocations: Callable[[MeshcaApp], RevocationPublisher] | None = None,
         audit: AuditSink | None = None,
         keepalive: tuple[timedelta, timedelta] = (DEFAULT_KEEPALIVE_TIME, DEFAULT_KEEPALIVE_TIMEOUT),
+        registration: RegistrationTiming = RegistrationTiming(),
     ) -> None:
         """`collector_pause`: defers CPython's garbage collection while a push is written (default:
         one on the `gc` module, see meshca.gcpolicy). `identity_grace`: how long an identity's
@@ -190,7 +202,8 @@ class MeshcaApp:
         started here, so the first bundle secrets carry the CRLs (None: no CRLs, nothing revocable).
         `audit`: where issuances, renewals, signed CSRs and CA transitions are recorded (an AuditLog's
         counters are also served as metrics); revocation and taint record there too (meshca.audit).
-        `keepalive`: the server's HTTP/2 ping interval and ack timeout (how soon a dead peer's streams end)."""
+        `keepalive`: the server's HTTP/2 ping interval and ack timeout (how soon a dead peer's streams end).
+        `registration`: how long ended registrations stay, and how long a restart waits for agents to register again."""
         self.ca = ca
         self.vault = vault
         self.clock = clock
@@ -231,6 +244,7 @@ class MeshcaApp:
                 {i.issuer: i.leeway for i in issuers},
                 self.ca_executor,
                 logger.getChild("gate"),
+                hold=self._hold_in_warmup,
             ),
             self.registry,
             logger.getChild("xds"),
@@ -255,6 +269,8 @@ class MeshcaApp:
         self._mesh_config: MeshConfig | None = None
         self._denied_uris: frozenset[str] = frozenset()
         self.keepalive = keepalive
+        self.registration_timing = registration
+        self._warmup_ends: float | None = None  # event-loop time; set when serving starts
         # Registered endpoints (meshca.v1.EndpointService): merged into EDS; `registration_sink` is where a stream's
         # registration is written (these, or the HA store, whose watch then fills these: meshca.store.endpoints).
         self.endpoints = RegisteredEndpoints(self._on_endpoints_changed)
@@ -308,6 +324,17 @@ class MeshcaApp:
         """The mesh file's model last applied (without registered endpoints)."""
         with self._mesh_lock:
             return self._mesh_config
+
+    async def _hold_in_warmup(self, node: NodeInfo) -> None:
+        """A proxy coming back with config, while meshca has just started and its mesh has registered-only services,
+        waits until the warmup ends: the agents register again meanwhile, so it is not told those services have no
+        endpoints (it keeps routing with what it has). A proxy's first start, and any stream later, is not held."""
+        if not node.resumed or self._warmup_ends is None:
+            return
+        remaining = self._warmup_ends - asyncio.get_running_loop().time()
+        if remaining > 0 and registered_only_services(self.mesh_config):
+            self.log.debug("node %.64r reconnects within the registration warmup: served in %.1f s", node.id, remaining)
+            await asyncio.sleep(remaining)
 
     def _on_endpoints_changed(self) -> None:
         self._rebuild("an endpoint registration")
@@ -401,7 +428,7 @@ class MeshcaApp:
             server,
             registration_service.EndpointServicer(
                 self.identity_gate, self.registration_sink, lambda: self.mesh_config,
-                self.log.getChild("endpoints"), revoked=self.secrets.is_denied,
+                self.log.getChild("endpoints"), revoked=self.secrets.is_denied, grace=self.registration_timing.grace,
             ),
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -428,6 +455,7 @@ class MeshcaApp:
         await server.start()
         self._server = server
         self._loop = asyncio.get_running_loop()
+        self._warmup_ends = self._loop.time() + self.registration_timing.warmup.total_seconds()
         self.jobs.every("ca-watch", self.rotation.ca_check_interval.total_seconds(), self._check_ca)
         if self.server_certificate is not None:
             self.jobs.every(

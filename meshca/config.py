@@ -11,6 +11,7 @@ from typing import Any
 from meshca.clock import format_duration, system_clock
 from meshca.fields import ConfigError, FieldReader, parse_host_port, read_yaml_mapping
 from meshca.identity.jwt import KeySourceError, TrustedIssuer, check_issuer_keys
+from meshca.mesh.endpoints import RegistrationTiming
 from meshca.sds.rotation import RenewalPolicy, RotationSettings
 from meshca.store.etcd import EtcdSettings, parse_store_settings
 
@@ -54,6 +55,7 @@ class ServeSettings:
     xds_max_stream_age: timedelta = timedelta(minutes=30)  # streams are closed after this (±10%) to reconnect
     store: EtcdSettings | None = None  # replicas on etcd: the mesh config (and more) lives there
     audit: AuditSettings = AuditSettings(None)
+    registration: RegistrationTiming = RegistrationTiming()  # registered endpoints: grace after a stream, warmup
 
 
 def _parse_listen(reader: FieldReader) -> tuple[str, int]:
@@ -189,6 +191,25 @@ def parse_audit(reader: FieldReader, state_dir: Path | None) -> AuditSettings:
     return AuditSettings(path, interval)
 
 
+def _parse_registration(reader: FieldReader) -> RegistrationTiming:
+    """`registration: {grace, warmup}` (meshca.mesh.endpoints.RegistrationTiming), each 0 to 60s."""
+    data = reader.get("registration", Mapping, None)
+    defaults = RegistrationTiming()
+    if data is None:
+        return defaults
+    sub = reader.child("registration", data)
+    sub.check_known({"grace", "warmup"})
+    values = {}
+    for name in ("grace", "warmup"):
+        value = sub.duration(name, required=False)
+        if value is None:
+            value = getattr(defaults, name)
+        if not timedelta(0) <= value <= timedelta(seconds=60):
+            raise sub.error(name, f"{format_duration(value)} must be between 0s and 60s")
+        values[name] = value
+    return RegistrationTiming(**values)
+
+
 def read_audit_settings(path: Path) -> AuditSettings:
     """Only the audit log's settings (for `meshca certs list --config`)."""
     data = read_yaml_mapping(path)
@@ -245,7 +266,7 @@ def parse_serve_settings(path: Path, data: Mapping[str, Any], trust_domain: str)
     reader = FieldReader(path, data)
     reader.check_known(
         {"state_dir", "listen", "issuers", "tls", "server_names", "leaf_ttl", "rotation", "mesh", "metrics_port", "admin_address", "ca", "log_level", "xds_send_timeout",
-         "xds_max_stream_age", "identity_grace", "store", "audit"}
+         "xds_max_stream_age", "identity_grace", "store", "audit", "registration"}
     )
     store = _parse_store(reader)
     host, port = _parse_listen(reader)
@@ -297,4 +318,5 @@ def parse_serve_settings(path: Path, data: Mapping[str, Any], trust_domain: str)
         xds_max_stream_age=max_stream_age,
         store=store,
         audit=parse_audit(reader, state_dir),
+        registration=_parse_registration(reader),
     )

@@ -65,7 +65,10 @@ async def test_the_token_file_is_re_read_and_failures_back_off_up_to_the_cap(
                 break
             await asyncio.sleep(0.01)
         assert registered == [Registered(BACKEND.uri, ("backend",))]
-        assert delays == [1, 2, 4, 4]
+        # capped doubling 1, 2, 4, 4, each delay jittered down to no less than half of it
+        for delay, base in zip(delays, [1, 2, 4, 4], strict=True):
+            assert base / 2 <= delay <= base
+        assert len(set(delays)) == 4  # jittered: two agents that failed together do not retry together
         (registration,) = endpoints.snapshot()
         assert registration.spiffe_id == BACKEND and registration.endpoints == (
             RegisteredEndpoint("backend", "10.0.0.7", 15006),

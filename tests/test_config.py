@@ -299,3 +299,18 @@ def test_rotation_trust_propagation(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as error:
         load_serve_settings(write(tmp_path, GOOD + "rotation:\n  trust_propagation: soon\n"), "mesh.test")
     assert error.value.field == "rotation.trust_propagation"
+
+
+def test_registration_grace_and_warmup(tmp_path: Path) -> None:
+    default = load_serve_settings(write(tmp_path, GOOD), "mesh.test").registration
+    assert (default.grace, default.warmup) == (timedelta(seconds=3), timedelta(seconds=5))
+    tuned = load_serve_settings(write(tmp_path, GOOD + "registration:\n  grace: 1s\n  warmup: 0s\n"), "mesh.test")
+    assert (tuned.registration.grace, tuned.registration.warmup) == (timedelta(seconds=1), timedelta(0))
+    for text, field, reason in [
+        ("registration:\n  grace: 2m\n", "registration.grace", "between 0s and 60s"),
+        ("registration:\n  warmup: soon\n", "registration.warmup", "not a duration"),
+        ("registration:\n  linger: 1s\n", "registration.linger", "unknown field"),
+    ]:
+        with pytest.raises(ConfigError) as error:
+            load_serve_settings(write(tmp_path, GOOD + text), "mesh.test")
+        assert (error.value.field, reason in error.value.reason) == (field, True), str(error.value)

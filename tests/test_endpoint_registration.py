@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from pathlib import Path
 
 import grpc
@@ -23,13 +25,16 @@ from meshca.mesh.endpoints import (
     RegisteredEndpoint,
     RegisteredEndpoints,
     Registration,
+    RegistrationTiming,
     add_to_server,
     check_registration,
+    registered_only_services,
     with_registered,
 )
 from meshca.mesh.model import MeshConfig, parse_mesh_config
 from meshca.sds.workloads import MeshPublisher
 from meshca.v1 import endpoints_pb2, endpoints_pb2_grpc
+from meshca.xds.server import NodeInfo
 from meshca.xds.snapshot import ResourceType
 
 TD = "mesh.test"
@@ -117,7 +122,7 @@ async def served(tmp_path: Path) -> AsyncIterator[tuple[MeshcaApp, endpoints_pb2
     app.publisher.ensure_identity(FRONTEND)
     server = grpc.aio.server()
     tokens = FakeTokenAuthenticator({"backend-token": BACKEND, "frontend-token": FRONTEND})
-    add_to_server(server, EndpointServicer(tokens, app.registration_sink, lambda: app.mesh_config, LOG))
+    add_to_server(server, EndpointServicer(tokens, app.registration_sink, lambda: app.mesh_config, LOG, grace=GRACE))
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:
@@ -125,6 +130,9 @@ async def served(tmp_path: Path) -> AsyncIterator[tuple[MeshcaApp, endpoints_pb2
             yield app, endpoints_pb2_grpc.EndpointServiceStub(channel)
     finally:
         await server.stop(None)
+
+
+GRACE = timedelta(seconds=0.4)
 
 
 def request(*endpoints: tuple[str, str, int]) -> endpoints_pb2.RegisterRequest:
@@ -201,3 +209,110 @@ def test_the_collection_notifies_only_on_change() -> None:
     asyncio.run(collection.remove("a"))
     assert len(changes) == 2 and collection.snapshot() == ()
     assert Registration.from_json(registration.to_json()) == registration
+
+
+async def test_an_ended_registration_stays_for_its_grace_so_a_restarting_agent_leaves_no_gap(
+    served: tuple[MeshcaApp, endpoints_pb2_grpc.EndpointServiceStub],
+) -> None:
+    app, stub = served
+    seen: list[list[tuple[str, int]]] = []
+
+    async def register() -> grpc.aio.StreamStreamCall:
+        call = stub.Register(metadata=(("authorization", "Bearer backend-token"),))
+        await call.write(request(("agent-only", "10.0.0.7", 15007)))
+        await call.read()
+        return call
+
+    first = await register()
+    first.cancel()  # the agent stops (or dies): the kernel ends its stream
+    await asyncio.sleep(GRACE.total_seconds() / 4)
+    seen.append(cla(app, "outbound|agent-only"))
+    second = await register()  # the restarted agent registers again within the grace
+    for _ in range(6):  # past the first stream's grace: the second stream's registration carries on, no gap
+        await asyncio.sleep(GRACE.total_seconds() / 4)
+        seen.append(cla(app, "outbound|agent-only"))
+    assert seen == [[("10.0.0.7", 15007)]] * 7
+    assert len(app.endpoints.snapshot()) == 1  # the first stream's registration was removed after its grace
+    ended = time.monotonic()
+    second.cancel()
+    await eventually(lambda: cla(app, "outbound|agent-only") == [])
+    assert time.monotonic() - ended >= GRACE.total_seconds() * 0.9  # removed after the grace, not before
+
+
+async def test_an_empty_request_removes_the_streams_endpoints_at_once(
+    served: tuple[MeshcaApp, endpoints_pb2_grpc.EndpointServiceStub],
+) -> None:
+    app, stub = served
+    call = stub.Register(metadata=(("authorization", "Bearer backend-token"),))
+    await call.write(request(("agent-only", "10.0.0.7", 15007)))
+    await call.read()
+    assert cla(app, "outbound|agent-only") == [("10.0.0.7", 15007)]
+    await call.write(request())  # e.g. the agent's workload went away: deregistered without waiting for a grace
+    answer = await call.read()
+    assert list(answer.accepted_services) == []
+    assert cla(app, "outbound|agent-only") == []
+    call.cancel()
+
+
+def test_registered_only_services_are_those_with_an_empty_endpoints_list() -> None:
+    assert registered_only_services(mesh()) == ("agent-only",)
+    assert registered_only_services(None) == ()
+
+
+async def test_a_restarted_meshca_holds_only_proxies_that_come_back_with_config_for_its_warmup(tmp_path: Path) -> None:
+    clock = FakeClock(T0)
+    ca = CertificateAuthority.init(tmp_path / "ca", CaSettings(trust_domain=TD), clock)
+    warmup = timedelta(seconds=0.5)
+    app = MeshcaApp(ca, [], clock, LOG, registration=RegistrationTiming(warmup=warmup))
+    app.apply_mesh_config(mesh())
+    await app.start("127.0.0.1", 0, None)
+    try:
+        loop = asyncio.get_running_loop()
+
+        async def held(node: NodeInfo) -> float:
+            started = loop.time()
+            await app._hold_in_warmup(node)
+            return loop.time() - started
+
+        assert await held(NodeInfo("fresh", "c")) < 0.05  # a first start is served at once
+        resumed = NodeInfo("back", "c", resumed=True)
+        assert 0.3 < await held(resumed) < 0.7  # a reconnect waits for the agents to register again
+        assert await held(resumed) < 0.05  # after the warmup nobody waits
+    finally:
+        await app.stop(0)
+    app = MeshcaApp(ca, [], clock, LOG, registration=RegistrationTiming(warmup=warmup))
+    static_only = parse_mesh_config(Path("mesh.yaml"), {"trust_domain": TD, "services": {
+        "backend": MESH["services"]["backend"]}})  # type: ignore[index]
+    app.apply_mesh_config(static_only)
+    await app.start("127.0.0.1", 0, None)
+    try:
+        started = asyncio.get_running_loop().time()
+        await app._hold_in_warmup(NodeInfo("back", "c", resumed=True))
+        assert asyncio.get_running_loop().time() - started < 0.05  # nothing registered-only: nothing to wait for
+    finally:
+        await app.stop(0)
+
+
+def test_a_first_request_with_config_the_proxy_holds_marks_a_reconnect() -> None:
+    from meshca.v1 import xds_wire_pb2
+    from meshca.xds.server import _decode
+
+    def node_of(message: object, wire: type) -> NodeInfo | None:
+        return _decode(message.SerializeToString(), wire, None).node  # type: ignore[attr-defined]
+
+    sotw = xds_wire_pb2.DiscoveryRequest
+    delta = xds_wire_pb2.DeltaDiscoveryRequest
+    first = sotw(type_url="type.googleapis.com/envoy.config.cluster.v3.Cluster")
+    first.node.id = "n"
+    again = sotw()
+    again.CopyFrom(first)
+    again.version_info = "abc"
+    assert node_of(first, sotw).resumed is False  # type: ignore[union-attr]
+    assert node_of(again, sotw).resumed is True  # type: ignore[union-attr]
+    fresh = delta(type_url="type.googleapis.com/envoy.config.cluster.v3.Cluster")
+    fresh.node.id = "n"
+    back = delta()
+    back.CopyFrom(fresh)
+    back.initial_resource_versions["outbound|backend"] = "v1"
+    assert node_of(fresh, delta).resumed is False  # type: ignore[union-attr]
+    assert node_of(back, delta).resumed is True  # type: ignore[union-attr]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -16,7 +17,9 @@ from meshca.mesh.endpoints import RegisteredEndpoint as Endpoint  # the one endp
 from meshca.v1 import endpoints_pb2, endpoints_pb2_grpc
 
 DEFAULT_INITIAL_BACKOFF = timedelta(milliseconds=200)
-DEFAULT_MAX_BACKOFF = timedelta(seconds=15)
+# Short: after a meshca restart the agents must be registered again within its warmup
+# (meshca.mesh.endpoints.RegistrationTiming, 5 s), before proxies that come back are served.
+DEFAULT_MAX_BACKOFF = timedelta(seconds=2)
 # For the agent's channels to meshca: ping every 10 s, so a hung or unreachable replica is left within ~20 s
 # (meshca allows pings every 5 s; meshca pings the agent too, which is how its death is noticed there).
 CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
@@ -62,18 +65,21 @@ async def keep_registered(
     initial_backoff: timedelta = DEFAULT_INITIAL_BACKOFF,
     max_backoff: timedelta = DEFAULT_MAX_BACKOFF,
     sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
+    rng: random.Random | None = None,
 ) -> None:
     """Hold a Register stream open (to one of `channels`, the meshca replicas, the next one after each failure)
     until cancelled; the registration lives as long as the stream does.
 
     The token file is re-read for every new stream. Failures (meshca unreachable, the stream ending, a refusal)
-    are retried after a capped exponential backoff, reset once a stream has been accepted. `on_registered` runs
+    are retried after a capped exponential backoff (each delay between half and all of it, so that agents whose
+    streams a meshca restart ended together do not come back together), reset once a stream has been accepted. `on_registered` runs
     when meshca accepted the endpoints, `on_lost` (with one line why) when an accepted stream ended."""
     if not channels:
         raise ValueError("keep_registered needs at least one channel to meshca")
     request = endpoints_pb2.RegisterRequest(
         endpoints=[endpoints_pb2.Endpoint(service=e.service, address=e.address, port=e.port) for e in endpoints]
     )
+    rng = rng if rng is not None else random.Random()
     attempt = 0
     replica = 0
     while True:
@@ -110,6 +116,6 @@ async def keep_registered(
             on_lost(why)
         attempt += 1
         replica += 1
-        delay = backoff_delay(attempt, initial_backoff, max_backoff)
+        delay = backoff_delay(attempt, initial_backoff, max_backoff) * rng.uniform(0.5, 1.0)
         logger.warning("endpoint registration: %s; retrying in %.1f s", why, delay.total_seconds())
         await sleep(delay.total_seconds())

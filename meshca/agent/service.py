@@ -81,8 +81,8 @@ class NodeAgent:
             asyncio.create_task(identity.run(self._sleep), name=f"agent-{identity.name}") for identity in self.identities
         ]
         self._tasks += [
-            asyncio.create_task(self._keep_registered(w), name=f"agent-{w.name}-endpoints")
-            for w in self.settings.workloads
+            asyncio.create_task(self._keep_registered(w, i.first_served), name=f"agent-{w.name}-endpoints")
+            for w, i in zip(self.settings.workloads, self.identities, strict=True)
             if w.endpoints
         ]
 
@@ -100,13 +100,15 @@ class NodeAgent:
         for workload_socket in self.sockets:
             await workload_socket.stop()
 
-    async def _keep_registered(self, workload: WorkloadSettings) -> None:
-        """Keep `workload`'s endpoints registered with meshca (its replicas and TLS as for the CSRs) until cancelled.
+    async def _keep_registered(self, workload: WorkloadSettings, served: asyncio.Event) -> None:
+        """Keep `workload`'s endpoints registered with meshca (its replicas and TLS as for the CSRs) until cancelled,
+        from when the agent first has a certificate to serve for it (before that its sidecar cannot take a call).
 
         Refusals and outages are logged by keep_registered and retried there with capped backoff; this task
         never ends on its own, so neither the agent nor its SDS is affected by them."""
         log = self._log.getChild(workload.name)
         endpoints = list(workload.endpoints)
+        await served.wait()
         attempt = 0
         while True:
             try:

@@ -157,6 +157,7 @@ async def _serve_with(
         revocations=(crl_publishing(revocation_source, external=_vault_crls(backend, log))
                      if revocation_source is not None else None),
         audit=audit,
+        registration=settings.registration,
     )
     # Served through grpc's dynamic credentials: a renewed certificate (at 2/3 of its 30 days, or when the
     # signing intermediate changes) or changed `tls:` files reach new connections without a restart.

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 import threading
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from datetime import timedelta
 from typing import Protocol
 
 import grpc
@@ -18,6 +20,27 @@ from meshca.mesh.model import MeshConfig
 from meshca.v1 import endpoints_pb2, endpoints_pb2_grpc
 
 MAX_ENDPOINTS_PER_REQUEST = 256
+
+
+@dataclass(frozen=True)
+class RegistrationTiming:
+    """How registrations outlive their stream, and how a restarted meshca waits for them.
+
+    `grace`: a stream's endpoints stay this long after it ends (an agent restarting, or reconnecting with a fresh
+    token, registers again meanwhile: callers see no gap); an empty request removes them at once.
+    `warmup`: after meshca starts, proxies that come back with config they already had (a reconnect, not a first
+    start) are answered only after this, so agents re-register first and no caller is told a service it still
+    routes to has no endpoints; only while the mesh has services whose endpoints are all registered."""
+
+    grace: timedelta = timedelta(seconds=3)
+    warmup: timedelta = timedelta(seconds=5)
+
+
+def registered_only_services(config: MeshConfig | None) -> tuple[str, ...]:
+    """The services of `config` whose endpoints come only from registrations (`endpoints: []`)."""
+    if config is None:
+        return ()
+    return tuple(s.name for s in config.services if s.inbound is not None and not s.endpoints)
 
 
 @dataclass(frozen=True)
@@ -184,13 +207,27 @@ class EndpointServicer(endpoints_pb2_grpc.EndpointServiceServicer):
         mesh: Callable[[], MeshConfig | None],
         logger: logging.Logger | None = None,
         revoked: Callable[[SpiffeId], bool] | None = None,
+        grace: timedelta = RegistrationTiming().grace,
     ) -> None:
-        """`mesh`: the mesh file's model now (None before one applied: everything is refused)."""
+        """`mesh`: the mesh file's model now (None before one applied: everything is refused). `grace`: how long a
+        stream's endpoints stay after it ended (RegistrationTiming)."""
         self._authenticator = authenticator
         self._sink = sink
         self._mesh = mesh
         self._log = logger or logging.getLogger(__name__)
         self._revoked = revoked
+        self._grace = grace
+        self._removals: set[asyncio.Task[None]] = set()
+
+    async def _remove_after_grace(self, registration_id: str, spiffe_id: SpiffeId) -> None:
+        await asyncio.sleep(self._grace.total_seconds())
+        await self._sink.remove(registration_id)
+        self._log.info("%s: registration %s ended %gs ago, its endpoints are removed",
+                       spiffe_id, registration_id[:8], self._grace.total_seconds())
+
+    def pending_removals(self) -> int:
+        """Ended streams whose endpoints are still served (within their grace)."""
+        return len(self._removals)
 
     async def Register(  # noqa: N802 - gRPC method name
         self, request_iterator: AsyncIterator[endpoints_pb2.RegisterRequest], context: grpc.aio.ServicerContext
@@ -221,8 +258,16 @@ class EndpointServicer(endpoints_pb2_grpc.EndpointServiceServicer):
                 yield endpoints_pb2.RegisterResponse(spiffe_id=spiffe_id.uri, accepted_services=accepted)
         finally:
             if registered:
-                await self._sink.remove(registration_id)
-                self._log.info("%s: registration %s ended, its endpoints are removed", spiffe_id, registration_id[:8])
+                if self._grace <= timedelta(0):
+                    await self._sink.remove(registration_id)
+                    self._log.info("%s: registration %s ended, its endpoints are removed", spiffe_id, registration_id[:8])
+                else:
+                    # a task of its own: the stream's handler is being cancelled or is ending now
+                    removal = asyncio.get_running_loop().create_task(
+                        self._remove_after_grace(registration_id, spiffe_id), name=f"unregister-{registration_id[:8]}"
+                    )
+                    self._removals.add(removal)
+                    removal.add_done_callback(self._removals.discard)
 
 
 def add_to_server(server: grpc.aio.Server, servicer: EndpointServicer) -> None:

@@ -72,6 +72,9 @@ class NodeInfo:
     id: str
     cluster: str
     metadata: dict[str, Any] = field(default_factory=dict)
+    # The first request carried config the proxy already holds (SotW version_info, delta initial_resource_versions):
+    # a reconnect, not a first start.
+    resumed: bool = False
 
 
 @dataclass(frozen=True)
@@ -164,7 +167,11 @@ def _decode(raw: bytes, wire: type[_Wire], fixed_type: ResourceType | None) -> _
     node = None
     if message.HasField("node"):
         metadata = MessageToDict(message.node.metadata) if message.node.HasField("metadata") else {}
-        node = NodeInfo(message.node.id, message.node.cluster, metadata)
+        if isinstance(message, xds_wire_pb2.DeltaDiscoveryRequest):
+            resumed = len(message.initial_resource_versions) > 0
+        else:
+            resumed = message.version_info != ""
+        node = NodeInfo(message.node.id, message.node.cluster, metadata, resumed)
     error = message.error_detail if message.HasField("error_detail") else None
     return _Decoded(
         message,
