@@ -327,12 +327,14 @@ class MeshcaApp:
 
     async def _hold_in_warmup(self, node: NodeInfo) -> None:
         """A proxy coming back with config, while meshca has just started and its mesh has registered-only services,
-        waits until the warmup ends: the agents register again meanwhile, so it is not told those services have no
-        endpoints (it keeps routing with what it has). A proxy's first start, and any stream later, is not held."""
+        (or no mesh yet: it may have such services) waits until the warmup ends: the agents register again meanwhile,
+        so it is not told those services have no endpoints (it keeps routing with what it has). A proxy's first start,
+        and any stream after the warmup, is not held."""
         if not node.resumed or self._warmup_ends is None:
             return
         remaining = self._warmup_ends - asyncio.get_running_loop().time()
-        if remaining > 0 and registered_only_services(self.mesh_config):
+        config = self.mesh_config
+        if remaining > 0 and (config is None or registered_only_services(config)):
             self.log.debug("node %.64r reconnects within the registration warmup: served in %.1f s", node.id, remaining)
             await asyncio.sleep(remaining)
 

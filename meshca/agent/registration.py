@@ -27,6 +27,11 @@ CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
+    # grpc's own reconnect backoff (1 s growing to 120 s by default) would keep a channel that failed through a long
+    # meshca outage unconnected for many seconds after meshca is back, whatever keep_registered's delays are.
+    ("grpc.initial_reconnect_backoff_ms", 500),
+    ("grpc.min_reconnect_backoff_ms", 500),
+    ("grpc.max_reconnect_backoff_ms", 2_000),
 )
 
 
