@@ -143,6 +143,8 @@ class AgentDemo(Demo):
             workloads.append(entry)
         settings = {"meshca": [f"{host}:{port}" for host, port in self.meshca_endpoints(FRONTEND)],
                     "server_name": "localhost", "ca": str(self.material.root_bundle), "workloads": workloads}
+        if self.settings.cert_ttl is not None:  # the agent asks for the lifetime the CSR service signs (its default: 1 h)
+            settings["ttl"] = f"{self.settings.cert_ttl.total_seconds():g}s"
         write_atomic(self.agent_config, yaml.safe_dump(settings, sort_keys=False).encode(), 0o644)
         self.say(f"starting meshca agent --config {self.agent_config} (log: {self.agent_log})")
         started = time.monotonic()
