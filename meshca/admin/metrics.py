@@ -93,6 +93,11 @@ class MeshcaCollector(Collector):
             "xDS streams closed because the proxy did not read a response within the send timeout.",
             value=totals.send_timeouts,
         )
+        yield CounterMetricFamily(
+            "meshca_xds_private_keys_sent",
+            "Secret resources holding a private key in xDS responses written (none to agent-mode nodes).",
+            value=totals.private_keys_sent,
+        )
 
     def _certificate_metrics(self) -> Iterator[Metric]:
         held = self._certificates.certificates()

@@ -40,6 +40,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             rotate_intermediate_at=duration(args.rotate_intermediate_at, "--rotate-intermediate-at"),
             ca=args.ca,
             ha=args.ha,
+            agent=args.agent,
         )
     except ValueError as error:
         raise CliError(str(error)) from None
@@ -73,6 +74,12 @@ def add_demo_parser(commands: Any) -> None:
         action="store_true",
         help="with --check: three etcd members and three meshca replicas; kill -9 a replica and the etcd leader "
         "under traffic (20 s certificates, 40 s unless --duration)",
+    )
+    demo.add_argument(
+        "--agent",
+        action="store_true",
+        help="agent mode: one `meshca agent` makes every sidecar's key and serves it over a Unix socket, and "
+        "registers the backend's endpoint; meshca sends no private key (docs/agent-demo.md)",
     )
     demo.add_argument(
         "--rotate-intermediate-at", help="with --duration: force an intermediate CA rotation this far in (e.g. 25s)"

@@ -75,6 +75,7 @@ class DemoSettings:
     api_type: str = "DELTA_GRPC"  # the sidecars' ADS flavour; GRPC for state of the world
     progress_every: float = 5.0  # with --duration: a progress line this often (seconds)
     ha: bool = False  # three meshca replicas on a three-member etcd (meshca.dev.demo_ha)
+    agent: bool = False  # the sidecars take their keys from one `meshca agent` (meshca.dev.demo_agent)
     # each sidecar takes its trust in meshca from a directory a `meshca trust sync --watch` keeps current
     # (meshca issues its own server certificate then); `trust_sync_interval` is that sync's --interval
     trust_sync: bool = False
@@ -88,6 +89,8 @@ class DemoSettings:
                              "meshca has no intermediate to rotate")
         if self.ha and self.ca != "internal":
             raise ValueError("--ha runs the internal CA in etcd; --ca vault with replicas is in docs/ha.md")
+        if self.agent and self.ha:
+            raise ValueError("--agent and --ha do not combine in this demo: run them one at a time")
 
     @property
     def vault_mode(self) -> Literal["vault-intermediate", "vault-leaf"] | None:
@@ -171,13 +174,21 @@ class Demo:
     def mesh_path(self) -> Path:
         return self.workdir / "mesh.yaml"
 
+    def mesh_data(self) -> dict[str, Any]:
+        """The demo's mesh file as written at start (and put back after an edit)."""
+        return mesh_config(self.ports)
+
+    def agent_socket(self, workload: Workload) -> Path | None:
+        """The Unix socket `workload`'s sidecar takes its secrets from (agent mode), or None: from meshca over ADS."""
+        return None
+
     def write_mesh(self, config: dict[str, Any]) -> None:
         """Replace the mesh file atomically; meshca notices the change and pushes it."""
         write_atomic(self.mesh_path, yaml.safe_dump(config, sort_keys=False).encode(), 0o644)
 
     def start(self) -> None:
         mesh_path = self.mesh_path
-        self.write_mesh(mesh_config(self.ports))
+        self.write_mesh(self.mesh_data())
         extra: dict[str, Any] = {"mesh": str(mesh_path), "metrics_port": self.ports.metrics}
         ca_settings = None
         if self.settings.cert_ttl is not None:
@@ -238,6 +249,7 @@ class Demo:
                 api_type=self.settings.api_type,
                 more_meshca=tuple(more_meshca),
                 meshca_trust_sds_path=trust_sds,
+                agent_socket=self.agent_socket(workload),
             )
             self.bootstraps[workload.name] = build_bootstrap(bootstrap)
             envoy = EnvoyProcess(self.bootstraps[workload.name], workdir=self.workdir / f"envoy-{workload.name}")
@@ -483,7 +495,7 @@ class Demo:
         frontend = self.envoys[FRONTEND.name]
         self.wait_for(lambda: http_get(outbound)[0] == 200, "frontend -> backend answering")
         opened = frontend.stats().get(UPSTREAM_CONNECTIONS)
-        original = mesh_config(self.ports)
+        original = self.mesh_data()
         edited = copy.deepcopy(original)
         edited["services"][BACKEND.name]["allow"] = [ABSENT_CALLER]  # an empty list would admit the trust domain
         changed_at = self._now()
@@ -517,8 +529,7 @@ class Demo:
         serial = envoy_chain(self.envoys[FRONTEND.name])[0].serial_number
         meshca_cli("revoke", "--spiffe-id", FRONTEND.spiffe_id, "--config", str(self.material.serve_config))
         started = time.monotonic()
-        peers = [envoy for name, envoy in self.envoys.items()
-                 if name != FRONTEND.name and self.settings.vault_mode != "vault-leaf"]
+        peers = self.crl_peers()
         try:
             wait_until(lambda: all(serial in crl_serials(envoy) for envoy in peers), 10, 0.05, "CRLs")
         except TimeoutError:
@@ -530,9 +541,18 @@ class Demo:
             refused_after: float | None = time.monotonic() - started
         except TimeoutError:
             refused_after = None
-        self.say(f"revoked {FRONTEND.spiffe_id}: its serial on every peer's CRL after {propagated:.2f} s; its requests "
+        crls = f"its serial on every peer's CRL after {propagated:.2f} s" if peers else self.no_crl_reason
+        self.say(f"revoked {FRONTEND.spiffe_id}: {crls}; its requests "
                  + (f"refused after {refused_after:.2f} s" if refused_after is not None else "still served after 5 s"))
         return refused_after is not None
+
+    no_crl_reason = "Vault signed its certificate: on no CRL of meshca's"
+
+    def crl_peers(self) -> list[EnvoyProcess]:
+        """The sidecars whose CRLs must list a revoked frontend (none when its certificate is not meshca's to list)."""
+        if self.settings.vault_mode == "vault-leaf":
+            return []
+        return [envoy for name, envoy in self.envoys.items() if name != FRONTEND.name]
 
     def print_workloads(self, report: dict[str, dict[str, str | None]]) -> None:
         self.say("workloads (certificates as held by each Envoy, from its admin /certs):")
@@ -706,6 +726,10 @@ def run_demo(settings: DemoSettings, out: TextIO, clock: Clock) -> int:
         from meshca.dev.demo_ha import HaDemo
 
         demo: Demo = HaDemo(settings, out, clock)
+    elif settings.agent:
+        from meshca.dev.demo_agent import AgentDemo
+
+        demo = AgentDemo(settings, out, clock)
     else:
         demo = Demo(settings, out, clock)
     stop = threading.Event()

@@ -142,7 +142,7 @@ def tls_certificate_secret(name: str, certificate_chain_pem: bytes, private_key_
     """An SDS secret with a certificate chain and its private key (never logged: only bytes leave here)."""
     # Secret{name = 1, tls_certificate = 2: TlsCertificate{certificate_chain = 1, private_key = 2}}
     tls_certificate = _msg(1, _data_source(certificate_chain_pem)) + _msg(2, _data_source(private_key_pem))
-    return encode_payload(ResourceType.SECRET, name, _plain_text(1, name) + _msg(2, tls_certificate))
+    return encode_payload(ResourceType.SECRET, name, _plain_text(1, name) + _msg(2, tls_certificate), private_key=True)
 
 
 def validation_context_secret(name: str, trusted_ca_pem: bytes, crl_pem: bytes = b"") -> EncodedResource:

@@ -645,7 +645,8 @@ class XdsServer:
             )
         for response in outcome.responses:
             await self._send(stream_id, node_id, context, frame(response))
-            self._registry.record_sent(stream_id, response.type, response.version)
+            keys = sum(r.private_key for r in response.resources) if response.type is ResourceType.SECRET else 0
+            self._registry.record_sent(stream_id, response.type, response.version, keys)
 
     @staticmethod
     async def _read(

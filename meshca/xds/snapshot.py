@@ -82,6 +82,9 @@ class EncodedResource:
     payload: bytes = field(repr=False)
     any_field: bytes = field(repr=False)  # google.protobuf.Any, framed as DiscoveryResponse field 2
     references: frozenset[Reference] = frozenset()
+    # A Secret holding a private key (a tls_certificate): known when it is encoded, counted where it is sent
+    # (meshca_xds_private_keys_sent), so no response is decoded again to tell.
+    private_key: bool = False
     # Delta: `delta_prefix + any_field` is a Resource{name, version, resource=Any} framed as
     # DeltaDiscoveryResponse field 2 (Resource.resource is field 2 too, so any_field is reused as is).
     delta_prefix: bytes = field(init=False, repr=False)
@@ -97,6 +100,8 @@ def encode_payload(
     name: str,
     payload: bytes,
     references: Iterable[Reference] = (),
+    *,
+    private_key: bool = False,
 ) -> EncodedResource:
     """Wrap a serialized resource once; its version is a hash of the bytes, so equal content means equal version."""
     any_bytes = length_delimited(1, resource_type.type_url.encode()) + length_delimited(2, payload)
@@ -107,6 +112,7 @@ def encode_payload(
         payload=payload,
         any_field=length_delimited(2, any_bytes),
         references=frozenset(references),
+        private_key=private_key,
     )
 
 

@@ -43,6 +43,7 @@ class RegistryTotals:
     pushes: Mapping[ResourceType, int]
     nacks: Mapping[ResourceType, int]
     send_timeouts: int = 0  # streams closed because the proxy stopped reading responses
+    private_keys_sent: int = 0  # Secret resources holding a private key in responses written (agent mode: none)
 
 
 class _StreamRecord:
@@ -73,6 +74,7 @@ class ProxyRegistry:
         self._pushes: dict[ResourceType, int] = dict.fromkeys(ResourceType, 0)
         self._nacks: dict[ResourceType, int] = dict.fromkeys(ResourceType, 0)
         self._send_timeouts = 0
+        self._private_keys_sent = 0
         self._changes = 0  # moves on every change a status reader could see
 
     def changes(self) -> int:
@@ -98,9 +100,11 @@ class ProxyRegistry:
         with self._lock:
             self._send_timeouts += 1
 
-    def record_sent(self, stream_id: int, resource_type: ResourceType, version: str) -> None:
+    def record_sent(self, stream_id: int, resource_type: ResourceType, version: str, private_keys: int = 0) -> None:
+        """A response was written; `private_keys`: how many of its resources held a private key."""
         with self._lock:
             self._pushes[resource_type] += 1
+            self._private_keys_sent += private_keys
             self._changes += 1
             record = self._streams.get(stream_id)
             if record is not None:
@@ -129,8 +133,12 @@ class ProxyRegistry:
             return [record.view() for record in self._streams.values()]
 
     def totals(self) -> RegistryTotals:
-        """Responses sent and NACKs received per type, and send timeouts, since start, surviving stream close."""
+        """Responses sent and NACKs received per type, send timeouts and private keys sent, since start, surviving
+        stream close."""
         with self._lock:
             return RegistryTotals(
-                MappingProxyType(dict(self._pushes)), MappingProxyType(dict(self._nacks)), self._send_timeouts
+                MappingProxyType(dict(self._pushes)),
+                MappingProxyType(dict(self._nacks)),
+                self._send_timeouts,
+                self._private_keys_sent,
             )
