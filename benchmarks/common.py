@@ -95,6 +95,9 @@ class Profile:
     rotation_streams: int = 1000  # rotation_storm runs in the full profile, or when asked for by --only
     rotation_window_seconds: float = 30.0
     failover_streams: int = 3000  # failover_reconnect: streams on the replica that is killed
+    agent_workloads: int = 200  # agent_start: workloads started at once through agents, then through central SDS
+    agent_processes: int = 2  # agent_start: load-generator processes the workloads are split over
+    agent_waves: tuple[int, ...] = (0,)  # agent_start: one pass per wave size (0: all at once, the row's value)
 
 
 QUICK = Profile("quick")
@@ -111,6 +114,7 @@ FULL = Profile(
     envoy_rounds=20,
     rotation_streams=10_000,
     rotation_window_seconds=120.0,
+    agent_waves=(0, 20),
 )
 
 

@@ -40,6 +40,35 @@ from meshca.mesh.model import MeshConfig, load_mesh_config
 from meshca.sds.rotation import RotationSettings
 
 
+class RegistrationProbe:
+    """Wraps a RegisteredEndpoints instance: when each registration (put) and removal began and returned.
+
+    On the code this was written for, a put rebuilds and publishes the mesh before it returns, so its
+    duration is the rebuild's; the number of rebuilds is MeshPublisher.mesh_updates_total()."""
+
+    def __init__(self, endpoints: Any) -> None:
+        self.puts: list[tuple[float, float]] = []
+        self.removes: list[tuple[float, float]] = []
+        original_put, original_remove = endpoints.put, endpoints.remove
+
+        async def put(*args: Any, **kw: Any) -> Any:
+            started = time.monotonic()
+            try:
+                return await original_put(*args, **kw)
+            finally:
+                self.puts.append((started, time.monotonic()))
+
+        async def remove(*args: Any, **kw: Any) -> Any:
+            started = time.monotonic()
+            try:
+                return await original_remove(*args, **kw)
+            finally:
+                self.removes.append((started, time.monotonic()))
+
+        endpoints.put = put
+        endpoints.remove = remove
+
+
 class PushAckProbe:
     """Wraps a ProxyRegistry instance: when each (stream, type, version) was sent and when it was ACKed."""
 
@@ -104,6 +133,7 @@ async def main() -> None:
     tune_gc_for_serving()  # as `meshca serve` does
     app = MeshcaApp(ca, [issuer], system_clock, log, leaf_ttl=leaf_ttl, rotation=rotation)
     probe = PushAckProbe(app.registry) if args.get("instrument") else None
+    registration_probe = RegistrationProbe(app.endpoints) if args.get("instrument_registrations") else None
     credentials = issue_server_credentials(ca, ["localhost", "127.0.0.1"], timedelta(days=1))
     root = workdir / "root.pem"
     root.write_bytes(ca.trust_bundle_pem())
@@ -191,6 +221,19 @@ async def main() -> None:
         taken, probe.samples = probe.samples, []
         return {"samples": taken}
 
+    async def registrations(cmd: dict[str, Any]) -> dict[str, Any]:
+        """Registered endpoints now, mesh rebuilds so far, and the timed puts/removes since the last call."""
+        taken: dict[str, Any] = {}
+        if registration_probe is not None:
+            taken = {"puts": registration_probe.puts, "removes": registration_probe.removes}
+            registration_probe.puts, registration_probe.removes = [], []
+        return {
+            "registered_endpoints": app.endpoints.count(),
+            "mesh_updates": app.publisher.mesh_updates_total(),
+            "cpu_seconds": cpu_seconds(os.getpid()),
+            **taken,
+        }
+
     async def store_writes(cmd: dict[str, Any]) -> dict[str, Any]:
         assert store is not None, "started without etcd"
         return {"writes": store.writes}
@@ -225,6 +268,7 @@ async def main() -> None:
                 "renew_all": renew_all,
                 "rotate_intermediate": rotate_intermediate,
                 "registry": registry,
+                "registrations": registrations,
                 "samples": samples,
                 "stats": stats,
                 "store_writes": store_writes,

@@ -41,6 +41,7 @@ BENCHMARKS: dict[str, str] = {
     "store_apply_to_push": "benchmarks.store_apply",
     "envoy_push_to_ack": "benchmarks.envoy_push_ack",
     "failover_reconnect": "benchmarks.failover",
+    "agent_start": "benchmarks.agent_start",
     "rotation_storm": "benchmarks.rotation_storm",
 }
 

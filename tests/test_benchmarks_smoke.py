@@ -80,3 +80,21 @@ def test_store_apply_row_reaches_every_stream_on_three_replicas(tmp_path: Path) 
     assert parameters["streams_per_replica"] == [10, 10, 10]
     # the push and its ACKs change every replica's registry: each rewrites its summary, at most a few times
     assert all(1 <= writes <= 6 for writes in parameters["etcd_writes_per_push_by_replica"]), parameters
+
+
+def test_agent_start_row_times_agents_and_central_sds_for_every_workload(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    (row,) = run_benchmarks(["agent_start"], replace(TINY, agent_workloads=4, agent_processes=1), tmp_path)
+    assert set(row) == ROW_KEYS and "error" not in row["parameters"], row["parameters"]
+    assert row["name"] == "agent_start" and row["value"] > 0 and row["baseline_value"] > 0
+    assert isinstance(row["met"], bool)
+    parameters = row["parameters"]
+    assert parameters["workloads"] == 4
+    agent, profile = parameters["agent"], parameters["agent_profile"]
+    slowest = agent["max_of_cert_and_endpoint"]["p99_s"]  # the row's value, rounded as the others are
+    assert 0 < agent["cert"]["p99_s"] <= slowest and 0 < agent["endpoint"]["p99_s"] <= slowest
+    assert profile["registration_puts"] == 4  # each agent registered its workload's endpoint once
+    assert 1 <= profile["mesh_rebuilds"] <= 4  # one per registration today; fewer once rebuilds are coalesced
+    assert parameters["agent_without_endpoints"]["mesh_rebuilds"] == 0
+    assert parameters["central"]["endpoint_s"] == 0.0 and parameters["central"]["mesh_rebuilds"] == 0
