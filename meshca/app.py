@@ -213,6 +213,7 @@ class MeshcaApp:
         self.identity_gate = IdentityGate(TokenVerifier(issuers, clock, logger=logger.getChild("jwt")))
         self.rotation = rotation
         self.audit = audit
+        self.leaf_ttl = leaf_ttl
         self.secrets = WorkloadSecrets(
             ca, clock, logger.getChild("sds"), leaf_ttl, reuse_until=1 - rotation.policy.hard_zone, audit=audit
         )
@@ -422,7 +423,8 @@ class MeshcaApp:
         csr_service.add_to_server(
             server,
             csr_service.CertificateServicer(
-                self.identity_gate, self.ca, ca_executor=csr_executor, revoked=self.secrets.is_denied, audit=self.audit
+                self.identity_gate, self.ca, ca_executor=csr_executor, revoked=self.secrets.is_denied, audit=self.audit,
+                default_ttl=self.leaf_ttl,
             ),
         )
         trust_service.add_to_server(server, trust_service.TrustBundleServicer(self.ca))

@@ -94,6 +94,24 @@ async def test_sign_honours_ttl_seconds(stub: certificate_pb2_grpc.CertificateSe
     ]
 
 
+async def test_a_request_without_ttl_gets_meshcas_leaf_ttl(ca: CertificateAuthority) -> None:
+    server = grpc.aio.server()
+    authenticator = FakeTokenAuthenticator({"frontend-token": FRONTEND})
+    add_to_server(server, CertificateServicer(authenticator, ca, default_ttl=timedelta(minutes=20)))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = certificate_pb2_grpc.CertificateServiceStub(channel)
+            default = await stub.Sign(certificate_pb2.SignRequest(csr_pem=csr()), metadata=bearer("frontend-token"))
+            asked = await stub.Sign(certificate_pb2.SignRequest(csr_pem=csr(), ttl_seconds=600),
+                                    metadata=bearer("frontend-token"))
+    finally:
+        await server.stop(None)
+    assert default.expires_at == int((T0 + timedelta(minutes=20)).timestamp())  # as meshca's own leaves
+    assert asked.expires_at == int((T0 + timedelta(minutes=10)).timestamp())  # a request's ttl still wins
+
+
 async def test_missing_token_is_unauthenticated(stub: certificate_pb2_grpc.CertificateServiceStub) -> None:
     error = await sign_error(stub, certificate_pb2.SignRequest(csr_pem=csr()), None)
     assert error.code() == grpc.StatusCode.UNAUTHENTICATED

@@ -57,8 +57,10 @@ class CertificateServicer(certificate_pb2_grpc.CertificateServiceServicer):
         ca_executor: Executor | None = None,
         revoked: Callable[[SpiffeId], bool] | None = None,
         audit: AuditSink | None = None,
+        default_ttl: timedelta | None = None,
     ) -> None:
-        """`revoked`: True for an identity `meshca revoke --spiffe-id` revoked (refused, PERMISSION_DENIED).
+        """`default_ttl`: the lifetime of a certificate whose request names none (meshca's `leaf_ttl`, so a node
+        agent's certificates live as long as those meshca issues itself; None: the CA's default). `revoked`: True for an identity `meshca revoke --spiffe-id` revoked (refused, PERMISSION_DENIED).
         `ca_executor`: where signing runs when the signer may block (a Vault-backed signer may wait
         seconds on Vault, and the event loop with every other call would wait with it); None signs on
         the loop (an in-memory CA: a thread hop would only cost). `audit`: every signed CSR is recorded there."""
@@ -70,6 +72,7 @@ class CertificateServicer(certificate_pb2_grpc.CertificateServiceServicer):
         self._revoked = revoked
         self._log = logger or logging.getLogger(__name__)
         self._chain_tail: tuple[bytes, tuple[str, ...]] = (b"", ())
+        self._default_ttl = default_ttl
 
     def _chain(self, issued: IssuedCertificate) -> list[str]:
         """The chain's PEM blocks; what follows the leaf (the same intermediates every call) is split once."""
@@ -96,7 +99,7 @@ class CertificateServicer(certificate_pb2_grpc.CertificateServiceServicer):
             self._log.info("Sign refused: unauthenticated: %s", e)
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(e))
 
-        ttl: timedelta | None = None
+        ttl: timedelta | None = self._default_ttl
         if request.HasField("ttl_seconds"):
             if not 0 < request.ttl_seconds <= _MAX_TTL_SECONDS:
                 await context.abort(
