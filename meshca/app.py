@@ -261,6 +261,8 @@ class MeshcaApp:
         self.registration_sink: RegistrationSink = self.endpoints
         self.revocations: RevocationPublisher | None = None
         self.tainted: TaintedLeaves | None = None
+        # GetBundle and WatchTrust (node agents follow the bundle and CRLs the ROOTCA secret carries)
+        self.trust = trust_service.TrustBundleServicer(ca, material=self.secrets.trust_material)
         if revocations is not None:
             self.revocations = revocations(self)
             self.revocations.start()
@@ -349,6 +351,7 @@ class MeshcaApp:
             self.revocations.check()
             if self.tainted is not None:
                 self.tainted.check(self.revocations.revocations)
+        self.trust.poke()  # the bundle and the CRLs change here: agents' watches look now
 
     def record_rejected(self) -> None:
         self.publisher.record_rejected()
@@ -396,7 +399,7 @@ class MeshcaApp:
                 self.identity_gate, self.ca, ca_executor=csr_executor, revoked=self.secrets.is_denied, audit=self.audit
             ),
         )
-        trust_service.add_to_server(server, trust_service.TrustBundleServicer(self.ca))
+        trust_service.add_to_server(server, self.trust)
         registration_service.add_to_server(
             server,
             registration_service.EndpointServicer(
@@ -447,6 +450,7 @@ class MeshcaApp:
         if self._server is not None:
             self.health.enter_graceful_shutdown()
             self.xds.shutdown()
+            self.trust.close()
             await self._server.stop(grace)
             self._server = None
             self.observability.stop()
