@@ -17,7 +17,7 @@ from meshca.ca.trust_service import FULL_WATCH_METHOD, material_version
 from meshca.v1 import trust_pb2
 
 DEFAULT_INITIAL_BACKOFF = timedelta(milliseconds=200)
-DEFAULT_MAX_BACKOFF = timedelta(seconds=15)
+DEFAULT_MAX_BACKOFF = timedelta(seconds=5)  # a meshca back is followed again within this
 
 
 @dataclass(frozen=True)
