@@ -278,6 +278,8 @@ class MeshcaApp:
         self.registration_sink: RegistrationSink = self.endpoints
         self.revocations: RevocationPublisher | None = None
         self.tainted: TaintedLeaves | None = None
+        # GetBundle and WatchTrust (node agents follow the bundle and CRLs the ROOTCA secret carries)
+        self.trust = trust_service.TrustBundleServicer(ca, material=self.secrets.trust_material)
         if revocations is not None:
             self.revocations = revocations(self)
             self.revocations.start()
@@ -379,6 +381,7 @@ class MeshcaApp:
             self.revocations.check()
             if self.tainted is not None:
                 self.tainted.check(self.revocations.revocations)
+        self.trust.poke()  # the bundle and the CRLs change here: agents' watches look now
 
     def record_rejected(self) -> None:
         self.publisher.record_rejected()
@@ -427,7 +430,7 @@ class MeshcaApp:
                 default_ttl=self.leaf_ttl,
             ),
         )
-        trust_service.add_to_server(server, trust_service.TrustBundleServicer(self.ca))
+        trust_service.add_to_server(server, self.trust)
         registration_service.add_to_server(
             server,
             registration_service.EndpointServicer(
@@ -479,6 +482,7 @@ class MeshcaApp:
         if self._server is not None:
             self.health.enter_graceful_shutdown()
             self.xds.shutdown()
+            self.trust.close()
             await self._server.stop(grace)
             self._server = None
             self.observability.stop()

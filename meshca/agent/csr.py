@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -55,8 +55,10 @@ class CsrClient:
         ca_path: Path,
         timeout: timedelta = timedelta(seconds=10),
         node_id: str | None = None,
+        roots: Callable[[], bytes] | None = None,
     ) -> None:
-        """`ca_path` is re-read for every call (the roots meshca is verified with may be replaced)."""
+        """`ca_path` is re-read for every call (the roots meshca is verified with may be replaced); `roots`, when
+        given, is called instead (meshca.agent.trust.TrustAnchor.roots: the file plus the bundle followed)."""
         if not addresses:
             raise ValueError("at least one meshca address is needed")
         self._addresses = tuple(addresses)
@@ -64,10 +66,11 @@ class CsrClient:
         self._ca_path = ca_path
         self._timeout = timeout.total_seconds()
         self._node_id = node_id
+        self._roots = roots if roots is not None else ca_path.read_bytes
 
     async def sign(self, csr_pem: bytes, token: str, ttl: timedelta | None = None) -> SignedCertificate:
         try:
-            roots = self._ca_path.read_bytes()
+            roots = self._roots()
         except OSError as error:
             raise SignFailed(f"cannot read ca {self._ca_path}: {error.strerror}") from None
         credentials = grpc.ssl_channel_credentials(root_certificates=roots)

@@ -16,6 +16,7 @@ from meshca.agent.csr import CsrClient, grpc_target
 from meshca.agent.registration import CHANNEL_OPTIONS, keep_registered
 from meshca.agent.sds import WorkloadSocket
 from meshca.agent.settings import AgentSettings, WorkloadSettings
+from meshca.agent.trust import TrustAnchor, TrustMaterial, channel_factory, follow_trust
 from meshca.agent.workload import Retry, Served, Signer, WorkloadIdentity
 from meshca.backoff import backoff_delay
 from meshca.clock import Clock
@@ -52,8 +53,11 @@ class NodeAgent:
         self._log = logger
         self._sleep = sleep
         self.cache = SnapshotCache()
+        # the roots meshca is verified with: the `ca` file plus the bundle followed from meshca (meshca.agent.trust)
+        self.anchor = TrustAnchor(settings.ca)
+        self.trust: TrustMaterial | None = None
         if signer is None:
-            signer = CsrClient(settings.meshca, settings.server_name, settings.ca, settings.timeout)
+            signer = CsrClient(settings.meshca, settings.server_name, settings.ca, settings.timeout, roots=self.anchor.roots)
         rng = rng if rng is not None else random.Random()
         self.identities = [
             WorkloadIdentity(
@@ -80,6 +84,7 @@ class NodeAgent:
         self._tasks = [
             asyncio.create_task(identity.run(self._sleep), name=f"agent-{identity.name}") for identity in self.identities
         ]
+        self._tasks.append(asyncio.create_task(self._follow_trust(), name="agent-trust"))
         self._tasks += [
             asyncio.create_task(self._keep_registered(w, i.first_served), name=f"agent-{w.name}-endpoints")
             for w, i in zip(self.settings.workloads, self.identities, strict=True)
@@ -100,6 +105,18 @@ class NodeAgent:
         for workload_socket in self.sockets:
             await workload_socket.stop()
 
+    async def _follow_trust(self) -> None:
+        """Serve meshca's bundle and CRLs as every workload's ROOTCA as they change (WatchTrust), until cancelled."""
+        connect = channel_factory(self.anchor, self.settings.server_name, CHANNEL_OPTIONS)
+        targets = [grpc_target(h, p) for h, p in self.settings.meshca]
+        await follow_trust(targets, connect, self._on_trust, self._log.getChild("trust"), anchor=self.anchor,
+                           sleep=self._sleep)
+
+    def _on_trust(self, material: TrustMaterial) -> None:
+        self.trust = material
+        for identity in self.identities:
+            identity.set_trust(material.bundle_pem, material.crls_pem)
+
     async def _keep_registered(self, workload: WorkloadSettings, served: asyncio.Event) -> None:
         """Keep `workload`'s endpoints registered with meshca (its replicas and TLS as for the CSRs) until cancelled,
         from when the agent first has a certificate to serve for it (before that its sidecar cannot take a call).
@@ -112,7 +129,7 @@ class NodeAgent:
         attempt = 0
         while True:
             try:
-                roots = self.settings.ca.read_bytes()
+                roots = self.anchor.roots()
                 break
             except OSError as error:
                 attempt += 1

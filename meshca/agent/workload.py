@@ -20,7 +20,7 @@ from meshca.files import describe_os_error
 from meshca.mesh.resources import DEFAULT_CERT_SECRET, ROOT_CA_SECRET, tls_certificate_secret, validation_context_secret
 from meshca.sds.rotation import RenewalPolicy, hard_zone_start, lifetime_start, renewal_time
 from meshca.xds.cache import SnapshotCache
-from meshca.xds.snapshot import Snapshot
+from meshca.xds.snapshot import EncodedResource, Snapshot
 
 
 class Signer(Protocol):
@@ -86,6 +86,9 @@ class WorkloadIdentity:
         self._rng = rng if rng is not None else random.Random()
         self._algorithm = key_algorithm
         self._served: Served | None = None
+        self._default: EncodedResource | None = None  # the `default` secret served (it holds the key)
+        self._trust: tuple[bytes, bytes] | None = None  # (bundle, CRLs) followed from meshca (meshca.agent.trust)
+        self._signed_bundle = b""  # the bundle of the last CSR response
         self._failures_in_row = 0
         self.issued = 0
         self.failures = 0
@@ -121,11 +124,9 @@ class WorkloadIdentity:
         now = self._clock()
         start = lifetime_start(signed.not_before, now, signed.not_after)
         renew_at = max(renewal_time(start, signed.not_after, self._policy, self._rng.uniform(-1, 1)), now)
-        snapshot = Snapshot.build([
-            tls_certificate_secret(DEFAULT_CERT_SECRET, signed.chain_pem, key_pem),
-            validation_context_secret(ROOT_CA_SECRET, signed.trust_bundle_pem),
-        ])
-        self._cache.set_snapshot(self.name, snapshot)
+        self._default = tls_certificate_secret(DEFAULT_CERT_SECRET, signed.chain_pem, key_pem)
+        self._signed_bundle = signed.trust_bundle_pem
+        self._publish()
         self._served = Served(
             signed.spiffe_id, signed.serial_number, signed.not_before, signed.not_after, now, key_sha256, renew_at
         )
@@ -140,6 +141,22 @@ class WorkloadIdentity:
             renew_at.isoformat(),
         )
         return renew_at
+
+    def set_trust(self, bundle_pem: bytes, crls_pem: bytes) -> None:
+        """Serve this bundle and these CRLs as ROOTCA from now on (also after later renewals), keeping `default`
+        as it is; until the first call, ROOTCA is the bundle of the last CSR response, without CRLs."""
+        if self._trust == (bundle_pem, crls_pem):
+            return
+        self._trust = (bundle_pem, crls_pem)
+        if self._default is not None:
+            self._publish()
+
+    def _publish(self) -> None:
+        assert self._default is not None
+        bundle, crls = self._trust if self._trust is not None else (self._signed_bundle, b"")
+        self._cache.set_snapshot(self.name, Snapshot.build(
+            [self._default, validation_context_secret(ROOT_CA_SECRET, bundle, crls)]
+        ))
 
     def _failed(self, reason: str, retryable: bool) -> datetime:
         now = self._clock()

@@ -122,6 +122,12 @@ class WorkloadSecrets:
             self._bundle = ((bundle, crls), encoded)
         return list(encoded)
 
+    def trust_material(self) -> tuple[bytes, bytes]:
+        """(bundle, CRLs) as every bundle secret carries them now: what agents serve as their ROOTCA."""
+        bundle = self._issuer.trust_bundle_pem()
+        with self._lock:
+            return bundle, self._crls
+
     def set_crls(self, crls_pem: bytes) -> None:
         """The CRLs every bundle secret carries from now on (the caller republishes)."""
         with self._lock:
