@@ -12,6 +12,7 @@ from pathlib import Path
 import grpc
 
 from meshca.backoff import backoff_delay
+from meshca.files import read_no_follow
 from meshca.mesh.endpoints import RegisteredEndpoint as Endpoint  # the one endpoint value type, both sides
 from meshca.v1 import endpoints_pb2, endpoints_pb2_grpc
 
@@ -39,10 +40,12 @@ class TokenUnreadable(Exception):
     """The token file cannot be read (its path and the OS reason; never its content)."""
 
 
-def read_token(path: Path) -> str:
-    """The JWT in `path`, read now (it rotates: never cached); one trailing newline is tolerated."""
+def read_token(path: Path, no_symlink: bool = False) -> str:
+    """The JWT in `path`, read now (it rotates: never cached); one trailing newline is tolerated. `no_symlink`: a
+    file in a directory the workload writes (meshca.files.read_no_follow)."""
     try:
-        token = path.read_text(encoding="ascii").rstrip("\r\n")
+        raw = read_no_follow(path, 65536) if no_symlink else path.read_bytes()
+        token = raw.decode("ascii").rstrip("\r\n")
     except (OSError, UnicodeDecodeError) as error:
         reason = error.strerror if isinstance(error, OSError) and error.strerror else type(error).__name__
         raise TokenUnreadable(f"token file {path}: cannot read it ({reason})") from None
@@ -62,6 +65,7 @@ async def keep_registered(
     initial_backoff: timedelta = DEFAULT_INITIAL_BACKOFF,
     max_backoff: timedelta = DEFAULT_MAX_BACKOFF,
     sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
+    token_no_symlink: bool = False,
 ) -> None:
     """Hold a Register stream open (to one of `channels`, the meshca replicas, the next one after each failure)
     until cancelled; the registration lives as long as the stream does.
@@ -79,7 +83,7 @@ async def keep_registered(
     while True:
         accepted = False
         try:
-            token = read_token(token_file)
+            token = read_token(token_file, token_no_symlink)
             stub = endpoints_pb2_grpc.EndpointServiceStub(channels[replica % len(channels)])
             call = stub.Register(metadata=(("authorization", f"Bearer {token}"),))
             del token
