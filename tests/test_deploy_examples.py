@@ -13,6 +13,7 @@ import sys
 import threading
 from collections.abc import Iterator, Mapping
 from concurrent import futures
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -256,6 +257,49 @@ def test_workload_bootstrap_validates_with_envoy(pki: Path, tmp_path: Path) -> N
                  SpiffeBundle(((pki / "ca.pem").read_bytes(),)))
     write_token_sds(trust_dir, token)
     validate_with_envoy(on_host(embedded_bootstrap(), trust_dir, token_dir), tmp_path)
+
+
+AGENT_WORKLOAD_MANIFEST = K8S / "workload-agent-example.yaml"
+
+
+def agent_workload_settings() -> BootstrapSettings:
+    """What the agent-mode example's bootstrap ConfigMap is rendered from (the command in its comment)."""
+    return replace(workload_settings(), cluster="catalog", node_metadata={"NAMESPACE": "shop", "SERVICE_ACCOUNT": "catalog"},
+                   agent_socket=Path("/run/meshca/workload/sds.sock"))
+
+
+def test_agent_workload_bootstrap_is_the_commented_meshca_bootstrap_output() -> None:
+    """The same command as workload-example.yaml's (which the e2e test below renders in a pod's directories) for
+    catalog, plus --agent-socket; the ConfigMap holds what it renders."""
+    from meshca.cli.main import build_parser
+
+    docs = load_docs(AGENT_WORKLOAD_MANIFEST)
+    embedded = str(find_doc(docs, "ConfigMap", "catalog-envoy-bootstrap")["data"]["bootstrap.yaml"])
+    assert embedded == render_yaml(agent_workload_settings())
+    text = AGENT_WORKLOAD_MANIFEST.read_text()
+    match = re.search(r"^ *# +(meshca bootstrap .*?)\n *#\n", text, re.MULTILINE | re.DOTALL)
+    assert match, "the ConfigMap's comment names the meshca bootstrap command"
+    argv = shlex.split(re.sub(r"\\\n *# *", " ", match.group(1)))[1:]
+    args = build_parser().parse_args(argv)  # (rendering it needs the pod's trust directory: see the e2e test above)
+    assert (args.cluster, args.agent_socket, args.trust_dir) == ("catalog", "/run/meshca/workload/sds.sock",
+                                                                 str(TRUST_DIR))
+    assert argv == [a.replace("frontend", "catalog") for a in bootstrap_command_in_comment()] + [
+        "--agent-socket", "/run/meshca/workload/sds.sock"]
+
+
+def test_agent_workload_bootstrap_validates_with_envoy(pki: Path, tmp_path: Path) -> None:
+    """Real Envoy loads the agent-mode bootstrap (the agent's socket need not exist yet: Envoy keeps trying it)."""
+    token_dir, trust_dir = tmp_path / "tokens", tmp_path / "trust"
+    token_dir.mkdir()
+    trust_dir.mkdir()
+    token = token_dir / "meshca-token"
+    token.write_text("eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln")
+    write_bundle(TrustSyncSettings((("127.0.0.1", 1),), "meshca.local", trust_dir),
+                 SpiffeBundle(((pki / "ca.pem").read_bytes(),)))
+    write_token_sds(trust_dir, token)
+    embedded = str(find_doc(load_docs(AGENT_WORKLOAD_MANIFEST), "ConfigMap", "catalog-envoy-bootstrap")["data"][
+        "bootstrap.yaml"])
+    validate_with_envoy(on_host(embedded, trust_dir, token_dir).replace("/run/meshca/workload", str(tmp_path)), tmp_path)
 
 
 def bootstrap_command_in_comment() -> list[str]:

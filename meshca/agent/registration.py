@@ -13,6 +13,7 @@ from pathlib import Path
 import grpc
 
 from meshca.backoff import backoff_delay
+from meshca.files import read_no_follow
 from meshca.mesh.endpoints import RegisteredEndpoint as Endpoint  # the one endpoint value type, both sides
 from meshca.v1 import endpoints_pb2, endpoints_pb2_grpc
 
@@ -47,10 +48,12 @@ class TokenUnreadable(Exception):
     """The token file cannot be read (its path and the OS reason; never its content)."""
 
 
-def read_token(path: Path) -> str:
-    """The JWT in `path`, read now (it rotates: never cached); one trailing newline is tolerated."""
+def read_token(path: Path, no_symlink: bool = False) -> str:
+    """The JWT in `path`, read now (it rotates: never cached); one trailing newline is tolerated. `no_symlink`: a
+    file in a directory the workload writes (meshca.files.read_no_follow)."""
     try:
-        token = path.read_text(encoding="ascii").rstrip("\r\n")
+        raw = read_no_follow(path, 65536) if no_symlink else path.read_bytes()
+        token = raw.decode("ascii").rstrip("\r\n")
     except (OSError, UnicodeDecodeError) as error:
         reason = error.strerror if isinstance(error, OSError) and error.strerror else type(error).__name__
         raise TokenUnreadable(f"token file {path}: cannot read it ({reason})") from None
@@ -71,6 +74,8 @@ async def keep_registered(
     max_backoff: timedelta = DEFAULT_MAX_BACKOFF,
     sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
     rng: random.Random | None = None,
+    token_no_symlink: bool = False,
+    withdraw: asyncio.Event | None = None,
 ) -> None:
     """Hold a Register stream open (to one of `channels`, the meshca replicas, the next one after each failure)
     until cancelled; the registration lives as long as the stream does.
@@ -78,7 +83,11 @@ async def keep_registered(
     The token file is re-read for every new stream. Failures (meshca unreachable, the stream ending, a refusal)
     are retried after a capped exponential backoff (each delay between half and all of it, so that agents whose
     streams a meshca restart ended together do not come back together), reset once a stream has been accepted. `on_registered` runs
-    when meshca accepted the endpoints, `on_lost` (with one line why) when an accepted stream ended."""
+    when meshca accepted the endpoints, `on_lost` (with one line why) when an accepted stream ended.
+
+    Cancelled, the stream just ends: meshca keeps the endpoints for its grace (an agent restart leaves no gap).
+    `withdraw` set: the endpoints are withdrawn at once (an empty request, answered within 2 s) and this returns —
+    for a workload that is gone."""
     if not channels:
         raise ValueError("keep_registered needs at least one channel to meshca")
     request = endpoints_pb2.RegisterRequest(
@@ -87,10 +96,11 @@ async def keep_registered(
     rng = rng if rng is not None else random.Random()
     attempt = 0
     replica = 0
-    while True:
+    withdrawn = asyncio.Event() if withdraw is None else withdraw
+    while not withdrawn.is_set():
         accepted = False
         try:
-            token = read_token(token_file)
+            token = read_token(token_file, token_no_symlink)
             stub = endpoints_pb2_grpc.EndpointServiceStub(channels[replica % len(channels)])
             call = stub.Register(metadata=(("authorization", f"Bearer {token}"),))
             del token
@@ -107,7 +117,14 @@ async def keep_registered(
                 )
                 if on_registered is not None:
                     on_registered(registered)
-                await call.read()  # meshca answers only requests: this returns when the stream ends
+                # meshca answers only requests, so this read returns when the stream ends (or answers a withdrawal)
+                reading = asyncio.ensure_future(call.read())
+                if await _withdrawn_first(reading, withdrawn):
+                    await call.write(endpoints_pb2.RegisterRequest())
+                    await asyncio.wait_for(reading, 2.0)
+                    logger.info("endpoints of %s withdrawn", ", ".join(registered.accepted_services))
+                    return
+                reading.result()
                 why = "meshca ended the registration stream"
             finally:
                 call.cancel()
@@ -115,8 +132,10 @@ async def keep_registered(
             why = str(error)
         except grpc.aio.AioRpcError as error:
             why = f"{error.code().name}: {error.details()}"
-        except ConnectionError as error:
-            why = str(error)
+        except (ConnectionError, asyncio.TimeoutError) as error:
+            why = str(error) or "meshca did not answer the withdrawal"
+        if withdrawn.is_set():
+            return
         if accepted and on_lost is not None:
             on_lost(why)
         attempt += 1
@@ -124,3 +143,18 @@ async def keep_registered(
         delay = backoff_delay(attempt, initial_backoff, max_backoff) * rng.uniform(0.5, 1.0)
         logger.warning("endpoint registration: %s; retrying in %.1f s", why, delay.total_seconds())
         await sleep(delay.total_seconds())
+
+
+
+async def _withdrawn_first(reading: asyncio.Future[object], withdraw: asyncio.Event) -> bool:
+    """Wait until `reading` (the stream's next read) is done (False) or `withdraw` is set first (True; the read goes
+    on: cancelling it would cancel the whole call, and it is the withdrawal's answer)."""
+    waiting = asyncio.ensure_future(withdraw.wait())
+    try:
+        done, _ = await asyncio.wait((reading, waiting), return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        reading.cancel()
+        raise
+    finally:
+        waiting.cancel()
+    return reading not in done

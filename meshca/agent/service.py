@@ -6,14 +6,15 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, replace
 from datetime import timedelta
 
 import grpc
 
 from meshca.agent.csr import CsrClient, grpc_target
-from meshca.agent.registration import CHANNEL_OPTIONS, keep_registered
+from meshca.agent.discovery import WorkloadDirectory
+from meshca.agent.registration import CHANNEL_OPTIONS, Endpoint, keep_registered
 from meshca.agent.sds import WorkloadSocket
 from meshca.agent.settings import AgentSettings, WorkloadSettings
 from meshca.agent.trust import TrustAnchor, TrustMaterial, channel_factory, follow_trust
@@ -59,15 +60,24 @@ class NodeAgent:
         if signer is None:
             signer = CsrClient(settings.meshca, settings.server_name, settings.ca, settings.timeout, roots=self.anchor.roots)
         rng = rng if rng is not None else random.Random()
-        self.identities = [
-            WorkloadIdentity(
-                w, signer, self.cache, clock, logger.getChild(w.name), policy, retry, settings.ttl,
-                random.Random(rng.random()),
-            )
-            for w in settings.workloads
-        ]
+        self._signer, self._clock, self._policy, self._retry, self._rng = signer, clock, policy, retry, rng
+        self.identities = [self._identity(w) for w in settings.workloads]
         self.sockets = [WorkloadSocket(w, self.cache, clock, logger.getChild(w.name)) for w in settings.workloads]
         self._tasks: list[asyncio.Task[None]] = []
+        # Workloads added while running (workloads_dir): their certificate task and their registration task.
+        self._added: dict[str, asyncio.Task[None]] = {}
+        self._registrations: dict[str, tuple[asyncio.Task[None], asyncio.Event]] = {}
+        self.directory = (
+            WorkloadDirectory(settings.workloads_dir, self, clock, logger.getChild("workloads_dir"),
+                              [w.name for w in settings.workloads])
+            if settings.workloads_dir is not None else None
+        )
+
+    def _identity(self, workload: WorkloadSettings) -> WorkloadIdentity:
+        return WorkloadIdentity(
+            workload, self._signer, self.cache, self._clock, self._log.getChild(workload.name), self._policy,
+            self._retry, self.settings.ttl, random.Random(self._rng.random()),
+        )
 
     async def start(self) -> None:
         """Listen on every socket (Envoy may connect at once: its streams wait for the first certificate),
@@ -90,18 +100,23 @@ class NodeAgent:
             for w, i in zip(self.settings.workloads, self.identities, strict=True)
             if w.endpoints
         ]
+        if self.directory is not None:
+            self._tasks.append(asyncio.create_task(self.directory.run(self._sleep), name="agent-workloads-dir"))
 
     async def wait_served(self, timeout: float | None = None) -> None:
         """Until every workload has had a certificate (asyncio.TimeoutError after `timeout` seconds)."""
         await asyncio.wait_for(asyncio.gather(*(i.first_served.wait() for i in self.identities)), timeout)
 
     async def stop(self) -> None:
-        for task in self._tasks:
+        tasks = [*self._tasks, *self._added.values(), *(task for task, _ in self._registrations.values())]
+        for task in tasks:
             task.cancel()
-        for task in self._tasks:
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
+        self._added.clear()
+        self._registrations.clear()
         for workload_socket in self.sockets:
             await workload_socket.stop()
 
@@ -117,7 +132,71 @@ class NodeAgent:
         for identity in self.identities:
             identity.set_trust(material.bundle_pem, material.crls_pem)
 
-    async def _keep_registered(self, workload: WorkloadSettings, served: asyncio.Event) -> None:
+    async def add_workload(self, workload: WorkloadSettings) -> None:
+        """Serve one more workload while running: its socket (SocketError if it cannot be served), then its
+        certificate and its endpoints."""
+        if any(s.settings.name == workload.name for s in self.sockets):
+            raise ValueError(f"workload {workload.name!r} is already served")
+        workload_socket = WorkloadSocket(workload, self.cache, self._clock, self._log.getChild(workload.name))
+        await workload_socket.start()
+        identity = self._identity(workload)
+        if self.trust is not None:  # what every other workload's ROOTCA has now
+            identity.set_trust(self.trust.bundle_pem, self.trust.crls_pem)
+        self.identities.append(identity)
+        self.sockets.append(workload_socket)
+        self._added[workload.name] = asyncio.create_task(identity.run(self._sleep), name=f"agent-{workload.name}")
+        if workload.endpoints:
+            self._register(workload)
+
+    async def remove_workload(self, name: str) -> None:
+        """Stop serving a workload added by add_workload: its registration ends (its endpoints leave EDS), its
+        socket is closed and removed, and its key and certificate are dropped from memory."""
+        await self._withdraw(name)
+        tasks = [t for t in (self._added.pop(name, None),) if t is not None]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        index = next((i for i, s in enumerate(self.sockets) if s.settings.name == name), None)
+        if index is None:
+            return
+        del self.identities[index]
+        workload_socket = self.sockets.pop(index)
+        await workload_socket.stop()
+        self.cache.remove(name)
+
+    async def set_endpoints(self, name: str, endpoints: Sequence[Endpoint]) -> None:
+        """Register `endpoints` for a workload added by add_workload instead of what it had (none: deregistered)."""
+        await self._withdraw(name)
+        workload_socket = next(s for s in self.sockets if s.settings.name == name)
+        if endpoints:
+            self._register(replace(workload_socket.settings, endpoints=tuple(endpoints)))
+
+    def _register(self, workload: WorkloadSettings) -> None:
+        identity = next(i for i in self.identities if i.name == workload.name)
+        withdraw = asyncio.Event()
+        task = asyncio.create_task(
+            self._keep_registered(workload, identity.first_served, withdraw), name=f"agent-{workload.name}-endpoints"
+        )
+        self._registrations[workload.name] = (task, withdraw)
+
+    async def _withdraw(self, name: str) -> None:
+        """End a workload's registration, its endpoints out of EDS at once (not after meshca's grace: it is gone)."""
+        registration = self._registrations.pop(name, None)
+        if registration is None:
+            return
+        task, withdraw = registration
+        withdraw.set()
+        with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+            await asyncio.wait_for(asyncio.shield(task), 3.0)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    async def _keep_registered(
+        self, workload: WorkloadSettings, served: asyncio.Event, withdraw: asyncio.Event | None = None
+    ) -> None:
         """Keep `workload`'s endpoints registered with meshca (its replicas and TLS as for the CSRs) until cancelled,
         from when the agent first has a certificate to serve for it (before that its sidecar cannot take a call).
 
@@ -145,7 +224,8 @@ class NodeAgent:
         ]
         channels = [grpc.aio.secure_channel(grpc_target(h, p), credentials, options=options) for h, p in self.settings.meshca]
         try:
-            await keep_registered(channels, workload.token_file, endpoints, log, sleep=self._sleep)
+            await keep_registered(channels, workload.token_file, endpoints, log, sleep=self._sleep,
+                                  token_no_symlink=workload.token_no_symlink, withdraw=withdraw)
         finally:
             for channel in channels:
                 await channel.close()

@@ -13,6 +13,7 @@ from meshca.agent.service import NodeAgent
 from meshca.agent.settings import load_agent_settings
 from meshca.cli.errors import CliError
 from meshca.clock import system_clock
+from meshca.files import describe_os_error
 
 _DESCRIPTION = """\
 For each workload in FILE: generate its private key here (it never leaves this process), send a CSR to
@@ -47,7 +48,48 @@ async def _run(config: Path) -> int:
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
+    if args.config is None:
+        raise CliError("meshca agent: --config FILE is required (or run `meshca agent enroll`)")
     return asyncio.run(_run(Path(args.config).expanduser().absolute()))
+
+
+_ENROLL_DESCRIPTION = """A workload's side of the agent's `workloads_dir` (docs/agent-kubernetes.md), e.g. a native sidecar in a pod
+whose DIR is the node's /run/meshca/workloads/<pod uid>: writes DIR/endpoints.yaml (the --endpoint values),
+then copies the token file to DIR/token (mode 0600, atomically) and copies it again whenever it changes.
+The agent then serves the workload on DIR/sds.sock and registers its endpoints. On SIGTERM or SIGINT it
+removes DIR/token, DIR/endpoints.yaml and DIR/sds.sock, then DIR (unless DIR is a mount point): the
+agent stops serving the workload and its endpoints leave EDS.
+"""
+
+
+def cmd_agent_enroll(args: argparse.Namespace) -> int:
+    import threading
+
+    from meshca import logs
+    from meshca.agent.enroll import Enrollment, EnrollSettings, endpoints_of
+    from meshca.fields import parse_duration
+
+    try:
+        endpoints = endpoints_of(args.endpoint)
+    except ValueError as error:
+        raise CliError(f"--endpoint: {error}") from None
+    try:
+        interval = parse_duration(args.interval)
+    except ValueError as error:
+        raise CliError(f"--interval: {error}") from None
+    if interval.total_seconds() <= 0:
+        raise CliError("--interval: must be positive")
+    log = logs.configure("info").getChild("agent.enroll")
+    settings = EnrollSettings(Path(args.dir).absolute(), Path(args.token_file).absolute(), endpoints, interval)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    log.info("enrolling in %s: token from %s, %d endpoint(s)", settings.directory, settings.token_file, len(endpoints))
+    try:
+        Enrollment(settings, log).run(stop)
+    except OSError as error:
+        raise CliError(f"--dir: {describe_os_error(error)}") from None
+    return 0
 
 
 def add_agent_parser(commands: Any) -> None:
@@ -57,5 +99,18 @@ def add_agent_parser(commands: Any) -> None:
         description=_DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    agent.add_argument("--config", required=True, metavar="FILE", help="the agent's YAML settings (docs/agent.md)")
+    agent.add_argument("--config", metavar="FILE", help="the agent's YAML settings (docs/agent.md); required")
     agent.set_defaults(handler=cmd_agent)
+    enroll = agent.add_subparsers(dest="agent_command", metavar="enroll").add_parser(
+        "enroll",
+        help="put a workload's token and endpoints in its directory under the agent's workloads_dir",
+        description=_ENROLL_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    enroll.add_argument("--dir", required=True, metavar="DIR", help="this workload's directory under workloads_dir")
+    enroll.add_argument("--token-file", required=True, metavar="FILE",
+                        help="the workload's JWT (re-read every --interval; copied when it changes)")
+    enroll.add_argument("--endpoint", action="append", default=[], metavar="SERVICE=ADDRESS:PORT",
+                        help="an endpoint the agent registers for this workload (repeatable)")
+    enroll.add_argument("--interval", default="1s", metavar="DURATION", help="how often the token is checked (1s)")
+    enroll.set_defaults(handler=cmd_agent_enroll)

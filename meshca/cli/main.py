@@ -68,6 +68,8 @@ def command_list(parser: argparse.ArgumentParser, prefix: str = "") -> list[tupl
             helps = {choice.dest: choice.help or "" for choice in action._choices_actions}
             for name, sub in action.choices.items():
                 if any(isinstance(a, argparse._SubParsersAction) for a in sub._actions):
+                    if sub.get_default("handler") is not None:  # runs something itself too (`meshca agent`)
+                        found.append((f"{prefix}{name}", helps[name]))
                     found += command_list(sub, f"{prefix}{name} ")
                 else:
                     found.append((f"{prefix}{name}", helps[name]))
