@@ -36,7 +36,7 @@ from meshca.identity.spiffe import SpiffeId
 from meshca.listen import ListenError, check_bindable, format_address
 from meshca.mesh import endpoints as registration_service
 from meshca.mesh.build import ResourceMemo, build_mesh
-from meshca.mesh.endpoints import RegisteredEndpoints, RegistrationSink, with_registered
+from meshca.mesh.endpoints import CoalescedWork, RegisteredEndpoints, RegistrationSink, with_registered
 from meshca.mesh.model import MeshConfig
 from meshca.mesh.resources import AGENT_METADATA_KEY, AGENT_METADATA_VALUE
 from meshca.sds.crl import CrlAuthority, ExternalCrls, RevocationPublisher, RevocationSource
@@ -257,6 +257,10 @@ class MeshcaApp:
         self.keepalive = keepalive
         # Registered endpoints (meshca.v1.EndpointService): merged into EDS; `registration_sink` is where a stream's
         # registration is written (these, or the HA store, whose watch then fills these: meshca.store.endpoints).
+        # Many agents registering at once rebuild the mesh twice, not once each (CoalescedWork).
+        self.endpoint_rebuilds = CoalescedWork(
+            partial(self._rebuild, "an endpoint registration"), logger.getChild("endpoints")
+        )
         self.endpoints = RegisteredEndpoints(self._on_endpoints_changed)
         self.registration_sink: RegistrationSink = self.endpoints
         self.revocations: RevocationPublisher | None = None
@@ -305,12 +309,12 @@ class MeshcaApp:
 
     @property
     def mesh_config(self) -> MeshConfig | None:
-        """The mesh file's model last applied (without registered endpoints)."""
-        with self._mesh_lock:
-            return self._mesh_config
+        """The mesh file's model last applied (without registered endpoints). Read without the mesh lock (one
+        reference: atomic), so a registration is checked while a rebuild holds the lock on a worker thread."""
+        return self._mesh_config
 
-    def _on_endpoints_changed(self) -> None:
-        self._rebuild("an endpoint registration")
+    def _on_endpoints_changed(self) -> asyncio.Future[None] | None:
+        return self.endpoint_rebuilds.request()
 
     def on_revoked_identities(self, denied: frozenset[SpiffeId], newly: frozenset[SpiffeId]) -> None:
         """The revoked identities changed: newly revoked ones lose their certificate here (no renewal, no

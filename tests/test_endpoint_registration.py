@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -201,3 +203,38 @@ def test_the_collection_notifies_only_on_change() -> None:
     asyncio.run(collection.remove("a"))
     assert len(changes) == 2 and collection.snapshot() == ()
     assert Registration.from_json(registration.to_json()) == registration
+
+
+async def test_registrations_arriving_during_a_rebuild_fold_into_one_following_rebuild(
+    served: tuple[MeshcaApp, endpoints_pb2_grpc.EndpointServiceStub],
+) -> None:
+    app, stub = served
+    published: list[int] = []
+    release = threading.Event()
+    original = app.publisher.set_mesh
+
+    def slow_first(*args: Any, **kwargs: Any) -> Any:
+        published.append(1)
+        if len(published) == 1:
+            release.wait(5)  # the first rebuild is still running while every other registration arrives
+        return original(*args, **kwargs)
+
+    app.publisher.set_mesh = slow_first  # type: ignore[method-assign]
+    n = 50
+    calls = [stub.Register(metadata=(("authorization", "Bearer backend-token"),)) for _ in range(n)]
+    for i, call in enumerate(calls):
+        await call.write(request(("agent-only", f"10.0.1.{i + 1}", 15007)))
+    await eventually(lambda: app.endpoints.count() == n)
+    release.set()
+    for call in calls:
+        assert (await call.read()).accepted_services == ["agent-only"]  # answered once published
+    expected = sorted((f"10.0.1.{i + 1}", 15007) for i in range(n))
+    assert sorted(cla(app, "outbound|agent-only")) == expected
+    assert len(published) == 2, f"{len(published)} rebuilds for {n} registrations"
+    last = stub.Register(metadata=(("authorization", "Bearer backend-token"),))
+    await last.write(request(("agent-only", "10.0.2.1", 15007)))
+    await last.read()  # a lone change: rebuilt at once, once
+    assert ("10.0.2.1", 15007) in cla(app, "outbound|agent-only") and len(published) == 3
+    for call in [*calls, last]:
+        call.cancel()
+    await eventually(lambda: cla(app, "outbound|agent-only") == [])

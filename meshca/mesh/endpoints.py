@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 import threading
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -125,9 +126,11 @@ def with_registered(config: MeshConfig, registrations: Iterable[Registration]) -
 
 
 class RegisteredEndpoints:
-    """The registrations in effect (thread-safe); `on_change` runs after each change, outside the lock."""
+    """The registrations in effect (thread-safe); `on_change` runs after each change, outside the lock. When it
+    returns an awaitable (a coalesced rebuild, see CoalescedWork), `put` and `remove` wait for it: a stream's
+    answer then means its endpoints are published."""
 
-    def __init__(self, on_change: Callable[[], None]) -> None:
+    def __init__(self, on_change: Callable[[], Awaitable[object] | None]) -> None:
         self._lock = threading.Lock()
         self._by_id: dict[str, Registration] = {}
         self._on_change = on_change
@@ -145,21 +148,77 @@ class RegisteredEndpoints:
             unchanged = self._by_id.get(registration_id) == registration
             self._by_id[registration_id] = registration
         if not unchanged:
-            self._on_change()
+            await self._changed()
 
     async def remove(self, registration_id: str) -> None:
         with self._lock:
             found = self._by_id.pop(registration_id, None)
         if found is not None:
-            self._on_change()
+            await self._changed()
 
     def replace_all(self, registrations: Mapping[str, Registration]) -> None:
-        """Everything at once (e.g. what the HA store holds under `endpoints/`)."""
+        """Everything at once (e.g. what the HA store holds under `endpoints/`); does not wait for the rebuild."""
         with self._lock:
             unchanged = self._by_id == registrations
             self._by_id = dict(registrations)
         if not unchanged:
             self._on_change()
+
+    async def _changed(self) -> None:
+        waiting = self._on_change()
+        if waiting is not None:
+            await waiting
+
+
+class CoalescedWork:
+    """Runs `work` (blocking: on a worker thread) for each burst of requests: a request while a run is pending or
+    running folds into one following run, so N changes arriving at once cost two runs, not N; a lone request runs
+    at once (no delay is added). Each run sees every change requested before it started.
+
+    `request()` from the event loop returns a future done when a run that started after the request has ended;
+    from a thread without a running loop (tests, start-up) `work` runs at once, there."""
+
+    def __init__(self, work: Callable[[], None], logger: logging.Logger) -> None:
+        self._work = work
+        self._log = logger
+        self._pending = False
+        self._next: asyncio.Future[None] | None = None  # done by the next run to start
+        self._task: asyncio.Task[None] | None = None
+        self.runs = 0  # runs of `work` so far (tests and benchmarks count rebuilds with it)
+
+    def request(self) -> asyncio.Future[None] | None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.runs += 1
+            self._work()
+            return None
+        self._pending = True
+        if self._next is None or self._next.get_loop() is not loop:
+            self._next = loop.create_future()
+        waiter = self._next
+        if self._task is None or self._task.done() or self._task.get_loop() is not loop:
+            self._task = loop.create_task(self._run(), name="coalesced-rebuild")
+        return waiter
+
+    async def _run(self) -> None:
+        done: asyncio.Future[None] | None = None
+        try:
+            while self._pending:
+                self._pending = False
+                done, self._next = self._next, None
+                self.runs += 1
+                try:
+                    await asyncio.to_thread(self._work)
+                except Exception:
+                    self._log.exception("rebuild after an endpoint change failed")
+                if done is not None and not done.done():
+                    done.set_result(None)
+        finally:  # cancelled (the loop is ending): nobody waits forever
+            for waiter in (done, self._next):
+                if waiter is not None and not waiter.done():
+                    waiter.cancel()
+            self._task = None
 
 
 class RegistrationSink(Protocol):
