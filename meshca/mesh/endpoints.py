@@ -156,13 +156,13 @@ class RegisteredEndpoints:
         if found is not None:
             await self._changed()
 
-    def replace_all(self, registrations: Mapping[str, Registration]) -> None:
-        """Everything at once (e.g. what the HA store holds under `endpoints/`); does not wait for the rebuild."""
+    def replace_all(self, registrations: Mapping[str, Registration]) -> Awaitable[object] | None:
+        """Everything at once (e.g. what the HA store holds under `endpoints/`); returns what `on_change` did (await
+        it to wait for the rebuild)."""
         with self._lock:
             unchanged = self._by_id == registrations
             self._by_id = dict(registrations)
-        if not unchanged:
-            self._on_change()
+        return None if unchanged else self._on_change()
 
     async def _changed(self) -> None:
         waiting = self._on_change()
