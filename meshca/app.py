@@ -198,6 +198,7 @@ class MeshcaApp:
         self.cache = SnapshotCache()
         self.registry = ProxyRegistry(clock)
         self.identity_gate = IdentityGate(TokenVerifier(issuers, clock, logger=logger.getChild("jwt")))
+        self._leeways = {i.issuer: i.leeway for i in issuers}  # streams end at their token's exp plus this
         self.rotation = rotation
         self.audit = audit
         self.secrets = WorkloadSecrets(
@@ -405,7 +406,7 @@ class MeshcaApp:
             server,
             registration_service.EndpointServicer(
                 self.identity_gate, self.registration_sink, lambda: self.mesh_config,
-                self.log.getChild("endpoints"), revoked=self.secrets.is_denied,
+                self.log.getChild("endpoints"), revoked=self.secrets.is_denied, leeways=self._leeways, clock=self.clock,
             ),
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)

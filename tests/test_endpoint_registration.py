@@ -119,7 +119,7 @@ async def served(tmp_path: Path) -> AsyncIterator[tuple[MeshcaApp, endpoints_pb2
     app.publisher.ensure_identity(FRONTEND)
     server = grpc.aio.server()
     tokens = FakeTokenAuthenticator({"backend-token": BACKEND, "frontend-token": FRONTEND})
-    add_to_server(server, EndpointServicer(tokens, app.registration_sink, lambda: app.mesh_config, LOG))
+    add_to_server(server, EndpointServicer(tokens, app.registration_sink, lambda: app.mesh_config, LOG, clock=clock))
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:

@@ -9,10 +9,12 @@ import threading
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
 from typing import Protocol
 
 import grpc
 
+from meshca.clock import Clock, system_clock
 from meshca.identity.jwt import AuthenticationError, VerifiedIdentity
 from meshca.identity.spiffe import SpiffeId
 from meshca.mesh.model import MeshConfig
@@ -234,7 +236,8 @@ class Authenticator(Protocol):
 
 
 class EndpointServicer(endpoints_pb2_grpc.EndpointServiceServicer):
-    """meshca.v1.EndpointService/Register: each request replaces the stream's endpoints; the stream's end removes them."""
+    """meshca.v1.EndpointService/Register: each request replaces the stream's endpoints; the stream's end removes them.
+    A stream ends (UNAUTHENTICATED) when its token expires, as xDS streams do: the agent reconnects with a fresh one."""
 
     def __init__(
         self,
@@ -243,13 +246,24 @@ class EndpointServicer(endpoints_pb2_grpc.EndpointServiceServicer):
         mesh: Callable[[], MeshConfig | None],
         logger: logging.Logger | None = None,
         revoked: Callable[[SpiffeId], bool] | None = None,
+        leeways: Mapping[str, timedelta] | None = None,
+        clock: Clock = system_clock,
     ) -> None:
-        """`mesh`: the mesh file's model now (None before one applied: everything is refused)."""
+        """`mesh`: the mesh file's model now (None before one applied: everything is refused). `leeways`: per
+        issuer, how long after `exp` a token is still accepted (the stream ends then, as JwtStreamGate's do)."""
         self._authenticator = authenticator
         self._sink = sink
         self._mesh = mesh
         self._log = logger or logging.getLogger(__name__)
         self._revoked = revoked
+        self._leeways = dict(leeways or {})
+        self._clock = clock
+
+    def _deadline(self, identity: VerifiedIdentity) -> datetime:
+        try:
+            return identity.expires_at + self._leeways.get(identity.issuer, timedelta(0))
+        except OverflowError:  # exp near year 9999
+            return identity.expires_at
 
     async def Register(  # noqa: N802 - gRPC method name
         self, request_iterator: AsyncIterator[endpoints_pb2.RegisterRequest], context: grpc.aio.ServicerContext
@@ -265,8 +279,22 @@ class EndpointServicer(endpoints_pb2_grpc.EndpointServiceServicer):
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"identity {spiffe_id} is revoked")
         registration_id = uuid.uuid4().hex
         registered = False
+        loop = asyncio.get_running_loop()
+        ends_at = loop.time() + (self._deadline(identity) - self._clock()).total_seconds()
+        requests = aiter(request_iterator)
         try:
-            async for request in request_iterator:
+            while True:
+                try:
+                    async with asyncio.timeout_at(ends_at):  # around the read only: never around the yield
+                        request = await anext(requests)
+                except StopAsyncIteration:
+                    break
+                except TimeoutError:
+                    expired = identity.expires_at.isoformat(timespec="seconds")
+                    self._log.info("%s: registration %s ended: its token expired at %s", spiffe_id,
+                                   registration_id[:8], expired)
+                    await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                                        f"token expired at {expired}; reconnect with a fresh token")
                 endpoints = tuple(RegisteredEndpoint(e.service, e.address, e.port) for e in request.endpoints)
                 try:
                     accepted = check_registration(self._mesh(), spiffe_id, endpoints)
