@@ -37,6 +37,7 @@ from meshca.listen import ListenError, check_bindable, format_address
 from meshca.mesh import endpoints as registration_service
 from meshca.mesh.build import ResourceMemo, build_mesh
 from meshca.mesh.endpoints import (
+    CoalescedWork,
     RegisteredEndpoints,
     RegistrationSink,
     RegistrationTiming,
@@ -211,6 +212,7 @@ class MeshcaApp:
         self.cache = SnapshotCache()
         self.registry = ProxyRegistry(clock)
         self.identity_gate = IdentityGate(TokenVerifier(issuers, clock, logger=logger.getChild("jwt")))
+        self._leeways = {i.issuer: i.leeway for i in issuers}  # streams end at their token's exp plus this
         self.rotation = rotation
         self.audit = audit
         self.leaf_ttl = leaf_ttl
@@ -274,6 +276,10 @@ class MeshcaApp:
         self._warmup_ends: float | None = None  # event-loop time; set when serving starts
         # Registered endpoints (meshca.v1.EndpointService): merged into EDS; `registration_sink` is where a stream's
         # registration is written (these, or the HA store, whose watch then fills these: meshca.store.endpoints).
+        # Many agents registering at once rebuild the mesh twice, not once each (CoalescedWork).
+        self.endpoint_rebuilds = CoalescedWork(
+            partial(self._rebuild, "an endpoint registration"), logger.getChild("endpoints")
+        )
         self.endpoints = RegisteredEndpoints(self._on_endpoints_changed)
         self.registration_sink: RegistrationSink = self.endpoints
         self.revocations: RevocationPublisher | None = None
@@ -324,25 +330,24 @@ class MeshcaApp:
 
     @property
     def mesh_config(self) -> MeshConfig | None:
-        """The mesh file's model last applied (without registered endpoints)."""
-        with self._mesh_lock:
-            return self._mesh_config
+        """The mesh file's model last applied (without registered endpoints). Read without the mesh lock (one
+        reference: atomic), so a registration is checked while a rebuild holds the lock on a worker thread."""
+        return self._mesh_config
 
     async def _hold_in_warmup(self, node: NodeInfo) -> None:
         """A proxy coming back with config, while meshca has just started and its mesh has registered-only services,
-        (or no mesh yet: it may have such services) waits until the warmup ends: the agents register again meanwhile,
-        so it is not told those services have no endpoints (it keeps routing with what it has). A proxy's first start,
-        and any stream after the warmup, is not held."""
+        waits until the warmup ends: the agents register again meanwhile, so it is not told those services have no
+        endpoints (it keeps routing with what it has). A proxy's first start, and any stream after the warmup, is not
+        held. (`meshca serve` applies its mesh before it starts serving.)"""
         if not node.resumed or self._warmup_ends is None:
             return
         remaining = self._warmup_ends - asyncio.get_running_loop().time()
-        config = self.mesh_config
-        if remaining > 0 and (config is None or registered_only_services(config)):
+        if remaining > 0 and registered_only_services(self.mesh_config):
             self.log.debug("node %.64r reconnects within the registration warmup: served in %.1f s", node.id, remaining)
             await asyncio.sleep(remaining)
 
-    def _on_endpoints_changed(self) -> None:
-        self._rebuild("an endpoint registration")
+    def _on_endpoints_changed(self) -> asyncio.Future[None] | None:
+        return self.endpoint_rebuilds.request()
 
     def on_revoked_identities(self, denied: frozenset[SpiffeId], newly: frozenset[SpiffeId]) -> None:
         """The revoked identities changed: newly revoked ones lose their certificate here (no renewal, no
@@ -436,6 +441,7 @@ class MeshcaApp:
             registration_service.EndpointServicer(
                 self.identity_gate, self.registration_sink, lambda: self.mesh_config,
                 self.log.getChild("endpoints"), revoked=self.secrets.is_denied, grace=self.registration_timing.grace,
+                leeways=self._leeways, clock=self.clock,
             ),
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)

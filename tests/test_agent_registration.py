@@ -12,7 +12,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from fakes import FakeTokenAuthenticator
+from fakes import FakeClock, FakeTokenAuthenticator
 from meshca_harness import running_meshca
 from test_endpoint_registration import BACKEND, TD, mesh
 
@@ -30,7 +30,8 @@ LOG = logging.getLogger("test.agent.registration")
 async def server() -> AsyncIterator[tuple[RegisteredEndpoints, grpc.aio.Channel]]:
     endpoints = RegisteredEndpoints(lambda: None)
     served = grpc.aio.server()
-    add_to_server(served, EndpointServicer(FakeTokenAuthenticator({"good": BACKEND}), endpoints, mesh, LOG))
+    add_to_server(served, EndpointServicer(FakeTokenAuthenticator({"good": BACKEND}), endpoints, mesh, LOG,
+                                           clock=FakeClock()))  # the fake tokens expire an hour after T0
     port = served.add_insecure_port("127.0.0.1:0")
     await served.start()
     try:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -122,7 +124,8 @@ async def served(tmp_path: Path) -> AsyncIterator[tuple[MeshcaApp, endpoints_pb2
     app.publisher.ensure_identity(FRONTEND)
     server = grpc.aio.server()
     tokens = FakeTokenAuthenticator({"backend-token": BACKEND, "frontend-token": FRONTEND})
-    add_to_server(server, EndpointServicer(tokens, app.registration_sink, lambda: app.mesh_config, LOG, grace=GRACE))
+    add_to_server(server, EndpointServicer(tokens, app.registration_sink, lambda: app.mesh_config, LOG, grace=GRACE,
+                                           clock=clock))
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:
@@ -316,3 +319,38 @@ def test_a_first_request_with_config_the_proxy_holds_marks_a_reconnect() -> None
     back.initial_resource_versions["outbound|backend"] = "v1"
     assert node_of(fresh, delta).resumed is False  # type: ignore[union-attr]
     assert node_of(back, delta).resumed is True  # type: ignore[union-attr]
+
+
+async def test_registrations_arriving_during_a_rebuild_fold_into_one_following_rebuild(
+    served: tuple[MeshcaApp, endpoints_pb2_grpc.EndpointServiceStub],
+) -> None:
+    app, stub = served
+    published: list[int] = []
+    release = threading.Event()
+    original = app.publisher.set_mesh
+
+    def slow_first(*args: Any, **kwargs: Any) -> Any:
+        published.append(1)
+        if len(published) == 1:
+            release.wait(5)  # the first rebuild is still running while every other registration arrives
+        return original(*args, **kwargs)
+
+    app.publisher.set_mesh = slow_first  # type: ignore[method-assign]
+    n = 50
+    calls = [stub.Register(metadata=(("authorization", "Bearer backend-token"),)) for _ in range(n)]
+    for i, call in enumerate(calls):
+        await call.write(request(("agent-only", f"10.0.1.{i + 1}", 15007)))
+    await eventually(lambda: app.endpoints.count() == n)
+    release.set()
+    for call in calls:
+        assert (await call.read()).accepted_services == ["agent-only"]  # answered once published
+    expected = sorted((f"10.0.1.{i + 1}", 15007) for i in range(n))
+    assert sorted(cla(app, "outbound|agent-only")) == expected
+    assert len(published) == 2, f"{len(published)} rebuilds for {n} registrations"
+    last = stub.Register(metadata=(("authorization", "Bearer backend-token"),))
+    await last.write(request(("agent-only", "10.0.2.1", 15007)))
+    await last.read()  # a lone change: rebuilt at once, once
+    assert ("10.0.2.1", 15007) in cla(app, "outbound|agent-only") and len(published) == 3
+    for call in [*calls, last]:
+        call.cancel()
+    await eventually(lambda: cla(app, "outbound|agent-only") == [])

@@ -80,7 +80,8 @@ async def keep_registered(
     """Hold a Register stream open (to one of `channels`, the meshca replicas, the next one after each failure)
     until cancelled; the registration lives as long as the stream does.
 
-    The token file is re-read for every new stream. Failures (meshca unreachable, the stream ending, a refusal)
+    The token file is re-read for every new stream. A stream meshca ends at its token's expiry is opened again at
+    once (a stale token file is then refused and retried as any failure). Failures (meshca unreachable, the stream ending, a refusal)
     are retried after a capped exponential backoff (each delay between half and all of it, so that agents whose
     streams a meshca restart ended together do not come back together), reset once a stream has been accepted. `on_registered` runs
     when meshca accepted the endpoints, `on_lost` (with one line why) when an accepted stream ended.
@@ -99,6 +100,7 @@ async def keep_registered(
     withdrawn = asyncio.Event() if withdraw is None else withdraw
     while not withdrawn.is_set():
         accepted = False
+        token_expired = False
         try:
             token = read_token(token_file, token_no_symlink)
             stub = endpoints_pb2_grpc.EndpointServiceStub(channels[replica % len(channels)])
@@ -132,12 +134,16 @@ async def keep_registered(
             why = str(error)
         except grpc.aio.AioRpcError as error:
             why = f"{error.code().name}: {error.details()}"
+            token_expired = accepted and error.code() is grpc.StatusCode.UNAUTHENTICATED
         except (ConnectionError, asyncio.TimeoutError) as error:
             why = str(error) or "meshca did not answer the withdrawal"
         if withdrawn.is_set():
             return
         if accepted and on_lost is not None:
             on_lost(why)
+        if token_expired:  # meshca ended an accepted stream at its token's expiry: again at once, same replica
+            logger.info("endpoint registration: %s; registering again with the token file read now", why)
+            continue
         attempt += 1
         replica += 1
         delay = backoff_delay(attempt, initial_backoff, max_backoff) * rng.uniform(0.5, 1.0)

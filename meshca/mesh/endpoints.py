@@ -7,13 +7,14 @@ import ipaddress
 import logging
 import threading
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Protocol
 
 import grpc
 
+from meshca.clock import Clock, system_clock
 from meshca.identity.jwt import AuthenticationError, VerifiedIdentity
 from meshca.identity.spiffe import SpiffeId
 from meshca.mesh.model import MeshConfig
@@ -148,9 +149,11 @@ def with_registered(config: MeshConfig, registrations: Iterable[Registration]) -
 
 
 class RegisteredEndpoints:
-    """The registrations in effect (thread-safe); `on_change` runs after each change, outside the lock."""
+    """The registrations in effect (thread-safe); `on_change` runs after each change, outside the lock. When it
+    returns an awaitable (a coalesced rebuild, see CoalescedWork), `put` and `remove` wait for it: a stream's
+    answer then means its endpoints are published."""
 
-    def __init__(self, on_change: Callable[[], None]) -> None:
+    def __init__(self, on_change: Callable[[], Awaitable[object] | None]) -> None:
         self._lock = threading.Lock()
         self._by_id: dict[str, Registration] = {}
         self._on_change = on_change
@@ -168,21 +171,77 @@ class RegisteredEndpoints:
             unchanged = self._by_id.get(registration_id) == registration
             self._by_id[registration_id] = registration
         if not unchanged:
-            self._on_change()
+            await self._changed()
 
     async def remove(self, registration_id: str) -> None:
         with self._lock:
             found = self._by_id.pop(registration_id, None)
         if found is not None:
-            self._on_change()
+            await self._changed()
 
-    def replace_all(self, registrations: Mapping[str, Registration]) -> None:
-        """Everything at once (e.g. what the HA store holds under `endpoints/`)."""
+    def replace_all(self, registrations: Mapping[str, Registration]) -> Awaitable[object] | None:
+        """Everything at once (e.g. what the HA store holds under `endpoints/`); returns what `on_change` did (await
+        it to wait for the rebuild)."""
         with self._lock:
             unchanged = self._by_id == registrations
             self._by_id = dict(registrations)
-        if not unchanged:
-            self._on_change()
+        return None if unchanged else self._on_change()
+
+    async def _changed(self) -> None:
+        waiting = self._on_change()
+        if waiting is not None:
+            await waiting
+
+
+class CoalescedWork:
+    """Runs `work` (blocking: on a worker thread) for each burst of requests: a request while a run is pending or
+    running folds into one following run, so N changes arriving at once cost two runs, not N; a lone request runs
+    at once (no delay is added). Each run sees every change requested before it started.
+
+    `request()` from the event loop returns a future done when a run that started after the request has ended;
+    from a thread without a running loop (tests, start-up) `work` runs at once, there."""
+
+    def __init__(self, work: Callable[[], None], logger: logging.Logger) -> None:
+        self._work = work
+        self._log = logger
+        self._pending = False
+        self._next: asyncio.Future[None] | None = None  # done by the next run to start
+        self._task: asyncio.Task[None] | None = None
+        self.runs = 0  # runs of `work` so far (tests and benchmarks count rebuilds with it)
+
+    def request(self) -> asyncio.Future[None] | None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.runs += 1
+            self._work()
+            return None
+        self._pending = True
+        if self._next is None or self._next.get_loop() is not loop:
+            self._next = loop.create_future()
+        waiter = self._next
+        if self._task is None or self._task.done() or self._task.get_loop() is not loop:
+            self._task = loop.create_task(self._run(), name="coalesced-rebuild")
+        return waiter
+
+    async def _run(self) -> None:
+        done: asyncio.Future[None] | None = None
+        try:
+            while self._pending:
+                self._pending = False
+                done, self._next = self._next, None
+                self.runs += 1
+                try:
+                    await asyncio.to_thread(self._work)
+                except Exception:
+                    self._log.exception("rebuild after an endpoint change failed")
+                if done is not None and not done.done():
+                    done.set_result(None)
+        finally:  # cancelled (the loop is ending): nobody waits forever
+            for waiter in (done, self._next):
+                if waiter is not None and not waiter.done():
+                    waiter.cancel()
+            self._task = None
 
 
 class RegistrationSink(Protocol):
@@ -198,7 +257,8 @@ class Authenticator(Protocol):
 
 
 class EndpointServicer(endpoints_pb2_grpc.EndpointServiceServicer):
-    """meshca.v1.EndpointService/Register: each request replaces the stream's endpoints; the stream's end removes them."""
+    """meshca.v1.EndpointService/Register: each request replaces the stream's endpoints; the stream's end removes them.
+    A stream ends (UNAUTHENTICATED) when its token expires, as xDS streams do: the agent reconnects with a fresh one."""
 
     def __init__(
         self,
@@ -208,9 +268,12 @@ class EndpointServicer(endpoints_pb2_grpc.EndpointServiceServicer):
         logger: logging.Logger | None = None,
         revoked: Callable[[SpiffeId], bool] | None = None,
         grace: timedelta = RegistrationTiming().grace,
+        leeways: Mapping[str, timedelta] | None = None,
+        clock: Clock = system_clock,
     ) -> None:
         """`mesh`: the mesh file's model now (None before one applied: everything is refused). `grace`: how long a
-        stream's endpoints stay after it ended (RegistrationTiming)."""
+        stream's endpoints stay after it ended (RegistrationTiming). `leeways`: per issuer, how long after `exp` a
+        token is still accepted (the stream ends then, as JwtStreamGate's do)."""
         self._authenticator = authenticator
         self._sink = sink
         self._mesh = mesh
@@ -218,6 +281,8 @@ class EndpointServicer(endpoints_pb2_grpc.EndpointServiceServicer):
         self._revoked = revoked
         self._grace = grace
         self._removals: set[asyncio.Task[None]] = set()
+        self._leeways = dict(leeways or {})
+        self._clock = clock
 
     async def _remove_after_grace(self, registration_id: str, spiffe_id: SpiffeId) -> None:
         await asyncio.sleep(self._grace.total_seconds())
@@ -228,6 +293,12 @@ class EndpointServicer(endpoints_pb2_grpc.EndpointServiceServicer):
     def pending_removals(self) -> int:
         """Ended streams whose endpoints are still served (within their grace)."""
         return len(self._removals)
+
+    def _deadline(self, identity: VerifiedIdentity) -> datetime:
+        try:
+            return identity.expires_at + self._leeways.get(identity.issuer, timedelta(0))
+        except OverflowError:  # exp near year 9999
+            return identity.expires_at
 
     async def Register(  # noqa: N802 - gRPC method name
         self, request_iterator: AsyncIterator[endpoints_pb2.RegisterRequest], context: grpc.aio.ServicerContext
@@ -243,8 +314,22 @@ class EndpointServicer(endpoints_pb2_grpc.EndpointServiceServicer):
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"identity {spiffe_id} is revoked")
         registration_id = uuid.uuid4().hex
         registered = False
+        loop = asyncio.get_running_loop()
+        ends_at = loop.time() + (self._deadline(identity) - self._clock()).total_seconds()
+        requests = aiter(request_iterator)
         try:
-            async for request in request_iterator:
+            while True:
+                try:
+                    async with asyncio.timeout_at(ends_at):  # around the read only: never around the yield
+                        request = await anext(requests)
+                except StopAsyncIteration:
+                    break
+                except TimeoutError:
+                    expired = identity.expires_at.isoformat(timespec="seconds")
+                    self._log.info("%s: registration %s ended: its token expired at %s", spiffe_id,
+                                   registration_id[:8], expired)
+                    await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                                        f"token expired at {expired}; reconnect with a fresh token")
                 endpoints = tuple(RegisteredEndpoint(e.service, e.address, e.port) for e in request.endpoints)
                 try:
                     accepted = check_registration(self._mesh(), spiffe_id, endpoints)
