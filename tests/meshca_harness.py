@@ -28,6 +28,7 @@ from meshca.dev.tokens import (
 )
 from meshca.gcpolicy import CollectorPause
 from meshca.identity.jwt import TrustedIssuer
+from meshca.mesh.model import MeshConfig
 from meshca.node.bootstrap import BootstrapSettings, build_bootstrap
 from meshca.xds.server import DEFAULT_MAX_STREAM_AGE
 
@@ -69,9 +70,10 @@ async def running_meshca(
     leeway: timedelta = timedelta(seconds=30),
     xds_max_stream_age: timedelta | None = DEFAULT_MAX_STREAM_AGE,
     port: int = 0,
+    mesh: MeshConfig | None = None,
     **app_options: object,
 ) -> AsyncIterator[RunningMeshca]:
-    """`app_options`: further MeshcaApp keyword arguments (e.g. identity_grace). A `directory` another
+    """`app_options`: further MeshcaApp keyword arguments (e.g. identity_grace); `mesh`: applied before serving. A `directory` another
     running_meshca used already gives a second replica: the same CA state and the same JWT issuer. `port`: 0 for any
     free one; the port of an earlier running_meshca brings that meshca back (after an outage)."""
     if (directory / "ca").exists():
@@ -98,6 +100,8 @@ async def running_meshca(
         xds_max_stream_age=xds_max_stream_age,
         **app_options,  # type: ignore[arg-type]
     )
+    if mesh is not None:  # applied before serving, as `meshca serve` does
+        app.apply_mesh_config(mesh)
     credentials = issue_server_credentials(ca, ["localhost", "127.0.0.1"], timedelta(hours=1))
     port = await app.start("127.0.0.1", port, credentials)
     try:

@@ -147,12 +147,12 @@ class Node:
 
 
 @contextlib.asynccontextmanager
-async def meshca_with_short_leaves(directory: Path, port: int = 0) -> AsyncIterator[RunningMeshca]:
+async def meshca_with_short_leaves(directory: Path, port: int = 0, **options: Any) -> AsyncIterator[RunningMeshca]:
     if not (directory / "ca").exists():
         settings = CaSettings(trust_domain=TRUST_DOMAIN, leaf_ttl_default=TTL, leaf_ttl_min=timedelta(seconds=10))
         CertificateAuthority.init(directory / "ca", settings, system_clock)
         write_dev_issuer(directory / "jwt")
-    async with running_meshca(directory, port=port) as meshca:
+    async with running_meshca(directory, port=port, **options) as meshca:
         yield meshca
 
 

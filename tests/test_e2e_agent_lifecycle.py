@@ -166,8 +166,7 @@ async def test_agent_mode_survives_meshca_and_agent_restarts_and_drops_a_dead_ag
                 await meshca.app.stop(0)
                 stopped = time.monotonic()
                 await asyncio.sleep(19)
-                async with meshca_with_short_leaves(directory, port=port) as back:
-                    back.app.apply_mesh_config(config)
+                async with meshca_with_short_leaves(directory, port=port, mesh=config) as back:
                     print(f"\nmeshca was away {time.monotonic() - stopped:.1f} s")
                     await until(lambda: back.app.endpoints.count() == 1, 10, "backend's agent registered again")
                     await until(lambda: leaf_key_sha256(frontend) != keys["frontend"]
