@@ -94,7 +94,7 @@ def test_an_identity_registers_only_the_services_the_mesh_gives_it() -> None:
 def test_registered_endpoints_follow_the_static_ones_and_count_only_for_their_owner() -> None:
     config = mesh()
     merged = with_registered(config, [
-        Registration(BACKEND, (ep("backend", "10.0.0.9"), ep("backend", "10.0.0.1"), ep("agent-only", "fd00::0:7"))),
+        Registration(BACKEND, (ep("backend", "10.0.0.9"), ep("backend", "10.0.0.1"), ep("agent-only", "fd00::7"))),
         Registration(BACKEND, (ep("backend", "10.0.0.2"),)),
         Registration(FRONTEND, (ep("backend", "10.6.6.6"),)),  # accepted once, the mesh changed since: ignored
     ])
@@ -354,3 +354,27 @@ async def test_registrations_arriving_during_a_rebuild_fold_into_one_following_r
     for call in [*calls, last]:
         call.cancel()
     await eventually(lambda: cla(app, "outbound|agent-only") == [])
+
+
+async def test_addresses_are_registered_in_canonical_form(
+    served: tuple[MeshcaApp, endpoints_pb2_grpc.EndpointServiceStub],
+) -> None:
+    app, stub = served
+    call = stub.Register(metadata=(("authorization", "Bearer backend-token"),))
+    await call.write(request(("agent-only", "fd00::0:7", 15007), ("agent-only", "FD00:0::7", 15007)))
+    await call.read()
+    assert cla(app, "outbound|agent-only") == [("fd00::7", 15007)]  # one endpoint, as Envoy would compare them
+    call.cancel()
+
+
+
+def test_a_stored_registration_is_read_in_canonical_form() -> None:
+    import json
+
+    from meshca.store.endpoints import ENDPOINTS_PREFIX, parse_stored
+
+    raw = json.dumps({"spiffe_id": BACKEND.uri, "endpoints": [
+        {"service": "agent-only", "address": "FD00::0:7", "port": 15007}]}).encode()
+    registration, why = parse_stored(f"{ENDPOINTS_PREFIX}replica-a/r1", raw, mesh())
+    assert why is None and registration is not None
+    assert registration.endpoints[0].address == "fd00::7"

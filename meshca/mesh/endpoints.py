@@ -127,15 +127,14 @@ def with_registered(config: MeshConfig, registrations: Iterable[Registration]) -
     """`config` with each service's registered endpoints after its static ones (once each, in a stable order).
 
     A registration counts only while the mesh still gives its service to its identity (the mesh file may change
-    after it was accepted). Services without registrations are the same objects, so a rebuild's memo re-encodes
+    after it was accepted). Addresses are in canonical form (the servicer and meshca.store.endpoints.parse_stored make them so). Services without registrations are the same objects, so a rebuild's memo re-encodes
     only the EDS (and cluster) of services whose endpoints changed."""
     owner = {s.name: s.spiffe_id for s in config.services if s.inbound is not None}
     added: dict[str, set[tuple[str, int]]] = {}
     for registration in registrations:
         for endpoint in registration.endpoints:
             if owner.get(endpoint.service) == registration.spiffe_id:
-                address = str(ipaddress.ip_address(endpoint.address))
-                added.setdefault(endpoint.service, set()).add((address, endpoint.port))
+                added.setdefault(endpoint.service, set()).add((endpoint.address, endpoint.port))
     if not added:
         return config
     services = []
@@ -336,6 +335,8 @@ class EndpointServicer(endpoints_pb2_grpc.EndpointServiceServicer):
                 except EndpointRefused as e:
                     self._log.info("Register refused for %s: %s", spiffe_id, e.message)
                     await context.abort(e.code, e.message)
+                # in canonical form once here, so that rebuilds (with_registered) compare addresses as they are
+                endpoints = tuple(replace(e, address=str(ipaddress.ip_address(e.address))) for e in endpoints)
                 await self._sink.put(registration_id, Registration(spiffe_id, endpoints))
                 if not registered:
                     self._log.info("%s registered %d endpoint(s) of %s", spiffe_id, len(endpoints), ", ".join(accepted))

@@ -8,6 +8,7 @@ import ipaddress
 import json
 import logging
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 
 from meshca.mesh.endpoints import (
     MAX_ENDPOINTS_PER_REQUEST,
@@ -46,13 +47,16 @@ def parse_stored(key: str, raw: bytes, mesh: MeshConfig | None) -> tuple[Registr
         return None, f"not a registration ({type(error).__name__}: {error})"
     if len(registration.endpoints) > MAX_ENDPOINTS_PER_REQUEST:
         return None, f"{len(registration.endpoints)} endpoints, at most {MAX_ENDPOINTS_PER_REQUEST}"
+    canonical = []
     for i, endpoint in enumerate(registration.endpoints):  # what EDS needs, whatever the mesh says
         try:
-            ipaddress.ip_address(endpoint.address)
+            address = str(ipaddress.ip_address(endpoint.address))
         except ValueError:
             return None, f"endpoints[{i}].address: {endpoint.address[:64]!r} is not an IP address"
         if not 1 <= endpoint.port <= 65535:
             return None, f"endpoints[{i}].port: {endpoint.port} is not 1-65535"
+        canonical.append(replace(endpoint, address=address))
+    registration = replace(registration, endpoints=tuple(canonical))
     try:
         check_registration(mesh, registration.spiffe_id, registration.endpoints)
     except EndpointRefused as refused:
