@@ -195,13 +195,16 @@ class RegisteredEndpoints:
 class CoalescedWork:
     """Runs `work` (blocking: on a worker thread) for each burst of requests: a request while a run is pending or
     running folds into one following run, so N changes arriving at once cost two runs, not N; a lone request runs
-    at once (no delay is added). Each run sees every change requested before it started.
+    at once (no delay is added). Each run sees every change requested before it started. Runs start at least
+    `min_interval` seconds apart, so a long stream of changes (a herd of agents registering over a second or two)
+    costs a run per interval, not one per change that arrived during the previous run.
 
     `request()` from the event loop returns a future done when a run that started after the request has ended;
     from a thread without a running loop (tests, start-up) `work` runs at once, there."""
 
-    def __init__(self, work: Callable[[], None], logger: logging.Logger) -> None:
+    def __init__(self, work: Callable[[], None], logger: logging.Logger, min_interval: float = 0.1) -> None:
         self._work = work
+        self._min_interval = min_interval
         self._log = logger
         self._pending = False
         self._next: asyncio.Future[None] | None = None  # done by the next run to start
@@ -225,8 +228,13 @@ class CoalescedWork:
 
     async def _run(self) -> None:
         done: asyncio.Future[None] | None = None
+        loop = asyncio.get_running_loop()
+        started: float | None = None
         try:
             while self._pending:
+                if started is not None:  # changes came during the last run: wait out the interval, folding more
+                    await asyncio.sleep(max(0.0, started + self._min_interval - loop.time()))
+                started = loop.time()
                 self._pending = False
                 done, self._next = self._next, None
                 self.runs += 1
