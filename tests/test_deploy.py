@@ -116,7 +116,7 @@ def workloads() -> list[dict[str, Any]]:
     return [d for d in all_documents() if d["kind"] in WORKLOAD_KINDS]
 
 
-# The node agent's exceptions to `restricted` (docs/agent-kubernetes.md): the one hostPath, the node's workload
+# The node agent's exceptions to `restricted` (docs/agent.md, "On Kubernetes"): the one hostPath, the node's workload
 # directories, in the agent's DaemonSet and in agent-mode pods; and the DaemonSet's init container that gives that
 # directory to the agent's user, as root with CAP_CHOWN only.
 AGENT_HOST_PATH = "/run/meshca/workloads"

@@ -82,7 +82,7 @@ from meshca.xds.snapshot import EncodedResource, Reference, ResourceType
 _ADS = ConfigSource(ads=AggregatedConfigSource(), resource_api_version=ApiVersion.V3)
 
 
-# Agent mode: the local agent's SotW SDS through the bootstrap's static cluster (the contract of docs/agent-mode.md).
+# Agent mode: the local agent's SotW SDS through the bootstrap's static cluster (the contract of docs/agent.md, "Agent mode on meshca").
 _AGENT_SDS = ConfigSource(
     api_config_source=ApiConfigSource(
         api_type=ApiConfigSourceApiType.GRPC,

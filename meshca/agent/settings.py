@@ -32,7 +32,7 @@ class WorkloadSettings:
 
 @dataclass(frozen=True)
 class WorkloadsDirSettings:
-    """`workloads_dir`: every subdirectory `<name>/` holding a `token` file is a workload (docs/agent-kubernetes.md)."""
+    """`workloads_dir`: every subdirectory `<name>/` holding a `token` file is a workload (docs/agent.md, "On Kubernetes")."""
 
     path: Path
     socket_mode: int = 0o600  # of each `<name>/sds.sock`

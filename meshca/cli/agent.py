@@ -53,7 +53,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
     return asyncio.run(_run(Path(args.config).expanduser().absolute()))
 
 
-_ENROLL_DESCRIPTION = """A workload's side of the agent's `workloads_dir` (docs/agent-kubernetes.md), e.g. a native sidecar in a pod
+_ENROLL_DESCRIPTION = """A workload's side of the agent's `workloads_dir` (docs/agent.md, "On Kubernetes"), e.g. a native sidecar in a pod
 whose DIR is the node's /run/meshca/workloads/<pod uid>: writes DIR/endpoints.yaml (the --endpoint values),
 then copies the token file to DIR/token (mode 0600, atomically) and copies it again whenever it changes.
 The agent then serves the workload on DIR/sds.sock and registers its endpoints. On SIGTERM or SIGINT it

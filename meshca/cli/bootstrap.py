@@ -370,7 +370,7 @@ def add_bootstrap_parser(subparsers: argparse._SubParsersAction[argparse.Argumen
         "--agent-socket",
         metavar="PATH",
         help="agent mode: take the certificate, its key and the trust bundle over SDS from the local `meshca agent` "
-        "on this Unix socket; meshca then sends this node no secret at all (docs/agent-mode.md)",
+        "on this Unix socket; meshca then sends this node no secret at all (docs/agent.md)",
     )
     parser.add_argument("--out", metavar="FILE", help="write here (atomically) instead of stdout")
     parser.add_argument(

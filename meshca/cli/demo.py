@@ -79,7 +79,7 @@ def add_demo_parser(commands: Any) -> None:
         "--agent",
         action="store_true",
         help="agent mode: one `meshca agent` makes every sidecar's key and serves it over a Unix socket, and "
-        "registers the backend's endpoint; meshca sends no private key (docs/agent-demo.md)",
+        "registers the backend's endpoint; meshca sends no private key (docs/demo.md)",
     )
     demo.add_argument(
         "--rotate-intermediate-at", help="with --duration: force an intermediate CA rotation this far in (e.g. 25s)"

@@ -82,7 +82,7 @@ def eds_endpoints(envoy: EnvoyProcess, cluster: str) -> set[tuple[str, int]]:
 
 
 class AgentDemo(Demo):
-    """The demo with every sidecar in agent mode (docs/agent-demo.md)."""
+    """The demo with every sidecar in agent mode (docs/demo.md, "Agent mode")."""
 
     def __init__(self, settings: DemoSettings, out: TextIO, clock: Clock) -> None:
         super().__init__(settings, out, clock)

@@ -11,7 +11,7 @@ from meshca.xds.wire import length_delimited, varint
 
 DEFAULT_CERT_SECRET = "default"
 ROOT_CA_SECRET = "ROOTCA"
-# Agent mode (docs/agent-mode.md): a node whose first request's metadata has AGENT_METADATA_KEY: AGENT_METADATA_VALUE
+# Agent mode (docs/agent.md, "Agent mode on meshca"): a node whose first request's metadata has AGENT_METADATA_KEY: AGENT_METADATA_VALUE
 # takes its secrets from the local meshca agent, reached through the bootstrap's static cluster AGENT_CLUSTER.
 AGENT_METADATA_KEY = "MESHCA_AGENT"
 AGENT_METADATA_VALUE = "sds"

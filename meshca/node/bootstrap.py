@@ -70,7 +70,7 @@ class BootstrapSettings:
     # A file-based SDS document (meshca.node.trust, kept current by `meshca trust sync`) that the xds cluster
     # takes meshca's trust from, reloaded when it is replaced in its directory; None: `meshca_ca_path`, read once.
     meshca_trust_sds_path: Path | None = None
-    # Agent mode (docs/agent-mode.md): the local meshca agent's Unix socket, where the node's secrets come from
+    # Agent mode (docs/agent.md, "Agent mode on meshca"): the local meshca agent's Unix socket, where the node's secrets come from
     # (the static cluster AGENT_CLUSTER, and node metadata AGENT_METADATA_KEY telling meshca to send none).
     agent_socket: Path | None = None
 
