@@ -256,16 +256,11 @@ def _chain_ids(chain_pem: bytes) -> tuple[tuple[str, int], ...]:
 
 def _listed(crls_pem: bytes, chain_ids: tuple[tuple[str, int], ...]) -> tuple[str, int] | None:
     """The first (issuer, serial) of `chain_ids` that a CRL of that issuer lists, or None."""
-    wanted = dict.fromkeys(issuer for issuer, _ in chain_ids)
     for block in crypto.split_pem_crls(crls_pem):
         try:
-            crl = crypto.parse_crl_pem(block)
+            listed = crypto.crl_lists(block, chain_ids)
         except crypto.CryptoError:
             continue
-        if crl.issuer not in wanted:
-            continue
-        revoked = {entry.serial_number for entry in crl.revoked}
-        for issuer, serial in chain_ids:
-            if issuer == crl.issuer and serial in revoked:
-                return issuer, serial
+        if listed is not None:
+            return listed
     return None
