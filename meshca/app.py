@@ -20,6 +20,7 @@ from meshca.audit import AuditLog, AuditSink, CaTransitions
 from meshca.ca import csr_service, trust_service
 from meshca.ca.api import CaError, MeshCa
 from meshca.ca.revocation import CrlSettings
+from meshca.ca.signed import SignedLeaves
 from meshca.ca.vault.session import VaultSession
 from meshca.clock import Clock
 from meshca.gcpolicy import CollectorPause
@@ -84,7 +85,7 @@ def crl_publishing(
         return RevocationPublisher(
             cast(CrlAuthority, app.ca), source, app.secrets, app.publisher, app.clock,
             app.log.getChild("revocation"), settings, app.on_revoked_identities, app.on_leaves_revoked,
-            app.audit, external,
+            app.audit, external, signed=app.signed_leaves,
         )
 
     return make
@@ -286,6 +287,8 @@ class MeshcaApp:
         self.tainted: TaintedLeaves | None = None
         # GetBundle and WatchTrust (node agents follow the bundle and CRLs the ROOTCA secret carries)
         self.trust = trust_service.TrustBundleServicer(ca, material=self.secrets.trust_material)
+        # What the CSR service signed (node agents' leaves): a revoked identity's are put on the CRLs too.
+        self.signed_leaves = SignedLeaves(clock, logger.getChild("csr"))
         if revocations is not None:
             self.revocations = revocations(self)
             self.revocations.start()
@@ -432,7 +435,7 @@ class MeshcaApp:
             server,
             csr_service.CertificateServicer(
                 self.identity_gate, self.ca, ca_executor=csr_executor, revoked=self.secrets.is_denied, audit=self.audit,
-                default_ttl=self.leaf_ttl,
+                default_ttl=self.leaf_ttl, signed=self.signed_leaves if self.revocations is not None else None,
             ),
         )
         trust_service.add_to_server(server, self.trust)

@@ -92,6 +92,11 @@ class WorkloadIdentity:
         self._trust: tuple[bytes, bytes] | None = None  # (bundle, CRLs) followed from meshca (meshca.agent.trust)
         self._signed_bundle = b""  # the bundle of the last CSR response
         self._failures_in_row = 0
+        # (issuer DN, serial) of the served leaf and its intermediates: what a followed CRL may list
+        self._chain_ids: tuple[tuple[str, int], ...] = ()
+        self._crls_checked = b""
+        self._revoked_serial: str | None = None  # the served serial a CRL listed (renewed for once, not again)
+        self._wake = asyncio.Event()  # ends run's wait: renew now
         self.issued = 0
         self.failures = 0
         self.first_served = asyncio.Event()
@@ -130,6 +135,7 @@ class WorkloadIdentity:
         self._default = tls_certificate_secret(DEFAULT_CERT_SECRET, signed.chain_pem, key_pem)
         self._signed_bundle = signed.trust_bundle_pem
         self._publish()
+        self._chain_ids = _chain_ids(signed.chain_pem)
         self._served = Served(
             signed.spiffe_id, signed.serial_number, signed.not_before, signed.not_after, now, key_sha256, renew_at
         )
@@ -153,6 +159,27 @@ class WorkloadIdentity:
         self._trust = (bundle_pem, crls_pem)
         if self._default is not None:
             self._publish()
+        self._renew_if_revoked(crls_pem)
+
+    def _renew_if_revoked(self, crls_pem: bytes) -> None:
+        """When a CRL meshca sent lists the served leaf (`meshca revoke --certificate/--serial`) or its intermediate
+        (revoked or tainted), wake `run` to renew at once with a new key, as meshca does for the leaves it holds.
+        Once per served serial: if meshca refuses the CSR (the identity revoked too), the usual backoff applies."""
+        served = self._served
+        if served is None or crls_pem == self._crls_checked or served.serial_number == self._revoked_serial:
+            return
+        self._crls_checked = crls_pem
+        listed = _listed(crls_pem, self._chain_ids)
+        if listed is None:
+            return
+        issuer, serial = listed
+        what = "its certificate" if f"{serial:x}" == served.serial_number else f"its intermediate (serial {serial:x})"
+        self._log.warning(
+            "workload %s: %s is on meshca's CRL (issuer %s): serial %s renewed now with a new key",
+            self.name, what, issuer, served.serial_number,
+        )
+        self._revoked_serial = served.serial_number
+        self._wake.set()
 
     def _publish(self) -> None:
         assert self._default is not None
@@ -190,7 +217,50 @@ class WorkloadIdentity:
         return now + delay
 
     async def run(self, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
-        """Keep the certificate current until cancelled."""
+        """Keep the certificate current until cancelled (renewing early when a followed CRL lists it)."""
         while True:
+            self._wake.clear()
             next_at = await self.attempt()
-            await sleep(max(0.0, (next_at - self._clock()).total_seconds()))
+            served = self._served
+            if served is not None and served.serial_number != self._revoked_serial:
+                self._wake.clear()  # it woke for the certificate this attempt replaced
+            await self._pause(sleep, max(0.0, (next_at - self._clock()).total_seconds()))
+
+    async def _pause(self, sleep: Callable[[float], Awaitable[None]], seconds: float) -> None:
+        """`sleep(seconds)`, ended early by `_wake`."""
+        if self._wake.is_set():
+            return
+        sleeper = asyncio.ensure_future(sleep(seconds))
+        waker = asyncio.ensure_future(self._wake.wait())
+        try:
+            await asyncio.wait((sleeper, waker), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waker.cancel()
+            if not sleeper.done():
+                sleeper.cancel()
+        if sleeper.done() and not waker.done():
+            sleeper.result()  # what the sleep raised (a cancellation) goes on
+
+
+def _chain_ids(chain_pem: bytes) -> tuple[tuple[str, int], ...]:
+    """(issuer DN, serial) of each certificate of a chain; those that do not parse are left out."""
+    ids = []
+    for block in crypto.split_pem_certificates(chain_pem):
+        try:
+            info = crypto.parse_certificate_pem(block)
+        except crypto.CryptoError:
+            continue
+        ids.append((info.issuer, info.serial_number))
+    return tuple(ids)
+
+
+def _listed(crls_pem: bytes, chain_ids: tuple[tuple[str, int], ...]) -> tuple[str, int] | None:
+    """The first (issuer, serial) of `chain_ids` that a CRL of that issuer lists, or None."""
+    for block in crypto.split_pem_crls(crls_pem):
+        try:
+            listed = crypto.crl_lists(block, chain_ids)
+        except crypto.CryptoError:
+            continue
+        if listed is not None:
+            return listed
+    return None

@@ -385,6 +385,20 @@ def parse_crl_pem(crl_pem: bytes) -> CrlInfo:
     return CrlInfo(crl.issuer.rfc4514_string(), crl.last_update_utc, crl.next_update_utc, number, tuple(revoked))
 
 
+def crl_lists(crl_pem: bytes, certificates: Sequence[tuple[str, int]]) -> tuple[str, int] | None:
+    """The first (issuer RFC 4514, serial) of `certificates` this PEM CRL lists (its issuer that one's), or None;
+    looked up without building every entry (a CRL of thousands is checked in microseconds). CryptoError: not a CRL."""
+    try:
+        crl = x509.load_pem_x509_crl(crl_pem)
+    except ValueError as e:
+        raise CryptoError(f"not a PEM CRL: {e}") from None
+    issuer = crl.issuer.rfc4514_string()
+    for certificate_issuer, serial in certificates:
+        if certificate_issuer == issuer and crl.get_revoked_certificate_by_serial_number(serial) is not None:
+            return certificate_issuer, serial
+    return None
+
+
 def crl_issued_by(crl_pem: bytes, issuer_certificate_pem: bytes) -> bool:
     """True when the CRL names the issuer's subject and carries a valid signature by its key."""
     try:

@@ -14,6 +14,7 @@ import grpc
 from meshca.audit import AuditEvent, AuditSink, IssuerIds, NoAudit
 from meshca.ca.api import CaError, CsrRejected, IdentityRejected, InvalidTtl, IssuedCertificate, IssuerExpired
 from meshca.ca.crypto import split_pem_certificates
+from meshca.ca.signed import SignedLeaf, SignedLeaves
 from meshca.identity.jwt import AuthenticationError, VerifiedIdentity
 from meshca.identity.spiffe import SpiffeId
 from meshca.v1 import certificate_pb2, certificate_pb2_grpc
@@ -58,12 +59,15 @@ class CertificateServicer(certificate_pb2_grpc.CertificateServiceServicer):
         revoked: Callable[[SpiffeId], bool] | None = None,
         audit: AuditSink | None = None,
         default_ttl: timedelta | None = None,
+        signed: SignedLeaves | None = None,
     ) -> None:
         """`default_ttl`: the lifetime of a certificate whose request names none (meshca's `leaf_ttl`, so a node
         agent's certificates live as long as those meshca issues itself; None: the CA's default). `revoked`: True for an identity `meshca revoke --spiffe-id` revoked (refused, PERMISSION_DENIED).
         `ca_executor`: where signing runs when the signer may block (a Vault-backed signer may wait
         seconds on Vault, and the event loop with every other call would wait with it); None signs on
-        the loop (an in-memory CA: a thread hop would only cost). `audit`: every signed CSR is recorded there."""
+        the loop (an in-memory CA: a thread hop would only cost). `audit`: every signed CSR is recorded there.
+        `signed`: every signed leaf is recorded there too, so that revoking its identity lists its serial on the CRLs
+        (meshca.sds.crl); a leaf signed while its identity was being revoked is then not handed out."""
         self._authenticator = authenticator
         self._audit: AuditSink = audit if audit is not None else NoAudit()
         self._issuer_ids = IssuerIds()
@@ -73,6 +77,7 @@ class CertificateServicer(certificate_pb2_grpc.CertificateServiceServicer):
         self._log = logger or logging.getLogger(__name__)
         self._chain_tail: tuple[bytes, tuple[str, ...]] = (b"", ())
         self._default_ttl = default_ttl
+        self._signed = signed
 
     def _chain(self, issued: IssuedCertificate) -> list[str]:
         """The chain's PEM blocks; what follows the leaf (the same intermediates every call) is split once."""
@@ -136,12 +141,20 @@ class CertificateServicer(certificate_pb2_grpc.CertificateServiceServicer):
             # The detail (a Vault path and address) is for the operator's log, not for the caller.
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the CA cannot issue certificates right now; retry later")
 
+        issuer = self._issuer_ids.of_chain(issued.chain_pem)
+        if self._signed is not None:
+            self._signed.record(SignedLeaf(issued.not_after, issued.serial_number, spiffe_id, issuer))
+            # Recorded first, checked again after: a revocation adopted meanwhile either saw this record (and lists
+            # the serial) or is seen here (and the certificate is not handed out).
+            if self._revoked is not None and self._revoked(spiffe_id):
+                self._log.info("Sign refused for %s: the identity was revoked while signing", spiffe_id)
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"identity {spiffe_id} is revoked")
         self._log.info(
             "issued certificate serial %x to %s, expires %s", issued.serial_number, spiffe_id, issued.not_after.isoformat()
         )
         self._audit.record(AuditEvent(
             "sign", spiffe_id=spiffe_id.uri, serial=issued.serial_number, node_id=_node_id(metadata),
-            issuer=self._issuer_ids.of_chain(issued.chain_pem), not_before=issued.not_before,
+            issuer=issuer, not_before=issued.not_before,
             not_after=issued.not_after,
         ))
         return certificate_pb2.SignResponse(

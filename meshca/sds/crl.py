@@ -11,6 +11,7 @@ from typing import Any, Protocol
 from meshca.audit import AuditSink, NoAudit, revocation_event
 from meshca.ca.api import CaError
 from meshca.ca.revocation import CrlSettings, Revocation, RevocationList, build_crls
+from meshca.ca.signed import SignedLeaves
 from meshca.clock import Clock
 from meshca.identity.spiffe import SpiffeId
 from meshca.sds.workloads import WorkloadSecrets
@@ -76,8 +77,11 @@ class RevocationPublisher:
         on_leaves_revoked: Callable[[frozenset[SpiffeId]], None] | None = None,
         audit: AuditSink | None = None,
         external: ExternalCrls | None = None,
+        signed: SignedLeaves | None = None,
     ) -> None:
-        """`on_denied(denied, newly_denied)`: called with every revoked identity after a change.
+        """`signed`: the leaves this replica's CSR service signed (node agents'): a newly revoked identity's are
+        listed with those it holds itself.
+        `on_denied(denied, newly_denied)`: called with every revoked identity after a change.
         `external`: the CRLs of the CAs whose keys are elsewhere (the Vault modes: Vault's roots and intermediates),
         read again when due and after every change of the list; while it has no complete set, NO CRL is sent (Envoy
         would refuse every chain with a CA that has none).
@@ -103,6 +107,7 @@ class RevocationPublisher:
         self._updates = 0
         self._failing = False
         self._external = external
+        self._signed = signed
         self._external_crls: bytes | None = None
         self._unwritten: tuple[Revocation, ...] = ()  # serials of revoked identities not yet in the source
         self._retry_at: datetime | None = None
@@ -215,8 +220,8 @@ class RevocationPublisher:
             ))
 
     def _list_serials_of(self, revocations: RevocationList, identities: frozenset[SpiffeId]) -> RevocationList:
-        """The list plus the serials of the certificates this replica holds for newly revoked identities, written
-        back so that every replica's CRLs list them (kept here alone if the write fails)."""
+        """The list plus the serials of the certificates this replica holds or signed (CSRs) for newly revoked
+        identities, written back so that every replica's CRLs list them (kept here alone if the write fails)."""
         by_uri = {e.value: e for e in revocations.entries if e.kind == "spiffe_id"}
         extra = []
         for leaf in self._secrets.certificates():
@@ -224,6 +229,20 @@ class RevocationPublisher:
                 cause = by_uri[leaf.spiffe_id.uri]
                 extra.append(Revocation("serial", f"{leaf.serial_number:x}", cause.reason, cause.revoked_at,
                                         leaf.not_after, None, leaf.serial_number))
+        if self._signed is not None:
+            for signed in self._signed.serials_of(identities):
+                cause = by_uri[signed.spiffe_id.uri]
+                extra.append(Revocation("serial", f"{signed.serial:x}", cause.reason, cause.revoked_at,
+                                        signed.not_after, signed.issuer_id, signed.serial))
+            for spiffe_id in identities:
+                untracked = self._signed.untracked(spiffe_id)
+                if untracked is not None:
+                    self._log.warning(
+                        "%d certificates of revoked %s signed here were not tracked (bound) and are on no CRL; they "
+                        "expire by %s (its requests are refused per route meanwhile)",
+                        untracked.count, spiffe_id, untracked.until.isoformat())
+            if extra:
+                self._log.info("listing %d serial(s) of revoked identities on the CRLs", len(extra))
         if not extra:
             return revocations
         try:
