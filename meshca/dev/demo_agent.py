@@ -176,13 +176,6 @@ class AgentDemo(Demo):
         self.say(f"backend's endpoint {where}, registered by the agent, is in the EDS of "
                  f"{' and '.join(c.name for c in CALLERS)}'s sidecars (the mesh file lists none)")
 
-    # The agent's ROOTCA is the trust bundle of its CSR responses, without meshca's CRLs: a revoked frontend is refused
-    # per request (RBAC) and gets no new certificate, but no peer's CRL lists it.
-    no_crl_reason = "no CRL checked (the agent's ROOTCA carries none)"
-
-    def crl_peers(self) -> list[EnvoyProcess]:
-        return []
-
     # -- what the check adds ------------------------------------------------------------------
 
     def expected_endpoints(self) -> set[tuple[str, int]]:
