@@ -161,8 +161,8 @@ def measure_pass(profile: Profile, workdir: Path, wave: int) -> dict[str, Any]:
         },
         "agent_profile": {
             "what": "per workload, from the agent's t0: socket listening; key+CSR made (until the CSR call); the CSR "
-                    "call (new TLS connection + meshca signs); the first Secret at the SDS client after the CSR "
-                    "returned; on meshca: each registration's put (which rebuilds the mesh before it returns)",
+                    "call (the agent's TLS connection made + meshca signs); the first Secret at the SDS client after "
+                    "the CSR returned; on meshca: each registration's put (which rebuilds the mesh before it returns)",
             "agent_start_to_listening": phase("t0", "listening"),
             "listening_to_csr_call": phase("listening", "csr_called"),
             "csr_call": phase("csr_called", "csr_returned"),
@@ -212,8 +212,8 @@ def run(profile: Profile, workdir: Path) -> list[Row]:
         "mesh": "every service with endpoints [] (registered only)",
         "load_processes": profile.agent_processes,
         "agents": "one meshca.agent NodeAgent per workload, in the load-generator processes (not one process each: "
-                  "that would time Python start-ups on 2 shared cores); each its own CSR connection, registration "
-                  "stream, SDS socket",
+                  "that would time Python start-ups on 2 shared cores); each its own TLS connection to meshca "
+                  "(shared by its CSRs, registration stream and trust stream) and SDS socket",
         "value": "p99 over workloads of max(cert, endpoint): cert = agent start to `default` at an SDS client on its "
                  "Unix socket; endpoint = agent start to its address at an EDS observer subscribed to its service",
         "baseline": "p99 over the same identities of central SDS: own TLS connection + ADS stream opened to "

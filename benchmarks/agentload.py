@@ -2,10 +2,10 @@
 
     python -m benchmarks.agentload '{"mode": "agent" | "central", "port": ..., "first": 0, "count": 100, ...}'
 
-- agent: one meshca.agent NodeAgent per workload, in this process (each its own agent start, CSR channel,
-  registration stream and SDS socket). Before the clock starts, an EDS observer per workload (an ADS stream
-  of an identity with no service of its own, subscribed to the workload's outbound ClusterLoadAssignment,
-  ACKing like Envoy) is opened and has its first answer (with `register` false: no endpoints, no observers).
+- agent: one meshca.agent NodeAgent per workload, in this process (each its own agent start, its one channel to
+  meshca for its CSRs, registration stream and trust stream, and its SDS socket). Before the clock starts, an
+  EDS observer per workload (an ADS stream of an identity with no service of its own, subscribed to the
+  workload's outbound ClusterLoadAssignment, ACKing like Envoy) is opened and has its first answer (with `register` false: no endpoints, no observers).
   `go`: t0 just before the NodeAgent is made and started; `cert_at` when an SDS client on the workload's Unix socket (SotW StreamSecrets, `default`) receives
   the Secret; `endpoint_at` when the observer receives a CLA holding the workload's address.
 - central: one node per workload opens its own TLS connection and ADS stream with the workload's JWT and
@@ -56,15 +56,16 @@ def _channel_options() -> list[tuple[str, int]]:
 class TimedSigner:
     """The agent's CsrClient, with when each workload's CSR call began (its key and CSR made) and returned."""
 
-    def __init__(self, inner: CsrClient) -> None:
-        self._inner = inner
+    def __init__(self) -> None:
+        self.inner: CsrClient | None = None  # set once the agent (whose channels it uses) is made
         self.called_at: float | None = None
         self.returned_at: float | None = None
 
     async def sign(self, csr_pem: bytes, token: str, ttl: Any = None) -> SignedCertificate:
         if self.called_at is None:
             self.called_at = time.monotonic()
-        signed = await self._inner.sign(csr_pem, token, ttl)
+        assert self.inner is not None
+        signed = await self.inner.sign(csr_pem, token, ttl)
         if self.returned_at is None:
             self.returned_at = time.monotonic()
         return signed
@@ -196,8 +197,11 @@ class AgentLoad:
             ),),
         )
         t0 = time.monotonic()
-        signer = TimedSigner(CsrClient(settings.meshca, settings.server_name, settings.ca, settings.timeout))
+        signer = TimedSigner()
         agent = NodeAgent(settings, system_clock, self.log, signer=signer)
+        # the agent's own CSR client (as without `signer`): over the agent's channel to meshca
+        signer.inner = CsrClient(settings.meshca, settings.server_name, settings.ca, settings.timeout,
+                                 roots=agent.anchor.roots, channels=agent.channels)
         self.agents.append(agent)
         await agent.start()
         listening = time.monotonic()

@@ -49,13 +49,16 @@ class RegistrationProbe:
     def __init__(self, endpoints: Any) -> None:
         self.puts: list[tuple[float, float]] = []
         self.removes: list[tuple[float, float]] = []
+        self.puts_running = 0
         original_put, original_remove = endpoints.put, endpoints.remove
 
         async def put(*args: Any, **kw: Any) -> Any:
             started = time.monotonic()
+            self.puts_running += 1
             try:
                 return await original_put(*args, **kw)
             finally:
+                self.puts_running -= 1
                 self.puts.append((started, time.monotonic()))
 
         async def remove(*args: Any, **kw: Any) -> Any:
@@ -225,6 +228,11 @@ async def main() -> None:
         """Registered endpoints now, mesh rebuilds so far, and the timed puts/removes since the last call."""
         taken: dict[str, Any] = {}
         if registration_probe is not None:
+            # a put returns after the coalesced rebuild that started after it, which may be the one after the rebuild
+            # that already published its endpoint: let the puts running now return, to be counted here
+            deadline = time.monotonic() + 5
+            while registration_probe.puts_running and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
             taken = {"puts": registration_probe.puts, "removes": registration_probe.removes}
             registration_probe.puts, registration_probe.removes = [], []
         return {

@@ -246,6 +246,20 @@ def test_bad_settings_name_file_and_field(tmp_path: Path, change: tuple[str, str
     assert "\n" not in str(error.value)
 
 
+@pytest.mark.parametrize("timeout", ["0s", "0", "0ms", "-5"])
+def test_a_zero_or_negative_timeout_is_refused_not_replaced_by_the_default(tmp_path: Path, timeout: str) -> None:
+    path = write_config(tmp_path, GOOD.replace("server_name: meshca.local\n", f"server_name: meshca.local\ntimeout: {timeout}\n"))
+    with pytest.raises(ConfigError) as error:
+        load_agent_settings(path)
+    assert str(error.value) == f"{path}: timeout: must be positive"
+
+
+def test_the_timeout_is_the_one_given_or_10_s(tmp_path: Path) -> None:
+    assert load_agent_settings(write_config(tmp_path, GOOD)).timeout == timedelta(seconds=10)
+    text = GOOD.replace("server_name: meshca.local\n", "server_name: meshca.local\ntimeout: 2500ms\n")
+    assert load_agent_settings(write_config(tmp_path, text)).timeout == timedelta(seconds=2.5)
+
+
 def test_a_socket_given_twice_is_refused(tmp_path: Path) -> None:
     text = GOOD + "  - {name: other, token_file: f.jwt, socket: frontend.sock}\n"
     with pytest.raises(ConfigError, match=r"workloads\[1\]\.socket: .* is given to two workloads"):

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -56,9 +57,12 @@ class CsrClient:
         timeout: timedelta = timedelta(seconds=10),
         node_id: str | None = None,
         roots: Callable[[], bytes] | None = None,
+        channels: Sequence[grpc.aio.Channel] | None = None,
     ) -> None:
         """`ca_path` is re-read for every call (the roots meshca is verified with may be replaced); `roots`, when
-        given, is called instead (meshca.agent.trust.TrustAnchor.roots: the file plus the bundle followed)."""
+        given, is called instead (meshca.agent.trust.TrustAnchor.roots: the file plus the bundle followed).
+        `channels`: one per address, shared and left open (meshca.agent.channels.ReplicaChannels, which reads the
+        roots itself); without them each call opens its own TLS channel per address and closes it."""
         if not addresses:
             raise ValueError("at least one meshca address is needed")
         self._addresses = tuple(addresses)
@@ -67,14 +71,11 @@ class CsrClient:
         self._timeout = timeout.total_seconds()
         self._node_id = node_id
         self._roots = roots if roots is not None else ca_path.read_bytes
+        if channels is not None and len(channels) != len(self._addresses):
+            raise ValueError("one channel per meshca address is needed")
+        self._channels = channels
 
     async def sign(self, csr_pem: bytes, token: str, ttl: timedelta | None = None) -> SignedCertificate:
-        try:
-            roots = self._roots()
-        except OSError as error:
-            raise SignFailed(f"cannot read ca {self._ca_path}: {error.strerror}") from None
-        credentials = grpc.ssl_channel_credentials(root_certificates=roots)
-        options = [("grpc.ssl_target_name_override", self._server_name), ("grpc.default_authority", self._server_name)]
         metadata = [("authorization", f"Bearer {token}")]
         if self._node_id:
             metadata.append((NODE_METADATA_KEY, self._node_id))
@@ -83,23 +84,36 @@ class CsrClient:
             request.ttl_seconds = int(ttl.total_seconds())
         problems: list[str] = []
         retryable = False
-        for host, port in self._addresses:
+        for replica, (host, port) in enumerate(self._addresses):
             where = grpc_target(host, port)
-            async with grpc.aio.secure_channel(where, credentials, options=options) as channel:
-                stub = certificate_pb2_grpc.CertificateServiceStub(channel)
-                try:
+            try:
+                async with self._channel(replica, where) as channel:
+                    stub = certificate_pb2_grpc.CertificateServiceStub(channel)
                     response = await stub.Sign(request, metadata=metadata, timeout=self._timeout)
-                except grpc.aio.AioRpcError as error:
-                    # details come from meshca's refusal messages, which never hold the token
-                    problems.append(f"meshca at {where}: {error.code().name}: {error.details() or ''}")
-                    retryable = retryable or error.code() not in _PERMANENT
-                    continue
+            except OSError as error:
+                raise SignFailed(f"cannot read ca {self._ca_path}: {error.strerror}") from None
+            except grpc.aio.AioRpcError as error:
+                # details come from meshca's refusal messages, which never hold the token
+                problems.append(f"meshca at {where}: {error.code().name}: {error.details() or ''}")
+                retryable = retryable or error.code() not in _PERMANENT
+                continue
             try:
                 return _signed(response)
             except ValueError as error:
                 problems.append(f"meshca at {where} sent an unusable answer: {error}")
                 retryable = True
         raise SignFailed("; ".join(problems), retryable)
+
+    @contextlib.asynccontextmanager
+    async def _channel(self, replica: int, where: str) -> AsyncIterator[grpc.aio.Channel]:
+        """The shared channel to this replica, or one of its own closed after the call (OSError: roots unreadable)."""
+        if self._channels is not None:
+            yield self._channels[replica]
+            return
+        credentials = grpc.ssl_channel_credentials(root_certificates=self._roots())
+        options = [("grpc.ssl_target_name_override", self._server_name), ("grpc.default_authority", self._server_name)]
+        async with grpc.aio.secure_channel(where, credentials, options=options) as channel:
+            yield channel
 
 
 def _signed(response: certificate_pb2.SignResponse) -> SignedCertificate:

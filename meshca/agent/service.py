@@ -10,14 +10,13 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import timedelta
 
-import grpc
-
-from meshca.agent.csr import CsrClient, grpc_target
+from meshca.agent.channels import ReplicaChannels
+from meshca.agent.csr import CsrClient
 from meshca.agent.discovery import WorkloadDirectory
 from meshca.agent.registration import CHANNEL_OPTIONS, Endpoint, keep_registered
 from meshca.agent.sds import WorkloadSocket
 from meshca.agent.settings import AgentSettings, WorkloadSettings
-from meshca.agent.trust import TrustAnchor, TrustMaterial, channel_factory, follow_trust
+from meshca.agent.trust import TrustAnchor, TrustMaterial, follow_trust
 from meshca.agent.workload import Retry, Served, Signer, WorkloadIdentity
 from meshca.backoff import backoff_delay
 from meshca.clock import Clock
@@ -57,8 +56,11 @@ class NodeAgent:
         # the roots meshca is verified with: the `ca` file plus the bundle followed from meshca (meshca.agent.trust)
         self.anchor = TrustAnchor(settings.ca)
         self.trust: TrustMaterial | None = None
+        # one TLS channel per replica for all of this agent's calls: CSRs, registration streams, the trust stream
+        self.channels = ReplicaChannels(settings.meshca, settings.server_name, self.anchor.roots, CHANNEL_OPTIONS)
         if signer is None:
-            signer = CsrClient(settings.meshca, settings.server_name, settings.ca, settings.timeout, roots=self.anchor.roots)
+            signer = CsrClient(settings.meshca, settings.server_name, settings.ca, settings.timeout,
+                               roots=self.anchor.roots, channels=self.channels)
         rng = rng if rng is not None else random.Random()
         self._signer, self._clock, self._policy, self._retry, self._rng = signer, clock, policy, retry, rng
         self.identities = [self._identity(w) for w in settings.workloads]
@@ -119,13 +121,12 @@ class NodeAgent:
         self._registrations.clear()
         for workload_socket in self.sockets:
             await workload_socket.stop()
+        await self.channels.close()
 
     async def _follow_trust(self) -> None:
         """Serve meshca's bundle and CRLs as every workload's ROOTCA as they change (WatchTrust), until cancelled."""
-        connect = channel_factory(self.anchor, self.settings.server_name, CHANNEL_OPTIONS)
-        targets = [grpc_target(h, p) for h, p in self.settings.meshca]
-        await follow_trust(targets, connect, self._on_trust, self._log.getChild("trust"), anchor=self.anchor,
-                           sleep=self._sleep)
+        await follow_trust(self.channels.targets, self.channels.connect, self._on_trust, self._log.getChild("trust"),
+                           anchor=self.anchor, sleep=self._sleep, shared_channels=True)
 
     def _on_trust(self, material: TrustMaterial) -> None:
         self.trust = material
@@ -197,7 +198,7 @@ class NodeAgent:
     async def _keep_registered(
         self, workload: WorkloadSettings, served: asyncio.Event, withdraw: asyncio.Event | None = None
     ) -> None:
-        """Keep `workload`'s endpoints registered with meshca (its replicas and TLS as for the CSRs) until cancelled,
+        """Keep `workload`'s endpoints registered with meshca (over the agent's channels, as the CSRs) until cancelled,
         from when the agent first has a certificate to serve for it (before that its sidecar cannot take a call).
 
         Refusals and outages are logged by keep_registered and retried there with capped backoff; this task
@@ -208,7 +209,7 @@ class NodeAgent:
         attempt = 0
         while True:
             try:
-                roots = self.anchor.roots()
+                self.channels.current()  # made once the roots can be read; kept (or made anew) after
                 break
             except OSError as error:
                 attempt += 1
@@ -216,19 +217,8 @@ class NodeAgent:
                 log.error("endpoint registration: cannot read ca %s (%s); retrying in %.1f s",
                           self.settings.ca, error.strerror, delay.total_seconds())
                 await self._sleep(delay.total_seconds())
-        credentials = grpc.ssl_channel_credentials(root_certificates=roots)
-        options = [
-            *CHANNEL_OPTIONS,
-            ("grpc.ssl_target_name_override", self.settings.server_name),
-            ("grpc.default_authority", self.settings.server_name),
-        ]
-        channels = [grpc.aio.secure_channel(grpc_target(h, p), credentials, options=options) for h, p in self.settings.meshca]
-        try:
-            await keep_registered(channels, workload.token_file, endpoints, log, sleep=self._sleep,
-                                  token_no_symlink=workload.token_no_symlink, withdraw=withdraw)
-        finally:
-            for channel in channels:
-                await channel.close()
+        await keep_registered(self.channels, workload.token_file, endpoints, log, sleep=self._sleep,
+                              token_no_symlink=workload.token_no_symlink, withdraw=withdraw)
 
     def status(self) -> list[WorkloadStatus]:
         return [

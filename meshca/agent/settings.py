@@ -87,7 +87,8 @@ def parse_agent_settings(path: Path, data: Mapping[str, Any]) -> AgentSettings:
     ttl = reader.duration("ttl", required=False)
     if ttl is not None and ttl <= timedelta(0):
         raise reader.error("ttl", "must be positive")
-    timeout = reader.duration("timeout", required=False) or timedelta(seconds=10)
+    timeout = reader.duration("timeout", required=False)
+    timeout = timedelta(seconds=10) if timeout is None else timeout
     if timeout <= timedelta(0):
         raise reader.error("timeout", "must be positive")
     return AgentSettings(tuple(endpoints), server_name, ca, workloads, ttl, timeout, workloads_dir)

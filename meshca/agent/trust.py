@@ -93,17 +93,6 @@ class TrustAnchor:
 ChannelFactory = Callable[[str], grpc.aio.Channel]
 
 
-def channel_factory(anchor: TrustAnchor, server_name: str, options: Sequence[tuple[str, int]] = ()) -> ChannelFactory:
-    """A TLS channel to a replica (`host:port`) verified with the anchor's roots as they are when it is made."""
-
-    def connect(target: str) -> grpc.aio.Channel:
-        credentials = grpc.ssl_channel_credentials(root_certificates=anchor.roots())
-        all_options = [*options, ("grpc.ssl_target_name_override", server_name), ("grpc.default_authority", server_name)]
-        return grpc.aio.secure_channel(target, credentials, options=all_options)
-
-    return connect
-
-
 async def follow_trust(
     targets: Sequence[str],
     connect: ChannelFactory,
@@ -114,11 +103,13 @@ async def follow_trust(
     initial_backoff: timedelta = DEFAULT_INITIAL_BACKOFF,
     max_backoff: timedelta = DEFAULT_MAX_BACKOFF,
     sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
+    shared_channels: bool = False,
 ) -> None:
     """Hold a WatchTrust stream to one replica after another until cancelled; call `on_material` with every new
     material (checked by parse_material, adopted by `anchor` first). When a stream fails or ends, the next replica
     is tried after a capped backoff (reset once a stream has delivered); nothing is called meanwhile, so whatever
-    was served last stays served."""
+    was served last stays served. `connect` makes a channel per attempt, closed after it; with `shared_channels` it
+    hands out channels other calls use too (meshca.agent.channels.ReplicaChannels.connect): only the stream ends."""
     if not targets:
         raise ValueError("follow_trust needs at least one meshca address")
     watch = trust_pb2.WatchTrustRequest()
@@ -133,12 +124,12 @@ async def follow_trust(
         except OSError as error:
             why = f"cannot read ca {error.filename}: {error.strerror}"
         else:
+            call = channel.unary_stream(
+                FULL_WATCH_METHOD,
+                request_serializer=trust_pb2.WatchTrustRequest.SerializeToString,
+                response_deserializer=trust_pb2.TrustMaterial.FromString,
+            )(watch)
             try:
-                call = channel.unary_stream(
-                    FULL_WATCH_METHOD,
-                    request_serializer=trust_pb2.WatchTrustRequest.SerializeToString,
-                    response_deserializer=trust_pb2.TrustMaterial.FromString,
-                )(watch)
                 async for message in call:
                     material = parse_material(message, target)
                     delivered = True
@@ -157,7 +148,10 @@ async def follow_trust(
             except UnusableMaterial as error:
                 why = f"meshca at {target} sent unusable trust material: {error}"
             finally:
-                await channel.close()
+                if shared_channels:
+                    call.cancel()
+                else:
+                    await channel.close()
         attempt += 1
         replica += 1
         delay = backoff_delay(attempt, initial_backoff, max_backoff)

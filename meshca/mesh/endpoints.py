@@ -199,8 +199,8 @@ class CoalescedWork:
     `min_interval` seconds apart, so a long stream of changes (a herd of agents registering over a second or two)
     costs a run per interval, not one per change that arrived during the previous run.
 
-    `request()` from the event loop returns a future done when a run that started after the request has ended;
-    from a thread without a running loop (tests, start-up) `work` runs at once, there."""
+    `request()` from the event loop returns a future (the caller's own) done when a run that started after the
+    request has ended; from a thread without a running loop (tests, start-up) `work` runs at once, there."""
 
     def __init__(self, work: Callable[[], None], logger: logging.Logger, min_interval: float = 0.1) -> None:
         self._work = work
@@ -224,7 +224,8 @@ class CoalescedWork:
         waiter = self._next
         if self._task is None or self._task.done() or self._task.get_loop() is not loop:
             self._task = loop.create_task(self._run(), name="coalesced-rebuild")
-        return waiter
+        # each caller its own future: a cancelled waiter (its registration stream ended) cancels no other one
+        return asyncio.shield(waiter)
 
     async def _run(self) -> None:
         done: asyncio.Future[None] | None = None
@@ -345,10 +346,10 @@ class EndpointServicer(endpoints_pb2_grpc.EndpointServiceServicer):
                     await context.abort(e.code, e.message)
                 # in canonical form once here, so that rebuilds (with_registered) compare addresses as they are
                 endpoints = tuple(replace(e, address=str(ipaddress.ip_address(e.address))) for e in endpoints)
-                await self._sink.put(registration_id, Registration(spiffe_id, endpoints))
-                if not registered:
+                first, registered = not registered, True  # stored from here: removed when the stream ends, even
+                await self._sink.put(registration_id, Registration(spiffe_id, endpoints))  # if cancelled in the put
+                if first:
                     self._log.info("%s registered %d endpoint(s) of %s", spiffe_id, len(endpoints), ", ".join(accepted))
-                registered = True
                 yield endpoints_pb2.RegisterResponse(spiffe_id=spiffe_id.uri, accepted_services=accepted)
         finally:
             if registered:
