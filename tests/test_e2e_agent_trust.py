@@ -7,8 +7,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
-import socket
-import ssl
 import subprocess
 import sys
 import time
@@ -20,6 +18,7 @@ import pytest
 import yaml
 from meshca_harness import TRUST_DOMAIN, RunningMeshca, running_meshca
 from test_e2e_agent_mode import sidecar, spiffe_id
+from test_e2e_revocation import mtls_get
 
 from meshca.app import crl_publishing
 from meshca.ca import crypto
@@ -79,19 +78,7 @@ async def caller_leaf(meshca: RunningMeshca, directory: Path) -> tuple[Path, Pat
 
 def direct_request(port: int, cert: Path, key: Path, bundle: bytes) -> str:
     """One GET straight to the callee's sidecar over a new mTLS connection with `cert`: "ok", or why it failed."""
-    context = ssl.create_default_context(cadata=bundle.decode())
-    context.check_hostname = False  # the sidecar's certificate names a SPIFFE ID, no host name
-    context.load_cert_chain(cert, key)
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
-            with context.wrap_socket(raw) as tls:
-                tls.sendall(b"GET /hello HTTP/1.1\r\nHost: backend\r\nConnection: close\r\n\r\n")
-                answer = tls.recv(4096)
-    except OSError as error:
-        return f"failed: {error}"
-    if not answer:  # TLS 1.3: the server's alert for the client's certificate arrives after the handshake
-        return "failed: connection closed by the sidecar"
-    return "ok" if answer.startswith(b"HTTP/1.1 200") else f"failed: {answer[:40]!r}"
+    return mtls_get(port, cert, key, bundle.decode())
 
 
 def rootca(envoy: EnvoyProcess) -> dict[str, Any]:

@@ -73,11 +73,16 @@ def direct_request(demo: Demo, cert: Path, key: Path, bundle: str | None = None)
     `bundle`: the roots to verify the sidecar with (default: the internal CA's in the demo's state dir)."""
     if bundle is None:
         bundle = CertificateAuthority.load(demo.material.state_dir, system_clock).trust_bundle_pem().decode()
+    return mtls_get(demo.ports.backend_inbound, cert, key, bundle)
+
+
+def mtls_get(port: int, cert: Path, key: Path, bundle: str) -> str:
+    """One GET straight to a sidecar's inbound `port` over a new mTLS connection with `cert`: "ok", or why it failed."""
     context = ssl.create_default_context(cadata=bundle)
     context.check_hostname = False  # the sidecar's certificate names a SPIFFE ID, no host name
     context.load_cert_chain(cert, key)
     try:
-        with socket.create_connection(("127.0.0.1", demo.ports.backend_inbound), timeout=5) as raw:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
             with context.wrap_socket(raw) as tls:
                 tls.sendall(b"GET / HTTP/1.1\r\nHost: backend\r\nConnection: close\r\n\r\n")
                 answer = tls.recv(4096)
