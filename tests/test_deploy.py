@@ -470,6 +470,13 @@ def test_the_agent_config_parses_and_names_meshcas_service_and_the_mounted_files
     workloads_mount = agent_mounts[raw["workloads_dir"]["path"]]
     assert volume(daemonset, workloads_mount["name"])["hostPath"] == {"path": AGENT_HOST_PATH, "type": "DirectoryOrCreate"}
     assert not workloads_mount.get("readOnly")
+    # the readiness probe asks the agent's /healthz on the port its config serves it on, reachable on the pod's IP
+    assert settings.admin is not None
+    admin_host, admin_port = settings.admin
+    probe = agent["readinessProbe"]["httpGet"]
+    ports = {p["name"]: p["containerPort"] for p in agent["ports"]}
+    assert probe["path"] == "/healthz" and ports.get(probe["port"], probe["port"]) == admin_port
+    assert admin_host == "0.0.0.0" and "livenessProbe" not in agent
 
 
 def test_the_agent_runs_meshcas_image_unprivileged_and_its_namespace_admits_only_that() -> None:

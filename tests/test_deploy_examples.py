@@ -23,6 +23,7 @@ import yaml
 
 from meshca.ca.bundle import SpiffeBundle
 from meshca.dev.envoy_process import find_envoy, wait_until
+from meshca.fields import parse_host_port
 from meshca.files import write_atomic
 from meshca.node.bootstrap import BootstrapSettings, build_bootstrap, render_yaml
 from meshca.node.trust import TRUST_PEM_FILE, TRUST_SDS_FILE, TrustSyncSettings, write_bundle, write_token_sds
@@ -536,7 +537,8 @@ def test_agent_unit_runs_the_command_meshca_parses() -> None:
     start = next(i for i, line in enumerate(lines) if line.startswith("# /etc/meshca/agent.yaml")) + 1
     end = next(i for i, line in enumerate(lines) if line.startswith("# Render"))
     example = yaml.safe_load("\n".join(line.removeprefix("#") for line in lines[start:end]))
-    assert set(example) == {"meshca", "server_name", "ca", "workloads"}
+    assert set(example) == {"meshca", "server_name", "ca", "admin", "workloads"}
+    assert parse_host_port(example["admin"])[0] == "127.0.0.1"  # /status is for the host's operator only
     (workload,) = example["workloads"]
     assert workload["socket"].startswith("/run/meshca/") and workload["socket_group"] == service["Group"]
     assert "--agent-socket /run/meshca/" in text

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import threading
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -59,19 +60,89 @@ def status_json(proxies: ProxySource) -> list[dict[str, Any]]:
     return [proxy_status_json(s) for s in sorted(proxies.snapshot(), key=lambda s: (s.node_id, s.stream_id))]
 
 
-class _AdminHTTPServer(ThreadingHTTPServer):
+class HttpRoutes(Protocol):
+    """What an HttpEndpoint serves: the answer to a GET of `path` (status, content type, body)."""
+
+    def get(self, path: str) -> tuple[HTTPStatus, str, bytes]: ...
+
+
+class _RoutesHTTPServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, address: tuple[str, int], routes: _AdminRoutes) -> None:
+    def __init__(self, address: tuple[str, int], routes: HttpRoutes, logger: logging.Logger) -> None:
         self.routes = routes
-        super().__init__(address, _AdminHandler)
+        self.log = logger
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        super().__init__(address, _RoutesHandler)
+
+
+class _RoutesHandler(BaseHTTPRequestHandler):
+    server: _RoutesHTTPServer
+
+    def do_GET(self) -> None:
+        try:
+            code, content_type, body = self.server.routes.get(urlsplit(self.path).path)
+        except Exception:
+            self.server.log.exception("admin request %s failed", self.path)
+            code, content_type, body = HTTPStatus.INTERNAL_SERVER_ERROR, "text/plain; charset=utf-8", b"error\n"
+        self.send_response(code)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        self.server.log.debug("admin %s: " + format, self.address_string(), *args)
+
+
+class HttpEndpoint:
+    """Serves `routes` (GET) over HTTP from a daemon thread: meshca's admin endpoint and the node agent's.
+
+    The routes run on the server's threads: what they read of state that changes elsewhere, they copy."""
+
+    def __init__(self, routes: HttpRoutes, logger: logging.Logger, setting: str, thread_name: str) -> None:
+        """`setting`: the setting a bind failure names (ListenError), e.g. `metrics_port`."""
+        self._routes = routes
+        self._log = logger
+        self._setting = setting
+        self._thread_name = thread_name
+        self._server: _RoutesHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+        self.port: int | None = None
+
+    def start(self, host: str, port: int) -> int:
+        """Bind and serve; returns the bound port (useful with port 0). ListenError when it cannot bind."""
+        if self._server is not None:
+            raise RuntimeError(f"{self._thread_name} already started")
+        try:
+            server = _RoutesHTTPServer((host, port), self._routes, self._log)
+        except OSError as error:
+            raise listen_error(self._setting, host, port, error) from None
+        thread = threading.Thread(
+            target=server.serve_forever, kwargs={"poll_interval": 0.1}, name=self._thread_name, daemon=True
+        )
+        thread.start()
+        self._server, self._thread = server, thread
+        self.port = server.server_address[1]
+        return self.port
+
+    def stop(self) -> None:
+        server, thread = self._server, self._thread
+        if server is None:
+            return
+        server.shutdown()
+        server.server_close()
+        if thread is not None:
+            thread.join(timeout=5)
+        self._server = self._thread = None
+        self.port = None
 
 
 class _AdminRoutes:
-    def __init__(self, registry: CollectorRegistry, proxies: ProxySource, logger: logging.Logger) -> None:
+    def __init__(self, registry: CollectorRegistry, proxies: ProxySource) -> None:
         self.registry = registry
         self.proxies = proxies
-        self.log = logger
         self.fleet: FleetSource | None = None
 
     def status(self) -> list[dict[str, Any]]:
@@ -89,35 +160,17 @@ class _AdminRoutes:
         return HTTPStatus.NOT_FOUND, "text/plain; charset=utf-8", b"not found: try /metrics, /status, /healthz\n"
 
 
-class _AdminHandler(BaseHTTPRequestHandler):
-    server: _AdminHTTPServer
-
-    def do_GET(self) -> None:
-        routes = self.server.routes
-        try:
-            code, content_type, body = routes.get(urlsplit(self.path).path)
-        except Exception:
-            routes.log.exception("admin request %s failed", self.path)
-            code, content_type, body = HTTPStatus.INTERNAL_SERVER_ERROR, "text/plain; charset=utf-8", b"error\n"
-        self.send_response(code)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        self.server.routes.log.debug("admin %s: " + format, self.address_string(), *args)
-
-
 class AdminServer:
     """Serves /metrics, /status and /healthz over HTTP from a daemon thread."""
 
     def __init__(self, registry: CollectorRegistry, proxies: ProxySource, logger: logging.Logger) -> None:
-        self._routes = _AdminRoutes(registry, proxies, logger)
+        self._routes = _AdminRoutes(registry, proxies)
         self._log = logger
-        self._server: _AdminHTTPServer | None = None
-        self._thread: threading.Thread | None = None
-        self.port: int | None = None
+        self._http = HttpEndpoint(self._routes, logger, "metrics_port", "meshca-admin")
+
+    @property
+    def port(self) -> int | None:
+        return self._http.port
 
     def set_fleet(self, fleet: FleetSource | None) -> None:
         self._routes.fleet = fleet
@@ -128,31 +181,12 @@ class AdminServer:
 
     def start(self, host: str = DEFAULT_ADMIN_HOST, port: int = 0) -> int:
         """Bind (loopback unless told otherwise) and serve; returns the bound port (useful with port 0)."""
-        if self._server is not None:
-            raise RuntimeError("admin server already started")
-        try:
-            server = _AdminHTTPServer((host, port), self._routes)
-        except OSError as error:
-            raise listen_error("metrics_port", host, port, error) from None
-        thread = threading.Thread(
-            target=server.serve_forever, kwargs={"poll_interval": 0.1}, name="meshca-admin", daemon=True
-        )
-        thread.start()
-        self._server, self._thread = server, thread
-        self.port = server.server_address[1]
-        self._log.info("admin endpoint (metrics, status) on http://%s:%d", host, self.port)
-        return self.port
+        bound = self._http.start(host, port)
+        self._log.info("admin endpoint (metrics, status) on http://%s:%d", host, bound)
+        return bound
 
     def stop(self) -> None:
-        server, thread = self._server, self._thread
-        if server is None:
-            return
-        server.shutdown()
-        server.server_close()
-        if thread is not None:
-            thread.join(timeout=5)
-        self._server = self._thread = None
-        self.port = None
+        self._http.stop()
 
 
 class Observability:

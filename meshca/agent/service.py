@@ -13,7 +13,7 @@ from datetime import timedelta
 from meshca.agent.channels import ReplicaChannels
 from meshca.agent.csr import CsrClient
 from meshca.agent.discovery import WorkloadDirectory
-from meshca.agent.registration import CHANNEL_OPTIONS, Endpoint, keep_registered
+from meshca.agent.registration import CHANNEL_OPTIONS, Endpoint, Registered, keep_registered
 from meshca.agent.sds import WorkloadSocket
 from meshca.agent.settings import AgentSettings, WorkloadSettings
 from meshca.agent.trust import TrustAnchor, TrustMaterial, follow_trust
@@ -25,6 +25,14 @@ from meshca.xds.cache import SnapshotCache
 
 
 @dataclass(frozen=True)
+class EndpointsState:
+    """A workload's endpoints to register, and what meshca accepted while its stream holds (None: not registered)."""
+
+    endpoints: tuple[Endpoint, ...]
+    registered: Registered | None = None
+
+
+@dataclass(frozen=True)
 class WorkloadStatus:
     name: str
     socket: str
@@ -32,6 +40,8 @@ class WorkloadStatus:
     issued: int
     failures: int
     streams: int
+    last_failure: str | None = None  # why its CSRs fail, while they do
+    endpoints: EndpointsState | None = None  # None: it has no endpoints to register
 
 
 class NodeAgent:
@@ -69,6 +79,8 @@ class NodeAgent:
         # Workloads added while running (workloads_dir): their certificate task and their registration task.
         self._added: dict[str, asyncio.Task[None]] = {}
         self._registrations: dict[str, tuple[asyncio.Task[None], asyncio.Event]] = {}
+        self._endpoints: dict[str, EndpointsState] = {}  # by workload, while its registration task runs
+        self.running = False  # from start() until stop()
         self.directory = (
             WorkloadDirectory(settings.workloads_dir, self, clock, logger.getChild("workloads_dir"),
                               [w.name for w in settings.workloads])
@@ -104,12 +116,14 @@ class NodeAgent:
         ]
         if self.directory is not None:
             self._tasks.append(asyncio.create_task(self.directory.run(self._sleep), name="agent-workloads-dir"))
+        self.running = True
 
     async def wait_served(self, timeout: float | None = None) -> None:
         """Until every workload has had a certificate (asyncio.TimeoutError after `timeout` seconds)."""
         await asyncio.wait_for(asyncio.gather(*(i.first_served.wait() for i in self.identities)), timeout)
 
     async def stop(self) -> None:
+        self.running = False
         tasks = [*self._tasks, *self._added.values(), *(task for task, _ in self._registrations.values())]
         for task in tasks:
             task.cancel()
@@ -202,28 +216,55 @@ class NodeAgent:
         from when the agent first has a certificate to serve for it (before that its sidecar cannot take a call).
 
         Refusals and outages are logged by keep_registered and retried there with capped backoff; this task
-        never ends on its own, so neither the agent nor its SDS is affected by them."""
+        never ends on its own, so neither the agent nor its SDS is affected by them. Whether meshca holds them
+        is in status() meanwhile."""
         log = self._log.getChild(workload.name)
         endpoints = list(workload.endpoints)
-        await served.wait()
-        attempt = 0
-        while True:
-            try:
-                self.channels.current()  # made once the roots can be read; kept (or made anew) after
-                break
-            except OSError as error:
-                attempt += 1
-                delay = backoff_delay(attempt, timedelta(seconds=1), timedelta(seconds=30))
-                log.error("endpoint registration: cannot read ca %s (%s); retrying in %.1f s",
-                          self.settings.ca, error.strerror, delay.total_seconds())
-                await self._sleep(delay.total_seconds())
-        await keep_registered(self.channels, workload.token_file, endpoints, log, sleep=self._sleep,
-                              token_no_symlink=workload.token_no_symlink, withdraw=withdraw)
+        name = workload.name
+        self._endpoints[name] = EndpointsState(workload.endpoints)
+
+        def accepted(registered: Registered) -> None:
+            self._endpoints[name] = EndpointsState(workload.endpoints, registered)
+
+        def lost(_: str) -> None:
+            self._endpoints[name] = EndpointsState(workload.endpoints)
+
+        try:
+            await served.wait()
+            attempt = 0
+            while True:
+                try:
+                    self.channels.current()  # made once the roots can be read; kept (or made anew) after
+                    break
+                except OSError as error:
+                    attempt += 1
+                    delay = backoff_delay(attempt, timedelta(seconds=1), timedelta(seconds=30))
+                    log.error("endpoint registration: cannot read ca %s (%s); retrying in %.1f s",
+                              self.settings.ca, error.strerror, delay.total_seconds())
+                    await self._sleep(delay.total_seconds())
+            await keep_registered(self.channels, workload.token_file, endpoints, log, sleep=self._sleep,
+                                  token_no_symlink=workload.token_no_symlink, withdraw=withdraw,
+                                  on_registered=accepted, on_lost=lost)
+        finally:
+            self._endpoints.pop(name, None)
 
     def status(self) -> list[WorkloadStatus]:
+        """Every served workload's state; also from another thread (the admin endpoint's, meshca.agent.admin): the
+        lists change on the event loop, so it reads copies and pairs them by name."""
+        identities, sockets, endpoints = list(self.identities), list(self.sockets), dict(self._endpoints)
+        socket_of = {s.settings.name: s for s in sockets}
         return [
             WorkloadStatus(
-                i.name, str(s.path), i.served, i.issued, i.failures, len(s.registry.snapshot())
+                i.name, str(s.path), i.served, i.issued, i.failures, len(s.registry.snapshot()), i.last_failure,
+                endpoints.get(i.name),
             )
-            for i, s in zip(self.identities, self.sockets, strict=True)
+            for i in identities
+            if (s := socket_of.get(i.name)) is not None  # else being added or removed right now
         ]
+
+    def ended_tasks(self) -> list[str]:
+        """The names of this agent's tasks that ended while it runs (they never end on their own: a bug); also
+        from another thread."""
+        if not self.running:
+            return []
+        return [t.get_name() for t in [*list(self._tasks), *list(self._added.values())] if t.done()]

@@ -51,6 +51,7 @@ class AgentSettings:
     ttl: timedelta | None = None  # the leaf TTL asked for (None: meshca's default)
     timeout: timedelta = timedelta(seconds=10)  # one CSR call
     workloads_dir: WorkloadsDirSettings | None = None  # workloads discovered from a directory, besides `workloads`
+    admin: tuple[str, int] | None = None  # host:port of the HTTP /healthz and /status (meshca.agent.admin); None: off
 
 
 def load_agent_settings(path: Path) -> AgentSettings:
@@ -60,7 +61,7 @@ def load_agent_settings(path: Path) -> AgentSettings:
 
 def parse_agent_settings(path: Path, data: Mapping[str, Any]) -> AgentSettings:
     reader = FieldReader(path, data)
-    reader.check_known({"meshca", "server_name", "ca", "workloads", "workloads_dir", "ttl", "timeout"})
+    reader.check_known({"meshca", "server_name", "ca", "workloads", "workloads_dir", "ttl", "timeout", "admin"})
     addresses = reader.get("meshca", (list, str))
     if isinstance(addresses, str):
         addresses = [addresses]
@@ -91,7 +92,14 @@ def parse_agent_settings(path: Path, data: Mapping[str, Any]) -> AgentSettings:
     timeout = timedelta(seconds=10) if timeout is None else timeout
     if timeout <= timedelta(0):
         raise reader.error("timeout", "must be positive")
-    return AgentSettings(tuple(endpoints), server_name, ca, workloads, ttl, timeout, workloads_dir)
+    admin_text = reader.get("admin", str, None)
+    admin = None
+    if admin_text is not None:
+        try:
+            admin = parse_host_port(admin_text)
+        except ValueError as error:
+            raise reader.error("admin", str(error)) from None
+    return AgentSettings(tuple(endpoints), server_name, ca, workloads, ttl, timeout, workloads_dir, admin)
 
 
 def _workloads_dir(parent: FieldReader) -> WorkloadsDirSettings | None:

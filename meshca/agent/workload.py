@@ -99,6 +99,7 @@ class WorkloadIdentity:
         self._wake = asyncio.Event()  # ends run's wait: renew now
         self.issued = 0
         self.failures = 0
+        self.last_failure: str | None = None  # why the CSRs fail, while they do (SignFailed's line: no token, no key)
         self.first_served = asyncio.Event()
 
     @property
@@ -143,6 +144,7 @@ class WorkloadIdentity:
         if self._failures_in_row:
             self._log.info("workload %s: meshca signs again after %d failed attempts", self.name, self._failures_in_row)
         self._failures_in_row = 0
+        self.last_failure = None
         self.first_served.set()
         self._log.info(
             "workload %s: serving certificate serial %s for %s, expires %s, key sha256 %s; renewal at %s",
@@ -192,6 +194,7 @@ class WorkloadIdentity:
         now = self._clock()
         self.failures += 1
         self._failures_in_row += 1
+        self.last_failure = reason
         delay = backoff_delay(self._failures_in_row, self._retry.initial, self._retry.cap)
         served = self._served
         if served is not None:

@@ -8,12 +8,14 @@ import signal
 from pathlib import Path
 from typing import Any
 
+from meshca.agent.admin import AgentAdmin
 from meshca.agent.sds import SocketError
 from meshca.agent.service import NodeAgent
 from meshca.agent.settings import load_agent_settings
 from meshca.cli.errors import CliError
 from meshca.clock import system_clock
 from meshca.files import describe_os_error
+from meshca.listen import ListenError, check_bindable
 
 _DESCRIPTION = """\
 For each workload in FILE: generate its private key here (it never leaves this process), send a CSR to
@@ -21,7 +23,9 @@ meshca's CertificateService with the workload's JWT (token_file, re-read on ever
 certificate (`default`) and the trust bundle (`ROOTCA`) over SDS on the workload's Unix socket, to the
 Envoy bootstrapped with `meshca bootstrap --agent-socket`. Certificates are renewed at meshca's policy
 (half the lifetime ± jitter, at once in the hard zone); while meshca is unreachable the current ones keep
-being served and the CSR is retried with capped backoff. See docs/agent.md.
+being served and the CSR is retried with capped backoff. With `admin: HOST:PORT`, GET /healthz answers 200
+once every workload has a certificate that has not expired (503 and one line per workload otherwise), and
+/status the workloads' certificates (never a key or a token) as JSON. See docs/agent.md.
 """
 
 
@@ -30,11 +34,20 @@ async def _run(config: Path) -> int:
 
     log = logs.configure("info").getChild("agent")
     settings = load_agent_settings(config)
+    if settings.admin is not None:  # a taken port is refused before any socket is touched
+        check_bindable("admin", *settings.admin)
     agent = NodeAgent(settings, system_clock, log)
     try:
         await agent.start()
     except SocketError as error:
         raise CliError(str(error)) from None
+    admin = AgentAdmin(agent, system_clock, log.getChild("admin"))
+    if settings.admin is not None:
+        try:
+            admin.start(*settings.admin)
+        except ListenError:  # taken since the check
+            await agent.stop()
+            raise
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -43,6 +56,7 @@ async def _run(config: Path) -> int:
              ", ".join(f"{h}:{p}" for h, p in settings.meshca))
     await stop.wait()
     log.info("signal received: stopping")
+    admin.stop()
     await agent.stop()
     return 0
 
