@@ -245,7 +245,7 @@ class MeshcaApp:
                 self.identity_gate,
                 self.publisher,
                 self.retention,
-                {i.issuer: i.leeway for i in issuers},
+                self._leeways,
                 self.ca_executor,
                 logger.getChild("gate"),
                 hold=self._hold_in_warmup,
@@ -277,7 +277,7 @@ class MeshcaApp:
         self._warmup_ends: float | None = None  # event-loop time; set when serving starts
         # Registered endpoints (meshca.v1.EndpointService): merged into EDS; `registration_sink` is where a stream's
         # registration is written (these, or the HA store, whose watch then fills these: meshca.store.endpoints).
-        # Many agents registering at once rebuild the mesh twice, not once each (CoalescedWork).
+        # Many agents registering at once rebuild the mesh once per 100 ms at most, not once each (CoalescedWork).
         self.endpoint_rebuilds = CoalescedWork(
             partial(self._rebuild, "an endpoint registration"), logger.getChild("endpoints")
         )
