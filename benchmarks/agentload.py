@@ -120,19 +120,25 @@ async def first_default(socket: Path, node_id: str) -> float:
     """When an SDS client on the agent's Unix socket (as Envoy's, SotW) receives the `default` Secret."""
     async with grpc.aio.insecure_channel(f"unix:{socket}") as channel:
         call = channel.stream_stream(SDS_METHOD)()
-        request = wire.DiscoveryRequest(type_url=SDS, resource_names=["default"])
-        request.node.id = node_id
-        request.node.cluster = "bench"
-        await call.write(request.SerializeToString())
-        while True:
-            raw = await call.read()
-            if raw is grpc.aio.EOF:
-                raise RuntimeError(f"SDS stream on {socket} ended: {await call.code()}")
-            at = time.monotonic()
-            _, _, _, resources = parse_response(raw)
-            if secret_digest(raw, resources, b"default") is not None:
-                call.cancel()
-                return at
+        at = await default_received(call, node_id, f"SDS stream on {socket}")
+        call.cancel()
+        return at
+
+
+async def default_received(call: grpc.aio.StreamStreamCall, node_id: str, what: str) -> float:
+    """Ask `call` (SDS or ADS, SotW) for the `default` Secret as Envoy does; when it arrived (time.monotonic())."""
+    request = wire.DiscoveryRequest(type_url=SDS, resource_names=["default"])
+    request.node.id = node_id
+    request.node.cluster = "bench"
+    await call.write(request.SerializeToString())
+    while True:
+        raw = await call.read()
+        if raw is grpc.aio.EOF:
+            raise RuntimeError(f"{what} ended: {await call.code()}")
+        at = time.monotonic()
+        _, _, _, resources = parse_response(raw)
+        if secret_digest(raw, resources, b"default") is not None:
+            return at
 
 
 class AgentLoad:
@@ -269,18 +275,8 @@ class CentralLoad:
         channel = grpc.aio.secure_channel(f"127.0.0.1:{self.args['port']}", credentials, options=_channel_options())
         self.channels.append(channel)
         call = channel.stream_stream(ADS_METHOD)(metadata=[("authorization", f"Bearer {self.tokens[i]}")])
-        request = wire.DiscoveryRequest(type_url=SDS, resource_names=["default"])
-        request.node.id = f"central-{i}"
-        request.node.cluster = "bench"
-        await call.write(request.SerializeToString())
-        while True:
-            raw = await call.read()
-            if raw is grpc.aio.EOF:
-                raise RuntimeError(f"ADS stream of svc-{i} ended: {await call.code()}")
-            at = time.monotonic()
-            _, _, _, resources = parse_response(raw)
-            if secret_digest(raw, resources, b"default") is not None:
-                return {"index": i, "t0": t0, "cert_at": at}
+        at = await default_received(call, f"central-{i}", f"ADS stream of svc-{i}")
+        return {"index": i, "t0": t0, "cert_at": at}
 
     async def go(self, cmd: dict[str, Any]) -> dict[str, Any]:
         cpu = cpu_seconds(os.getpid())
