@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol
 
-from meshca.agent.registration import Endpoint
+from meshca.agent.registration import TOKEN_LIMIT, Endpoint
 from meshca.agent.sds import SocketError
 from meshca.agent.settings import WorkloadsDirSettings, WorkloadSettings, parse_endpoints
 from meshca.clock import Clock
@@ -24,7 +24,6 @@ from meshca.files import read_no_follow
 TOKEN = "token"
 ENDPOINTS = "endpoints.yaml"
 SOCKET = "sds.sock"
-_FILE_LIMIT = 65536  # bytes, for the token and endpoints.yaml (a workload writes them: never read more)
 _MAX_SOCKET_PATH = 107  # sun_path holds 108 bytes with the terminating NUL
 
 
@@ -64,7 +63,7 @@ def read_workload(settings: WorkloadsDirSettings, directory: Path, now: datetime
     its `meshca agent enroll` could not clean up): the workload stops."""
     token = directory / TOKEN
     try:
-        token_text = read_no_follow(token, _FILE_LIMIT)
+        token_text = read_no_follow(token, TOKEN_LIMIT)
     except FileNotFoundError:
         return None
     except OSError as error:
@@ -77,7 +76,7 @@ def read_workload(settings: WorkloadsDirSettings, directory: Path, now: datetime
     endpoints: tuple[Endpoint, ...] = ()
     endpoints_file = directory / ENDPOINTS
     try:
-        raw = read_no_follow(endpoints_file, _FILE_LIMIT)
+        raw = read_no_follow(endpoints_file, TOKEN_LIMIT)
     except FileNotFoundError:
         pass
     except OSError as error:

@@ -13,11 +13,9 @@ from pathlib import Path
 import yaml
 
 from meshca.agent.discovery import ENDPOINTS, SOCKET, TOKEN
-from meshca.agent.registration import Endpoint
+from meshca.agent.registration import TOKEN_LIMIT, Endpoint
 from meshca.fields import parse_host_port
 from meshca.files import describe_os_error, read_no_follow, write_atomic
-
-_TOKEN_LIMIT = 65536  # bytes; the agent reads no more either
 
 
 @dataclass(frozen=True)
@@ -67,10 +65,10 @@ class Enrollment:
                 raise OSError(error.errno, error.strerror, str(self.settings.token_file)) from None
             if not source.strip():
                 raise OSError(errno.EINVAL, "is empty", str(self.settings.token_file))
-            if len(source) > _TOKEN_LIMIT:
-                raise OSError(errno.EFBIG, f"is larger than {_TOKEN_LIMIT} bytes", str(self.settings.token_file))
+            if len(source) > TOKEN_LIMIT:
+                raise OSError(errno.EFBIG, f"is larger than {TOKEN_LIMIT} bytes", str(self.settings.token_file))
             try:
-                current: bytes | None = read_no_follow(self.token, _TOKEN_LIMIT)
+                current: bytes | None = read_no_follow(self.token, TOKEN_LIMIT)
             except OSError:
                 current = None  # missing or unusable: replaced below (write_atomic renames over it)
             if current == source:

@@ -44,21 +44,31 @@ class Registered:
     accepted_services: tuple[str, ...]
 
 
+# The most the agent reads of a token or an endpoints.yaml: a JWT is a few KiB, and a file in a directory a workload
+# writes (workloads_dir) is refused past this, not read.
+TOKEN_LIMIT = 65536
+
+
 class TokenUnreadable(Exception):
-    """The token file cannot be read (its path and the OS reason; never its content)."""
+    """The token file cannot be read (its path and the reason; never its content)."""
+
+    def __init__(self, path: Path, reason: str, unreadable: bool = True) -> None:
+        super().__init__(f"token file {path}: cannot read it ({reason})" if unreadable else f"token file {path}: {reason}")
+        self.path = path
+        self.reason = reason  # the OS's reason, or what is wrong with the content
 
 
 def read_token(path: Path, no_symlink: bool = False) -> str:
-    """The JWT in `path`, read now (it rotates: never cached); one trailing newline is tolerated. `no_symlink`: a
+    """The JWT in `path`, read now (it rotates: never cached); surrounding whitespace (a trailing newline) is dropped. `no_symlink`: a
     file in a directory the workload writes (meshca.files.read_no_follow)."""
     try:
-        raw = read_no_follow(path, 65536) if no_symlink else path.read_bytes()
-        token = raw.decode("ascii").rstrip("\r\n")
+        raw = read_no_follow(path, TOKEN_LIMIT) if no_symlink else path.read_bytes()
+        token = raw.decode("ascii").strip()
     except (OSError, UnicodeDecodeError) as error:
         reason = error.strerror if isinstance(error, OSError) and error.strerror else type(error).__name__
-        raise TokenUnreadable(f"token file {path}: cannot read it ({reason})") from None
+        raise TokenUnreadable(path, reason) from None
     if not token:
-        raise TokenUnreadable(f"token file {path}: empty")
+        raise TokenUnreadable(path, "empty", unreadable=False)
     return token
 
 

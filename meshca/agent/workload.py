@@ -12,17 +12,15 @@ from datetime import datetime, timedelta
 from typing import Protocol
 
 from meshca.agent.csr import SignedCertificate, SignFailed
+from meshca.agent.registration import TokenUnreadable, read_token
 from meshca.agent.settings import WorkloadSettings
 from meshca.backoff import backoff_delay
 from meshca.ca import crypto
 from meshca.clock import Clock, format_duration
-from meshca.files import describe_os_error, read_no_follow
 from meshca.mesh.resources import DEFAULT_CERT_SECRET, ROOT_CA_SECRET, tls_certificate_secret, validation_context_secret
 from meshca.sds.rotation import RenewalPolicy, hard_zone_start, lifetime_start, renewal_time
 from meshca.xds.cache import SnapshotCache
 from meshca.xds.snapshot import EncodedResource, Snapshot
-
-TOKEN_LIMIT = 65536  # bytes: a JWT is a few KiB; a larger file in a workload's directory is refused, not read
 
 
 class Signer(Protocol):
@@ -111,16 +109,10 @@ class WorkloadIdentity:
         return self._served
 
     def _token(self) -> str:
-        path = self.settings.token_file
         try:
-            raw = read_no_follow(path, TOKEN_LIMIT) if self.settings.token_no_symlink else path.read_bytes()
-            token = raw.decode("utf-8").strip()
-        except (OSError, UnicodeDecodeError) as error:
-            reason = describe_os_error(error) if isinstance(error, OSError) else f"{path}: not UTF-8 text"
-            raise SignFailed(f"token_file: {reason}") from None
-        if not token:
-            raise SignFailed(f"token_file {path} is empty")
-        return token
+            return read_token(self.settings.token_file, self.settings.token_no_symlink)
+        except TokenUnreadable as error:
+            raise SignFailed(f"token_file: {error.path}: {error.reason}") from None
 
     async def attempt(self) -> datetime:
         """Ask meshca for a certificate now; serve it on success. Returns when to try next."""
