@@ -8,8 +8,8 @@ from typing import Any, overload
 
 import grpc
 
-from meshca.agent.csr import grpc_target
 from meshca.agent.registration import CHANNEL_OPTIONS
+from meshca.listen import format_address
 
 
 class SharedChannel(grpc.aio.Channel):
@@ -115,7 +115,7 @@ class ReplicaChannels(Sequence[grpc.aio.Channel]):
     ) -> None:
         if not addresses:
             raise ValueError("at least one meshca address is needed")
-        self.targets = tuple(grpc_target(host, port) for host, port in addresses)
+        self.targets = tuple(format_address(host, port) for host, port in addresses)
         self._roots = roots
         self._options = (
             *options, ("grpc.ssl_target_name_override", server_name), ("grpc.default_authority", server_name)

@@ -11,6 +11,7 @@ from pathlib import Path
 import grpc
 
 from meshca.ca.csr_service import NODE_METADATA_KEY
+from meshca.listen import format_address
 from meshca.v1 import certificate_pb2, certificate_pb2_grpc
 
 
@@ -32,10 +33,6 @@ class SignedCertificate:
     serial_number: str
     not_before: datetime
     not_after: datetime
-
-
-def grpc_target(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 # Refusals a retry of the same request cannot fix soon; the agent still retries (the token file may be replaced),
@@ -85,7 +82,7 @@ class CsrClient:
         problems: list[str] = []
         retryable = False
         for replica, (host, port) in enumerate(self._addresses):
-            where = grpc_target(host, port)
+            where = format_address(host, port)
             try:
                 async with self._channel(replica, where) as channel:
                     stub = certificate_pb2_grpc.CertificateServiceStub(channel)

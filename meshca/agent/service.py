@@ -74,7 +74,7 @@ class NodeAgent:
         rng = rng if rng is not None else random.Random()
         self._signer, self._clock, self._policy, self._retry, self._rng = signer, clock, policy, retry, rng
         self.identities = [self._identity(w) for w in settings.workloads]
-        self.sockets = [WorkloadSocket(w, self.cache, clock, logger.getChild(w.name)) for w in settings.workloads]
+        self.sockets = [self._socket(w) for w in settings.workloads]
         self._tasks: list[asyncio.Task[None]] = []
         # Workloads added while running (workloads_dir): their certificate task and their registration task.
         self._added: dict[str, asyncio.Task[None]] = {}
@@ -86,6 +86,9 @@ class NodeAgent:
                               [w.name for w in settings.workloads])
             if settings.workloads_dir is not None else None
         )
+
+    def _socket(self, workload: WorkloadSettings) -> WorkloadSocket:
+        return WorkloadSocket(workload, self.cache, self._clock, self._log.getChild(workload.name))
 
     def _identity(self, workload: WorkloadSettings) -> WorkloadIdentity:
         return WorkloadIdentity(
@@ -109,11 +112,9 @@ class NodeAgent:
             asyncio.create_task(identity.run(self._sleep), name=f"agent-{identity.name}") for identity in self.identities
         ]
         self._tasks.append(asyncio.create_task(self._follow_trust(), name="agent-trust"))
-        self._tasks += [
-            asyncio.create_task(self._keep_registered(w, i.first_served), name=f"agent-{w.name}-endpoints")
-            for w, i in zip(self.settings.workloads, self.identities, strict=True)
-            if w.endpoints
-        ]
+        for workload in self.settings.workloads:
+            if workload.endpoints:
+                self._register(workload)
         if self.directory is not None:
             self._tasks.append(asyncio.create_task(self.directory.run(self._sleep), name="agent-workloads-dir"))
         self.running = True
@@ -152,7 +153,7 @@ class NodeAgent:
         certificate and its endpoints."""
         if any(s.settings.name == workload.name for s in self.sockets):
             raise ValueError(f"workload {workload.name!r} is already served")
-        workload_socket = WorkloadSocket(workload, self.cache, self._clock, self._log.getChild(workload.name))
+        workload_socket = self._socket(workload)
         await workload_socket.start()
         identity = self._identity(workload)
         if self.trust is not None:  # what every other workload's ROOTCA has now
@@ -267,4 +268,5 @@ class NodeAgent:
         from another thread."""
         if not self.running:
             return []
-        return [t.get_name() for t in [*list(self._tasks), *list(self._added.values())] if t.done()]
+        registrations = [task for task, _ in list(self._registrations.values())]
+        return [t.get_name() for t in [*list(self._tasks), *list(self._added.values()), *registrations] if t.done()]

@@ -20,6 +20,7 @@ from meshca.ca.bundle import BundleError, SpiffeBundle, decode_spiffe_bundle
 from meshca.ca.crypto import CryptoError, parse_certificate_pem, split_pem_certificates
 from meshca.ca.trust_service import FULL_METHOD
 from meshca.files import write_atomic
+from meshca.listen import format_address
 from meshca.node.bootstrap import TOKEN_SDS_FILE, TOKEN_SECRET_NAME, TRUST_SECRET_NAME
 
 TRUST_PEM_FILE = "meshca-trust.pem"  # the bundle as PEM: the sync's own anchor, google_grpc's root_certs
@@ -123,13 +124,9 @@ def anchor(settings: TrustSyncSettings) -> tuple[bytes, str]:
     return b"".join(blocks), label
 
 
-def _target(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 def _tls_problem(host: str, port: int, server_name: str, anchor_pem: bytes, label: str, timeout: float) -> str | None:
     """Handshake as the sync's gRPC channel will, to tell 'cannot verify meshca' from 'cannot reach it'."""
-    where = _target(host, port)
+    where = format_address(host, port)
     context = ssl.create_default_context(cadata=anchor_pem.decode("ascii"))
     context.set_alpn_protocols(["h2"])
     try:
@@ -163,17 +160,17 @@ def fetch_bundle(settings: TrustSyncSettings) -> tuple[SpiffeBundle, str]:
             ("grpc.ssl_target_name_override", settings.server_name),
             ("grpc.default_authority", settings.server_name),
         ]
-        with grpc.secure_channel(_target(host, port), credentials, options=options) as channel:
+        with grpc.secure_channel(format_address(host, port), credentials, options=options) as channel:
             try:
                 data = channel.unary_unary(FULL_METHOD)(b"", timeout=settings.timeout)
             except grpc.RpcError as error:
                 code, details = error.code(), error.details() or ""  # type: ignore[attr-defined]
-                problems.append(f"meshca at {_target(host, port)}: {code.name}: {details}")
+                problems.append(f"meshca at {format_address(host, port)}: {code.name}: {details}")
                 continue
         try:
-            return decode_spiffe_bundle(data), _target(host, port)
+            return decode_spiffe_bundle(data), format_address(host, port)
         except BundleError as error:
-            problems.append(f"meshca at {_target(host, port)} sent an unusable bundle: {error}")
+            problems.append(f"meshca at {format_address(host, port)} sent an unusable bundle: {error}")
     raise TrustSyncError("; ".join(problems))
 
 
